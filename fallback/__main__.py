@@ -1,0 +1,5 @@
+"""`python -m fallback` runs the CLI."""
+
+from fallback.cli import main
+
+raise SystemExit(main())

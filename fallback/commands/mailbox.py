@@ -1,0 +1,91 @@
+"""`fallback mailbox add|remove|show ADDRESS`: one user at a time."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Any
+
+from fallback import passwords
+from fallback.cli import Context
+from fallback.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address
+from fallback.errors import InputError, NotFound
+from fallback.store import FOLDERS, MailboxReader
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("mailbox", help="add, remove or show one mailbox")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", parents=[parents["common"]], help="add or update a mailbox")
+    add.add_argument("address")
+    add.add_argument("--mailstore", default=DEFAULT_MAILSTORE)
+    add.add_argument("--alternate", default="", help="alternate address for notices")
+    pw = add.add_mutually_exclusive_group()
+    pw.add_argument("--password-hash", metavar="{SCHEME}HASH", help="a Dovecot-style hash")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the plain password (or {SCHEME}hash) from standard input")
+    add.set_defaults(handler=add_mailbox)
+    rm = actions.add_parser("remove", parents=[parents["common"]], help="remove a mailbox")
+    rm.add_argument("address")
+    rm.add_argument("--force", action="store_true",
+                    help="remove even though it holds messages not yet reconciled")
+    rm.set_defaults(handler=remove_mailbox)
+    show = actions.add_parser("show", parents=[parents["common"]], help="show a mailbox")
+    show.add_argument("address")
+    show.set_defaults(handler=show_mailbox)
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_hash:
+        return str(args.password_hash)
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise InputError("the two passwords differ")
+    return first
+
+
+def add_mailbox(ctx: Context, args: argparse.Namespace) -> int:
+    address = normalize_address(args.address)
+    mailstore = check_mailstore(args.mailstore)
+    alternate = normalize_address(args.alternate) if args.alternate else ""
+    stored = passwords.prepare_for_import(_password(args), ctx.settings.password_scheme)
+    new = ctx.directory().put(Mailbox(address, mailstore, stored, alternate))
+    ctx.console.print(f"{'added' if new else 'updated'} {address} (mailstore {mailstore})")
+    return 0
+
+
+def remove_mailbox(ctx: Context, args: argparse.Namespace) -> int:
+    address = normalize_address(args.address)
+    directory = ctx.directory()
+    if directory.get(address) is None:
+        raise NotFound(f"{address} is not provisioned")
+    reader = MailboxReader(ctx.redis(), address)
+    held = sum(reader.count(f) for f in FOLDERS)
+    if held and not args.force:
+        raise InputError(f"{address} holds {held} message(s) not yet purged; reconcile or export "
+                         "them first, or give --force (the messages stay in Redis)")
+    directory.remove(address)
+    ctx.console.print(f"removed {address}" + (f" ({held} message(s) kept in Redis)" if held else ""))
+    return 0
+
+
+def show_mailbox(ctx: Context, args: argparse.Namespace) -> int:
+    address = normalize_address(args.address)
+    mailbox = ctx.directory().get(address)
+    if mailbox is None:
+        raise NotFound(f"{address} is not provisioned")
+    reader = MailboxReader(ctx.redis(), address)
+    scheme, _ = passwords.split_scheme(mailbox.password_hash)
+    info = reader.info()
+    ctx.console.print(f"address:    {address}", markup=False)
+    ctx.console.print(f"mailstore:  {mailbox.mailstore}", markup=False)
+    ctx.console.print(f"password:   {{{scheme}}} hash", markup=False)
+    if mailbox.alternate:
+        ctx.console.print(f"alternate:  {mailbox.alternate}", markup=False)
+    ctx.console.print(f"messages:   {info.get('messages', 0)} ({info.get('bytes', 0)} bytes)")
+    for name in FOLDERS:
+        ctx.console.print(f"  {name}: {reader.count(name)}", markup=False)
+    return 0

@@ -1,0 +1,62 @@
+"""`fallback provision FILE`: import the user directory before an outage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fallback.cli import Context
+from fallback.errors import InputError
+from fallback.provision import Provisioner, Report
+
+SHOW_INVALID = 50
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("provision", parents=[parents["common"]],
+                       help="import mailboxes from CSV or a Dovecot passwd-file",
+                       description="Import the user directory: CSV with header "
+                       "address,password,mailstore[,alternate], or passwd-file lines "
+                       "user@domain:{SCHEME}hash:...  Re-runs are idempotent.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--format", choices=("csv", "passwd"), help="default: guessed from the content")
+    p.add_argument("--strict", action="store_true", help="load nothing if any line is invalid")
+    p.add_argument("--mailstore", default="default",
+                   help="mailstore for passwd-file lines without mailstore=NAME (default: default)")
+    p.set_defaults(handler=run)
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    provisioner = Provisioner(ctx.directory(), ctx.settings.password_scheme, args.mailstore)
+    total = path.stat().st_size
+    with Progress(TextColumn("provisioning"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=ctx.err, disable=not ctx.err.is_terminal, transient=True) as progress:
+        task = progress.add_task("provision", total=total)
+        report = provisioner.run(path, args.format, args.strict,
+                                 progress=lambda done: progress.update(task, completed=done))
+    print_report(ctx, path, report)
+    if report.invalid:
+        ctx.err.print(f"fallback provision: {len(report.invalid)} invalid line(s); "
+                      + ("nothing was loaded (--strict)" if not report.loaded
+                         else "the other lines were loaded"))
+        return 1
+    return 0
+
+
+def print_report(ctx: Context, path: Path, report: Report) -> None:
+    table = Table(title=f"provisioned from {path}")
+    for col in ("added", "updated", "unchanged", "invalid"):
+        table.add_column(col, justify="right")
+    table.add_row(str(report.added), str(report.updated), str(report.unchanged), str(len(report.invalid)))
+    ctx.console.print(table)
+    for item in report.invalid[:SHOW_INVALID]:
+        ctx.console.print(f"{path}:{item.line}: {item.reason}", markup=False)
+    if len(report.invalid) > SHOW_INVALID:
+        ctx.console.print(f"... and {len(report.invalid) - SHOW_INVALID} more invalid lines")

@@ -1,0 +1,80 @@
+"""`fallback status`: mailboxes, messages and bytes per mailstore; Redis health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from rich.table import Table
+
+from fallback.cli import Context
+from fallback.store import mailstore_stats
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", parents=[parents["common"]],
+                       help="what is stored, per mailstore, and how Redis is")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(handler=run)
+
+
+def redis_health(r: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    r.ping()
+    latency = (time.monotonic() - started) * 1000
+    mem = r.info("memory")
+    persistence = r.info("persistence")
+    health: dict[str, Any] = {
+        "ping_ms": round(latency, 2),
+        "used_memory": int(mem.get("used_memory", 0)),
+        "maxmemory": int(mem.get("maxmemory", 0)),
+        "maxmemory_policy": mem.get("maxmemory_policy", "unknown"),
+        "aof_enabled": bool(persistence.get("aof_enabled", 0)),
+        "aof_last_write_status": persistence.get("aof_last_write_status", "unknown"),
+    }
+    try:
+        health["appendfsync"] = r.config_get("appendfsync").get("appendfsync", "unknown")
+    except Exception:  # CONFIG may be renamed or forbidden on a managed Redis
+        health["appendfsync"] = "unknown"
+    return health
+
+
+def collect(ctx: Context) -> dict[str, Any]:
+    r = ctx.redis()
+    directory = ctx.directory()
+    provisioned = directory.mailstores()
+    stored = mailstore_stats(r)
+    rows = {}
+    for name in sorted(set(provisioned) | set(stored)):
+        rows[name] = {"mailboxes": provisioned.get(name, 0),
+                      "messages": stored.get(name, {}).get("messages", 0),
+                      "bytes": stored.get(name, {}).get("bytes", 0)}
+    return {"mailstores": rows, "domains": len(directory.domains()), "redis": redis_health(r)}
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    data = collect(ctx)
+    if args.format == "json":
+        ctx.console.print_json(json.dumps(data))
+        return 0
+    table = Table(title="fallback status")
+    for col, just in (("mailstore", "left"), ("mailboxes", "right"), ("messages", "right"),
+                      ("bytes", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    totals = [0, 0, 0]
+    for name, row in data["mailstores"].items():
+        table.add_row(name, str(row["mailboxes"]), str(row["messages"]), str(row["bytes"]))
+        totals = [totals[0] + row["mailboxes"], totals[1] + row["messages"], totals[2] + row["bytes"]]
+    table.add_row("[b]total[/b]", *(str(t) for t in totals))
+    ctx.console.print(table)
+    h = data["redis"]
+    limit = "no limit" if not h["maxmemory"] else f"{h['maxmemory']} bytes"
+    ctx.console.print(
+        f"Redis: up, ping {h['ping_ms']} ms, memory {h['used_memory']} bytes of {limit} "
+        f"(policy {h['maxmemory_policy']}), AOF {'on' if h['aof_enabled'] else 'OFF'} "
+        f"(appendfsync {h['appendfsync']}, last write {h['aof_last_write_status']})",
+        markup=False,
+    )
+    return 0

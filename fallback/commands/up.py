@@ -1,0 +1,21 @@
+"""`fallback up`: run the whole service on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from fallback.cli import Context
+from fallback.service import Service
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", parents=[parents["common"], parents["server"]],
+                       help="run everything on one machine (embedded Redis unless --redis-url)")
+    p.set_defaults(handler=run)
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    asyncio.run(Service(ctx.settings).run())
+    return 0

@@ -1,0 +1,168 @@
+"""The directory of provisioned mailboxes: who exists, their mailstore and password hash.
+
+Millions of users must fit in little memory, so records live in bucketed
+hashes (`dir:{n}`, see keys.py) whose values are one tab-separated string:
+small hashes with short values stay listpack-encoded.  The same functions
+serve the sync client (CLI, webmail) and the async one (receiver), which only
+needs `lookup_async` and `domain_known_async`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from fallback import keys
+from fallback.errors import InputError
+
+_ADDRESS_RE = re.compile(r"^[^@\s{}<>\"(),;:\\\[\]]{1,64}@[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
+_MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_MAILSTORE = "default"
+
+
+def normalize_address(text: str) -> str:
+    """Canonical form of an address (lower case, IDNA domain); InputError when it is not one."""
+    addr = text.strip().strip("<>").strip()
+    local, sep, domain = addr.rpartition("@")
+    if not sep or not local or not domain:
+        raise InputError(f"not an email address: {text!r}")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InputError(f"not a valid domain: {domain!r}") from None
+    addr = f"{local.lower()}@{domain.lower()}"
+    if not _ADDRESS_RE.match(addr):
+        raise InputError(f"not an email address: {text!r}")
+    return addr
+
+
+def check_mailstore(name: str) -> str:
+    if not _MAILSTORE_RE.match(name):
+        raise InputError(f"not a mailstore name: {name!r} (letters, digits, . _ -)")
+    return name
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    mailstore: str
+    password_hash: str
+    alternate: str = ""
+
+    def encode(self) -> str:
+        fields = [self.mailstore, self.password_hash]
+        if self.alternate:
+            fields.append(self.alternate)
+        return "\t".join(fields)
+
+    @classmethod
+    def decode(cls, address: str, value: bytes | str) -> Mailbox:
+        text = value.decode() if isinstance(value, bytes) else value
+        parts = text.split("\t")
+        return cls(address, parts[0], parts[1] if len(parts) > 1 else "",
+                   parts[2] if len(parts) > 2 else "")
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+def ensure_buckets(r: redis.Redis, default: int) -> int:
+    """The bucket count is fixed by the first process that needs it; all others read it."""
+    r.hsetnx(keys.DIR_META, "buckets", default)
+    r.hsetnx(keys.DIR_META, "version", keys.SCHEMA_VERSION)
+    return int(r.hget(keys.DIR_META, "buckets") or default)
+
+
+async def ensure_buckets_async(r: aioredis.Redis, default: int) -> int:
+    await r.hsetnx(keys.DIR_META, "buckets", default)
+    await r.hsetnx(keys.DIR_META, "version", keys.SCHEMA_VERSION)
+    return int(await r.hget(keys.DIR_META, "buckets") or default)
+
+
+class Directory:
+    """Sync access for the CLI and the webmail."""
+
+    def __init__(self, r: redis.Redis, buckets: int) -> None:
+        self.r = r
+        self.buckets = buckets
+
+    def get(self, address: str) -> Mailbox | None:
+        value = self.r.hget(keys.dir_bucket(address, self.buckets), address)
+        return None if value is None else Mailbox.decode(address, value)
+
+    def get_many(self, addresses: list[str]) -> list[bytes | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for address in addresses:
+            pipe.hget(keys.dir_bucket(address, self.buckets), address)
+        return list(pipe.execute())
+
+    def put_many(self, mailboxes: Iterable[tuple[Mailbox, Mailbox | None]]) -> None:
+        """Write (new, old) pairs; keeps the per-domain counts right for new addresses."""
+        pipe = self.r.pipeline(transaction=False)
+        for new, old in mailboxes:
+            pipe.hset(keys.dir_bucket(new.address, self.buckets), new.address, new.encode())
+            if old is None:
+                pipe.hincrby(keys.DIR_DOMAINS, new.domain, 1)
+            if old is None or old.mailstore != new.mailstore:
+                pipe.hincrby(keys.DIR_MAILSTORES, new.mailstore, 1)
+            if old is not None and old.mailstore != new.mailstore:
+                pipe.hincrby(keys.DIR_MAILSTORES, old.mailstore, -1)
+        pipe.execute()
+
+    def put(self, mailbox: Mailbox) -> bool:
+        """Add or update one mailbox; True when it was new."""
+        old = self.get(mailbox.address)
+        self.put_many([(mailbox, old)])
+        return old is None
+
+    def remove(self, address: str) -> bool:
+        mailbox = self.get(address)
+        if mailbox is None:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hdel(keys.dir_bucket(address, self.buckets), address)
+        pipe.hincrby(keys.DIR_DOMAINS, mailbox.domain, -1)
+        pipe.hincrby(keys.DIR_MAILSTORES, mailbox.mailstore, -1)
+        _, domain_left, store_left = pipe.execute()
+        if int(domain_left) <= 0:
+            self.r.hdel(keys.DIR_DOMAINS, mailbox.domain)
+        if int(store_left) <= 0:
+            self.r.hdel(keys.DIR_MAILSTORES, mailbox.mailstore)
+        return True
+
+    def domains(self) -> dict[str, int]:
+        raw: dict[Any, Any] = self.r.hgetall(keys.DIR_DOMAINS)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def iter_mailboxes(self, batch: int = 256) -> Iterator[Mailbox]:
+        """Every provisioned mailbox, bucket by bucket (pipelined, no single hot key)."""
+        for start in range(0, self.buckets, batch):
+            pipe = self.r.pipeline(transaction=False)
+            for n in range(start, min(start + batch, self.buckets)):
+                pipe.hgetall(keys.dir_bucket_n(n))
+            for bucket in pipe.execute():
+                for address, value in bucket.items():
+                    addr = address.decode()
+                    yield Mailbox.decode(addr, value)
+
+    def mailstores(self) -> dict[str, int]:
+        raw: dict[Any, Any] = self.r.hgetall(keys.DIR_MAILSTORES)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def count(self) -> int:
+        return sum(self.domains().values())
+
+
+async def lookup_async(r: aioredis.Redis, buckets: int, address: str) -> Mailbox | None:
+    value = await r.hget(keys.dir_bucket(address, buckets), address)
+    return None if value is None else Mailbox.decode(address, value)
+
+
+async def domain_known_async(r: aioredis.Redis, domain: str) -> bool:
+    return bool(await r.hexists(keys.DIR_DOMAINS, domain))

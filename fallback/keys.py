@@ -1,0 +1,94 @@
+"""The Redis key schema, in one place.
+
+Every key that belongs to one mailbox carries the mailbox's address as its
+hash tag (`mbx:{alice@example.com}:...`), so all of a mailbox's keys live in
+one Redis Cluster slot and every per-mailbox operation is single-slot.  The
+directory is bucketed into many small hashes (each with its own tag, so they
+spread over the cluster) that stay listpack-encoded.  docs/architecture.md
+describes each key; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+SCHEMA_VERSION = "1"
+
+DIR_META = "dir:meta"            # hash: buckets, version
+DIR_DOMAINS = "dir:domains"      # hash: domain -> number of provisioned mailboxes
+DIR_MAILSTORES = "dir:mailstores"  # hash: mailstore -> number of provisioned mailboxes
+STATS_SHARDS = 16                # stats:{n} hashes: per-mailstore message/byte counters
+
+
+def bucket_of(address: str, buckets: int) -> int:
+    return zlib.crc32(address.encode()) % buckets
+
+
+def dir_bucket(address: str, buckets: int) -> str:
+    """hash: address -> directory record."""
+    return f"dir:{{{bucket_of(address, buckets)}}}"
+
+
+def dir_bucket_n(n: int) -> str:
+    return f"dir:{{{n}}}"
+
+
+def stats_shard(address: str) -> str:
+    """hash: "<mailstore>\\tmessages|bytes" -> counter; sharded to avoid one hot key."""
+    return f"stats:{{s{zlib.crc32(address.encode()) % STATS_SHARDS}}}"
+
+
+def stats_shard_n(n: int) -> str:
+    return f"stats:{{s{n}}}"
+
+
+def mbx(address: str) -> str:
+    """Prefix of every key of one mailbox."""
+    return f"mbx:{{{address}}}"
+
+
+def message(address: str, msg_id: str) -> str:
+    """hash: raw bytes and metadata of one message (see store.MESSAGE_FIELDS)."""
+    return f"{mbx(address)}:m:{msg_id}"
+
+
+def folder(address: str, name: str) -> str:
+    """zset: message id -> received time (ms), one per folder (INBOX, Sent, Trash)."""
+    return f"{mbx(address)}:f:{name}"
+
+
+def unseen(address: str) -> str:
+    """set: ids of messages without \\Seen."""
+    return f"{mbx(address)}:unseen"
+
+
+def info(address: str) -> str:
+    """hash: messages, bytes, mailstore of one mailbox."""
+    return f"{mbx(address)}:info"
+
+
+def pending(address: str) -> str:
+    """set: ids not yet reconciled into the main store (or changed since)."""
+    return f"{mbx(address)}:pending"
+
+
+OUTBOUND_SHARDS = 16
+
+
+def outbound_record(address: str, msg_id: str) -> str:
+    """hash: one sent message's delivery state (recipients, per-recipient status)."""
+    return f"{mbx(address)}:out:{msg_id}"
+
+
+def outbox(address: str) -> str:
+    """set: ids of the sender's messages with recipients not yet finished."""
+    return f"{mbx(address)}:outbox"
+
+
+def outbound_stream(sender: str) -> str:
+    """stream (consumer group `workers`): work items {a: sender, id: msg_id}, sharded by sender."""
+    return f"outq:{{q{zlib.crc32(sender.encode()) % OUTBOUND_SHARDS}}}"
+
+
+def outbound_stream_n(n: int) -> str:
+    return f"outq:{{q{n}}}"

@@ -1,0 +1,280 @@
+"""Importing the user directory: CSV or Dovecot passwd-file, idempotent, line-exact errors.
+
+Lines are parsed one at a time, so a broken line is reported with its number
+and reason while the good ones still load (`strict` validates everything first
+and loads nothing if any line is bad).  Re-runs compare with what is stored
+and report added / updated / unchanged / invalid.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fallback import passwords
+from fallback.directory import DEFAULT_MAILSTORE, Directory, Mailbox, check_mailstore, normalize_address
+from fallback.errors import InputError
+
+CSV_COLUMNS = ("address", "password", "mailstore")
+CSV_OPTIONAL = ("alternate",)
+CHUNK = 5000
+
+
+@dataclass
+class Entry:
+    line: int
+    address: str
+    password: str      # as given: {SCHEME}hash or plain text
+    mailstore: str
+    alternate: str = ""
+
+
+@dataclass
+class Invalid:
+    line: int
+    reason: str
+
+
+@dataclass
+class Report:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    invalid: list[Invalid] = field(default_factory=list)
+    loaded: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid
+
+
+def detect_format(first_line: str) -> str:
+    text = first_line.strip().lstrip("\ufeff").lower()
+    if text.replace(" ", "").startswith("address,"):
+        return "csv"
+    if text.count(":") >= 1 and "@" in text.split(":", 1)[0]:
+        return "passwd"
+    raise InputError(
+        "cannot tell the file format from its first line: expected a CSV header "
+        "'address,password,mailstore' or passwd-file lines 'user@domain:{SCHEME}hash:...'; "
+        "give --format csv|passwd"
+    )
+
+
+@functools.lru_cache(maxsize=65536)
+def _normalize(address: str) -> str:
+    return normalize_address(address)
+
+
+def _decode_lines(path: Path) -> Iterator[tuple[int, str | None, int]]:
+    """(line number, text or None when undecodable, bytes consumed so far)."""
+    done = 0
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            done += len(raw)
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n"), done
+            except UnicodeDecodeError:
+                yield n, None, done
+
+
+def _parse_csv(lines: Iterator[tuple[int, str | None, int]],
+               progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
+    columns: list[str] | None = None
+    for n, text, done in lines:
+        progress(done)
+        if text is None:
+            yield Invalid(n, "not UTF-8 text")
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = next(csv.reader([text], strict=True))
+        except (csv.Error, StopIteration) as exc:
+            if columns is None:
+                raise InputError(f"line {n}: unreadable CSV header: {exc}") from None
+            yield Invalid(n, f"broken CSV: {exc}")
+            continue
+        if columns is None:
+            columns = [c.strip().lower() for c in row]
+            missing = [c for c in CSV_COLUMNS if c not in columns]
+            unknown = [c for c in columns if c not in CSV_COLUMNS + CSV_OPTIONAL]
+            if missing or unknown:
+                raise InputError(
+                    f"line {n}: CSV header must be 'address,password,mailstore' "
+                    f"(optional: alternate); "
+                    + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
+                )
+            continue
+        if len(row) != len(columns):
+            yield Invalid(n, f"broken CSV: expected {len(columns)} fields, found {len(row)}")
+            continue
+        values = dict(zip(columns, row, strict=True))
+        yield Entry(n, values["address"], values["password"], values["mailstore"].strip(),
+                    values.get("alternate", "").strip())
+
+
+def _parse_passwd(lines: Iterator[tuple[int, str | None, int]], mailstore: str,
+                  progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
+    for n, text, done in lines:
+        progress(done)
+        if text is None:
+            yield Invalid(n, "not UTF-8 text")
+            continue
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        parts = text.split(":")
+        if len(parts) < 2 or not parts[1]:
+            yield Invalid(n, "expected user@domain:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]")
+            continue
+        store = mailstore
+        if len(parts) >= 8:
+            for item in ":".join(parts[7:]).split():
+                key, _, value = item.partition("=")
+                if key in ("mailstore", "userdb_mailstore") and value:
+                    store = value
+        yield Entry(n, parts[0], parts[1], store)
+
+
+def _check(entry: Entry) -> Entry | Invalid:
+    """Validate addresses and names; hashes are checked in `_prepare`."""
+    try:
+        entry.address = _normalize(entry.address)
+        entry.mailstore = check_mailstore(entry.mailstore or DEFAULT_MAILSTORE)
+        if entry.alternate:
+            entry.alternate = normalize_address(entry.alternate)
+    except InputError as exc:
+        return Invalid(entry.line, exc.reason)
+    return entry
+
+
+def _needs_hashing(password: str) -> bool:
+    scheme, _ = passwords.split_scheme(password)
+    return scheme is None or scheme == "PLAIN"
+
+
+def read_entries(path: Path, fmt: str | None, default_mailstore: str,
+                 progress: Callable[[int], None] = lambda done: None) -> Iterator[Entry | Invalid]:
+    """Every line of the file as an Entry (checked) or an Invalid, duplicates included."""
+    lines = _decode_lines(path)
+    if fmt is None:
+        first = next(((n, t, d) for n, t, d in lines if t is None or t.strip()), None)
+        if first is None:
+            return
+        if first[1] is None:
+            raise InputError(f"line {first[0]}: not UTF-8 text")
+        fmt = detect_format(first[1])
+        lines = _chain_first(first, lines)
+    parsed = (_parse_csv(lines, progress) if fmt == "csv"
+              else _parse_passwd(lines, default_mailstore, progress))
+    seen: dict[str, int] = {}
+    for item in parsed:
+        if isinstance(item, Entry):
+            checked = _check(item)
+            if isinstance(checked, Entry):
+                if checked.address in seen:
+                    yield Invalid(checked.line, f"duplicate address {checked.address} "
+                                                f"(first on line {seen[checked.address]})")
+                    continue
+                seen[checked.address] = checked.line
+            yield checked
+        else:
+            yield item
+
+
+def _chain_first(first: tuple[int, str | None, int],
+                 rest: Iterator[tuple[int, str | None, int]]) -> Iterator[tuple[int, str | None, int]]:
+    yield first
+    yield from rest
+
+
+def _chunks(items: Iterable[Entry | Invalid], size: int) -> Iterator[list[Entry | Invalid]]:
+    chunk: list[Entry | Invalid] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class Provisioner:
+    def __init__(self, directory: Directory, scheme_for_plain: str = "ARGON2ID",
+                 default_mailstore: str = DEFAULT_MAILSTORE) -> None:
+        self.directory = directory
+        self.scheme = scheme_for_plain
+        self.default_mailstore = default_mailstore
+        # Hashing plain text is slow on purpose; argon2/bcrypt release the GIL.
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+
+    def run(self, path: Path, fmt: str | None = None, strict: bool = False,
+            progress: Callable[[int], None] = lambda done: None) -> Report:
+        report = Report()
+        if strict:
+            # Validate the whole file first; load nothing if any line is bad.
+            for item in read_entries(path, fmt, self.default_mailstore, progress):
+                if isinstance(item, Invalid):
+                    report.invalid.append(item)
+                else:
+                    try:
+                        if not _needs_hashing(item.password):
+                            passwords.check_stored(item.password)
+                    except InputError as exc:
+                        report.invalid.append(Invalid(item.line, exc.reason))
+            if report.invalid:
+                report.loaded = False
+                return report
+        for chunk in _chunks(read_entries(path, fmt, self.default_mailstore, progress), CHUNK):
+            self._load_chunk(chunk, report)
+        return report
+
+    def _load_chunk(self, chunk: list[Entry | Invalid], report: Report) -> None:
+        entries: list[Entry] = []
+        for item in chunk:
+            if isinstance(item, Invalid):
+                report.invalid.append(item)
+            else:
+                entries.append(item)
+        if not entries:
+            return
+        existing = self.directory.get_many([e.address for e in entries])
+        olds = [None if v is None else Mailbox.decode(e.address, v)
+                for e, v in zip(entries, existing, strict=True)]
+        hashes = list(self.pool.map(self._prepare, entries, olds))
+        writes: list[tuple[Mailbox, Mailbox | None]] = []
+        for entry, old, stored in zip(entries, olds, hashes, strict=True):
+            if isinstance(stored, InputError):
+                report.invalid.append(Invalid(entry.line, stored.reason))
+                continue
+            new = Mailbox(entry.address, entry.mailstore, stored, entry.alternate)
+            if old == new:
+                report.unchanged += 1
+                continue
+            writes.append((new, old))
+            if old is None:
+                report.added += 1
+            else:
+                report.updated += 1
+        if writes:
+            self.directory.put_many(writes)
+
+    def _prepare(self, entry: Entry, old: Mailbox | None) -> str | InputError:
+        """The hash to store; a plain password that still matches keeps the old hash."""
+        try:
+            if _needs_hashing(entry.password):
+                _, plain = passwords.split_scheme(entry.password)
+                if not plain:
+                    raise InputError("empty password")
+                if old is not None and passwords.verify_password(plain, old.password_hash):
+                    return old.password_hash
+            return passwords.prepare_for_import(entry.password, self.scheme)
+        except InputError as exc:
+            return exc

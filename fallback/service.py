@@ -1,0 +1,120 @@
+"""`fallback up`: every component on one machine, started in order and stopped in reverse.
+
+The embedded Redis (when no URL is configured) starts first and stops last,
+so no component ever loses its store while it still holds a transaction.
+Components are small objects with async `start` (returning a line for the
+banner) and `stop`; the webmail and the outbound worker plug in the same way
+as the SMTP receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from fallback import directory, passwords
+from fallback.config import Settings
+from fallback.embedded import EmbeddedRedis
+from fallback.redisconn import async_client, sync_client
+from fallback.smtp import ReceiverServer
+
+log = logging.getLogger(__name__)
+
+DEMO_ADDRESS = "demo@example.com"
+DEMO_PASSWORD = "demo"  # noqa: S105 - the demo mailbox's documented password
+
+
+class Component(Protocol):
+    name: str
+
+    async def start(self) -> str: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class SmtpComponent:
+    settings: Settings
+    r: aioredis.Redis
+    buckets: int
+    name: str = "smtp"
+    server: ReceiverServer | None = None
+
+    async def start(self) -> str:
+        self.server = ReceiverServer(self.settings, self.r, self.buckets)
+        port = await self.server.start()
+        return f"SMTP receiver on {self.settings.smtp_host}:{port}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+
+
+@dataclass
+class Service:
+    settings: Settings
+    extra: list[Component] = field(default_factory=list)
+    embedded: EmbeddedRedis | None = None
+    components: list[Component] = field(default_factory=list)
+
+    def _redis_url(self) -> str:
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        self.embedded = EmbeddedRedis(self.settings.data_dir, self.settings.redis_server,
+                                      self.settings.redis_maxmemory)
+        return self.embedded.start()
+
+    def provision_demo(self, url: str) -> None:
+        r = sync_client(url)
+        d = directory.Directory(r, directory.ensure_buckets(r, self.settings.directory_buckets))
+        if d.get(DEMO_ADDRESS) is None:
+            stored = passwords.hash_password(DEMO_PASSWORD, self.settings.password_scheme)
+            d.put(directory.Mailbox(DEMO_ADDRESS, directory.DEFAULT_MAILSTORE, stored))
+        r.close()
+
+    async def run(self, stop_event: asyncio.Event | None = None) -> None:
+        if self.settings.hostname is None:
+            # gethostname, not getfqdn: a DNS lookup can hang during the very outage we serve.
+            self.settings = replace(self.settings, hostname=socket.gethostname())
+        url = self._redis_url()
+        try:
+            if self.settings.demo:
+                self.provision_demo(url)
+            r = async_client(url)
+            buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
+            self.components = [SmtpComponent(self.settings, r, buckets), *self.extra]
+            await self._serve(stop_event or asyncio.Event())
+            await r.aclose()
+        finally:
+            if self.embedded is not None:
+                self.embedded.stop()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        started: list[Component] = []
+        try:
+            for component in self.components:
+                line = await component.start()
+                started.append(component)
+                print(f"fallback: {line}", flush=True)
+            if self.settings.demo:
+                print(f"fallback: demo mailbox {DEMO_ADDRESS} password {DEMO_PASSWORD}", flush=True)
+            print("fallback: ready (Ctrl-C or SIGTERM to stop)", flush=True)
+            await stop.wait()
+            print("fallback: stopping", flush=True)
+        finally:
+            for component in reversed(started):
+                try:
+                    await component.stop()
+                except Exception:
+                    log.exception("stopping %s", component.name)

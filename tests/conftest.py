@@ -1,0 +1,121 @@
+"""Shared fixtures: a real redis-server per session, the receiver on a free port, CLI runs.
+
+Point the whole suite at another Redis (a cluster, a sentinel set-up) with
+FALLBACK_TEST_REDIS_URL; otherwise one durable redis-server is started for
+the session and flushed before each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fallback import directory, passwords
+from fallback.config import Settings, load_settings
+from fallback.redisconn import async_client
+from fallback.smtp import ReceiverServer
+from tests.servers import RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("FALLBACK_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(r: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
+    return load_settings({"redis_url": redis_url, "data_dir": str(tmp_path / "data"),
+                          "hostname": "fallback.test", "smtp_port": 0}, env={})
+
+
+def add_mailbox(r: redis.Redis, settings: Settings, address: str, password: str = "secret",
+                mailstore: str = "default", scheme: str = "SHA512-CRYPT") -> None:
+    d = directory.Directory(r, directory.ensure_buckets(r, settings.directory_buckets))
+    d.put(directory.Mailbox(address, mailstore, passwords.hash_password(password, scheme)))
+
+
+@pytest.fixture
+def mailboxes(r: redis.Redis, settings: Settings) -> list[str]:
+    addrs = ["alice@example.com", "bob@example.com", "carol@example.org"]
+    for a in addrs:
+        add_mailbox(r, settings, a)
+    return addrs
+
+
+class ReceiverThread:
+    """The real receiver on its own event loop in a thread, on a free port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: ReceiverServer | None = None
+        self.port = 0
+
+    def start(self) -> ReceiverThread:
+        self.thread.start()
+        self.port = self.call(self._start())
+        return self
+
+    async def _start(self) -> int:
+        r = async_client(self.settings.redis_url or "")
+        buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
+        self.server = ReceiverServer(self.settings, r, buckets)
+        return await self.server.start()
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace=5))
+            self.call(self.server.handler.r.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def receiver_factory(settings: Settings) -> Iterator[Any]:
+    started: list[ReceiverThread] = []
+
+    def make(**overrides: Any) -> ReceiverThread:
+        s = replace(settings, **overrides) if overrides else settings
+        rt = ReceiverThread(s).start()
+        started.append(rt)
+        return rt
+
+    yield make
+    for rt in started:
+        rt.stop()
+
+
+@pytest.fixture
+def receiver(receiver_factory: Any, mailboxes: list[str]) -> ReceiverThread:
+    return receiver_factory()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
