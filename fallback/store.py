@@ -190,3 +190,57 @@ def mailstore_stats(r: redis.Redis) -> dict[str, dict[str, int]]:
             bucket = out.setdefault(mailstore, {"messages": 0, "bytes": 0})
             bucket[what] = bucket.get(what, 0) + int(value)
     return out
+
+
+def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = (),
+              remove: tuple[str, ...] = ()) -> bool:
+    """Change a message's flags; marks it for reconcile.  False when the message is gone."""
+    key = keys.message(address, msg_id)
+    with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                current = pipe.hget(key, "flags")
+                if current is None:
+                    pipe.reset()
+                    return False
+                flags = [f for f in current.decode().split() if f not in remove]
+                flags += [f for f in add if f not in flags]
+                pipe.multi()
+                pipe.hset(key, "flags", " ".join(flags))
+                if SEEN in flags:
+                    pipe.srem(keys.unseen(address), msg_id)
+                else:
+                    pipe.sadd(keys.unseen(address), msg_id)
+                # Reconcile carries flag changes made after a message was appended.
+                pipe.sadd(keys.pending(address), msg_id)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
+
+
+def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
+    """Move a message between folders (delete = move to Trash); marks it for reconcile."""
+    if folder not in FOLDERS:
+        raise ValueError(f"unknown folder {folder!r}")
+    key = keys.message(address, msg_id)
+    with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                current = pipe.hget(key, "folder")
+                if current is None:
+                    pipe.reset()
+                    return False
+                old = current.decode()
+                ts = pipe.hget(key, "ts") or b"0"
+                pipe.multi()
+                pipe.hset(key, "folder", folder)
+                pipe.zrem(keys.folder(address, old), msg_id)
+                pipe.zadd(keys.folder(address, folder), {msg_id: int(ts)})
+                pipe.sadd(keys.pending(address), msg_id)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
