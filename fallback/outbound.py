@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis
 
@@ -21,7 +22,7 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
            msg_id: str, flags: tuple[str, ...] = (store.SEEN,)) -> None:
     """Put a composed message in the sender's Sent folder and on the outbound queue."""
     now = time.time()
-    record = {
+    record: dict[str, Any] = {
         "v": keys.SCHEMA_VERSION,
         "sender": sender,
         "recipients": json.dumps(recipients),
@@ -43,7 +44,7 @@ def recipient_status(r: redis.Redis, sender: str, msg_id: str) -> dict[str, dict
     fields = r.hgetall(keys.outbound_record(sender, msg_id))
     out: dict[str, dict[str, object]] = {}
     for key, value in fields.items():
-        name = key.decode()
+        name = key.decode() if isinstance(key, bytes) else key
         if name.startswith("rcpt:"):
             out[name[5:]] = json.loads(value)
     return out

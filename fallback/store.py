@@ -51,6 +51,10 @@ def _header(msg: Message, name: str) -> str:
     return " ".join(text.split())[:_HEADER_LIMIT]
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def summarize(raw: bytes) -> dict[str, str]:
     """Display metadata parsed from the headers; never raises on malformed input."""
     end = raw.find(b"\r\n\r\n")
@@ -204,7 +208,7 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
                 if current is None:
                     pipe.reset()
                     return False
-                flags = [f for f in current.decode().split() if f not in remove]
+                flags = [f for f in _text(current).split() if f not in remove]
                 flags += [f for f in add if f not in flags]
                 pipe.multi()
                 pipe.hset(key, "flags", " ".join(flags))
@@ -233,7 +237,7 @@ def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
                 if current is None:
                     pipe.reset()
                     return False
-                old = current.decode()
+                old = _text(current)
                 ts = pipe.hget(key, "ts") or b"0"
                 pipe.multi()
                 pipe.hset(key, "folder", folder)
