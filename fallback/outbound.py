@@ -33,7 +33,7 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
     with r.pipeline(transaction=True) as pipe:
         store.queue_delivery(pipe, store.Delivery(sender, mailstore, store.SENT, flags, "sent"),
                              msg_id, raw, store.summarize(raw), int(now * 1000))
-        pipe.hset(keys.outbound_record(sender, msg_id), mapping=record)
+        pipe.hset(keys.outbound_record(sender, msg_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(keys.outbox(sender), msg_id)
         pipe.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
         pipe.execute()
