@@ -73,6 +73,10 @@ def server_options() -> argparse.ArgumentParser:
         ("connection-timeout", "SECONDS"), ("idle-timeout", "SECONDS"), ("tls-cert", "PEM"),
         ("tls-key", "PEM"), ("redis-server", "PATH"), ("redis-maxmemory", "BYTES"),
         ("mail-log", "FILE"),
+        # The webmail (secret_key itself only by environment or TOML: flags show in `ps`).
+        ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
+        ("max-upload-size", "SIZE"), ("incident-message", "TEXT"), ("web-workers", "N"),
+        ("web-threads", "N"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,
@@ -112,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    # A subcommand may fail with another status: `check` is a Nagios plugin (3 = UNKNOWN).
+    failed: int = getattr(args, "failure_exit", 1)
     try:
         settings = load_settings(vars(args))
         setup_logging(settings)
@@ -119,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(Context(settings), args)
     except FallbackError as exc:
         print(f"fallback {args.command}: {exc.reason}", file=sys.stderr)
-        return 1
+        return failed
     except redis.RedisError as exc:
         print(f"fallback {args.command}: Redis error: {redact_url(str(exc))}", file=sys.stderr)
-        return 1
+        return failed
     except KeyboardInterrupt:
         print(f"fallback {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -133,4 +139,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fallback {args.command}: internal error: {type(exc).__name__}: {exc} "
               "(run again with --debug for details)", file=sys.stderr)
-        return 1
+        return failed

@@ -61,6 +61,21 @@ class Settings:
     # The webmail.
     http_host: str = setting("127.0.0.1", "Address the webmail listens on")
     http_port: int = setting(8080, "Webmail port")
+    secret_key: str | None = setting(
+        None, "Webmail secret for signing form tokens (32+ characters); --demo makes one up",
+        secret=True)
+    secret_key_file: Path | None = setting(None, "File holding the webmail secret (instead of secret_key)")
+    session_idle_timeout: float = setting(
+        1800.0, "Webmail sessions end after this much idle time, seconds", unit="seconds")
+    cookie_secure: bool | None = setting(
+        None, "Send the session cookie over HTTPS only; unset: yes, except with --demo")
+    max_upload_size: int = setting(
+        25 * MIB, "Largest total of attachments in one composed message, bytes", unit="bytes")
+    incident_message: str = setting(
+        "Our main mail system is down. We are working on it.",
+        "Operator's message on the public /status page and the login page")
+    web_workers: int = setting(2, "gunicorn worker processes of the webmail")
+    web_threads: int = setting(8, "Threads per gunicorn worker (concurrent requests each)")
     # Directory and passwords.
     directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
     password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")
@@ -68,13 +83,79 @@ class Settings:
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR")
     mail_log: str = setting("-", "Mail log destination: - for stderr, or a file path")
     demo: bool = setting(False, "Provision a demo mailbox at start (fallback up)")
+    # Reconcile.
+    imap_url: str | None = setting(None, "Main store for reconcile: imap://HOST:PORT or imaps://HOST:PORT")
+    master_user: str | None = setting(None, "Dovecot master user that reconcile logs in as")
+    master_password_file: Path | None = setting(None, "File holding the master user's password")
+    master_separator: str = setting(
+        "*", "Separator of USER*MASTER logins; empty: SASL PLAIN with an authorization id")
+    imap_ca_file: Path | None = setting(None, "CA bundle for imaps:// (default: the system's)")
+    imap_timeout: float = setting(120.0, "Time limit of one IMAP command, seconds", unit="seconds")
+    reconcile_sent_folder: str = setting("Sent", "Sent folder when the server announces no \\Sent")
+    reconcile_trash_folder: str = setting("Trash", "Trash folder when the server announces no \\Trash")
+    reconcile_concurrency: int = setting(8, "Mailboxes reconciled in parallel (IMAP connections)")
+    # Outbound delivery.
+    smarthost: str | None = setting(
+        None, "Smarthost HOST:PORT the outbound worker relays sent mail through; unset: mail stays queued")
+    smarthost_tls: str = setting("starttls", "TLS to the smarthost: none, starttls or tls (implicit)")
+    smarthost_user: str | None = setting(None, "User for SMTP AUTH at the smarthost (with a password file)")
+    smarthost_password_file: Path | None = setting(None, "File holding the smarthost AUTH password")
+    smarthost_ca_file: Path | None = setting(
+        None, "CA bundle that signs the smarthost's certificate (default: the system's)")
+    smarthost_timeout: float = setting(60.0, "Time limit of one SMTP command to the smarthost, seconds",
+                                       unit="seconds")
+    retry_base: float = setting(60.0, "First retry delay after a temporary failure, seconds; doubles "
+                                "each attempt, with jitter", unit="seconds")
+    retry_max_interval: float = setting(4 * 3600.0, "Longest delay between two attempts, seconds",
+                                        unit="seconds")
+    retry_deadline: float = setting(5 * 86400.0, "Give up on a recipient (and notify the sender) "
+                                    "this long after the message was sent, seconds", unit="seconds")
+    claim_timeout: float = setting(120.0, "Work a silent (crashed) worker holds this long is taken over "
+                                   "by another worker, seconds", unit="seconds")
+    max_crashes: int = setting(5, "Times a message may be taken up without the attempt finishing "
+                               "(worker crash or error) before it is parked as a dead letter")
+    worker_concurrency: int = setting(8, "Messages one worker delivers at the same time")
+    dkim_selector: str | None = setting(None, "DKIM selector; sign mail of domains with a key in "
+                                        "dkim_key_dir")
+    dkim_key_dir: Path | None = setting(None, "Directory of DKIM private keys, one PEM file per "
+                                        "domain named DOMAIN.pem")
+    # Failover and operations.
+    failover_cache_ttl: float = setting(
+        2.0, "How long the receiver and webmail may reuse a read of the failover scope, seconds",
+        unit="seconds")
+    audit_log: Path | None = setting(
+        None, "Also append every admin action as a JSON line to this file (Redis stream `audit` always)")
+    admin_token: str | None = setting(None, "Bearer token of the admin HTTP API; unset: API off",
+                                      secret=True)
+    admin_token_file: Path | None = setting(None, "File holding the admin API token (instead of admin_token)")
+    dns_server: str | None = setting(
+        None, "Primary authoritative DNS server that takes the MX updates: HOST, HOST:PORT or [IPv6]:PORT")
+    dns_zone: str | None = setting(None, "Zone that holds the MX records, e.g. example.com")
+    dns_tsig_key_file: Path | None = setting(
+        None, "TSIG key for the updates: a BIND key clause as `tsig-keygen` writes it")
+    dns_mx_name: str = setting("@", "Owner of the MX records, relative to the zone (@: the zone apex)")
+    dns_primary_mx: str | None = setting(
+        None, "MX records of normal operation, e.g. '10 mx1.example.com, 20 mx2.example.com'")
+    dns_fallback_mx: str | None = setting(
+        None, "MX records during the outage, e.g. '10 fallback.example.net'")
+    dns_low_ttl: int = setting(300, "TTL (seconds) the MX records get before and after a switch")
+    dns_timeout: float = setting(10.0, "Time limit of one DNS query or update, seconds", unit="seconds")
+    check_warn_queue_age: float = setting(
+        3600.0, "fallback check: WARNING when the oldest queued message is this old, seconds",
+        unit="seconds")
+    check_crit_queue_age: float = setting(
+        4 * 3600.0, "fallback check: CRITICAL when the oldest queued message is this old, seconds",
+        unit="seconds")
+    check_warn_memory: float = setting(80.0, "fallback check: WARNING at this % of Redis maxmemory")
+    check_crit_memory: float = setting(90.0, "fallback check: CRITICAL at this % of Redis maxmemory")
 
     def public_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
-                value = redact_url(str(value))
+                # A URL keeps its host (useful in logs); any other secret is hidden whole.
+                value = redact_url(str(value)) if "://" in str(value) else "***"
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
 
@@ -131,13 +212,20 @@ def _convert(f: dataclasses.Field[Any], hint: Any, raw: Any) -> Any:
         if unit == "seconds":
             return parse_duration(text)
         if base is int:
+            if not re.fullmatch(r"[+-]?\d+", text):
+                raise ValueError(f"not a whole number: {raw!r}")
             return int(text)
         if base is float:
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"not a number: {raw!r}") from None
         if base is Path:
             return Path(text)
         return text
-    if base is float and isinstance(raw, int) and not isinstance(raw, bool):
+    if base in (int, float) and isinstance(raw, bool):
+        raise ValueError(f"expected a number, got {raw!r}")
+    if base is float and isinstance(raw, int):
         return float(raw)
     if base is Path and isinstance(raw, str | os.PathLike):
         return Path(raw)
@@ -207,6 +295,10 @@ _PORT_FIELDS = ("smtp_port", "http_port")
 _POSITIVE_FIELDS = (
     "max_message_size", "max_recipients", "max_connections", "max_connections_per_ip",
     "max_commands", "connection_timeout", "idle_timeout", "directory_buckets",
+    "imap_timeout", "reconcile_concurrency",
+    "session_idle_timeout", "max_upload_size", "web_workers", "web_threads",
+    "smarthost_timeout", "retry_base", "retry_max_interval", "retry_deadline", "claim_timeout",
+    "max_crashes", "worker_concurrency",
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -240,6 +332,47 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"redis_url: {redact_url(s.redis_url)!r} must start with redis://, rediss:// or unix://"
         )
+    if s.imap_url is not None and not re.match(r"^imaps?://[^/?#]+/?$", s.imap_url):
+        raise ConfigError(f"imap_url: {s.imap_url!r} must look like imap://HOST:PORT or imaps://HOST:PORT")
+    validate_outbound(s)
+    validate_operations(s)
+
+
+SMARTHOST_TLS = ("none", "starttls", "tls")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[IPv6]:PORT" -> (host, port); ValueError saying what is wrong."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"{text!r}: {port} is not a port number (1-65535)")
+    return host, int(port)
+
+
+def validate_outbound(s: Settings) -> None:
+    if s.smarthost is not None:
+        try:
+            parse_hostport(s.smarthost)
+        except ValueError as exc:
+            raise ConfigError(f"smarthost: {exc}") from None
+    if s.smarthost_tls not in SMARTHOST_TLS:
+        raise ConfigError(f"smarthost_tls: {s.smarthost_tls!r} is not one of {', '.join(SMARTHOST_TLS)}")
+    if (s.smarthost_user is None) != (s.smarthost_password_file is None):
+        raise ConfigError("smarthost_user and smarthost_password_file must be given together")
+    for name in ("smarthost_password_file", "smarthost_ca_file"):
+        p = getattr(s, name)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"{name}: {p} is not a readable file")
+    if (s.dkim_selector is None) != (s.dkim_key_dir is None):
+        raise ConfigError("dkim_selector and dkim_key_dir must be given together")
+    if s.dkim_key_dir is not None and not Path(s.dkim_key_dir).is_dir():
+        raise ConfigError(f"dkim_key_dir: {s.dkim_key_dir} is not a directory")
+    if s.dkim_selector is not None and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})",
+                                                        s.dkim_selector):
+        raise ConfigError(f"dkim_selector: {s.dkim_selector!r} is not a DNS label")
 
 
 def settings_table() -> str:
@@ -255,3 +388,67 @@ def settings_table() -> str:
             f"| {f.metadata['doc']} |"
         )
     return "\n".join(rows)
+
+
+DEFAULT_SECRET_KEYS = ("", "change-me", "changeme", "secret", "dev", "demo")
+MIN_SECRET_LENGTH = 32
+
+
+def webmail_secret(s: Settings) -> str:
+    """The webmail's secret key, from secret_key or secret_key_file; refuses a missing or default one.
+
+    A guessable key would let anyone forge form tokens, so the webmail does not
+    start without a real one; only demo mode (a throwaway local run) may go
+    without, and `fallback up --demo` then makes a random one up.
+    """
+    value = s.secret_key
+    if value is None and s.secret_key_file is not None:
+        try:
+            value = Path(s.secret_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"secret_key_file: cannot read {s.secret_key_file}: {exc}") from None
+    if value is None or value.strip().lower() in DEFAULT_SECRET_KEYS:
+        raise ConfigError(
+            "secret_key: the webmail needs a secret key: set FALLBACK_SECRET_KEY or --secret-key-file "
+            "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`), or run with --demo"
+        )
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"secret_key: too short ({len(value)} characters, need {MIN_SECRET_LENGTH})")
+    return value
+
+
+def cookie_secure(s: Settings) -> bool:
+    """Secure cookies unless explicitly turned off, or in demo mode on plain local HTTP."""
+    return (not s.demo) if s.cookie_secure is None else s.cookie_secure
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The settings as FALLBACK_* variables, for a child process (gunicorn) to load again."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        out[ENV_PREFIX + f.name.upper()] = str(value)
+    return out
+
+
+def validate_operations(s: Settings) -> None:
+    """Failover, DNS switch and check settings."""
+    for name in ("failover_cache_ttl", "dns_low_ttl", "dns_timeout", "check_warn_queue_age",
+                 "check_crit_queue_age"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be greater than 0")
+    if s.check_warn_queue_age > s.check_crit_queue_age:
+        raise ConfigError("check_warn_queue_age: must not be above check_crit_queue_age")
+    for name in ("check_warn_memory", "check_crit_memory"):
+        if not 0 < getattr(s, name) <= 100:
+            raise ConfigError(f"{name}: {getattr(s, name)} is not a percentage (0-100)")
+    if s.check_warn_memory > s.check_crit_memory:
+        raise ConfigError("check_warn_memory: must not be above check_crit_memory")
+    for name in ("admin_token_file", "dns_tsig_key_file"):
+        p = getattr(s, name)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"{name}: {p} is not a readable file")

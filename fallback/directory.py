@@ -10,6 +10,7 @@ needs `lookup_async` and `domain_known_async`.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +26,26 @@ _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
 
 
+_CANONICAL_RE = re.compile(r"[a-z0-9._+-]{1,64}@[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+")
+
+
 def normalize_address(text: str) -> str:
     """Canonical form of an address (lower case, IDNA domain); InputError when it is not one."""
+    if _CANONICAL_RE.fullmatch(text) and ".." not in text:
+        return text  # already canonical: the common case of a large import
     addr = text.strip().strip("<>").strip()
     local, sep, domain = addr.rpartition("@")
     if not sep or not local or not domain:
         raise InputError(f"not an email address: {text!r}")
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise InputError(f"not a valid domain: {domain!r}") from None
+    if domain.isascii():
+        # The common case, and the hot path of a million-line import: no IDNA codec.
+        if any(not label or len(label) > 63 for label in domain.split(".")):
+            raise InputError(f"not a valid domain: {domain!r}")
+    else:
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InputError(f"not a valid domain: {domain!r}") from None
     addr = f"{local.lower()}@{domain.lower()}"
     if not _ADDRESS_RE.match(addr):
         raise InputError(f"not an email address: {text!r}")
@@ -96,23 +107,45 @@ class Directory:
         value = self.r.hget(keys.dir_bucket(address, self.buckets), address)
         return None if value is None else Mailbox.decode(address, value)
 
-    def get_many(self, addresses: list[str]) -> list[bytes | None]:
-        pipe = self.r.pipeline(transaction=False)
+    def _by_bucket(self, addresses: Iterable[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
         for address in addresses:
-            pipe.hget(keys.dir_bucket(address, self.buckets), address)
-        return list(pipe.execute())
+            groups.setdefault(keys.dir_bucket(address, self.buckets), []).append(address)
+        return groups
+
+    def get_many(self, addresses: list[str]) -> list[bytes | None]:
+        """Stored records of many addresses: one HMGET per bucket, pipelined."""
+        groups = self._by_bucket(addresses)
+        pipe = self.r.pipeline(transaction=False)
+        for bucket, members in groups.items():
+            pipe.hmget(bucket, members)
+        found: dict[str, bytes | None] = {}
+        for members, values in zip(groups.values(), pipe.execute(), strict=True):
+            found.update(zip(members, values, strict=True))
+        return [found[a] for a in addresses]
 
     def put_many(self, mailboxes: Iterable[tuple[Mailbox, Mailbox | None]]) -> None:
-        """Write (new, old) pairs; keeps the per-domain counts right for new addresses."""
-        pipe = self.r.pipeline(transaction=False)
+        """Write (new, old) pairs: one HSET per bucket, the per-domain and per-mailstore
+        counts summed first (one HINCRBY per name, not per mailbox)."""
+        records: dict[str, dict[str, str]] = {}
+        domains: Counter[str] = Counter()
+        stores: Counter[str] = Counter()
         for new, old in mailboxes:
-            pipe.hset(keys.dir_bucket(new.address, self.buckets), new.address, new.encode())
+            records.setdefault(keys.dir_bucket(new.address, self.buckets), {})[new.address] = new.encode()
             if old is None:
-                pipe.hincrby(keys.DIR_DOMAINS, new.domain, 1)
+                domains[new.domain] += 1
             if old is None or old.mailstore != new.mailstore:
-                pipe.hincrby(keys.DIR_MAILSTORES, new.mailstore, 1)
+                stores[new.mailstore] += 1
             if old is not None and old.mailstore != new.mailstore:
-                pipe.hincrby(keys.DIR_MAILSTORES, old.mailstore, -1)
+                stores[old.mailstore] -= 1
+        pipe = self.r.pipeline(transaction=False)
+        for bucket, mapping in records.items():
+            pipe.hset(bucket, mapping=mapping)
+        for domain, n in domains.items():
+            pipe.hincrby(keys.DIR_DOMAINS, domain, n)
+        for store, n in stores.items():
+            if n:
+                pipe.hincrby(keys.DIR_MAILSTORES, store, n)
         pipe.execute()
 
     def put(self, mailbox: Mailbox) -> bool:

@@ -100,3 +100,15 @@ def public_reply(error: BaseException) -> str:
     if isinstance(error, FallbackError):
         return error.smtp_reply()
     return FallbackError("unexpected").smtp_reply()
+
+
+class ReconcileError(FallbackError):
+    """The main store refused or failed during reconcile: says what, where, and the server's words."""
+
+    code, enhanced, public = 451, "4.4.0", "Main store problem"
+
+
+class DnsError(FallbackError):
+    """A DNS query or dynamic update failed or was refused: says which server and why."""
+
+    code, enhanced, public = 451, "4.4.3", "DNS problem"

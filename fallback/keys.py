@@ -92,3 +92,54 @@ def outbound_stream(sender: str) -> str:
 
 def outbound_stream_n(n: int) -> str:
     return f"outq:{{q{n}}}"
+
+
+def web_session(token_hash: str) -> str:
+    """hash: one webmail session (user, csrf, created), keyed by a hash of the cookie; TTL = idle timeout."""
+    return f"websess:{{{token_hash}}}"
+
+
+def login_throttle(kind: str, subject: str) -> str:
+    """hash: failed log-ins (fails, until) of one client IP (kind "ip") or account ("acct")."""
+    return f"throttle:{{{kind}:{subject}}}"
+
+
+def compose_once(address: str, msg_id: str) -> str:
+    """string: set once when a composed message is sent, so a resubmitted form is not sent twice."""
+    return f"{mbx(address)}:sending:{msg_id}"
+
+
+OUTBOUND_GROUP = "workers"  # the consumer group every outbound worker reads the streams with
+
+
+def outbound_retry_n(n: int) -> str:
+    """zset: "<msg_id>\\t<sender>" -> due time (s) of a message waiting for a retry; its stream's slot."""
+    return f"outq:{{q{n}}}:retry"
+
+
+def outbound_dead_n(n: int) -> str:
+    """zset: "<msg_id>\\t<sender>" -> time (s) it was parked as a dead letter (poison); same slot."""
+    return f"outq:{{q{n}}}:dead"
+
+
+def outbound_shard(sender: str) -> int:
+    return zlib.crc32(sender.encode()) % OUTBOUND_SHARDS
+
+
+def outbound_lease(address: str, msg_id: str) -> str:
+    """string with TTL: the worker delivering this message right now (no two workers at once)."""
+    return f"{mbx(address)}:out:{msg_id}:lease"
+
+
+FAILOVER_SCOPE = "failover:scope"  # hash: mode, since, ms:<mailstore> -> declared at (failover.py)
+AUDIT_STREAM = "audit"             # stream: admin actions, time, actor, arguments (audit.py)
+FORWARD_SHARDS = 16
+
+
+def forward_stream(recipient: str) -> str:
+    """stream: mail for healthy mailstores waiting for the main system's next hop, sharded by recipient."""
+    return f"fwdq:{{f{zlib.crc32(recipient.encode()) % FORWARD_SHARDS}}}"
+
+
+def forward_stream_n(n: int) -> str:
+    return f"fwdq:{{f{n}}}"

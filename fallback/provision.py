@@ -9,7 +9,7 @@ and report added / updated / unchanged / invalid.
 from __future__ import annotations
 
 import csv
-import functools
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +22,12 @@ from fallback.errors import InputError
 
 CSV_COLUMNS = ("address", "password", "mailstore")
 CSV_OPTIONAL = ("alternate",)
-CHUNK = 5000
+# Big chunks let one HMGET/HSET per directory bucket carry many mailboxes (see put_many).
+CHUNK = 250_000
+PROGRESS_EVERY = 4096  # lines between progress callbacks
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     line: int
     address: str
@@ -66,11 +68,6 @@ def detect_format(first_line: str) -> str:
     )
 
 
-@functools.lru_cache(maxsize=65536)
-def _normalize(address: str) -> str:
-    return normalize_address(address)
-
-
 def _decode_lines(path: Path) -> Iterator[tuple[int, str | None, int]]:
     """(line number, text or None when undecodable, bytes consumed so far)."""
     done = 0
@@ -89,14 +86,16 @@ def _parse_csv(lines: Iterator[tuple[int, str | None, int]],
                progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
     columns: list[str] | None = None
     for n, text, done in lines:
-        progress(done)
+        if n % PROGRESS_EVERY == 0:
+            progress(done)
         if text is None:
             yield Invalid(n, "not UTF-8 text")
             continue
         if not text.strip():
             continue
         try:
-            row = next(csv.reader([text], strict=True))
+            # Lines without quotes (nearly all) need no CSV machinery.
+            row = text.split(",") if '"' not in text else next(csv.reader([text], strict=True))
         except (csv.Error, StopIteration) as exc:
             if columns is None:
                 raise InputError(f"line {n}: unreadable CSV header: {exc}") from None
@@ -124,7 +123,8 @@ def _parse_csv(lines: Iterator[tuple[int, str | None, int]],
 def _parse_passwd(lines: Iterator[tuple[int, str | None, int]], mailstore: str,
                   progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
     for n, text, done in lines:
-        progress(done)
+        if n % PROGRESS_EVERY == 0:
+            progress(done)
         if text is None:
             yield Invalid(n, "not UTF-8 text")
             continue
@@ -146,7 +146,7 @@ def _parse_passwd(lines: Iterator[tuple[int, str | None, int]], mailstore: str,
 def _check(entry: Entry) -> Entry | Invalid:
     """Validate addresses and names; hashes are checked in `_prepare`."""
     try:
-        entry.address = _normalize(entry.address)
+        entry.address = normalize_address(entry.address)
         entry.mailstore = check_mailstore(entry.mailstore or DEFAULT_MAILSTORE)
         if entry.alternate:
             entry.alternate = normalize_address(entry.alternate)
@@ -163,15 +163,21 @@ def _needs_hashing(password: str) -> bool:
 def read_entries(path: Path, fmt: str | None, default_mailstore: str,
                  progress: Callable[[int], None] = lambda done: None) -> Iterator[Entry | Invalid]:
     """Every line of the file as an Entry (checked) or an Invalid, duplicates included."""
-    lines = _decode_lines(path)
+    lines: Iterator[tuple[int, str | None, int]] = _decode_lines(path)
     if fmt is None:
-        first = next(((n, t, d) for n, t, d in lines if t is None or t.strip()), None)
-        if first is None:
+        # Guess from the first line that is not blank or a passwd-file comment.
+        head: list[tuple[int, str | None, int]] = []
+        for item in lines:
+            head.append(item)
+            text = item[1]
+            if text is None:
+                raise InputError(f"line {item[0]}: not UTF-8 text")
+            if text.strip() and not text.lstrip().startswith("#"):
+                fmt = detect_format(text)
+                break
+        if fmt is None:
             return
-        if first[1] is None:
-            raise InputError(f"line {first[0]}: not UTF-8 text")
-        fmt = detect_format(first[1])
-        lines = _chain_first(first, lines)
+        lines = itertools.chain(head, lines)
     parsed = (_parse_csv(lines, progress) if fmt == "csv"
               else _parse_passwd(lines, default_mailstore, progress))
     seen: dict[str, int] = {}
@@ -189,12 +195,6 @@ def read_entries(path: Path, fmt: str | None, default_mailstore: str,
             yield item
 
 
-def _chain_first(first: tuple[int, str | None, int],
-                 rest: Iterator[tuple[int, str | None, int]]) -> Iterator[tuple[int, str | None, int]]:
-    yield first
-    yield from rest
-
-
 def _chunks(items: Iterable[Entry | Invalid], size: int) -> Iterator[list[Entry | Invalid]]:
     chunk: list[Entry | Invalid] = []
     for item in items:
@@ -204,6 +204,15 @@ def _chunks(items: Iterable[Entry | Invalid], size: int) -> Iterator[list[Entry 
             chunk = []
     if chunk:
         yield chunk
+
+
+def _check_hash(password: str) -> str | InputError:
+    if _needs_hashing(password):
+        return ""  # replaced by Provisioner._prepare
+    try:
+        return passwords.check_stored(password)
+    except InputError as exc:
+        return exc
 
 
 class Provisioner:
@@ -231,9 +240,12 @@ class Provisioner:
                         report.invalid.append(Invalid(item.line, exc.reason))
             if report.invalid:
                 report.loaded = False
+                report.invalid.sort(key=lambda item: item.line)
                 return report
         for chunk in _chunks(read_entries(path, fmt, self.default_mailstore, progress), CHUNK):
             self._load_chunk(chunk, report)
+        progress(path.stat().st_size)
+        report.invalid.sort(key=lambda item: item.line)  # hash checks come per chunk, after parsing
         return report
 
     def _load_chunk(self, chunk: list[Entry | Invalid], report: Report) -> None:
@@ -248,7 +260,12 @@ class Provisioner:
         existing = self.directory.get_many([e.address for e in entries])
         olds = [None if v is None else Mailbox.decode(e.address, v)
                 for e, v in zip(entries, existing, strict=True)]
-        hashes = list(self.pool.map(self._prepare, entries, olds))
+        # Only plain-text passwords cost real time (hashing); the thread pool is for them alone.
+        slow = [i for i, e in enumerate(entries) if _needs_hashing(e.password)]
+        hashes: list[str | InputError] = [_check_hash(e.password) for e in entries]
+        prepared = self.pool.map(self._prepare, [entries[i] for i in slow], [olds[i] for i in slow])
+        for i, stored in zip(slow, prepared, strict=True):
+            hashes[i] = stored
         writes: list[tuple[Mailbox, Mailbox | None]] = []
         for entry, old, stored in zip(entries, olds, hashes, strict=True):
             if isinstance(stored, InputError):

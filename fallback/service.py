@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
@@ -24,6 +24,7 @@ from fallback.config import Settings
 from fallback.embedded import EmbeddedRedis
 from fallback.redisconn import async_client, sync_client
 from fallback.smtp import ReceiverServer
+from fallback.webserver import WebComponent
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,28 @@ class SmtpComponent:
 
 
 @dataclass
+class WorkerComponent:
+    """The outbound worker; without a smarthost it stays idle and sent mail waits in the queue."""
+
+    settings: Settings
+    r: aioredis.Redis
+    name: str = "worker"
+    worker: Any = None
+
+    async def start(self) -> str:
+        if not self.settings.smarthost:
+            return "outbound worker: off (no --smarthost); sent mail waits in the queue"
+        from fallback.worker import Worker
+
+        self.worker = Worker(self.settings, self.r)
+        return str(await self.worker.start())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+
+
+@dataclass
 class Service:
     settings: Settings
     extra: list[Component] = field(default_factory=list)
@@ -89,7 +112,8 @@ class Service:
                 self.provision_demo(url)
             r = async_client(url)
             buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
-            self.components = [SmtpComponent(self.settings, r, buckets), *self.extra]
+            self.components = [SmtpComponent(self.settings, r, buckets), WorkerComponent(self.settings, r),
+                               WebComponent(self.settings, url), *self.extra]
             await self._serve(stop_event or asyncio.Event())
             await r.aclose()
         finally:

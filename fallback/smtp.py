@@ -92,6 +92,8 @@ class FallbackEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.mailstores: dict[str, str] = {}
+        # Given at MAIL FROM, so the mail log ties rejections and the stored message together.
+        self.msg_id = ""
 
 
 class FallbackSMTP(SMTP):
@@ -149,7 +151,13 @@ class FallbackSMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         raw = status.encode("ascii", "replace") if isinstance(status, str) else bytes(status)
-        await super().push(_REPLY_REWRITES.get(raw, raw))
+        rewritten = _REPLY_REWRITES.get(raw)
+        if rewritten is not None:
+            raw = rewritten
+            # aiosmtpd enforces these limits itself, before our handler sees the message.
+            assert isinstance(self.event_handler, Receiver)
+            self.event_handler.log_limit(self, raw.decode())
+        await super().push(raw)
 
 
 class Receiver:
@@ -165,8 +173,10 @@ class Receiver:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        assert isinstance(envelope, FallbackEnvelope)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.msg_id = new_id()
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -204,26 +214,23 @@ class Receiver:
         return addr
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Store for every recipient in one durable write; only then 250.  Anything else: 451."""
         assert isinstance(envelope, FallbackEnvelope) and isinstance(server, FallbackSMTP)
-        content = envelope.original_content or b""
-        body, fixed = normalize_line_ends(content)
-        msg_id = new_id()
-        protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
-        single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        header = store.received_header(msg_id, self.hostname, session.host_name or "",
-                                       server.peer_ip, None, protocol, single)
-        raw = header + body
-        deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos]
-        started = time.monotonic()
+        msg_id = envelope.msg_id or new_id()
+        size = len(envelope.original_content or b"")
         server.storing = True
+        started = time.monotonic()
         try:
+            raw, fixed = self._with_trace(server, session, envelope, msg_id)
+            size = len(raw)
+            deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos]
             await store.deliver_async(self.r, deliveries, msg_id, raw)
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
             log.warning("%s", err.reason)
             for rcpt in envelope.rcpt_tos:
                 self.maillog.event("deferred", id=msg_id, **{"from": envelope.mail_from}, to=rcpt,
-                                   size=len(raw), outcome=err.smtp_reply()[:9], peer=server.peer_ip,
+                                   size=size, outcome=f"{err.code} {err.enhanced}", peer=server.peer_ip,
                                    reason=err.reason)
             return err.smtp_reply()
         finally:
@@ -231,9 +238,29 @@ class Receiver:
         took = f"{(time.monotonic() - started) * 1000:.1f}ms"
         for rcpt in envelope.rcpt_tos:
             self.maillog.event("received", id=msg_id, **{"from": envelope.mail_from}, to=rcpt,
-                               size=len(raw), outcome="250", peer=server.peer_ip, store=took,
+                               size=size, outcome="250", peer=server.peer_ip, store=took,
                                fixed_line_ends="yes" if fixed else None)
         return f"250 2.0.0 OK id={msg_id}"
+
+    def _with_trace(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
+                    msg_id: str) -> tuple[bytes, bool]:
+        """Our Received: line, then the message with bare CR/LF made CRLF (see normalize_line_ends)."""
+        body, fixed = normalize_line_ends(envelope.original_content or b"")
+        protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
+        single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+        header = store.received_header(msg_id, self.hostname, session.host_name or "",
+                                       server.peer_ip, None, protocol, single)
+        return header + body, fixed
+
+    def log_limit(self, server: FallbackSMTP, reply: str) -> None:
+        """A message aiosmtpd refused itself (SIZE): one mail-log line per recipient, like ours."""
+        envelope = server.envelope
+        sender = envelope.mail_from if envelope is not None else None
+        rcpts = (envelope.rcpt_tos if envelope is not None else None) or ["-"]
+        msg_id = getattr(envelope, "msg_id", "") or "-"
+        for rcpt in rcpts:
+            self.maillog.event("rejected", id=msg_id, **{"from": sender}, to=rcpt,
+                               outcome=reply[:9], peer=server.peer_ip, reason=reply[10:])
 
     async def handle_exception(self, error: Exception) -> str:
         # Never aiosmtpd's "500 Error: (Type) text": unknown trouble is temporary.
@@ -243,7 +270,8 @@ class Receiver:
     def _log_reject(self, session: Session, envelope: Envelope, address: str,
                     exc: FallbackError) -> None:
         peer = session.peer[0] if isinstance(session.peer, tuple) else session.peer
-        self.maillog.event("rejected", id="-", **{"from": envelope.mail_from}, to=address,
+        msg_id = getattr(envelope, "msg_id", "") or "-"
+        self.maillog.event("rejected", id=msg_id, **{"from": envelope.mail_from}, to=address,
                            outcome=f"{exc.code} {exc.enhanced}", peer=peer, reason=exc.reason)
 
 

@@ -8,6 +8,7 @@ the session and flushed before each test.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from fallback import directory, passwords
 from fallback.config import Settings, load_settings
 from fallback.redisconn import async_client
 from fallback.smtp import ReceiverServer
+from tests.dovecot import dovecot, dovecot_factory  # noqa: F401 - fixtures
 from tests.servers import RedisServer, free_port
 
 
@@ -50,10 +52,16 @@ def settings(r: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
                           "hostname": "fallback.test", "smtp_port": 0}, env={})
 
 
+@functools.lru_cache(maxsize=64)
+def cached_hash(password: str, scheme: str) -> str:
+    """Hashing is slow on purpose; tests reuse one hash per (password, scheme)."""
+    return passwords.hash_password(password, scheme)
+
+
 def add_mailbox(r: redis.Redis, settings: Settings, address: str, password: str = "secret",
                 mailstore: str = "default", scheme: str = "SHA512-CRYPT") -> None:
     d = directory.Directory(r, directory.ensure_buckets(r, settings.directory_buckets))
-    d.put(directory.Mailbox(address, mailstore, passwords.hash_password(password, scheme)))
+    d.put(directory.Mailbox(address, mailstore, cached_hash(password, scheme)))
 
 
 @pytest.fixture
@@ -119,3 +127,16 @@ def receiver(receiver_factory: Any, mailboxes: list[str]) -> ReceiverThread:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def web_app(settings: Settings, r: redis.Redis, mailboxes: list[str]) -> Any:
+    """The webmail (create_app) on the test Redis, with alice, bob and carol provisioned."""
+    from tests.webutil import make_app
+
+    return make_app(settings, r)
+
+
+@pytest.fixture
+def client(web_app: Any) -> Any:
+    return web_app.test_client()

@@ -111,3 +111,61 @@ def postfix_env() -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = str(POSTFIX_DIR / "usr" / "lib" / "postfix")
     return env
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on a loopback port; every accepted message dumped to its own file.
+
+    `args` are smtp-sink's own options (e.g. ["-r", "RCPT"] to defer every RCPT,
+    ["-f", "RCPT"] to reject it, ["-w", "2"] to wait before answering DATA).
+    The dump directory lives under /tmp with mode 0777 because smtp-sink drops
+    to `nobody` when started as root.
+    """
+
+    def __init__(self, args: list[str] | None = None, port: int | None = None) -> None:
+        import tempfile
+
+        self.args = args or []
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
+        self.dump = self.dir / "dump"
+        self.dump.mkdir()
+        for d in (self.dir, self.dump):
+            d.chmod(0o777)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SmtpSink:
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        cmd = [*postfix_tool("smtp-sink"), *user, "-d", f"{self.dump}/m.", *self.args,
+               f"127.0.0.1:{self.port}", "64"]
+        with open(self.dir / "sink.log", "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=postfix_env())
+        wait_port(self.port)
+        return self
+
+    def messages(self) -> list[bytes]:
+        """Dumped messages as the sink saw them: its own X-* and Received: lines, then ours."""
+        return [p.read_bytes() for p in sorted(self.dump.iterdir()) if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sink_payload(dump: bytes) -> tuple[list[str], bytes]:
+    """(envelope recipients, message as sent, LF line ends) from one smtp-sink dump file."""
+    lines = dump.split(b"\n")
+    rcpts = [ln.split(b":", 1)[1].strip().strip(b"<>").decode() for ln in lines
+             if ln.startswith(b"X-Rcpt-Args:")]
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(b"Received: "))
+    i += 1
+    while i < len(lines) and lines[i].startswith(b"\t"):
+        i += 1
+    body = b"\n".join(lines[i:])
+    # smtp-sink ends each dump with an empty line of its own.
+    return [r.split()[0] for r in rcpts], body[:-1] if body.endswith(b"\n\n") else body

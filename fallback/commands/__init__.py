@@ -3,5 +3,13 @@
 from __future__ import annotations
 
 from fallback.commands import export, mailbox, provision, status, up
+from fallback.commands import purge, reconcile
 
 REGISTRY = [up.register, provision.register, mailbox.register, export.register, status.register]
+REGISTRY += [reconcile.register, purge.register]
+from fallback.commands import queue, worker  # noqa: E402 - outbound delivery (issue 5)
+
+REGISTRY += [worker.register, queue.register]
+from fallback.commands import web  # noqa: E402 - the webmail alone (issue 3)
+
+REGISTRY += [web.register]

@@ -51,12 +51,14 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def print_report(ctx: Context, path: Path, report: Report) -> None:
-    table = Table(title=f"provisioned from {path}")
+    ctx.console.print(f"provisioned from {path}", markup=False, soft_wrap=True)
+    table = Table()
     for col in ("added", "updated", "unchanged", "invalid"):
         table.add_column(col, justify="right")
     table.add_row(str(report.added), str(report.updated), str(report.unchanged), str(len(report.invalid)))
     ctx.console.print(table)
     for item in report.invalid[:SHOW_INVALID]:
-        ctx.console.print(f"{path}:{item.line}: {item.reason}", markup=False)
+        # One greppable line each, never wrapped at the terminal width.
+        ctx.console.print(f"{path}:{item.line}: {item.reason}", markup=False, soft_wrap=True)
     if len(report.invalid) > SHOW_INVALID:
         ctx.console.print(f"... and {len(report.invalid) - SHOW_INVALID} more invalid lines")

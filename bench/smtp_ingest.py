@@ -1,0 +1,158 @@
+"""SMTP intake throughput: the durable receiver against a no-op aiosmtpd handler and smtp-sink.
+
+For 4 KiB and 100 KiB messages at 1, 10 and 50 concurrent connections, Postfix's
+`smtp-source` (a load generator none of us wrote) sends a fixed number of
+messages to each server, all started in this same run:
+
+- durable: fallback's ReceiverServer (the SMTP part of `fallback up`, same code
+  and settings) storing into a fresh redis-server with `appendonly yes`,
+  `appendfsync always`: every 250 waits for an fsynced MULTI/EXEC;
+- no-op: plain aiosmtpd whose handle_DATA answers 250 and stores nothing;
+- smtp-sink: Postfix's sink, the ceiling of an SMTP server that stores nothing.
+
+Each server runs in its own process (`--serve KIND PORT`).  Prints messages/s
+and the durable/no-op ratio (target: >= 0.8 at 10 and 50 connections).
+
+    .venv/bin/python bench/smtp_ingest.py                 # the full table
+    .venv/bin/python bench/smtp_ingest.py --messages 500  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import RedisServer, free_port, postfix_env, postfix_tool, stop_pid, wait_port  # noqa: E402
+
+RCPT = "bench@example.com"
+SIZES = {"4KiB": 4 * 1024, "100KiB": 100 * 1024}
+CONCURRENCY = (1, 10, 50)
+
+
+# --- the servers, each in its own process --------------------------------------------
+
+async def serve_durable(port: int, redis_url: str) -> None:
+    from fallback import directory
+    from fallback.config import load_settings
+    from fallback.maillog import MailLog
+    from fallback.redisconn import async_client
+    from fallback.smtp import ReceiverServer
+
+    settings = load_settings({"redis_url": redis_url, "smtp_port": port, "hostname": "bench.test",
+                              "max_connections_per_ip": 1000, "max_commands": 1_000_000}, env={})
+    r = async_client(redis_url)
+    buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)
+    server = ReceiverServer(settings, r, buckets, MailLog())
+    await server.start()
+    await asyncio.Event().wait()
+
+
+async def serve_noop(port: int) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    class NoOp:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            return "250 OK"
+
+    loop = asyncio.get_running_loop()
+    await loop.create_server(lambda: SMTP(NoOp(), hostname="noop.test", data_size_limit=None),
+                             host="127.0.0.1", port=port)
+    await asyncio.Event().wait()
+
+
+def start_server(kind: str, port: int, redis_url: str = "") -> subprocess.Popen[bytes]:
+    if kind == "sink":
+        # -u root: it is started as root here and must not switch to a `postfix` user.
+        cmd = [*postfix_tool("smtp-sink"), "-c", "-u", os.environ.get("USER", "root"),
+               f"127.0.0.1:{port}", "256"]
+        proc = subprocess.Popen(cmd, env=postfix_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port), redis_url],
+                                stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+# --- the load ------------------------------------------------------------------------
+
+def drive(port: int, size: int, sessions: int, messages: int) -> float:
+    """messages/s that smtp-source achieved (connections kept open between messages)."""
+    cmd = [*postfix_tool("smtp-source"), "-d", "-s", str(sessions), "-m", str(messages),
+           "-l", str(size), "-f", "load@remote.test", "-t", RCPT, "-M", "source.test", f"127.0.0.1:{port}"]
+    started = time.monotonic()
+    done = subprocess.run(cmd, env=postfix_env(), capture_output=True, text=True, timeout=900, check=False)
+    took = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {done.stderr.strip()}")
+    return messages / took
+
+
+def provision(redis_url: str) -> None:
+    import redis
+
+    from fallback import directory, passwords
+
+    r = redis.Redis.from_url(redis_url)
+    d = directory.Directory(r, directory.ensure_buckets(r, 65536))
+    d.put(directory.Mailbox(RCPT, "default", passwords.hash_password("x", "SHA256-CRYPT")))
+    r.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--messages", type=int, default=0,
+                    help="messages per point (default: 2000 at 4 KiB, 1000 at 100 KiB)")
+    ap.add_argument("--sizes", default="4KiB,100KiB")
+    ap.add_argument("--concurrency", default="1,10,50")
+    args = ap.parse_args()
+    if args.serve:
+        kind, port = args.serve[0], int(args.serve[1])
+        asyncio.run(serve_durable(port, args.serve[2]) if kind == "durable" else serve_noop(port))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-smtp-"))
+    redis_server = RedisServer(work / "redis").start()
+    provision(redis_server.url)
+    ports = {kind: free_port() for kind in ("durable", "noop", "sink")}
+    procs = {kind: start_server(kind, port, redis_server.url) for kind, port in ports.items()}
+    print(f"redis-server {redis_server.url} (appendonly yes, appendfsync always) in {work}")
+    print(f"{'size':>7} {'conns':>5} {'durable/s':>10} {'no-op/s':>9} {'sink/s':>9} "
+          f"{'durable/no-op':>13} {'durable/sink':>12}")
+    try:
+        for size_name in args.sizes.split(","):
+            size = SIZES[size_name]
+            count = args.messages or (2000 if size <= 4096 else 1000)
+            for sessions in (int(c) for c in args.concurrency.split(",")):
+                n = max(count, sessions * 20)
+                rates = {kind: drive(ports[kind], size, sessions, n) for kind in ("durable", "noop", "sink")}
+                print(f"{size_name:>7} {sessions:>5} {rates['durable']:>10.0f} {rates['noop']:>9.0f} "
+                      f"{rates['sink']:>9.0f} {rates['durable'] / rates['noop']:>13.2f} "
+                      f"{rates['durable'] / rates['sink']:>12.2f}", flush=True)
+        import redis
+
+        r = redis.Redis.from_url(redis_server.url)
+        print(f"stored: {r.zcard('mbx:{' + RCPT + '}:f:INBOX')} messages, "
+              f"aof fsync policy {r.config_get('appendfsync')['appendfsync']}")
+        r.close()
+    finally:
+        for proc in procs.values():
+            stop_pid(proc)
+        redis_server.stop()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

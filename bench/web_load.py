@@ -1,0 +1,169 @@
+"""Webmail under load: requests/s and p50/p95 latency of the inbox and a message page.
+
+A mailbox of 10,000 messages (default) in a fresh redis-server configured like
+the embedded one (AOF, appendfsync always), the webmail served by gunicorn
+exactly as `fallback up` starts it (fallback.webserver.WebComponent, default
+workers and threads), and N concurrent sessions, each a thread with its own
+keep-alive HTTP connection (http.client), at 1, 10 and 50 sessions.
+
+The baseline, measured in the same run at the same concurrency, is
+`GET /healthz`: the same gunicorn + Flask + Redis round trip with no page
+behind it; the ratio says what the page itself costs.  The load generator
+shares the machine's CPUs with gunicorn and Redis, so absolute figures are
+pessimistic.
+
+    .venv/bin/python bench/web_load.py                 # 10,000 messages; 1, 10, 50 sessions
+    .venv/bin/python bench/web_load.py --messages 2000 --requests 200   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fallback import directory, passwords, store  # noqa: E402
+from fallback.config import load_settings  # noqa: E402
+from fallback.ids import new_id  # noqa: E402
+from fallback.webserver import WebComponent  # noqa: E402
+from tests.servers import RedisServer, free_port  # noqa: E402
+from web.sessions import COOKIE, SessionStore  # noqa: E402
+
+USER = "load@example.com"
+SECRET = "bench-secret-not-for-production-0123456789abcdef"
+TARGET_INBOX_P95_MS = 50.0
+
+
+def fill_mailbox(r: redis.Redis, n: int, batch: int = 500) -> list[str]:
+    """n realistic small messages, delivered with the same write the receiver uses."""
+    d = directory.Directory(r, directory.ensure_buckets(r, 65536))
+    d.put(directory.Mailbox(USER, "default", passwords.hash_password("x", "SHA512-CRYPT")))
+    ids: list[str] = []
+    now = int(time.time() * 1000) - n * 1000
+    for start in range(0, n, batch):
+        with r.pipeline(transaction=True) as pipe:
+            for i in range(start, min(start + batch, n)):
+                msg_id = new_id(now + i * 1000)
+                raw = (f"From: Sender {i % 97} <s{i % 97}@remote{i % 13}.test>\r\nTo: {USER}\r\n"
+                       f"Subject: Report {i}: status of the outage and next steps\r\n"
+                       f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m{i}@remote.test>\r\n\r\n"
+                       + "A line of ordinary message text.\r\n" * 40).encode()
+                store.queue_delivery(pipe, store.Delivery(USER, "default"), msg_id, raw,
+                                     store.summarize(raw), now + i * 1000)
+                ids.append(msg_id)
+            pipe.execute()
+    return ids
+
+
+def run_level(port: int, cookies: list[str], paths: list[str], total: int) -> dict[str, float]:
+    """`total` GETs spread over len(cookies) sessions; returns rps and latency percentiles (ms)."""
+    per = max(1, total // len(cookies))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def session(cookie: str, seed: int) -> None:
+        rnd = random.Random(seed)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[float] = []
+        for _ in range(per):  # bounded: exactly `per` requests
+            path = rnd.choice(paths)
+            t0 = time.perf_counter()
+            conn.request("GET", path, headers={"Cookie": f"{COOKIE}={cookie}"})
+            resp = conn.getresponse()
+            resp.read()
+            mine.append((time.perf_counter() - t0) * 1000)
+            if resp.status != 200:
+                errors.append(f"{path}: {resp.status}")
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=session, args=(c, i)) for i, c in enumerate(cookies)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"bench: {len(errors)} failed requests, first: {errors[0]}")
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": q[49], "p95_ms": q[94]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--sessions", default="1,10,50", help="concurrency levels (default 1,10,50)")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per page and level")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.sessions.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        component = None
+        try:
+            r = redis.Redis.from_url(server.url)
+            t0 = time.perf_counter()
+            ids = fill_mailbox(r, args.messages)
+            print(f"filled {USER} with {len(ids)} messages in {time.perf_counter() - t0:.1f}s")
+            settings = replace(load_settings({"redis_url": server.url, "data_dir": tmp}, env={}),
+                               secret_key=SECRET, cookie_secure=False, http_port=free_port(),
+                               log_level="WARNING")
+            component = WebComponent(settings, server.url)
+            print(component.start_sync())
+            sessions = SessionStore(r, settings.session_idle_timeout)
+            cookies = [sessions.create(USER).token for _ in range(max(levels))]
+            pages = {
+                "healthz (baseline)": ["/healthz"],
+                "inbox": ["/"],
+                "message": [f"/message/{i}" for i in random.Random(1).sample(ids, min(200, len(ids)))],
+            }
+            # Warm-up: each worker imports templates and opens its Redis pool.
+            run_level(component.port, cookies[:4], pages["inbox"] + pages["message"][:4], 100)
+            results: dict[str, dict[str, dict[str, float]]] = {}
+            for level in levels:
+                for name, paths in pages.items():
+                    results.setdefault(name, {})[str(level)] = run_level(
+                        component.port, cookies[:level], paths, args.requests)
+
+            print(f"\nwebmail, {len(ids)}-message mailbox, gunicorn {settings.web_workers} workers x "
+                  f"{settings.web_threads} threads, {args.requests} requests per cell")
+            print(f"{'page':<20}{'sessions':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p95 / baseline':>16}")
+            for name, by_level in results.items():
+                for level, m in by_level.items():
+                    base = results["healthz (baseline)"][level]["p95_ms"]
+                    print(f"{name:<20}{level:>9}{m['rps']:>9.0f}{m['p50_ms']:>9.1f}{m['p95_ms']:>9.1f}"
+                          f"{m['p95_ms'] / base:>15.1f}x")
+            inbox10 = results["inbox"].get("10")
+            if inbox10:
+                verdict = "meets" if inbox10["p95_ms"] < TARGET_INBOX_P95_MS else "MISSES"
+                print(f"\ninbox p95 at 10 sessions: {inbox10['p95_ms']:.1f} ms ({verdict} the "
+                      f"{TARGET_INBOX_P95_MS:.0f} ms target)")
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2))
+        finally:
+            if component is not None:
+                component.stop_sync()
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The audit log of admin actions: who did what, when, with which arguments, and how it ended.
+
+Every entry goes to the Redis stream `audit` (keys.AUDIT_STREAM): all
+processes on all hosts write to the same place, stream ids keep the order,
+and the admin API and `fallback failover status` can read it back.  When the
+`audit_log` setting names a file, the same entry is also appended there as one
+JSON line: a copy that outlives a Redis flush and that a syslog or SIEM
+shipper can tail.  The stream is never trimmed: admin actions are few.
+
+An action that has to work while Redis is down (the DNS switch) still gets
+its file line; when no copy could be written at all, the caller is told so
+it can warn the operator rather than lose the record silently.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from fallback import keys
+
+
+@dataclass(frozen=True)
+class Entry:
+    action: str
+    actor: str
+    args: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "ok"
+    time: float = field(default_factory=time.time)
+
+    def fields(self) -> dict[str, str]:
+        return {"time": f"{self.time:.3f}", "actor": self.actor, "action": self.action,
+                "args": json.dumps(self.args, sort_keys=True), "outcome": self.outcome}
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[Any, Any]) -> Entry:
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in raw.items()}
+        return cls(action=f.get("action", ""), actor=f.get("actor", ""),
+                   args=json.loads(f.get("args") or "{}"), outcome=f.get("outcome", ""),
+                   time=float(f.get("time") or 0))
+
+
+def actor_name(explicit: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """--actor, else the person behind sudo, else the login user: who to blame, not who ran it."""
+    env = os.environ if env is None else env
+    for candidate in (explicit, env.get("SUDO_USER"), env.get("USER"), env.get("LOGNAME")):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def record(r: redis.Redis | None, entry: Entry, audit_file: Path | None = None) -> list[str]:
+    """Write the entry everywhere it should go; return what could not be written (empty: all went)."""
+    problems: list[str] = []
+    written = 0
+    if r is not None:
+        try:
+            r.xadd(keys.AUDIT_STREAM, entry.fields())  # type: ignore[arg-type]
+            written += 1
+        except (redis.RedisError, OSError) as exc:
+            problems.append(f"audit entry not written to Redis: {exc}")
+    if audit_file is not None:
+        try:
+            with open(audit_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(asdict(entry), sort_keys=True) + "\n")
+            written += 1
+        except OSError as exc:
+            problems.append(f"audit entry not written to {audit_file}: {exc}")
+    if written == 0 and not problems:
+        problems.append("audit entry not written: no Redis and no audit_log file")
+    return problems
+
+
+def recent(r: redis.Redis, count: int = 20) -> list[Entry]:
+    """The newest entries, newest first."""
+    return [Entry.from_fields(fields) for _id, fields in r.xrevrange(keys.AUDIT_STREAM, count=count)]

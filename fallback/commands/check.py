@@ -1,0 +1,143 @@
+"""`fallback check`: a Nagios/Icinga plugin; one status line with perfdata, exit 0/1/2/3.
+
+Exit codes follow the Monitoring Plugins guidelines: 0 OK, 1 WARNING,
+2 CRITICAL, 3 UNKNOWN.  Redis unreachable is CRITICAL, not UNKNOWN: Redis is
+the thing being checked, and without it no mail is accepted (check_tcp also
+says CRITICAL for a refused connection).  UNKNOWN is for when the plugin
+itself cannot judge: bad thresholds or configuration, or an unexpected error.
+
+Checked: Redis answers; memory used vs maxmemory (the machine's RAM when no
+maxmemory is set); AOF on, last write and last rewrite ok (250 means durable
+only with a healthy AOF; `--allow-no-aof` for deployments that rely on
+replication instead); the age of the oldest unfinished entry of the outbound
+queue and of the forward queue.  Queued mail is never dropped, so an old
+queue is an alert to act on, not a failure of the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import redis
+
+from fallback import health
+from fallback.cli import Context
+from fallback.config import redact_url
+from fallback.errors import ConfigError, FallbackError
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+STATE = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", parents=[parents["common"]],
+                       help="Nagios plugin: Redis, memory, AOF and queue age (exit 0/1/2/3)")
+    p.add_argument("--warn-queue-age", dest="check_warn_queue_age", metavar="AGE",
+                   help="WARNING when the oldest queued message is this old (e.g. 3600, 1h; default 1h)")
+    p.add_argument("--crit-queue-age", dest="check_crit_queue_age", metavar="AGE",
+                   help="CRITICAL when the oldest queued message is this old (default 4h)")
+    p.add_argument("--warn-memory", dest="check_warn_memory", metavar="PERCENT",
+                   help="WARNING at this %% of Redis maxmemory (default 80)")
+    p.add_argument("--crit-memory", dest="check_crit_memory", metavar="PERCENT",
+                   help="CRITICAL at this %% of Redis maxmemory (default 90)")
+    p.add_argument("--allow-no-aof", action="store_true",
+                   help="AOF off is OK (durability comes from replication instead)")
+    # A plugin must answer UNKNOWN, not argparse's 2 (= CRITICAL), for a bad value.
+    p.error = _usage_unknown(p)  # type: ignore[method-assign]
+    p.set_defaults(handler=run, failure_exit=UNKNOWN)
+
+
+def _usage_unknown(p: argparse.ArgumentParser) -> Any:
+    def error(message: str) -> NoReturn:
+        p.print_usage(sys.stderr)
+        print(f"FALLBACK UNKNOWN - {message}", file=sys.stdout)
+        sys.exit(UNKNOWN)
+    return error
+
+
+@dataclass
+class Verdict:
+    state: int = OK
+    notes: list[tuple[int, str]] = field(default_factory=list)
+    perf: list[str] = field(default_factory=list)
+
+    def add(self, state: int, text: str) -> None:
+        self.state = max(self.state, state)
+        self.notes.append((state, text))
+
+    def line(self) -> str:
+        # Problems first, worst first, so a truncated notification still says what is wrong.
+        notes = sorted(self.notes, key=lambda n: -n[0])
+        text = ", ".join(t for _, t in notes) or "nothing checked"
+        perf = (" | " + " ".join(self.perf)) if self.perf else ""
+        return f"FALLBACK {STATE[self.state]} - {text}{perf}"
+
+
+def _level(value: float, warn: float, crit: float) -> int:
+    return CRITICAL if value >= crit else WARNING if value >= warn else OK
+
+
+def _age_text(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
+    s = ctx.settings
+    v = Verdict()
+    mem = health.memory(r)
+    if mem.limit:
+        level = _level(mem.percent, s.check_warn_memory, s.check_crit_memory)
+        v.add(level, f"memory {mem.percent:.1f}% of {mem.limit_source}")
+        v.perf.append(f"memory={mem.percent:.1f}%;{s.check_warn_memory:g};{s.check_crit_memory:g};0;100")
+    else:
+        v.add(OK, "memory limit unknown")
+    v.perf.append(f"memory_used={mem.used}B;;;0;{mem.limit or ''}")
+    a = health.aof(r)
+    if not a.enabled:
+        v.add(OK if allow_no_aof else CRITICAL, "AOF off" + (" (allowed)" if allow_no_aof else
+                                                               ": accepted mail is not durable"))
+    elif not a.last_write_ok:
+        v.add(CRITICAL, "AOF last write failed")
+    elif not a.last_rewrite_ok:
+        v.add(WARNING, "AOF last rewrite failed")
+    else:
+        v.add(OK, "AOF ok")
+    now = health.redis_now_ms(r)
+    for b in health.backlogs(r):
+        age = b.age(now)
+        level = _level(age, s.check_warn_queue_age, s.check_crit_queue_age)
+        v.add(level, f"{b.name} queue {b.depth} oldest {_age_text(age)}")
+        v.perf.append(f"{b.name}_age={age:.0f}s;{s.check_warn_queue_age:g};{s.check_crit_queue_age:g};0")
+        v.perf.append(f"{b.name}_depth={b.depth};;;0")
+    return v
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        r = ctx.redis()
+    except ConfigError as exc:
+        print(f"FALLBACK UNKNOWN - {exc.reason}")
+        return UNKNOWN
+    except FallbackError as exc:  # StorageError: Redis does not answer
+        print(f"FALLBACK CRITICAL - {exc.reason}")
+        return CRITICAL
+    try:
+        verdict = evaluate(r, ctx, args.allow_no_aof)
+    except redis.BusyLoadingError:
+        print("FALLBACK CRITICAL - Redis is loading its data set and refuses commands")
+        return CRITICAL
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        print(f"FALLBACK CRITICAL - Redis stopped answering: {redact_url(str(exc))}")
+        return CRITICAL
+    except redis.RedisError as exc:
+        print(f"FALLBACK UNKNOWN - Redis error: {redact_url(str(exc))}")
+        return UNKNOWN
+    print(verdict.line())
+    return verdict.state

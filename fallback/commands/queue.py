@@ -1,0 +1,155 @@
+"""`fallback queue list|show ID|retry ID|delete ID [--yes]`: the operator's view of outbound mail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+from rich.table import Table
+
+from fallback import outbound
+from fallback.cli import Context
+from fallback.errors import InputError
+from fallback.outbound import QueueItem
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("queue", help="list, show, retry or delete outbound messages")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", parents=[parents["common"]],
+                            help="every queued message: age, attempts, next try, last reply")
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    ls.add_argument("--limit", type=int, default=500, metavar="N", help="show at most N (default 500)")
+    ls.set_defaults(handler=list_queue)
+    show = actions.add_parser("show", parents=[parents["common"]], help="one message, per recipient")
+    show.add_argument("id", metavar="ID")
+    show.set_defaults(handler=show_item)
+    retry = actions.add_parser("retry", parents=[parents["common"]],
+                               help="try a message again now (also brings back a dead letter)")
+    retry.add_argument("id", metavar="ID")
+    retry.set_defaults(handler=retry_item)
+    delete = actions.add_parser("delete", parents=[parents["common"]],
+                                help="take a message off the queue (the sender gets a failure notice)")
+    delete.add_argument("id", metavar="ID")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.set_defaults(handler=delete_item)
+
+
+def _ago(ts: float, now: float) -> str:
+    return _span(now - ts)
+
+
+def _span(seconds: float) -> str:
+    s = int(abs(seconds))
+    if s < 60:
+        text = f"{s}s"
+    elif s < 3600:
+        text = f"{s // 60}m{s % 60:02d}s"
+    elif s < 86400:
+        text = f"{s // 3600}h{s % 3600 // 60:02d}m"
+    else:
+        text = f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return text
+
+
+def _next(item: QueueItem, now: float) -> str:
+    rec = item.record
+    if rec is None or item.where == "dead":
+        return "-"
+    if item.where == "in flight":
+        return "now (in flight)"
+    due = rec.next_due()
+    if due is None:
+        return "-"
+    return "now" if due <= now else f"in {_span(due - now)}"
+
+
+def _row(item: QueueItem, now: float) -> dict[str, Any]:
+    rec = item.record
+    if rec is None:
+        return {"id": item.msg_id, "sender": item.sender, "state": item.where, "age": "",
+                "recipients": "", "attempts": "", "next": "-", "last_reply": item.error}
+    pending = rec.pending()
+    return {"id": item.msg_id, "sender": item.sender, "state": item.where,
+            "age": _ago(rec.created, now), "recipients": f"{len(pending)}/{len(rec.rcpts)}",
+            "attempts": rec.attempts(), "next": _next(item, now),
+            "last_reply": rec.dead if item.where == "dead" and rec.dead else rec.last_reply()}
+
+
+def list_queue(ctx: Context, args: argparse.Namespace) -> int:
+    if args.limit <= 0:
+        raise InputError("--limit must be greater than 0")
+    now = time.time()
+    items = outbound.scan(ctx.redis())
+    rows = [_row(i, now) for i in items[: args.limit]]
+    if args.format == "json":
+        print(json.dumps({"total": len(items), "messages": rows}, indent=1))
+        return 0
+    table = Table(title=f"outbound queue: {len(items)} message(s)")
+    for col, just in (("id", "left"), ("sender", "left"), ("state", "left"), ("age", "right"),
+                      ("pending", "right"), ("attempts", "right"), ("next try", "left"),
+                      ("last reply", "left")):
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(row["id"], row["sender"], row["state"], row["age"], row["recipients"],
+                      str(row["attempts"]), row["next"], row["last_reply"] or "-")
+    ctx.console.print(table)
+    if len(items) > args.limit:
+        ctx.console.print(f"... and {len(items) - args.limit} more (use --limit)")
+    return 0
+
+
+def show_item(ctx: Context, args: argparse.Namespace) -> int:
+    item = outbound.find(ctx.redis(), args.id)
+    now = time.time()
+    out = ctx.console
+    out.print(f"id:        {item.msg_id}", markup=False)
+    out.print(f"sender:    {item.sender}", markup=False)
+    out.print(f"state:     {item.where} (shard {item.shard})", markup=False)
+    rec = item.record
+    if rec is None:
+        out.print(f"problem:   {item.error}", markup=False)
+        return 0
+    out.print(f"age:       {_ago(rec.created, now)}", markup=False)
+    if rec.dead:
+        out.print(f"parked:    {rec.dead}", markup=False)
+    table = Table(title="recipients")
+    for col in ("recipient", "state", "attempts", "next try", "last reply"):
+        table.add_column(col, overflow="fold")
+    for address, st in rec.rcpts.items():
+        nxt = float(st.get("next") or 0)
+        when = ("-" if st.get("state") in outbound.FINAL
+                else "now" if nxt <= now else f"in {_span(nxt - now)}")
+        table.add_row(address, str(st.get("state")), str(st.get("attempts", 0)), when,
+                      str(st.get("reply") or "-"))
+    out.print(table)
+    return 0
+
+
+def retry_item(ctx: Context, args: argparse.Namespace) -> int:
+    item = outbound.retry_now(ctx.redis(), args.id)
+    ctx.console.print(f"{item.msg_id} from {item.sender}: queued for delivery now", markup=False)
+    return 0
+
+
+def delete_item(ctx: Context, args: argparse.Namespace) -> int:
+    r = ctx.redis()
+    item = outbound.find(r, args.id)
+    pending = len(item.record.pending()) if item.record else 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"not deleting {item.msg_id} without confirmation: give --yes")
+        answer = input(f"Delete {item.msg_id} from {item.sender} ({pending} recipient(s) not yet "
+                       "delivered; the sender gets a failure notice)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            ctx.console.print("not deleted")
+            return 1
+    settings = ctx.settings
+    outbound.delete(r, item.msg_id, settings.hostname or socket.gethostname(), settings.claim_timeout)
+    ctx.console.print(f"deleted {item.msg_id} from {item.sender}: {pending} recipient(s) marked failed",
+                      markup=False)
+    return 0

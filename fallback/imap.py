@@ -1,0 +1,349 @@
+"""One IMAP session with the main store, as the reconciler needs it (aioimaplib underneath).
+
+It owns the wire details: the master-user login (`user*master`, or SASL
+PLAIN with an authorization id), quoting, modified UTF-7 mailbox names,
+SPECIAL-USE discovery, APPEND with flags and INTERNALDATE (reading APPENDUID),
+UID SEARCH / STORE / MOVE.  Two kinds of failure are kept apart because
+exactly-once depends on it: `ServerRefused` means the server answered NO/BAD
+(the command certainly did nothing), `ConnectionLost` means the outcome is
+unknown (an APPEND may or may not have been stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import inspect
+import re
+import ssl
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aioimaplib
+
+from fallback.errors import ConfigError, ReconcileError
+
+T = TypeVar("T")
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
+_COPYUID = re.compile(rb"\[COPYUID \d+ [\d:,]+ (\d+)\]", re.I)
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.I)
+_LIST_LINE = re.compile(rb'^\((?P<attrs>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") (?P<name>.+)$')
+_FLAG = re.compile(r"^\\?[A-Za-z0-9$_.\-]+$")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class ServerRefused(ReconcileError):
+    """The server answered NO or BAD: nothing was done; `reason` holds its words."""
+
+
+class ConnectionLost(ReconcileError):
+    """The connection broke or timed out: whatever was in flight may or may not have happened."""
+
+
+@dataclass(frozen=True)
+class ImapTarget:
+    host: str
+    port: int
+    tls: bool
+    timeout: float = 120.0
+    ca_file: Path | None = None
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = 120.0, ca_file: Path | None = None) -> ImapTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("imap", "imaps") or not parts.hostname:
+            raise ConfigError(f"imap_url: {url!r} must look like imap://HOST:PORT or imaps://HOST:PORT")
+        tls = parts.scheme == "imaps"
+        try:
+            port = parts.port or (993 if tls else 143)
+        except ValueError:
+            raise ConfigError(f"imap_url: {url!r} has a bad port") from None
+        return cls(parts.hostname, port, tls, timeout, ca_file)
+
+    def __str__(self) -> str:
+        return f"{'imaps' if self.tls else 'imap'}://{self.host}:{self.port}"
+
+
+def quote(text: str) -> str:
+    """An IMAP quoted string (RFC 3501 section 9); CR, LF and NUL cannot be quoted."""
+    if re.search(r"[\x00\r\n]", text):
+        raise ValueError(f"cannot quote {text!r} in IMAP")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def encode_mailbox(name: str) -> str:
+    """Unicode mailbox name -> modified UTF-7 (RFC 3501 section 5.1.3)."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            data = "".join(pending).encode("utf-16-be")
+            out.append("&" + base64.b64encode(data).decode().rstrip("=").replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def decode_mailbox(name: str) -> str:
+    """Modified UTF-7 -> Unicode, for display."""
+    def repl(m: re.Match[str]) -> str:
+        body = m.group(1)
+        if not body:
+            return "&"
+        data = body.replace(",", "/")
+        data += "=" * (-len(data) % 4)
+        return base64.b64decode(data).decode("utf-16-be")
+
+    return re.sub(r"&([A-Za-z0-9+,]*)-", repl, name)
+
+
+def imap_flags(flags: Iterable[str]) -> list[str]:
+    """Only well-formed flag atoms reach the wire; \\Recent can never be set by a client."""
+    return [f for f in flags if _FLAG.match(f) and f.lower() != "\\recent"]
+
+
+def search_date(ts_ms: int) -> str:
+    """SINCE criterion two days before `ts_ms`: servers compare dates in their own time zone."""
+    day = dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC) - dt.timedelta(days=2)
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
+
+
+def _unquote(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    if text.startswith('"') and text.endswith('"'):
+        text = re.sub(r"\\(.)", r"\1", text[1:-1])
+    return text
+
+
+def _text(response: Any) -> str:
+    """The server's words from the tagged reply (the last line of an aioimaplib Response)."""
+    lines = [ln for ln in response.lines if isinstance(ln, bytes | bytearray)]
+    text = bytes(lines[-1]).decode("utf-8", "replace") if lines else ""
+    # Dovecot appends its timing, "(0.001 + 0.000 secs).": noise in a report.
+    text = re.sub(r"\s*\(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)\.?$", "", text)
+    return text.strip() or "no reason given"
+
+
+@dataclass(frozen=True)
+class Folder:
+    name: str          # on the wire (modified UTF-7)
+    attributes: frozenset[str]
+
+
+class Session:
+    """One logged-in connection as one user.  Use `async with await Session.open(...)`."""
+
+    def __init__(self, target: ImapTarget, client: aioimaplib.IMAP4, lost: asyncio.Event) -> None:
+        self.target = target
+        self.client = client
+        self._lost = lost
+        self.selected: str | None = None
+        self.uidvalidity: int | None = None
+        self.readonly = False
+
+    @classmethod
+    async def open(cls, target: ImapTarget, user: str, master: str, password: str,
+                   separator: str = "*") -> Session:
+        lost = asyncio.Event()
+        holder: list[aioimaplib.IMAP4] = []
+
+        def on_lost(_exc: Exception | None) -> None:
+            # aioimaplib leaves commands waiting (until their timeout) when the socket dies:
+            # fail them now, so an APPEND in flight ends at once as "outcome unknown".
+            lost.set()
+            proto = holder[0].protocol if holder else None
+            if proto is None:
+                return
+            for cmd in [proto.pending_sync_command, *proto.pending_async_commands.values()]:
+                if cmd is not None and not cmd._event.is_set():
+                    cmd._exception = ConnectionLost("connection closed")
+                    cmd.close(b"connection closed", "BYE")
+
+        ctx: ssl.SSLContext | None = None
+        if target.tls:
+            ctx = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
+        client = (aioimaplib.IMAP4_SSL(target.host, target.port, timeout=target.timeout, ssl_context=ctx)
+                  if target.tls else
+                  aioimaplib.IMAP4(target.host, target.port, timeout=target.timeout, conn_lost_cb=on_lost))
+        holder.append(client)
+        if target.tls:
+            # IMAP4_SSL takes no callback argument; the protocol has the same hook.
+            client.protocol.conn_lost_cb = on_lost
+        session = cls(target, client, lost)
+        try:
+            await session._call(client.wait_hello_from_server(), "connect")
+        except ConnectionLost as exc:
+            raise ConnectionLost(f"cannot connect to {target}: {exc.reason}") from None
+        await session._login(user, master, password, separator)
+        return session
+
+    async def _login(self, user: str, master: str, password: str, separator: str) -> None:
+        proto = self.client.protocol
+        if separator:
+            who = f"{user}{separator}{master}"
+            cmd = aioimaplib.Command("LOGIN", proto.new_tag(), quote(who), quote(password), loop=proto.loop)
+        else:
+            # SASL PLAIN: authorization id = the user, authentication id = the master.
+            who = f"{master} as {user}"
+            blob = base64.b64encode(f"{user}\0{master}\0{password}".encode()).decode()
+            cmd = aioimaplib.Command("AUTHENTICATE", proto.new_tag(), "PLAIN", blob, loop=proto.loop)
+        response = await self._call(proto.execute(cmd, scrub=password), "login")
+        if response.result != "OK":
+            raise ServerRefused(f"login as {who} refused by {self.target}: {_text(response)}")
+        proto.state = aioimaplib.AUTH
+        # Dovecot (and most servers) list the capabilities in the LOGIN reply: no round trip.
+        m = re.search(rb"\[CAPABILITY ([^\]]+)\]", b" ".join(bytes(x) for x in response.lines))
+        if m:
+            proto.capabilities = set(m.group(1).decode("ascii", "replace").split())
+        else:
+            await self._call(proto.capability(), "CAPABILITY")
+
+    async def _call(self, aw: Awaitable[T], what: str, timed: bool = True) -> T:
+        """Run one command; a dead or silent connection becomes ConnectionLost.
+
+        `timed=False` for commands that carry aioimaplib's own timer (APPEND): the hot
+        path then costs no extra task.
+        """
+        if self._lost.is_set():
+            if inspect.iscoroutine(aw):
+                aw.close()
+            raise ConnectionLost(f"{what}: connection closed ({self.target})")
+        try:
+            if timed:
+                return await asyncio.wait_for(aw, self.target.timeout)
+            return await aw
+        except ConnectionLost:
+            raise ConnectionLost(f"{what}: connection closed ({self.target})") from None
+        except (aioimaplib.CommandTimeout, asyncio.TimeoutError):
+            raise ConnectionLost(f"{what}: timed out ({self.target})") from None
+        except (aioimaplib.Abort, aioimaplib.Error, OSError) as exc:
+            raise ConnectionLost(f"{what}: {exc} ({self.target})") from None
+
+    def has(self, capability: str) -> bool:
+        return capability.upper() in {c.upper() for c in self.client.protocol.capabilities}
+
+    async def folders(self) -> list[Folder]:
+        pattern = '"*" RETURN (SPECIAL-USE)' if self.has("SPECIAL-USE") else '"*"'
+        response = await self._call(self.client.list('""', pattern), "LIST")
+        if response.result != "OK":
+            raise ServerRefused(f"LIST refused: {_text(response)}")
+        out = []
+        for line in response.lines[:-1]:
+            m = _LIST_LINE.match(bytes(line))
+            if m:
+                attrs = frozenset(a.lower() for a in m.group("attrs").decode().split())
+                out.append(Folder(_unquote(m.group("name")), attrs))
+        return out
+
+    async def create(self, name: str) -> None:
+        response = await self._call(self.client.create(quote(name)), "CREATE")
+        if response.result != "OK" and "ALREADYEXISTS" not in _text(response).upper():
+            raise ServerRefused(f"CREATE {decode_mailbox(name)!r} refused: {_text(response)}")
+
+    async def select(self, name: str, readonly: bool = False) -> int:
+        """SELECT (or EXAMINE) a mailbox; returns its UIDVALIDITY."""
+        if self.selected == name and self.readonly == readonly and self.uidvalidity is not None:
+            return self.uidvalidity
+        proto = self.client.protocol
+        verb = "EXAMINE" if readonly else "SELECT"
+        cmd = aioimaplib.Command(verb, proto.new_tag(), quote(name), loop=proto.loop)
+        response = await self._call(proto.execute(cmd), verb)
+        if response.result != "OK":
+            self.selected = None
+            raise ServerRefused(f"{verb} {decode_mailbox(name)!r} refused: {_text(response)}")
+        proto.state = aioimaplib.SELECTED
+        validity = None
+        for line in response.lines:
+            m = _UIDVALIDITY.search(bytes(line))
+            if m:
+                validity = int(m.group(1))
+        if validity is None:
+            raise ServerRefused(f"{verb} {decode_mailbox(name)!r}: the server sent no UIDVALIDITY")
+        self.selected, self.uidvalidity, self.readonly = name, validity, readonly
+        return validity
+
+    async def append(self, folder: str, raw: bytes, flags: list[str],
+                     ts_ms: int) -> tuple[int | None, int | None]:
+        """APPEND; returns (UIDVALIDITY, UID) from APPENDUID, or (None, None) without UIDPLUS."""
+        when = dt.datetime.fromtimestamp(ts_ms // 1000, dt.UTC)
+        flag_text = "(" + " ".join(imap_flags(flags)) + ")"
+        response = await self._call(
+            self.client.protocol.append(raw, quote(folder), flag_text, when, timeout=self.target.timeout),
+            "APPEND", timed=False)
+        if response.result != "OK":
+            raise ServerRefused(_text(response))
+        for line in response.lines:
+            m = _APPENDUID.search(bytes(line))
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        return None, None
+
+    async def find(self, folder: str, msg_id: str, ts_ms: int) -> list[int]:
+        """UIDs in `folder` whose Received: header carries our unique id (never sender data)."""
+        await self.select(folder, readonly=self.readonly)
+        criteria = ("SINCE", search_date(ts_ms), "HEADER", "Received", quote(msg_id))
+        response = await self._call(self.client.uid_search(*criteria, charset=None), "UID SEARCH")
+        if response.result != "OK":
+            raise ServerRefused(f"UID SEARCH refused: {_text(response)}")
+        uids: list[int] = []
+        # aioimaplib hands over the untagged "* SEARCH 3 7" lines without their "SEARCH".
+        for line in response.lines[:-1]:
+            uids += [int(u) for u in bytes(line).decode("ascii", "replace").split() if u.isdigit()]
+        return uids
+
+    async def store_flags(self, uid: int, add: list[str], remove: list[str]) -> None:
+        for op, flags in (("+FLAGS.SILENT", imap_flags(add)), ("-FLAGS.SILENT", imap_flags(remove))):
+            if not flags:
+                continue
+            response = await self._call(
+                self.client.protocol.store(str(uid), op, "(" + " ".join(flags) + ")", by_uid=True),
+                "UID STORE")
+            if response.result != "OK":
+                raise ServerRefused(f"UID STORE refused: {_text(response)}")
+
+    async def move(self, uid: int, dest: str) -> int | None:
+        """Move one message of the selected folder; returns its new UID when the server says (COPYUID)."""
+        proto = self.client.protocol
+        if self.has("MOVE"):
+            response = await self._call(proto.move(str(uid), quote(dest), by_uid=True), "UID MOVE")
+        else:
+            response = await self._call(proto.copy(str(uid), quote(dest), by_uid=True), "UID COPY")
+            if response.result == "OK":
+                await self.store_flags(uid, ["\\Deleted"], [])
+                if self.has("UIDPLUS"):
+                    await self._call(proto.expunge(str(uid), by_uid=True), "UID EXPUNGE")
+        if response.result != "OK":
+            raise ServerRefused(f"moving to {decode_mailbox(dest)!r} refused: {_text(response)}")
+        for line in response.lines:
+            m = _COPYUID.search(bytes(line))
+            if m:
+                return int(m.group(1))
+        return None
+
+    async def close(self) -> None:
+        """LOGOUT without waiting for the goodbye: nothing we need comes back."""
+        transport = self.client.protocol.transport
+        if transport is not None and not self._lost.is_set():
+            with contextlib.suppress(Exception):
+                transport.write(f"{self.client.protocol.new_tag()} LOGOUT\r\n".encode())
+        if transport is not None:
+            transport.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

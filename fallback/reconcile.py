@@ -1,0 +1,602 @@
+"""Reconcile: put every fallback message into the user's real mailbox, exactly once.
+
+Each message hash carries its reconcile state next to the raw bytes:
+
+    rstate        pending -> appending -> done, or failed (the server said NO)
+    rbox          the main-store mailbox (modified UTF-7) it was / is being appended to
+    rfolder       the fallback folder (INBOX/Sent/Trash) as last synced
+    rflags        the flags as last synced
+    ruidvalidity  UIDVALIDITY and UID from APPENDUID (or COPYUID after a move)
+    ruid
+    rts           when it was synced (ms), rerror: the server's reason for the last failure
+
+`appending` is written (durably) before the APPEND is sent, and `done` after
+the server's OK.  A message still `appending` at the start of a run may or may
+not be in the main store (the last run died, or its connection broke, between
+the two): it is looked up with UID SEARCH HEADER Received <id> -- our own
+unique id, never a sender-controlled string -- and appended only if absent.
+The per-mailbox `pending` set is the work list; an id leaves it only when the
+state recorded equals the message's current folder and flags, checked
+atomically in Redis, so a webmail change made while we worked is kept for the
+next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from fallback import keys
+from fallback.config import Settings
+from fallback.errors import ReconcileError
+from fallback.imap import (
+    ConnectionLost,
+    ImapTarget,
+    ServerRefused,
+    Session,
+    decode_mailbox,
+    encode_mailbox,
+)
+from fallback.maillog import MailLog
+from fallback.store import INBOX, SENT, TRASH
+
+log = logging.getLogger(__name__)
+
+CHUNK = 100                      # messages read and marked per Redis round trip
+RAW_BATCH_BYTES = 8 * 1024 * 1024  # raw bytes fetched from Redis at once
+_META = ("folder", "flags", "ts", "size", "rstate", "rbox", "rfolder", "rflags", "ruidvalidity", "ruid")
+_ROLES = {SENT: "\\sent", TRASH: "\\trash"}
+_NEVER = "\0"  # a folder no message has: "do not take the id off the pending list"
+
+# KEYS: the pending set, then one message hash per entry.  ARGV, per entry: id, synced
+# folder, synced flags, number of fields, field/value pairs.  Writes the state only while
+# the message exists (never a stub hash), and takes the id off the pending list only when
+# its folder and flags are still those just synced.  One call per chunk: the batch is
+# atomic and costs one round trip.
+_RECORD_LUA = """
+local i = 1
+for k = 2, #KEYS do
+  local id, folder, flags, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    if n > 0 then redis.call('HSET', KEYS[k], unpack(ARGV, i, i + 2 * n - 1)) end
+    if folder ~= '\\0' and redis.call('HGET', KEYS[k], 'folder') == folder
+       and (redis.call('HGET', KEYS[k], 'flags') or '') == flags then
+      redis.call('SREM', KEYS[1], id)
+    end
+  end
+  i = i + 2 * n
+end
+return 0
+"""
+# Puts a message marked `appending` but never sent back to `pending`.
+_UNMARK_LUA = """
+if redis.call('HGET', KEYS[1], 'rstate') == 'appending' then
+  redis.call('HSET', KEYS[1], 'rstate', ARGV[1])
+end
+return 0
+"""
+
+
+class ProgressSink(Protocol):
+    def messages(self, n: int) -> None: ...
+
+    def mailbox_done(self, report: MailboxReport) -> None: ...
+
+
+class _NoProgress:
+    def messages(self, n: int) -> None:
+        pass
+
+    def mailbox_done(self, report: MailboxReport) -> None:
+        pass
+
+
+@dataclass
+class Failure:
+    id: str
+    folder: str
+    reason: str
+
+
+@dataclass
+class MailboxReport:
+    address: str
+    appended: int = 0
+    already_present: int = 0
+    updated: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    error: str | None = None
+    left: int = 0
+    would_append: int = 0
+    would_update: int = 0
+    folders_created: list[str] = field(default_factory=list)
+
+    def as_json(self, dry_run: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "appended": self.appended, "already_present": self.already_present,
+            "updated": self.updated,
+            "failed": [{"id": f.id, "folder": f.folder, "reason": f.reason} for f in self.failed],
+            "error": self.error, "left": self.left,
+            ("folders_to_create" if dry_run else "folders_created"): self.folders_created,
+        }
+        if dry_run:
+            out["would_append"] = self.would_append
+            out["would_update"] = self.would_update
+        return out
+
+
+@dataclass
+class Report:
+    dry_run: bool
+    target: str
+    mailboxes: dict[str, MailboxReport] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+
+    def totals(self) -> dict[str, int]:
+        m = self.mailboxes.values()
+        return {
+            "mailboxes": len(self.mailboxes),
+            "appended": sum(x.appended for x in m),
+            "already_present": sum(x.already_present for x in m),
+            "updated": sum(x.updated for x in m),
+            "failed": sum(len(x.failed) for x in m),
+            "mailbox_errors": sum(1 for x in m if x.error),
+            "left": sum(x.left for x in m),
+            "would_append": sum(x.would_append for x in m),
+            "would_update": sum(x.would_update for x in m),
+        }
+
+    @property
+    def ok(self) -> bool:
+        t = self.totals()
+        if self.dry_run:
+            return t["mailbox_errors"] == 0
+        return t["left"] == 0 and t["failed"] == 0 and t["mailbox_errors"] == 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "imap_url": self.target, "dry_run": self.dry_run,
+            "started": self.started, "finished": self.finished,
+            "totals": self.totals(),
+            "mailboxes": {a: r.as_json(self.dry_run) for a, r in sorted(self.mailboxes.items())},
+        }
+
+
+@dataclass
+class _Item:
+    """One message's metadata as read at the start of its chunk."""
+
+    id: str
+    folder: str
+    flags: str
+    ts: int
+    size: int
+    rstate: str
+    rbox: str
+    rfolder: str
+    rflags: str
+    ruidvalidity: int | None
+    ruid: int | None
+
+    @classmethod
+    def parse(cls, msg_id: str, values: Sequence[bytes | None]) -> _Item | None:
+        if values[0] is None:
+            return None  # deleted since it was listed
+        v = [x.decode("utf-8", "replace") if x is not None else "" for x in values]
+        return cls(msg_id, v[0], v[1], int(v[2] or 0), int(v[3] or 0), v[4] or "pending", v[5], v[6],
+                   v[7], int(v[8]) if v[8].isdigit() else None, int(v[9]) if v[9].isdigit() else None)
+
+    @property
+    def flag_list(self) -> list[str]:
+        return self.flags.split()
+
+
+def read_password(path: Any) -> str:
+    """The master password: the file's first line, without its line end."""
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115 - one small read
+    except OSError as exc:
+        raise ReconcileError(f"cannot read the master password file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ReconcileError(f"the master password file {path} is not UTF-8 text") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ReconcileError(f"the master password file {path} is empty")
+    return password
+
+
+class Reconciler:
+    """Runs reconcile for a list of mailboxes, `concurrency` at a time."""
+
+    def __init__(self, settings: Settings, r: aioredis.Redis, password: str, *, dry_run: bool = False,
+                 progress: ProgressSink | None = None, maillog: MailLog | None = None) -> None:
+        if not settings.imap_url:
+            raise ReconcileError("no main store given: use --imap-url imap://HOST:PORT")
+        if not settings.master_user:
+            raise ReconcileError("no master user given: use --master-user NAME")
+        self.settings = settings
+        self.target = ImapTarget.from_url(settings.imap_url, settings.imap_timeout, settings.imap_ca_file)
+        self.r = r
+        self.password = password
+        self.dry_run = dry_run
+        self.progress = progress or _NoProgress()
+        self.maillog = maillog or MailLog()
+        self._record = r.register_script(_RECORD_LUA)
+        self._unmark = r.register_script(_UNMARK_LUA)
+
+    async def _login(self, address: str) -> Session:
+        s = self.settings
+        return await Session.open(self.target, address, s.master_user or "", self.password,
+                                  s.master_separator)
+
+    async def preflight(self, addresses: Sequence[str], tries: int = 3) -> None:
+        """Refuse the whole run, before anything changes, when the master login cannot work.
+
+        A refusal for one user may mean that user is missing from the main store; the
+        same refusal for the first few users means the master user or password is wrong.
+        """
+        errors = []
+        for address in list(addresses)[:tries]:
+            try:
+                session = await self._login(address)
+            except ServerRefused as exc:
+                if "AUTHORIZATIONFAILED" in exc.reason.upper():
+                    return  # the master login worked; this user is just not allowed / missing
+                errors.append(exc.reason)
+                continue
+            except ConnectionLost as exc:
+                raise ReconcileError(f"{exc.reason}; nothing was changed") from None
+            await session.close()
+            return
+        if errors:
+            raise ReconcileError(
+                f"{errors[0]} -- check --master-user and --master-password-file "
+                f"(refused for the first {len(errors)} mailbox(es)); nothing was changed")
+
+    async def run(self, addresses: Sequence[str]) -> Report:
+        report = Report(self.dry_run, str(self.target))
+        await self.preflight(addresses)
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for a in addresses:
+            queue.put_nowait(a)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    address = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result = await self.mailbox(address)
+                report.mailboxes[address] = result
+                self.progress.mailbox_done(result)
+
+        workers = max(1, min(self.settings.reconcile_concurrency, len(addresses)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        report.finished = time.time()
+        return report
+
+    async def mailbox(self, address: str) -> MailboxReport:
+        """One mailbox, start to end; every failure ends up in the report, never raised."""
+        report = MailboxReport(address)
+        try:
+            ids = sorted(m.decode() if isinstance(m, bytes) else m
+                         for m in await self.r.smembers(keys.pending(address)))
+            report.left = len(ids)
+            if not ids:
+                return report
+            try:
+                session = await self._login(address)
+            except ReconcileError as exc:
+                report.error = exc.reason
+                self.progress.messages(len(ids))
+                return report
+            session.readonly = self.dry_run   # EXAMINE, never SELECT: nothing changes
+            job = _MailboxJob(self, session, address, report)
+            try:
+                for start in range(0, len(ids), CHUNK):
+                    await job.chunk(ids[start : start + CHUNK])
+            finally:
+                await asyncio.gather(job.settle(), session.close())
+        except ReconcileError as exc:
+            report.error = exc.reason
+        except Exception as exc:  # one mailbox's surprise never stops the others
+            log.exception("reconcile of %s failed", address)
+            report.error = f"internal error: {type(exc).__name__}: {exc}"
+        if not self.dry_run:
+            with contextlib.suppress(Exception):
+                report.left = int(await self.r.scard(keys.pending(address)))
+        if report.error:
+            self.maillog.event("failed", rcpt=address, stage="reconcile", reason=report.error)
+        return report
+
+
+class _MailboxJob:
+    """The state of one mailbox's run: its session, folder names and pending outcomes."""
+
+    def __init__(self, rec: Reconciler, session: Session, address: str, report: MailboxReport) -> None:
+        self.rec = rec
+        self.s = session
+        self.address = address
+        self.report = report
+        self.boxes: dict[str, str] = {INBOX: "INBOX"}
+        self.existing: set[str] = set()
+        self.resolved = False
+        self.outcomes: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.writing: asyncio.Future[None] | None = None
+
+    # -- folders --------------------------------------------------------------------------
+
+    async def resolve_folders(self) -> None:
+        """Sent/Trash: the server's SPECIAL-USE mailboxes, else the configured names.
+
+        Done on the first need only: a mailbox with nothing but INBOX mail costs no LIST.
+        """
+        self.resolved = True
+        folders = await self.s.folders()
+        self.existing = {f.name for f in folders}
+        for folder, role in _ROLES.items():
+            found = next((f.name for f in folders if role in f.attributes), None)
+            configured = (self.rec.settings.reconcile_sent_folder if folder == SENT
+                          else self.rec.settings.reconcile_trash_folder)
+            self.boxes[folder] = found or encode_mailbox(configured)
+
+    async def box(self, folder: str) -> str:
+        """The main-store mailbox of a fallback folder, created on first use."""
+        if folder != INBOX and not self.resolved:
+            await self.resolve_folders()
+        name = self.boxes.get(folder, "INBOX")
+        if name.upper() != "INBOX" and name not in self.existing:
+            self.report.folders_created.append(decode_mailbox(name))
+            if not self.rec.dry_run:
+                await self.s.create(name)
+            self.existing.add(name)
+        return name
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    async def chunk(self, ids: list[str]) -> None:
+        r = self.rec.r
+        pipe = r.pipeline(transaction=False)
+        for msg_id in ids:
+            pipe.hmget(keys.message(self.address, msg_id), list(_META))
+        items: list[_Item] = []
+        for msg_id, values in zip(ids, await pipe.execute(), strict=True):
+            item = _Item.parse(msg_id, values)
+            if item is None:
+                if not self.rec.dry_run:
+                    await r.srem(keys.pending(self.address), msg_id)
+            else:
+                items.append(item)
+
+        to_append: list[_Item] = []
+        to_update: list[_Item] = []
+        for item in items:
+            if item.rstate == "appending":
+                if await self._recover(item):
+                    to_update.append(item)
+                else:
+                    to_append.append(item)
+            elif item.rstate == "done":
+                to_update.append(item)
+            else:
+                to_append.append(item)
+
+        if self.rec.dry_run:
+            self.report.would_append += len(to_append)
+            for item in to_update:
+                if await self._changed(item):
+                    self.report.would_update += 1
+            for item in to_append:
+                await self.box(item.folder)
+            self.rec.progress.messages(len(items))
+            return
+
+        try:
+            await self._append_all(to_append)
+            for item in to_update:
+                await self._update(item)
+        finally:
+            await self._flush()
+
+    async def _recover(self, item: _Item) -> bool:
+        """A message left `appending`: is it already in the main store?  True when found."""
+        box = item.rbox or await self.box(item.folder)
+        if box.upper() != "INBOX" and not self.resolved:
+            await self.resolve_folders()
+        if box not in self.existing and box.upper() != "INBOX":
+            return False
+        uids = await self.s.find(box, item.id, item.ts)
+        if not uids:
+            return False
+        if len(uids) > 1:
+            log.warning("%s: id %s found %d times in %s", self.address, item.id, len(uids), box)
+        self.report.already_present += 1
+        # What was appended: the box and flags written with the `appending` mark.
+        item.rstate, item.rbox, item.ruidvalidity, item.ruid = "done", box, self.s.uidvalidity, uids[0]
+        item.rfolder = item.rfolder or item.folder
+        self.maillog.event("reconciled", id=item.id, rcpt=self.address, outcome="already-present",
+                           box=decode_mailbox(box))
+        return True
+
+    @property
+    def maillog(self) -> MailLog:
+        return self.rec.maillog
+
+    async def _changed(self, item: _Item) -> bool:
+        if item.rfolder != item.folder or set(item.rflags.split()) != set(item.flag_list):
+            return True
+        return item.rbox != await self.box(item.folder)
+
+    def _done(self, item: _Item) -> None:
+        """Queue the `done` record of what the main store now holds for this message."""
+        self.outcomes.append((item.id, item.rfolder, item.rflags, {
+            "rstate": "done", "rbox": item.rbox, "rfolder": item.rfolder, "rflags": item.rflags,
+            "ruidvalidity": "" if item.ruidvalidity is None else item.ruidvalidity,
+            "ruid": "" if item.ruid is None else item.ruid,
+            "rts": int(time.time() * 1000), "rerror": "",
+        }))
+
+    def _fail(self, item: _Item, reason: str, state: str) -> None:
+        self.report.failed.append(Failure(item.id, item.folder, reason))
+        self.outcomes.append((item.id, _NEVER, "", {"rstate": state, "rerror": reason}))
+        self.maillog.event("failed", id=item.id, rcpt=self.address, stage="reconcile", reason=reason)
+
+    async def _flush(self) -> None:
+        """Write the chunk's outcomes in the background while the next chunk goes on.
+
+        Safe to overlap: until it lands, those messages read as `appending`, which a
+        later run resolves by looking them up.
+        """
+        await self.settle()
+        if self.outcomes:
+            self.writing = asyncio.ensure_future(self._write(self.outcomes))
+            self.outcomes = []
+
+    async def settle(self) -> None:
+        """Wait for the background write; also writes anything still queued."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            await writing
+        if self.outcomes:
+            outcomes, self.outcomes = self.outcomes, []
+            await self._write(outcomes)
+
+    async def _write(self, entries: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """Record states of many messages in one atomic script call (see _RECORD_LUA)."""
+        keys_: list[str] = [keys.pending(self.address)]
+        args: list[Any] = []
+        for msg_id, folder, flags, fields in entries:
+            keys_.append(keys.message(self.address, msg_id))
+            args += [msg_id, folder, flags, len(fields)]
+            for k, v in fields.items():
+                args += [k, v]
+        await self.rec._record(keys=keys_, args=args)
+
+    # -- APPEND ------------------------------------------------------------------------------
+
+    async def _append_all(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        # Durable `appending` marks (with the box and flags about to be written) before any APPEND.
+        marks = []
+        for item in items:
+            item.rbox = await self.box(item.folder)
+            item.rfolder, item.rflags = item.folder, item.flags
+            marks.append((item.id, _NEVER, "", {"rstate": "appending", "rbox": item.rbox,
+                                                 "rfolder": item.rfolder, "rflags": item.rflags}))
+        await self._write(marks)
+        attempted = 0
+        try:
+            for batch in _size_batches(items, RAW_BATCH_BYTES):
+                pipe = self.rec.r.pipeline(transaction=False)
+                for item in batch:
+                    pipe.hget(keys.message(self.address, item.id), "raw")
+                raws = await pipe.execute()
+                for item, raw in zip(batch, raws, strict=True):
+                    attempted += 1
+                    if raw is None:
+                        continue  # deleted meanwhile: the record script drops it from pending
+                    await self._append(item, raw)
+        except ConnectionLost:
+            # Sent-but-unanswered stays `appending` (looked up next run); never-sent goes back.
+            pipe = self.rec.r.pipeline(transaction=False)
+            for item in items[attempted:]:
+                await self.rec._unmark(keys=[keys.message(self.address, item.id)], args=["pending"],
+                                       client=pipe)
+            await pipe.execute()
+            raise
+
+    async def _append(self, item: _Item, raw: bytes) -> None:
+        try:
+            validity, uid = await self.s.append(item.rbox, raw, item.flag_list, item.ts)
+        except ServerRefused as exc:
+            self._fail(item, exc.reason, "failed")
+            self.rec.progress.messages(1)
+            return
+        except ConnectionLost as exc:
+            reason = (f"connection lost during APPEND ({exc.reason}): outcome unknown, the next run "
+                      "looks it up by id before appending again")
+            self.report.failed.append(Failure(item.id, item.folder, reason))
+            self.outcomes.append((item.id, _NEVER, "", {"rerror": reason}))
+            raise
+        item.rstate, item.ruidvalidity, item.ruid = "done", validity, uid
+        self.report.appended += 1
+        self._done(item)
+        self.maillog.event("reconciled", id=item.id, rcpt=self.address, outcome="appended",
+                           box=decode_mailbox(item.rbox), uid=uid)
+        self.rec.progress.messages(1)
+
+    # -- changes after a message was reconciled ------------------------------------------------
+
+    async def _update(self, item: _Item) -> None:
+        if not await self._changed(item):
+            self._done(item)   # nothing to do: takes the id off the pending list
+            self.rec.progress.messages(1)
+            return
+        target = await self.box(item.folder)
+        try:
+            uid = await self._locate(item)
+            if uid is None:
+                # Gone from where we put it (mailbox re-created, restored from a backup):
+                # the fallback copy is the only one left, so it goes in again.
+                await self._append_all([item])
+                return
+            if item.rbox != target:
+                new_uid = await self.s.move(uid, target)
+                item.rbox = target
+                uid = new_uid
+                validity = await self.s.select(target)
+                if uid is None:
+                    found = await self.s.find(target, item.id, item.ts)
+                    uid = found[0] if found else None
+                item.ruidvalidity, item.ruid = validity, uid
+            add = [f for f in item.flag_list if f not in item.rflags.split()]
+            remove = [f for f in item.rflags.split() if f not in item.flag_list]
+            if uid is not None and (add or remove):
+                await self.s.select(item.rbox)
+                await self.s.store_flags(uid, add, remove)
+        except ServerRefused as exc:
+            self._fail(item, exc.reason, "done")
+            self.rec.progress.messages(1)
+            return
+        item.rfolder, item.rflags = item.folder, item.flags
+        self.report.updated += 1
+        self._done(item)
+        self.maillog.event("reconciled", id=item.id, rcpt=self.address, outcome="updated",
+                           box=decode_mailbox(item.rbox), uid=item.ruid)
+        self.rec.progress.messages(1)
+
+    async def _locate(self, item: _Item) -> int | None:
+        """The message's UID in rbox: the recorded one while UIDVALIDITY holds, else by id."""
+        validity = await self.s.select(item.rbox)
+        if item.ruid is not None and item.ruidvalidity == validity:
+            return item.ruid
+        found = await self.s.find(item.rbox, item.id, item.ts)
+        if not found:
+            return None
+        item.ruidvalidity, item.ruid = validity, found[0]
+        return found[0]
+
+
+def _size_batches(items: Iterable[_Item], limit: int) -> Iterable[list[_Item]]:
+    batch: list[_Item] = []
+    size = 0
+    for item in items:
+        if batch and size + item.size > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item.size
+    if batch:
+        yield batch

@@ -1,0 +1,385 @@
+"""The outbound worker: drains the outbound queue into the smarthost, reliably.
+
+How work moves (every step is atomic in Redis; see docs/outbound.md):
+
+* Taking: XREADGROUP on the shard streams moves an entry into the group's
+  pending list (in flight) under this worker's consumer name.
+* Owning: before touching the smarthost the worker takes the message's lease
+  (SET NX with a TTL, refreshed while it works), so two workers never deliver
+  one message at the same time, even if its entry was duplicated or reclaimed.
+* Recording: each attempt's per-recipient outcome, and the failure notice for
+  recipients that failed, are one MULTI/EXEC on the sender's keys.  Only then
+  is the entry acknowledged (and, if recipients remain, the message put in
+  the shard's retry zset in the same MULTI as the XACK).
+* Reclaiming: entries idle in a dead worker's pending list longer than
+  claim_timeout are taken over with XAUTOCLAIM and continued.
+* Poison: the record counts attempts that started but never finished; past
+  max_crashes the message is parked in the shard's dead-letter zset.
+* Retrying: due members of the retry zsets go back onto their stream (Lua,
+  one shard at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from fallback import dsn, ids, keys, outbound
+from fallback.config import Settings
+from fallback.dkim import Signer
+from fallback.errors import FallbackError
+from fallback.maillog import MailLog
+from fallback.outbound import DEFERRED, DELIVERED, FAILED, Record
+from fallback.smarthost import Reply, Smarthost
+
+log = logging.getLogger(__name__)
+
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  local tab = string.find(m, '\\t', 1, true)
+  redis.call('XADD', KEYS[2], '*', 'a', string.sub(m, tab + 1), 'id', string.sub(m, 1, tab - 1))
+  redis.call('ZREM', KEYS[1], m)
+end
+return #due
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+READ_BLOCK_MS = 1000
+PROMOTE_BATCH = 500
+STOP_GRACE = 10.0
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def consumer_name(hostname: str) -> str:
+    """Unique per process: a restarted worker must not inherit a dead one's pending list by name."""
+    return f"{hostname}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """One worker process's delivery loop; start() launches tasks, stop() ends them."""
+
+    def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None,
+                 consumer: str | None = None) -> None:
+        self.s = settings
+        self.r = r
+        self.hostname = hostname or settings.hostname or socket.gethostname()
+        self.consumer = consumer or consumer_name(self.hostname)
+        self.smarthost = Smarthost.from_settings(settings, self.hostname)
+        self.signer = (Signer(settings.dkim_selector, settings.dkim_key_dir)
+                       if settings.dkim_selector and settings.dkim_key_dir else None)
+        self.mail = MailLog()
+        # One slot per delivery under way: entries are taken only when a slot is free,
+        # so nothing taken sits idle in this process while others could deliver it.
+        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.busy: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.streams = [keys.outbound_stream_n(n) for n in range(keys.OUTBOUND_SHARDS)]
+        self.tick = max(0.05, min(1.0, settings.retry_base / 4))
+        self.claim_tick = max(0.05, min(5.0, settings.claim_timeout / 4))
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> str:
+        await self.ensure_groups()
+        self.tasks = [asyncio.create_task(self._reader(), name="outbound-reader"),
+                      asyncio.create_task(self._scheduler(), name="outbound-scheduler")]
+        for task in self.tasks:
+            task.add_done_callback(_report_crash)
+        dkim = f", DKIM selector {self.s.dkim_selector}" if self.signer else ""
+        return (f"outbound worker {self.consumer} -> smarthost {self.smarthost.name} "
+                f"({self.s.smarthost_tls}{dkim}), {self.s.worker_concurrency} at a time")
+
+    async def stop(self) -> None:
+        """Stop taking work; let deliveries under way finish (bounded), then cancel.
+
+        Entries taken but not finished stay in the pending list and are
+        reclaimed by a worker after claim_timeout: a stop never loses work.
+        """
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.busy:
+            await asyncio.wait(self.busy, timeout=STOP_GRACE)
+        for task in self.busy:
+            task.cancel()
+        await asyncio.gather(*self.busy, return_exceptions=True)
+
+    async def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.r.xgroup_create(stream, keys.OUTBOUND_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # --- the loops -----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        """Takes work whenever a delivery slot is free: first entries a silent worker held
+        longer than claim_timeout (XAUTOCLAIM, at most every claim_tick), else new ones
+        (one XREADGROUP over every shard, blocking briefly).  One loop, so the two never
+        compete for the slots."""
+        last_sweep = 0.0
+        while True:
+            await self.slots.acquire()
+            try:
+                entries: list[tuple[str, str, dict[Any, Any]]] = []
+                if time.monotonic() - last_sweep >= self.claim_tick:
+                    last_sweep = time.monotonic()
+                    entries = await self._reclaim_one()
+                if not entries:
+                    reply = await self.r.xreadgroup(
+                        keys.OUTBOUND_GROUP, self.consumer, dict.fromkeys(self.streams, ">"),
+                        count=1, block=min(READ_BLOCK_MS, int(self.claim_tick * 1000)))
+                    entries = [(_text(stream), _text(entry_id), fields)
+                               for stream, batch in _stream_pairs(reply) for entry_id, fields in batch]
+            except (RedisError, OSError) as exc:
+                self.slots.release()
+                log.warning("outbound: reading the queue failed: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            if not entries:
+                self.slots.release()
+            for n, entry in enumerate(entries):
+                if n:  # one entry per shard may come back: each needs its own slot
+                    await self.slots.acquire()
+                self._spawn(*entry)
+
+    async def _reclaim_one(self) -> list[tuple[str, str, dict[Any, Any]]]:
+        min_idle = int(self.s.claim_timeout * 1000)
+        for stream in self.streams:
+            result = await self.r.xautoclaim(stream, keys.OUTBOUND_GROUP, self.consumer,
+                                             min_idle, start_id="0-0", count=1)
+            claimed = [(stream, _text(e), f) for e, f in result[1] if f]  # None: deleted meanwhile
+            if claimed:
+                log.info("outbound: reclaimed %s %s", stream, claimed[0][1])
+                return claimed
+        return []
+
+    async def _scheduler(self) -> None:
+        """Retries that are due go back onto their stream."""
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                now = time.time()
+                for n in range(keys.OUTBOUND_SHARDS):
+                    await self.r.eval(_PROMOTE, 2, keys.outbound_retry_n(n),
+                                      keys.outbound_stream_n(n), now, PROMOTE_BATCH)
+            except (RedisError, OSError) as exc:
+                log.warning("outbound: scheduling retries failed: %s", exc)
+
+    def _spawn(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        """Deliver one entry in its own task; the slot taken for it is given back at the end."""
+        task = asyncio.create_task(self._deliver(stream, entry_id, fields))
+        self.busy.add(task)
+        task.add_done_callback(self.busy.discard)
+
+    async def _deliver(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            await self.handle(stream, entry_id, fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left in flight on purpose: reclaimed after claim_timeout, and
+            # parked as poison once it has failed max_crashes times.
+            log.exception("outbound: entry %s of %s failed; it will be retried", entry_id, stream)
+        finally:
+            self.slots.release()
+
+    # --- one message ---------------------------------------------------------------------
+
+    async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        sender, msg_id = f.get("a", ""), f.get("id", "")
+        if not sender or not msg_id:
+            log.error("outbound: malformed entry %s in %s: %r; parking it", entry_id, stream, f)
+            await self._park(stream, entry_id, msg_id or entry_id, sender or "?", "malformed queue entry")
+            return
+        lease = keys.outbound_lease(sender, msg_id)
+        token = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
+        ttl = int(self.s.claim_timeout * 1000)
+        if not await self.r.set(lease, token, nx=True, px=ttl):
+            # Another worker has it right now (a duplicate entry): look again later.
+            await self._ack(stream, entry_id, sender, msg_id, time.time() + self.s.claim_timeout)
+            return
+        beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token))
+        try:
+            await self._attempt(stream, entry_id, sender, msg_id)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            with contextlib.suppress(RedisError, OSError):
+                await self.r.eval(_RELEASE, 1, lease, token)
+
+    async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str) -> None:
+        """Keep the lease and reset the entry's idle time while a slow delivery runs."""
+        ttl = int(self.s.claim_timeout * 1000)
+        while True:
+            await asyncio.sleep(self.s.claim_timeout / 3)
+            try:
+                await self.r.eval(_REFRESH, 1, lease, token, ttl)
+                await self.r.xclaim(stream, keys.OUTBOUND_GROUP, self.consumer, 0, [entry_id],
+                                    justid=True)
+            except (RedisError, OSError) as exc:
+                log.warning("outbound: heartbeat for %s failed: %s", entry_id, exc)
+
+    async def _attempt(self, stream: str, entry_id: str, sender: str, msg_id: str) -> None:
+        rec_key = keys.outbound_record(sender, msg_id)
+        if not await self.r.exists(rec_key):
+            # Deleted by the operator, or never fully submitted: nothing to deliver.
+            await self._ack(stream, entry_id, sender, msg_id, None)
+            return
+        runs = int(await self.r.hincrby(rec_key, "runs", 1))
+        if runs > self.s.max_crashes:
+            await self._park(stream, entry_id, msg_id, sender,
+                             f"taken up {runs - 1} times without finishing (crash or error)")
+            return
+        rec = outbound.parse_record(msg_id, await self.r.hgetall(rec_key))
+        now = time.time()
+        deadline = rec.created + self.s.retry_deadline
+        updates: dict[str, dict[str, Any]] = {}
+        failed: list[str] = []
+        for address in rec.pending():
+            if now >= deadline:
+                st = rec.rcpts[address]
+                reply = st.get("reply") or "no attempt was made"
+                updates[address] = {**st, "state": FAILED, "next": 0, "status": "4.4.7",
+                                    "reply": f"gave up after {_span(self.s.retry_deadline)}: {reply}"}
+                failed.append(address)
+        due = [a for a in rec.pending() if a not in updates
+               and float(rec.rcpts[a].get("next") or 0) <= now + 0.001]
+        if due:
+            raw: Any = await self.r.hget(keys.message(sender, msg_id), "raw")
+            if raw is None:
+                replies = {a: Reply(554, "554 5.3.0 the message was removed before it could be sent")
+                           for a in due}
+            else:
+                replies = await self._send(rec, due, raw)
+            now = time.time()
+            for address, reply in replies.items():
+                st = rec.rcpts[address]
+                attempts = int(st.get("attempts", 0)) + 1
+                new = {**st, "attempts": attempts, "reply": reply.text, "code": reply.code, "last": now}
+                if reply.accepted:
+                    new.update(state=DELIVERED, next=0)
+                    self.mail.event("sent", id=msg_id, sender=sender, rcpt=address,
+                                    relay=self.smarthost.name, reply=reply.text)
+                elif reply.permanent:
+                    new.update(state=FAILED, next=0)
+                    failed.append(address)
+                    self.mail.event("bounced", id=msg_id, sender=sender, rcpt=address, reply=reply.text)
+                else:
+                    delay = outbound.backoff(attempts, self.s.retry_base, self.s.retry_max_interval)
+                    new.update(state=DEFERRED, next=min(now + delay, deadline))
+                    self.mail.event("deferred", id=msg_id, sender=sender, rcpt=address,
+                                    attempts=attempts, retry_in=round(new["next"] - now, 1),
+                                    reply=reply.text)
+                updates[address] = new
+        notice = None
+        if failed:
+            rec.rcpts.update(updates)
+            raw_for_notice: Any = await self.r.hget(keys.message(sender, msg_id), "raw") or b""
+            notice = (ids.new_id(), dsn.build(self.hostname, rec, failed, raw_for_notice,
+                                              self.smarthost.name, now))
+        async with self.r.pipeline(transaction=True) as pipe:
+            finished = outbound.queue_outcome(pipe, rec, updates, now, notice)
+            await pipe.execute()
+        if notice is not None:
+            self.mail.event("failed", id=msg_id, sender=sender, rcpts=",".join(failed),
+                            notice=notice[0])
+        await self._ack(stream, entry_id, sender, msg_id, None if finished else rec.next_due())
+
+    async def _send(self, rec: Record, due: list[str], raw: bytes) -> dict[str, Reply]:
+        payload = outbound.ensure_headers(raw, rec.sender, rec.msg_id, rec.created)
+        if self.signer is not None:
+            try:
+                payload = self.signer.sign(payload, rec.sender)
+            except FallbackError as exc:
+                log.error("outbound: %s", exc)
+                return {a: Reply(0, f"local problem: {exc}") for a in due}
+        return await self.smarthost.send(rec.sender, due, payload)
+
+    async def _ack(self, stream: str, entry_id: str, sender: str, msg_id: str,
+                   retry_at: float | None) -> None:
+        """Finish with an entry: acknowledged, deleted, and if due again, scheduled."""
+        n = _shard_of(stream)
+        async with self.r.pipeline(transaction=True) as pipe:
+            if retry_at is not None:
+                pipe.zadd(keys.outbound_retry_n(n), {outbound.member(msg_id, sender): retry_at})
+            pipe.xack(stream, keys.OUTBOUND_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def _park(self, stream: str, entry_id: str, msg_id: str, sender: str, reason: str) -> None:
+        """Dead letter: kept for the operator (`fallback queue list`), never dropped."""
+        now = time.time()
+        rec_key = keys.outbound_record(sender, msg_id)
+        if sender != "?" and await self.r.exists(rec_key):
+            await self.r.hset(rec_key, mapping={"dead": reason, "parked": now})
+        n = _shard_of(stream)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.zadd(keys.outbound_dead_n(n), {outbound.member(msg_id, sender): now})
+            pipe.xack(stream, keys.OUTBOUND_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+        self.mail.event("failed", id=msg_id, sender=sender, reason=f"parked as dead letter: {reason}")
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("outbound: %s stopped: %r", task.get_name(), task.exception(),
+                     exc_info=task.exception())
+
+
+def _stream_pairs(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]:
+    """XREADGROUP's answer as (stream, entries) pairs, for RESP2 (list) and RESP3 (dict) alike."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
+    return [(stream, entries) for stream, entries in reply]
+
+
+def _shard_of(stream: str) -> int:
+    """outq:{q5} -> 5."""
+    return int(stream.rpartition("{q")[2].rstrip("}"))
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} hours"
+    return f"{seconds:g} seconds"
+
+
+async def run(settings: Settings, r: aioredis.Redis, stop: asyncio.Event) -> None:
+    """`fallback worker`: run until `stop` is set."""
+    worker = Worker(settings, r)
+    print(f"fallback: {await worker.start()}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()

@@ -1,0 +1,239 @@
+"""Reconcile under faults: a connection cut mid-APPEND, SIGKILL part-way, and the full SMTP-to-Dovecot flow.
+
+The cut connection comes from a loopback TCP proxy written here and placed in
+front of the real Dovecot: it is the one fault a real server does not produce
+on demand.  Everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fallback import keys, store
+from fallback.cli import main
+from tests.dovecot import DovecotServer, MainStoreView
+from tests.reconcile_helpers import (
+    cli_args,
+    ids_on_disk,
+    message,
+    provision,
+    put,
+    read_report,
+    reconcile_settings,
+    run_engine,
+    state,
+)
+from tests.servers import ROOT, free_port
+
+pytestmark = pytest.mark.dovecot
+ALICE, BOB = "alice@example.com", "bob@example.com"
+
+
+class CuttingProxy:
+    """Loopback proxy to Dovecot that breaks the connection once, at the Nth APPEND.
+
+    mode "literal": forwards only the first bytes of that APPEND's message, then closes
+    (the server stores nothing).  mode "reply": forwards the whole APPEND but swallows the
+    server's OK and closes (the server stored it; the client cannot know).
+    """
+
+    def __init__(self, upstream_port: int, nth: int, mode: str) -> None:
+        self.upstream_port = upstream_port
+        self.nth = nth
+        self.mode = mode
+        self.port = free_port()
+        self.appends = 0
+        self.fired = False
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"imap://127.0.0.1:{self.port}"
+
+    def start(self) -> CuttingProxy:
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop)
+        self.server = fut.result(10)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        armed = asyncio.Event()
+        cut = asyncio.Event()
+
+        async def upstream() -> None:   # client -> Dovecot
+            while not cut.is_set():
+                data = await client_r.read(65536)
+                if not data:
+                    break
+                if armed.is_set() and self.mode == "literal":
+                    up_w.write(data[:100])
+                    await up_w.drain()
+                    await asyncio.sleep(0.2)
+                    cut.set()
+                    break
+                if b" APPEND " in data and not self.fired:
+                    self.appends += 1
+                    if self.appends == self.nth:
+                        self.fired = True
+                        armed.set()
+                up_w.write(data)
+                await up_w.drain()
+
+        async def downstream() -> None:   # Dovecot -> client
+            while not cut.is_set():
+                data = await up_r.read(65536)
+                if not data:
+                    break
+                if armed.is_set() and self.mode == "reply" and b"APPENDUID" in data:
+                    cut.set()   # the OK is swallowed: the message is stored, the client never hears
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            t.cancel()
+        for w in (client_w, up_w):
+            w.close()
+
+
+@pytest.mark.parametrize("mode", ["literal", "reply"])
+def test_connection_dropped_mid_append(r, settings, dovecot, tmp_path: Path, mode: str) -> None:
+    proxy = CuttingProxy(dovecot.port, nth=3, mode=mode).start()
+    try:
+        direct = reconcile_settings(settings, dovecot, tmp_path, reconcile_concurrency=1)
+        via_proxy = replace(direct, imap_url=proxy.url)
+        alice = [put(r, ALICE, raw, i) for i, raw in (message(ALICE, f"m{n}") for n in range(5))]
+        bob = [put(r, BOB, raw, i) for i, raw in (message(BOB, f"b{n}") for n in range(3))]
+
+        report = run_engine(via_proxy, [ALICE, BOB])
+        assert proxy.fired
+        a = report.mailboxes[ALICE]
+        assert not report.ok
+        assert a.appended == 2 and len(a.failed) == 1
+        assert "connection lost during APPEND (APPEND: connection closed" in a.failed[0].reason
+        assert "outcome unknown" in a.failed[0].reason
+        assert a.failed[0].id == alice[2] and a.left == 3
+        assert report.mailboxes[BOB].appended == 3   # the others go on
+        st = state(r, ALICE, alice[2])
+        assert st["rstate"] == "appending" and "outcome unknown" in st["rerror"]
+        assert [state(r, ALICE, i)["rstate"] for i in alice[3:]] == ["pending", "pending"]
+        assert all(r.hget(keys.message(ALICE, i), "raw") for i in alice)   # nothing deleted
+
+        report = run_engine(direct, [ALICE, BOB])
+        assert report.ok, report.as_json()
+        a = report.mailboxes[ALICE]
+        if mode == "reply":    # stored before the cut: found by its id, not appended twice
+            assert (a.already_present, a.appended) == (1, 2)
+        else:                  # never stored: appended now
+            assert (a.already_present, a.appended) == (0, 3)
+        assert Counter(ids_on_disk(dovecot, ALICE)) == Counter(alice)
+        assert Counter(ids_on_disk(dovecot, BOB)) == Counter(bob)
+        assert {state(r, ALICE, i)["rstate"] for i in alice} == {"done"}
+    finally:
+        proxy.stop()
+
+
+def _spawn(settings, report: Path, concurrency: int) -> subprocess.Popen[bytes]:
+    args = cli_args(settings, "--all", "--concurrency", str(concurrency), "--report", str(report))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "fallback", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_sigkill_part_way_then_rerun_delivers_each_message_once(r, settings, dovecot_factory,
+                                                                tmp_path: Path) -> None:
+    users = [f"user{n:02d}@example.com" for n in range(24)]
+    server: DovecotServer = dovecot_factory(users)
+    provision(r, settings, users)
+    s = reconcile_settings(settings, server, tmp_path)
+    expected: dict[str, list[str]] = {u: [] for u in users}
+    body = (b"x" * 76 + b"\r\n") * 50   # about 4 KiB
+    for n in range(25):
+        for u in users:
+            msg_id, raw = message(u, f"message {n}", body=body)
+            folder = store.SENT if n % 10 == 3 else store.INBOX
+            expected[u].append(put(r, u, raw, msg_id, folder=folder, flags=(store.SEEN,) if n % 2 else ()))
+    total = sum(len(v) for v in expected.values())
+    assert total >= 500
+
+    def on_disk() -> int:   # files only, no reading: cheap enough to poll tightly
+        n = 0
+        for u in users:
+            for sub in ("new", "cur", ".Sent Items/new", ".Sent Items/cur"):
+                with contextlib.suppress(FileNotFoundError):
+                    n += len(os.listdir(server.maildirs / u / "Maildir" / sub))
+        return n
+
+    # Two kills, each about 100 messages into its run, then a run to the end.
+    for _ in range(2):
+        threshold = on_disk() + 100
+        proc = _spawn(s, tmp_path / "killed.json", concurrency=2)
+        deadline = time.monotonic() + 120
+        while on_disk() < threshold and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert proc.poll() is None, "reconcile finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        states = Counter(r.hget(keys.message(u, i), "rstate") for u in users for i in expected[u])
+        assert states[b"done"] < total   # killed part-way
+
+    assert on_disk() < total
+    proc = _spawn(s, tmp_path / "final.json", concurrency=4)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()
+    # The kills landed between APPEND and its record: those were found by id, not appended again.
+    assert read_report(tmp_path / "final.json")["totals"]["already_present"] >= 1
+    for u in users:
+        assert Counter(ids_on_disk(server, u)) == Counter(expected[u]), u
+        assert r.scard(keys.pending(u)) == 0
+    assert {r.hget(keys.message(u, i), "rstate") for u in users for i in expected[u]} == {b"done"}
+
+
+def test_full_flow_smtp_flags_reconcile(receiver, r, settings, dovecot, tmp_path: Path, capsys) -> None:
+    raw_in = (b"From: Sender <sender@remote.test>\r\nTo: alice@example.com\r\nSubject: outage mail\r\n"
+              b"Message-ID: <flow@remote.test>\r\n\r\nPlease read me.\r\n")
+    with smtplib.SMTP("127.0.0.1", receiver.port) as client:
+        client.sendmail("sender@remote.test", [ALICE], raw_in)
+    [msg_id] = [i.decode() for i in r.zrange(keys.folder(ALICE, store.INBOX), 0, -1)]
+    stored = r.hget(keys.message(ALICE, msg_id), "raw")
+    assert stored is not None and stored.endswith(raw_in)
+    # Read and flagged in the webmail.
+    assert store.set_flags(r, ALICE, msg_id, add=(store.SEEN, store.FLAGGED))
+
+    s = reconcile_settings(settings, dovecot, tmp_path)
+    rc = main(cli_args(s, "--user", ALICE))
+    assert rc == 0, capsys.readouterr().err
+    view = MainStoreView(dovecot, ALICE)
+    [got] = view.messages("INBOX")
+    view.close()
+    assert got["raw"] == stored
+    assert got["flags"] - {"\\Recent"} == {"\\Seen", "\\Flagged"}
+    assert f"id {msg_id}".encode() in got["raw"]   # the header reconcile searches by

@@ -1,0 +1,83 @@
+"""The webmail: a Flask app built by `create_app(settings)`, served by gunicorn.
+
+Blueprints by concern: `auth` (log in/out), `mailbox` (folders, messages,
+flags), `compose` (new mail, reply, forward), `pages` (/status, /healthz);
+`security` wires sessions, CSRF and response headers around all of them.
+Everything a request needs lives in one `WebState` on the app, made here
+from the settings: no module globals.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+from flask import Flask, current_app
+
+from fallback import directory, passwords
+from fallback.config import Settings, cookie_secure, webmail_secret
+from fallback.redisconn import resolve_url, sync_client
+from web.sessions import SessionStore
+from web.throttle import LoginThrottle
+
+# Room for the form fields around the attachments; bigger requests get 413.
+FORM_OVERHEAD = 2 * 1024 * 1024
+
+
+@dataclass
+class WebState:
+    settings: Settings
+    r: redis.Redis
+    secret: str
+    sessions: SessionStore
+    throttle: LoginThrottle
+    # Password hashing is slow on purpose: a small pool bounds how much CPU a
+    # burst of log-ins can take from people reading their mail.
+    hasher: ThreadPoolExecutor
+    _buckets: int | None = None
+    _dummy: dict[str, str] = field(default_factory=dict)
+
+    def directory(self) -> directory.Directory:
+        if self._buckets is None:
+            self._buckets = directory.ensure_buckets(self.r, self.settings.directory_buckets)
+        return directory.Directory(self.r, self._buckets)
+
+    def dummy_hash(self) -> str:
+        scheme = self.settings.password_scheme
+        if scheme not in self._dummy:
+            self._dummy[scheme] = passwords.dummy_hash(scheme)
+        return self._dummy[scheme]
+
+
+def state() -> WebState:
+    st: WebState = current_app.extensions["fallback"]
+    return st
+
+
+def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
+    """The webmail for these settings; refuses to start without a proper secret key."""
+    secret = webmail_secret(settings)
+    if r is None:
+        r = sync_client(resolve_url(settings))
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=secret,
+        MAX_CONTENT_LENGTH=2 * settings.max_upload_size + FORM_OVERHEAD,
+        MAX_FORM_MEMORY_SIZE=2 * settings.max_upload_size + FORM_OVERHEAD,
+        SESSION_COOKIE_SECURE=cookie_secure(settings),
+        TEMPLATES_AUTO_RELOAD=False,
+    )
+    app.extensions["fallback"] = WebState(
+        settings=settings, r=r, secret=secret,
+        sessions=SessionStore(r, settings.session_idle_timeout),
+        throttle=LoginThrottle(r),
+        hasher=ThreadPoolExecutor(max_workers=2, thread_name_prefix="password"),
+    )
+    from web import auth, compose, filters, mailbox, pages, security
+
+    security.install(app)
+    filters.install(app)
+    for bp in (auth.bp, mailbox.bp, compose.bp, pages.bp):
+        app.register_blueprint(bp)
+    return app

@@ -1,0 +1,207 @@
+"""Folders and messages: the list, one message, its frame, source and attachments, and actions.
+
+Every lookup goes through the logged-in user's own keys (`mbx:{user}:...`),
+so another user's message id simply is not found: 404, never a leak.  Flag
+and folder changes go through store.set_flags / store.move, which also mark
+the message for reconcile.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from typing import Any
+
+from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
+
+from fallback import outbound, store
+from fallback.ids import is_id
+from web import render, state
+from web.auth import login_required
+from web.security import frame_csp, frameable
+
+bp = Blueprint("mailbox", __name__)
+
+PAGE_SIZE = 50
+FOLDER_NAMES = {"inbox": store.INBOX, "sent": store.SENT, "trash": store.TRASH}
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$")
+
+
+def folder_of(name: str) -> str:
+    folder = FOLDER_NAMES.get(name.lower())
+    if folder is None:
+        abort(404)
+    return folder
+
+
+def _raw_or_404(msg_id: str) -> bytes:
+    if not is_id(msg_id):
+        abort(404)
+    raw = store.MailboxReader(state().r, g.user).raw(msg_id)
+    if raw is None:
+        abort(404)
+    return raw
+
+
+def _meta_or_404(msg_id: str) -> dict[str, str]:
+    if not is_id(msg_id):
+        abort(404)
+    meta = store.MailboxReader(state().r, g.user).meta(msg_id)
+    if meta is None:
+        abort(404)
+    return meta
+
+
+def _page() -> int:
+    try:
+        return max(1, min(int(request.args.get("page", "1")), 100000))
+    except ValueError:
+        return 1
+
+
+@bp.get("/")
+@login_required
+def inbox() -> Any:
+    return _folder_view(store.INBOX)
+
+
+@bp.get("/folder/<name>")
+@login_required
+def folder(name: str) -> Any:
+    return _folder_view(folder_of(name))
+
+
+def _folder_view(folder: str) -> Any:
+    r = state().r
+    page = _page()
+    query = request.args.get("q", "").strip()[:200]
+    start = (page - 1) * PAGE_SIZE
+    if query:
+        total, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
+    else:
+        total, rows = store.list_page(r, g.user, folder, start, PAGE_SIZE)
+    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    return render_template(
+        "folder.html", folder=folder, rows=rows, total=total, page=page, pages=pages, query=query,
+        unread=store.unseen_count(r, g.user, store.INBOX), folders=store.FOLDERS,
+    )
+
+
+@bp.get("/message/<msg_id>")
+@login_required
+def message(msg_id: str) -> Any:
+    meta = _meta_or_404(msg_id)
+    raw = _raw_or_404(msg_id)
+    r = state().r
+    flags = meta.get("flags", "").split()
+    if store.SEEN not in flags:
+        store.set_flags(r, g.user, msg_id, add=(store.SEEN,))
+        flags.append(store.SEEN)
+    remote = request.args.get("remote") == "1"
+    shown = render.render(raw, remote=remote)
+    delivery = _delivery_status(msg_id, meta) if meta.get("kind") == "sent" else []
+    return render_template(
+        "message.html", msg_id=msg_id, meta=meta, flags=flags, m=shown, remote=remote,
+        delivery=delivery, folder=meta.get("folder", store.INBOX), sent=request.args.get("sent"),
+        now=time.time(),
+    )
+
+
+def _delivery_status(msg_id: str, meta: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per recipient: delivered here at once, or the outbound queue's state."""
+    rows: list[dict[str, Any]] = [
+        {"rcpt": a, "state": "delivered", "reply": "Delivered to the mailbox here", "next": 0}
+        for a in meta.get("local", "").split()
+    ]
+    for rcpt, status in sorted(outbound.recipient_status(state().r, g.user, msg_id).items()):
+        rows.append({"rcpt": rcpt, **status})
+    return rows
+
+
+@bp.get("/message/<msg_id>/body")
+@login_required
+@frameable
+def body(msg_id: str) -> Any:
+    """The sanitised HTML part, shown in the message page's sandboxed frame."""
+    raw = _raw_or_404(msg_id)
+    remote = request.args.get("remote") == "1"
+    shown = render.render(raw, remote=remote)
+    if shown.html is None:
+        abort(404)
+    response = Response(render_template("frame.html", html=shown.html), mimetype="text/html")
+    response.headers["Content-Security-Policy"] = frame_csp(remote)
+    return response
+
+
+@bp.get("/message/<msg_id>/source")
+@login_required
+def source(msg_id: str) -> Any:
+    raw = _raw_or_404(msg_id)
+    response = Response(raw.decode("utf-8", "replace"), mimetype="text/plain")
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+@bp.get("/message/<msg_id>/part/<int:index>")
+@login_required
+def part(msg_id: str, index: int) -> Any:
+    raw = _raw_or_404(msg_id)
+    found = render.attachment_payload(raw, index)
+    if found is None:
+        abort(404)
+    filename, ctype, data = found
+    mimetype = ctype if _TOKEN.match(ctype) else "application/octet-stream"
+    response = send_file(io.BytesIO(data), mimetype=mimetype, as_attachment=True,
+                         download_name=filename.replace("/", "_").replace("\\", "_") or "attachment")
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+def _back(default: str) -> str:
+    """Where to go after an action: a local path from the form, never another site."""
+    target = request.form.get("next", "")
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return default
+
+
+@bp.post("/message/<msg_id>/flags")
+@login_required
+def flags(msg_id: str) -> Any:
+    if not is_id(msg_id):
+        abort(404)
+    changes = {
+        "read": ((store.SEEN,), ()), "unread": ((), (store.SEEN,)),
+        "flag": ((store.FLAGGED,), ()), "unflag": ((), (store.FLAGGED,)),
+    }
+    action = request.form.get("action", "")
+    if action not in changes:
+        abort(400)
+    add, remove = changes[action]
+    if not store.set_flags(state().r, g.user, msg_id, add=add, remove=remove):
+        abort(404)
+    return redirect(_back(url_for("mailbox.message", msg_id=msg_id)))
+
+
+@bp.post("/message/<msg_id>/delete")
+@login_required
+def delete(msg_id: str) -> Any:
+    meta = _meta_or_404(msg_id)
+    store.move(state().r, g.user, msg_id, store.TRASH)
+    source_folder = meta.get("folder", store.INBOX)
+    return redirect(_back(_folder_url(source_folder)))
+
+
+@bp.post("/message/<msg_id>/restore")
+@login_required
+def restore(msg_id: str) -> Any:
+    meta = _meta_or_404(msg_id)
+    target = store.SENT if meta.get("kind") == "sent" else store.INBOX
+    store.move(state().r, g.user, msg_id, target)
+    return redirect(_back(_folder_url(store.TRASH)))
+
+
+def _folder_url(folder: str) -> str:
+    return url_for("mailbox.inbox") if folder == store.INBOX else url_for(
+        "mailbox.folder", name=folder.lower())

@@ -1,0 +1,155 @@
+"""Request and response rules that hold for every page: session, CSRF, headers, errors.
+
+- Each request loads its session from the cookie (renewing the idle timer).
+- Every POST must carry a CSRF token in its body: the session's token, or on
+  the login form the signed pre-login token.  Query strings are never read
+  for POST parameters.
+- App pages get a fresh CSP nonce, `X-Frame-Options: DENY`,
+  `Referrer-Policy: no-referrer`, `nosniff` and `no-store`.  Only the
+  message frame (views marked with `frameable`) may be framed, by this
+  origin, and it gets its own much stricter CSP.
+- No traceback reaches a user: errors render a plain page, Redis trouble a
+  "try again" page with 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import Flask, Response, g, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from web import state
+from web.sessions import COOKIE, PRE_COOKIE, check_csrf, check_login_token
+
+log = logging.getLogger(__name__)
+
+CSRF_FIELD = "csrf_token"
+LOGIN_ENDPOINT = "auth.login"
+
+
+def app_csp(nonce: str) -> str:
+    return (
+        "default-src 'none'; "
+        f"script-src 'nonce-{nonce}'; "
+        f"style-src 'self' 'nonce-{nonce}'; "
+        "img-src 'self'; "
+        "frame-src 'self'; "
+        "form-action 'self'; "
+        "base-uri 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
+def frame_csp(remote: bool) -> str:
+    """The message frame: no script at all, images only from the message unless asked."""
+    images = "data: http: https:" if remote else "data:"
+    return (
+        "default-src 'none'; "
+        f"img-src {images}; "
+        "style-src 'unsafe-inline'; "
+        "font-src 'none'; "
+        "form-action 'none'; "
+        "base-uri 'none'; "
+        "frame-ancestors 'self'; "
+        "sandbox allow-popups allow-popups-to-escape-sandbox"
+    )
+
+
+def frameable(view: Callable[..., Any]) -> Callable[..., Any]:
+    view.frameable = True  # type: ignore[attr-defined]
+    return view
+
+
+def _load_session() -> None:
+    g.nonce = secrets.token_urlsafe(16)
+    g.session = state().sessions.load(request.cookies.get(COOKIE))
+    g.user = g.session.user if g.session else None
+
+
+def _check_csrf() -> Response | None:
+    if request.method != "POST":
+        return None
+    token = request.form.get(CSRF_FIELD)
+    if request.endpoint == LOGIN_ENDPOINT:
+        ok = check_login_token(state().secret, request.cookies.get(PRE_COOKIE), token)
+    else:
+        ok = check_csrf(g.session, token)
+    if ok:
+        return None
+    if request.endpoint == "auth.logout" and g.session is None:
+        return None  # already logged out (expired): nothing to protect, just go to the login page
+    if request.endpoint == LOGIN_ENDPOINT:
+        return None  # the login view re-renders its form with the error (keeps the address typed)
+    return error_page(400, "This form has expired or did not come from this site. "
+                           "Go back, reload the page and try again.")
+
+
+def _headers(response: Response) -> Response:
+    view = current_view()
+    h = response.headers
+    h["X-Content-Type-Options"] = "nosniff"
+    h["Referrer-Policy"] = "no-referrer"
+    h["Cache-Control"] = "no-store"
+    if getattr(view, "frameable", False):
+        h["X-Frame-Options"] = "SAMEORIGIN"
+        h.setdefault("Content-Security-Policy", frame_csp(False))
+    else:
+        h["X-Frame-Options"] = "DENY"
+        h.setdefault("Content-Security-Policy", app_csp(getattr(g, "nonce", "none")))
+    return response
+
+
+def current_view() -> Any:
+    from flask import current_app
+
+    if request.endpoint is None:
+        return None
+    return current_app.view_functions.get(request.endpoint)
+
+
+def error_page(code: int, text: str) -> Response:
+    response = Response(render_template("error.html", code=code, text=text), status=code)
+    return response
+
+
+def install(app: Flask) -> None:
+    app.before_request(_load_session)
+    app.before_request(_check_csrf)
+    app.after_request(_headers)
+
+    @app.context_processor
+    def _inject() -> dict[str, Any]:
+        session = getattr(g, "session", None)
+        return {"csrf_token": session.csrf if session else "", "csp_nonce": getattr(g, "nonce", ""),
+                "user": getattr(g, "user", None),
+                "incident_message": state().settings.incident_message}
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        if exc.code is not None and exc.code < 400:
+            return exc.get_response()  # routing redirects (a missing trailing slash)
+        texts = {
+            404: "There is nothing here (or it is not yours).",
+            405: "That action is not available here.",
+            413: (f"That is too big to send: attachments may be "
+                  f"{state().settings.max_upload_size // (1024 * 1024)} MiB in total. Nothing was sent; "
+                  "go back to keep your text and attach smaller files."),
+        }
+        code = exc.code or 500
+        return error_page(code, texts.get(code, exc.description or "That did not work."))
+
+    @app.errorhandler(redis.RedisError)
+    def _storage_error(exc: redis.RedisError) -> Response:
+        log.error("webmail: Redis error on %s: %s", request.path, exc)
+        return error_page(503, "The mail store is not answering right now. Nothing was lost; "
+                               "please try again in a minute.")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("webmail: unexpected error on %s", request.path)
+        return error_page(500, "Something went wrong on our side. Please try again.")
