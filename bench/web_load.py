@@ -3,8 +3,11 @@
 A mailbox of 10,000 messages (default) in a fresh redis-server configured like
 the embedded one (AOF, appendfsync always), the webmail served by gunicorn
 exactly as `fallback up` starts it (fallback.webserver.WebComponent, default
-workers and threads), and N concurrent sessions, each a thread with its own
-keep-alive HTTP connection (http.client), at 1, 10 and 50 sessions.
+workers and threads), and N concurrent keep-alive connections, at 1, 10 and
+50, each request carrying one of N logged-in sessions' cookies.  The load
+comes from `wrk` (Debian package; C, so it takes little CPU from the server on
+a small machine) with a Lua script for the cookies and p95; without wrk, from
+Python threads with http.client (`--python`), which cost more CPU.
 
 The baseline, measured in the same run at the same concurrency, is
 `GET /healthz`: the same gunicorn + Flask + Redis round trip with no page
@@ -22,7 +25,9 @@ import argparse
 import http.client
 import json
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,14 +110,59 @@ def run_level(port: int, cookies: list[str], paths: list[str], total: int) -> di
     return {"requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": q[49], "p95_ms": q[94]}
 
 
+WRK_SCRIPT = """
+local cookies = {%s}
+local paths = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", paths[math.random(#paths)], {["Cookie"] = "%s=" .. cookies[(n %% #cookies) + 1]})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def run_level_wrk(port: int, cookies: list[str], paths: list[str], seconds: float,
+                  workdir: Path) -> dict[str, float]:
+    """One cell with wrk: len(cookies) connections for `seconds` (bounded by wrk's -d)."""
+    script = workdir / "web_load.lua"
+    script.write_text(WRK_SCRIPT % (", ".join(f'"{c}"' for c in cookies),
+                                    ", ".join(f'"{p}"' for p in paths), COOKIE))
+    conns = len(cookies)
+    proc = subprocess.run(
+        ["wrk", "-t", str(min(2, conns)), "-c", str(conns), "-d", f"{max(1, round(seconds))}s",
+         "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+    out = proc.stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    requests, duration_us, p50, p95, errors = (int(v) for v in line.split()[1:])
+    if errors:
+        raise SystemExit(f"bench: {errors} failed requests for {paths[0]}:\n{out}")
+    return {"requests": requests, "rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000,
+            "p95_ms": p95 / 1000}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--sessions", default="1,10,50", help="concurrency levels (default 1,10,50)")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per page and level")
+    ap.add_argument("--requests", type=int, default=1000,
+                    help="requests per page and level (--python only)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per page and level (wrk)")
+    ap.add_argument("--python", action="store_true", help="Python threads instead of wrk")
+    ap.add_argument("--web-workers", type=int, help="override the default gunicorn workers")
+    ap.add_argument("--web-threads", type=int, help="override the default threads per worker")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
+    use_wrk = not args.python and shutil.which("wrk") is not None
 
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
@@ -125,6 +175,10 @@ def main() -> int:
             settings = replace(load_settings({"redis_url": server.url, "data_dir": tmp}, env={}),
                                secret_key=SECRET, cookie_secure=False, http_port=free_port(),
                                log_level="WARNING")
+            if args.web_workers:
+                settings = replace(settings, web_workers=args.web_workers)
+            if args.web_threads:
+                settings = replace(settings, web_threads=args.web_threads)
             component = WebComponent(settings, server.url)
             print(component.start_sync())
             sessions = SessionStore(r, settings.session_idle_timeout)
@@ -139,11 +193,17 @@ def main() -> int:
             results: dict[str, dict[str, dict[str, float]]] = {}
             for level in levels:
                 for name, paths in pages.items():
-                    results.setdefault(name, {})[str(level)] = run_level(
-                        component.port, cookies[:level], paths, args.requests)
+                    if use_wrk:
+                        cell = run_level_wrk(component.port, cookies[:level], paths, args.seconds,
+                                             Path(tmp))
+                    else:
+                        cell = run_level(component.port, cookies[:level], paths, args.requests)
+                    results.setdefault(name, {})[str(level)] = cell
 
             print(f"\nwebmail, {len(ids)}-message mailbox, gunicorn {settings.web_workers} workers x "
-                  f"{settings.web_threads} threads, {args.requests} requests per cell")
+                  f"{settings.web_threads} threads, load from "
+                  + (f"wrk, {args.seconds:.0f}s per cell" if use_wrk
+                     else f"Python threads, {args.requests} requests per cell"))
             print(f"{'page':<20}{'sessions':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p95 / baseline':>16}")
             for name, by_level in results.items():
                 for level, m in by_level.items():

@@ -20,6 +20,7 @@ if [ "$mode" = test ]; then
   want chromium
   want bind9
   want bind9-dnsutils
+  want wrk  # HTTP load generator of bench/web_load.py
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then

@@ -85,4 +85,5 @@ def record(r: redis.Redis | None, entry: Entry, audit_file: Path | None = None) 
 
 def recent(r: redis.Redis, count: int = 20) -> list[Entry]:
     """The newest entries, newest first."""
-    return [Entry.from_fields(fields) for _id, fields in r.xrevrange(keys.AUDIT_STREAM, count=count)]
+    entries: Any = r.xrevrange(keys.AUDIT_STREAM, count=count)
+    return [Entry.from_fields(fields) for _id, fields in entries or []]

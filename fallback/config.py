@@ -75,7 +75,7 @@ class Settings:
         "Our main mail system is down. We are working on it.",
         "Operator's message on the public /status page and the login page")
     web_workers: int = setting(2, "gunicorn worker processes of the webmail")
-    web_threads: int = setting(8, "Threads per gunicorn worker (concurrent requests each)")
+    web_threads: int = setting(4, "Threads per gunicorn worker (concurrent requests each)")
     # Directory and passwords.
     directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
     password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")
@@ -452,3 +452,16 @@ def validate_operations(s: Settings) -> None:
         p = getattr(s, name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{name}: {p} is not a readable file")
+
+
+def admin_token(s: Settings) -> str | None:
+    """The admin API's bearer token from admin_token or admin_token_file; None: the API is off."""
+    value = s.admin_token
+    if value is None and s.admin_token_file is not None:
+        try:
+            value = Path(s.admin_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"admin_token_file: cannot read {s.admin_token_file}: {exc}") from None
+    if value is not None and len(value) < 16:
+        raise ConfigError(f"admin_token: too short ({len(value)} characters, need 16)")
+    return value or None

@@ -127,7 +127,7 @@ class Directory:
     def put_many(self, mailboxes: Iterable[tuple[Mailbox, Mailbox | None]]) -> None:
         """Write (new, old) pairs: one HSET per bucket, the per-domain and per-mailstore
         counts summed first (one HINCRBY per name, not per mailbox)."""
-        records: dict[str, dict[str, str]] = {}
+        records: dict[str, dict[Any, Any]] = {}
         domains: Counter[str] = Counter()
         stores: Counter[str] = Counter()
         for new, old in mailboxes:

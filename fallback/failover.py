@@ -161,7 +161,8 @@ def start(r: redis.Redis, mailstores: Iterable[str] | None, now: float | None = 
             pipe.hset(keys.FAILOVER_SCOPE, mapping={"mode": ALL, "since": now})
             pipe.execute()
         return read(r)
-    return Scope.parse(r.eval(_START_LISTED, 1, keys.FAILOVER_SCOPE, now, *mailstores))  # type: ignore[arg-type]
+    reply: Any = r.eval(_START_LISTED, 1, keys.FAILOVER_SCOPE, now, *mailstores)
+    return Scope.parse(reply)
 
 
 def stop(r: redis.Redis, mailstores: Iterable[str] | None, known: Iterable[str] = (),
@@ -179,8 +180,8 @@ def stop(r: redis.Redis, mailstores: Iterable[str] | None, known: Iterable[str] 
             pipe.execute()
         return read(r)
     names = list(mailstores)
-    reply = r.eval(_STOP_LISTED, 1, keys.FAILOVER_SCOPE, now, len(names), *names, *known)  # type: ignore[arg-type]
-    return Scope.parse(reply)  # type: ignore[arg-type]
+    reply: Any = r.eval(_STOP_LISTED, 1, keys.FAILOVER_SCOPE, now, len(names), *names, *known)
+    return Scope.parse(reply)
 
 
 def iter_affected(directory: Directory, scope: Scope, only: Iterable[str] | None = None) -> Iterator[Mailbox]:

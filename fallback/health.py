@@ -65,7 +65,7 @@ def stream_backlog(r: redis.Redis, key: str) -> tuple[int, int | None]:
             candidates.append(undelivered)
         lag = g.get("lag")
         if lag is None:  # Redis cannot tell after deletions; count what is left after last-delivered
-            lag = len(r.xrange(key, min=f"({last}", count=100_000))
+            lag = len(r.xrange(key, min=f"({last}", count=100_000) or [])
         depth = max(depth, int(pending.get("pending") or 0) + int(lag))
         for c in candidates:
             oldest = _ms(c) if oldest is None else min(oldest, _ms(c))

@@ -33,4 +33,5 @@ class MailLog:
         self.logger = logger or logging.getLogger(LOGGER_NAME)
 
     def event(self, event: str, **fields: Any) -> None:
-        self.logger.info(format_event(event, **fields))
+        if self.logger.isEnabledFor(logging.INFO):  # the receiver calls this per recipient
+            self.logger.info(format_event(event, **fields))

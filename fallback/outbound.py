@@ -344,6 +344,7 @@ def delete(r: redis.Redis, msg_id: str, hostname: str, lease_ttl: float) -> Queu
             updates = {a: {**rec.rcpts[a], "state": FAILED, "reply": reply, "next": 0,
                            "status": "5.0.0"} for a in rec.pending()}
             notice = None
+            rec.rcpts.update(updates)
             if updates:
                 raw = r.hget(keys.message(item.sender, msg_id), "raw") or b""
                 notice = (ids.new_id(), dsn.build(hostname, rec, list(updates), raw, None))  # type: ignore[arg-type]

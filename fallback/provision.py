@@ -167,11 +167,11 @@ def read_entries(path: Path, fmt: str | None, default_mailstore: str,
     if fmt is None:
         # Guess from the first line that is not blank or a passwd-file comment.
         head: list[tuple[int, str | None, int]] = []
-        for item in lines:
-            head.append(item)
-            text = item[1]
+        for line in lines:
+            head.append(line)
+            text = line[1]
             if text is None:
-                raise InputError(f"line {item[0]}: not UTF-8 text")
+                raise InputError(f"line {line[0]}: not UTF-8 text")
             if text.strip() and not text.lstrip().startswith("#"):
                 fmt = detect_format(text)
                 break

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -86,6 +87,8 @@ class Service:
     extra: list[Component] = field(default_factory=list)
     embedded: EmbeddedRedis | None = None
     components: list[Component] = field(default_factory=list)
+    # Which built-in components run: all for `fallback up`, one for `fallback smtp` (scaled out).
+    roles: tuple[str, ...] = ("smtp", "worker", "web")
 
     def _redis_url(self) -> str:
         if self.settings.redis_url:
@@ -112,8 +115,11 @@ class Service:
                 self.provision_demo(url)
             r = async_client(url)
             buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
-            self.components = [SmtpComponent(self.settings, r, buckets), WorkerComponent(self.settings, r),
-                               WebComponent(self.settings, url), *self.extra]
+            makers: dict[str, Callable[[], Component]] = {
+                "smtp": lambda: SmtpComponent(self.settings, r, buckets),
+                "worker": lambda: WorkerComponent(self.settings, r),
+                "web": lambda: WebComponent(self.settings, url)}
+            self.components = [makers[role]() for role in self.roles] + self.extra
             await self._serve(stop_event or asyncio.Event())
             await r.aclose()
         finally:

@@ -10,6 +10,7 @@ problem, never the recipient's, so even a 5xx there only defers.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ class Smarthost:
                 reply = Reply(0, _clip(f"smarthost {self.name} refused {stage}: {reply.text}"))
             for rcpt in recipients:
                 out.setdefault(rcpt, reply)
+        except asyncio.CancelledError:
+            client.close()  # stopping: no polite QUIT that could wait a whole timeout
+            raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reason = _clip(f"connection to smarthost {self.name} failed at {stage}: "
                            f"{type(exc).__name__}: {exc}")

@@ -155,8 +155,8 @@ class FallbackSMTP(SMTP):
         if rewritten is not None:
             raw = rewritten
             # aiosmtpd enforces these limits itself, before our handler sees the message.
-            assert isinstance(self.event_handler, Receiver)
-            self.event_handler.log_limit(self, raw.decode())
+            if isinstance(self.event_handler, Receiver):
+                self.event_handler.log_limit(self, raw.decode())
         await super().push(raw)
 
 

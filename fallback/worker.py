@@ -116,14 +116,10 @@ class Worker:
         reclaimed by a worker after claim_timeout: a stop never loses work.
         """
         self.stopping = True
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await _cancel(self.tasks)
         if self.busy:
-            await asyncio.wait(self.busy, timeout=STOP_GRACE)
-        for task in self.busy:
-            task.cancel()
-        await asyncio.gather(*self.busy, return_exceptions=True)
+            await asyncio.wait(set(self.busy), timeout=STOP_GRACE)
+        await _cancel(list(self.busy))
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -141,7 +137,7 @@ class Worker:
         (one XREADGROUP over every shard, blocking briefly).  One loop, so the two never
         compete for the slots."""
         last_sweep = 0.0
-        while True:
+        while not self.stopping:
             await self.slots.acquire()
             try:
                 entries: list[tuple[str, str, dict[Any, Any]]] = []
@@ -179,7 +175,7 @@ class Worker:
 
     async def _scheduler(self) -> None:
         """Retries that are due go back onto their stream."""
-        while True:
+        while not self.stopping:
             await asyncio.sleep(self.tick)
             try:
                 now = time.time()
@@ -223,21 +219,28 @@ class Worker:
             # Another worker has it right now (a duplicate entry): look again later.
             await self._ack(stream, entry_id, sender, msg_id, time.time() + self.s.claim_timeout)
             return
-        beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token))
+        done = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token, done))
         try:
             await self._attempt(stream, entry_id, sender, msg_id)
         finally:
+            # An event, not only cancel(): redis-py may swallow a cancellation that lands
+            # mid-command, and a heartbeat that never ends would hold this slot forever.
+            done.set()
             beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            await asyncio.wait([beat], timeout=5)
             with contextlib.suppress(RedisError, OSError):
                 await self.r.eval(_RELEASE, 1, lease, token)
 
-    async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str) -> None:
+    async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str,
+                         done: asyncio.Event) -> None:
         """Keep the lease and reset the entry's idle time while a slow delivery runs."""
         ttl = int(self.s.claim_timeout * 1000)
-        while True:
-            await asyncio.sleep(self.s.claim_timeout / 3)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.s.claim_timeout / 3)
+            if done.is_set():
+                return
             try:
                 await self.r.eval(_REFRESH, 1, lease, token, ttl)
                 await self.r.xclaim(stream, keys.OUTBOUND_GROUP, self.consumer, 0, [entry_id],
@@ -345,6 +348,19 @@ class Worker:
             pipe.xdel(stream, entry_id)
             await pipe.execute()
         self.mail.event("failed", id=msg_id, sender=sender, reason=f"parked as dead letter: {reason}")
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and wait; again if a library swallowed the first cancellation (redis-py can,
+    mid-command), which would otherwise leave a loop running after stop()."""
+    for _ in range(10):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1)
+    log.error("outbound: %d task(s) would not stop", len([t for t in tasks if not t.done()]))
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

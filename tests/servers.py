@@ -81,6 +81,10 @@ class RedisServer:
         while True:
             try:
                 client.ping()
+                # Another process's server may hold the port we probed as free: make sure
+                # the one answering is ours, or suites running side by side share a Redis.
+                if int(client.info("server")["process_id"]) != self.proc.pid:
+                    raise redis.ConnectionError("another redis-server answers on this port")
                 break
             except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -141,6 +145,9 @@ class SmtpSink:
         with open(self.dir / "sink.log", "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=postfix_env())
         wait_port(self.port)
+        time.sleep(0.05)
+        if self.proc.poll() is not None:  # the port was taken meanwhile: someone else answered
+            raise RuntimeError(f"smtp-sink exited at start; see {self.dir}/sink.log")
         return self
 
     def messages(self) -> list[bytes]:

@@ -63,7 +63,8 @@ def test_missing_file_and_unexpected_error(redis_url: str, r: Any, capsys: pytes
     monkeypatch.setattr("fallback.commands.status.mailstore_stats", broken)
     assert main(["status", "--redis-url", redis_url]) == 1
     err = capsys.readouterr().err
-    assert err == "fallback status: internal error: KeyError: 'surprise' (run again with --debug for details)\n"
+    assert err == ("fallback status: internal error: KeyError: 'surprise' "
+                   "(run again with --debug for details)\n")
     with pytest.raises(KeyError):
         main(["status", "--redis-url", redis_url, "--debug"])
 

@@ -130,7 +130,7 @@ def test_sigkill_redis_under_load(receiver_factory: Any, settings: Any, tmp_path
     for addr in RCPTS:
         stored.update(exported(server.url, addr, tmp_path / addr))
     capsys.readouterr()
-    for token, (code, rcpt) in outcomes.items():
+    for token, (code, _) in outcomes.items():
         if code == 250:
             assert token in stored, f"{token} got 250 but is not stored"
             assert stored[token] == sent[token], f"{token} differs"
@@ -170,7 +170,7 @@ def test_redis_stopped_entirely_then_back(receiver_factory: Any, settings: Any, 
             wire.close()
         server = RedisServer(tmp_path / "redis", port=server.port).start()
         # It recovers by itself, even on the connection that saw the failure.
-        for attempt in range(50):
+        for _ in range(50):
             pending.cmd("MAIL FROM:<a@remote.test>")
             pending.expect("250")
             pending.cmd("RCPT TO:<alice@example.com>")

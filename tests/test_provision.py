@@ -80,8 +80,7 @@ def test_csv_every_scheme_verifies_and_plain_is_never_stored(r: redis.Redis, red
         assert verify_password(plain, mailbox.password_hash), address
         assert not verify_password(plain + "x", mailbox.password_hash), address
         assert not mailbox.password_hash.startswith("{PLAIN}")
-    dump = b"".join(v for n in range(65536) for v in r.hvals(f"dir:{{{n}}}")) if False else b"".join(
-        v for key in r.scan_iter("dir:{*}") for v in r.hvals(key))
+    dump = b"".join(v for key in r.scan_iter("dir:{*}") for v in r.hvals(key))
     assert b"pw-plain-text" not in dump and b"bare-plain-text" not in dump
     assert d.get("plain@example.org").password_hash.startswith("{ARGON2ID}$argon2id$")  # type: ignore[union-attr]
     # Domains we accept mail for come from the addresses.

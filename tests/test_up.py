@@ -36,7 +36,9 @@ class Up:
         self.data_dir = data_dir
         cmd = [sys.executable, "-m", "fallback", "up", "--data-dir", str(data_dir),
                "--smtp-port", "0", "--http-port", str(free_port()), "--hostname", "up.test", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+        # The webmail that `up` also starts wants a signing secret unless --demo.
+        env = clean_env(FALLBACK_SECRET_KEY="test-secret-" + "k" * 40)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.banner: list[str] = []
         deadline = time.monotonic() + 60
@@ -167,7 +169,8 @@ def test_second_up_on_the_same_data_dir_refuses(data_dir: Path) -> None:
         second = subprocess.run(
             [sys.executable, "-m", "fallback", "up", "--data-dir", str(data_dir), "--smtp-port", "0",
              "--http-port", str(free_port())],
-            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
+            cwd=ROOT, env=clean_env(FALLBACK_SECRET_KEY="test-secret-" + "k" * 40), capture_output=True,
+            text=True, timeout=60, check=False)
         assert second.returncode == 1
         assert "already running" in second.stderr and "Traceback" not in second.stderr
     finally:

@@ -59,7 +59,7 @@ class Listener:
                 self.end_headers()
                 self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
 
-            do_GET = do_POST = _hit  # noqa: N815
+            do_GET = do_POST = _hit
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -96,7 +96,7 @@ def smtp_send(port: int, raws: list[tuple[str, bytes]]) -> None:
             client.sendmail("sender@remote.test", [rcpt], raw)
 
 
-def log_in(page: Any, base: str, user: str, password: str = "secret") -> None:
+def log_in(page: Any, base: str, user: str, password: str = "secret") -> None:  # noqa: S107
     page.goto(f"{base}/login")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", password)
@@ -201,7 +201,8 @@ def test_screenshots_desktop_and_phone(webmail, receiver, browser, r) -> None:
     mails.append(("alice@example.com", (
         "From: IT Desk <it@remote.test>\r\nTo: alice@example.com\r\nSubject: Status update\r\n"
         "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
-        "Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        "Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+        "--B\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
         f"{html}\r\n--B\r\nContent-Type: image/gif\r\nContent-ID: <logo@x>\r\n"
         "Content-Transfer-Encoding: base64\r\n\r\nR0lGODlhAQABAIAAAAUEBAAAACwAAAAAAQABAAACAkQBADs=\r\n"
         "--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"plan.pdf\"\r\n"

@@ -181,8 +181,10 @@ def test_flags_read_unread_flag_unflag(client, r) -> None:
     def flags() -> list[str]:
         return r.hget(keys.message(ALICE, msg_id), "flags").decode().split()
 
-    for action, check in (("read", lambda f: store.SEEN in f), ("unread", lambda f: store.SEEN not in f),
-                          ("flag", lambda f: store.FLAGGED in f), ("unflag", lambda f: store.FLAGGED not in f)):
+    for action, check in (("read", lambda f: store.SEEN in f),
+                          ("unread", lambda f: store.SEEN not in f),
+                          ("flag", lambda f: store.FLAGGED in f),
+                          ("unflag", lambda f: store.FLAGGED not in f)):
         r.srem(keys.pending(ALICE), msg_id)
         resp = client.post(f"/message/{msg_id}/flags", data={"action": action, "csrf_token": token})
         assert resp.status_code == 302

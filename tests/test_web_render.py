@@ -41,8 +41,9 @@ def test_links_open_outside_the_frame() -> None:
 
 def test_plain_and_html_alternatives() -> None:
     raw = (b"Subject: alt\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n"
-           b"--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable"
-           b"\r\n\r\ncaf=E9\r\n--b\r\nContent-Type: text/html\r\n\r\n<p>caf&eacute;</p>\r\n--b--\r\n")
+           b"--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=E9\r\n"
+           b"--b\r\nContent-Type: text/html\r\n\r\n<p>caf&eacute;</p>\r\n--b--\r\n")
     shown = render.render(raw)
     assert shown.text.strip() == "café" and "<p>café</p>" in shown.html
     assert render.body_text(raw).strip() == "café"
@@ -57,4 +58,5 @@ def test_attachment_names_and_sizes() -> None:
     from tests.test_web_mailbox import MIXED
 
     shown = render.render(MIXED)
-    assert [(a.filename, a.size) for a in shown.attachments] == [("page.html", len(b"<script>alert(1)</script>"))]
+    expected = [("page.html", len(b"<script>alert(1)</script>"))]
+    assert [(a.filename, a.size) for a in shown.attachments] == expected

@@ -7,6 +7,7 @@ session made here goes through the same SessionStore a log-in uses.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -54,7 +55,14 @@ def field(html: str, name: str) -> str:
 
 def put_message(r: redis.Redis, address: str, raw: bytes, folder: str = store.INBOX,
                 flags: tuple[str, ...] = (), kind: str = "received") -> str:
-    """Deliver a message the way the receiver does (store.deliver), returning its id."""
+    """Deliver a message the way the receiver does (store.deliver), returning its id.
+
+    Waits for the next millisecond first, so messages put one after another sort
+    newest first (the folder index's score is the delivery time in ms).
+    """
+    start = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == start:  # bounded: at most one millisecond
+        pass
     msg_id = new_id()
     store.deliver(r, [store.Delivery(address, directory.DEFAULT_MAILSTORE, folder, flags, kind)],
                   msg_id, raw)
@@ -64,5 +72,6 @@ def put_message(r: redis.Redis, address: str, raw: bytes, folder: str = store.IN
 def simple(subject: str = "hello", sender: str = "ann@remote.test", to: str = "alice@example.com",
            body: str = "Hi there", extra: str = "") -> bytes:
     return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
-            f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{subject.replace(' ', '.')}@remote.test>\r\n"
+            "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@remote.test>\r\n"
             f"{extra}\r\n{body}\r\n").encode()

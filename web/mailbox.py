@@ -17,7 +17,7 @@ from flask import Blueprint, Response, abort, g, redirect, render_template, requ
 
 from fallback import outbound, store
 from fallback.ids import is_id
-from web import render, state
+from web import filters, render, state
 from web.auth import login_required
 from web.security import frame_csp, frameable
 
@@ -83,9 +83,25 @@ def _folder_view(folder: str) -> Any:
         total, rows = store.list_page(r, g.user, folder, start, PAGE_SIZE)
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return render_template(
-        "folder.html", folder=folder, rows=rows, total=total, page=page, pages=pages, query=query,
+        "folder.html", folder=folder, rows=display_rows(rows), total=total, page=page, pages=pages,
+        query=query,
         unread=store.unseen_count(r, g.user, store.INBOX), folders=store.FOLDERS,
     )
+
+
+def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """What each list row shows, computed in one Python pass: cheaper than filters per cell."""
+    now = time.time()
+    out = []
+    for m in rows:
+        flags = m["flags"].split()
+        out.append({
+            "id": m["id"], "unread": store.SEEN not in flags, "flagged": store.FLAGGED in flags,
+            "who": filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"]),
+            "subject": m["subject"] or "(no subject)", "attach": m["attach"] == "1",
+            "date": filters.short_date(m["ts"], now), "size": filters.human_size(m["size"]),
+        })
+    return out
 
 
 @bp.get("/message/<msg_id>")

@@ -26,6 +26,7 @@ from fallback import keys
 
 COOKIE = "fallback_session"
 PRE_COOKIE = "fallback_login"
+RENEW_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,14 @@ class SessionStore:
         key = keys.web_session(_digest(token))
         with self.r.pipeline(transaction=False) as pipe:
             pipe.hmget(key, ("user", "csrf"))
-            pipe.pexpire(key, self.idle_ms)
-            (user, csrf), _ = pipe.execute()
+            pipe.pttl(key)
+            (user, csrf), left = pipe.execute()
         if user is None or csrf is None:
             return None
+        # Renewing is a write, and with appendfsync always every write costs an fsync:
+        # renew only once the timer has run down a little (at most every RENEW_MS).
+        if left < self.idle_ms - min(RENEW_MS, self.idle_ms // 10):
+            self.r.pexpire(key, self.idle_ms)
         return Session(token, user.decode(), csrf.decode())
 
     def revoke(self, token: str) -> None:

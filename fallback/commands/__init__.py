@@ -13,3 +13,6 @@ REGISTRY += [worker.register, queue.register]
 from fallback.commands import web  # noqa: E402 - the webmail alone (issue 3)
 
 REGISTRY += [web.register]
+from fallback.commands import affected, check, dns, failover, smtp  # noqa: E402 - operations (issue 6)
+
+REGISTRY += [smtp.register, failover.register, affected.register, dns.register, check.register]

@@ -38,8 +38,9 @@ def write_csv(rows: Any, out: TextIO) -> int:
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     n = 0
-    for n, m in enumerate(rows, 1):
+    for m in rows:
         writer.writerow(_row(m))
+        n += 1
     return n
 
 
@@ -57,8 +58,9 @@ def write_table(rows: Any, out: TextIO) -> int:
     line = "{:<40} {:<20} {}\n"
     out.write(line.format("ADDRESS", "MAILSTORE", "ALTERNATE"))
     n = 0
-    for n, m in enumerate(rows, 1):
+    for m in rows:
         out.write(line.format(m.address, m.mailstore, m.alternate or "-"))
+        n += 1
     return n
 
 

@@ -46,7 +46,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--allow-no-aof", action="store_true",
                    help="AOF off is OK (durability comes from replication instead)")
     # A plugin must answer UNKNOWN, not argparse's 2 (= CRITICAL), for a bad value.
-    p.error = _usage_unknown(p)  # type: ignore[method-assign]
+    p.error = _usage_unknown(p)
     p.set_defaults(handler=run, failure_exit=UNKNOWN)
 
 

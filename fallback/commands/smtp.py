@@ -1,0 +1,30 @@
+"""`fallback smtp`: the SMTP receiver alone, for deployments that scale it out.
+
+Same receiver as `fallback up` (fallback.service), without the webmail and
+the worker and without starting an embedded Redis: it joins the configured
+Redis (or the embedded one a `fallback up` runs in the same --data-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+from fallback.cli import Context
+from fallback.redisconn import resolve_url
+from fallback.service import Service
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("smtp", parents=[parents["common"], parents["server"]],
+                       help="run only the SMTP receiver against a Redis that is already up")
+    p.set_defaults(handler=run)
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    # resolve_url refuses (one line) when there is no Redis to join, instead of starting one.
+    settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings), demo=False)
+    asyncio.run(Service(settings, roles=("smtp",)).run())
+    return 0

@@ -1,0 +1,310 @@
+"""Outbound delivery: TLS and AUTH to the smarthost, DKIM, the operator's `fallback queue`, settings."""
+
+from __future__ import annotations
+
+import base64
+import io
+import ssl
+from dataclasses import replace
+from pathlib import Path
+
+import dkim
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fallback import keys, outbound
+from fallback.cli import build_parser, main
+from fallback.config import load_settings
+from fallback.errors import ConfigError
+from tests import test_outbound as ob
+from tests.servers import free_port, sink_payload
+from tests.test_outbound import (
+    SENDER,
+    TableHandler,
+    inbox,
+    queue_is_empty,
+    queue_message,
+    smarthost,
+    states,
+    wait_for,
+)
+
+out_settings, sinks, workers = ob.out_settings, ob.sinks, ob.workers  # the fixtures, shared
+
+
+# --- STARTTLS + AUTH with a test CA --------------------------------------------------------
+
+class TlsController(Controller):
+    """aiosmtpd with STARTTLS required and AUTH checked against one user."""
+
+    def __init__(self, handler: TableHandler, port: int, tls: ssl.SSLContext) -> None:
+        def check(server, session, envelope, mechanism, auth_data) -> AuthResult:
+            ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
+                b"relay-user", b"s3cret pass")
+            return AuthResult(success=ok)
+
+        super().__init__(handler, hostname="127.0.0.1", port=port, tls_context=tls,
+                         require_starttls=True, authenticator=check, auth_required=True)
+
+
+@pytest.fixture
+def tls_smarthost(tmp_path: Path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = TableHandler({})
+    port = free_port()
+    ctl = TlsController(handler, port, server_ctx)
+    ctl.start()
+    yield handler, port, ca_file
+    ctl.stop()
+
+
+def test_starttls_and_auth_to_the_smarthost(r, workers, tls_smarthost, tmp_path) -> None:
+    handler, port, ca_file = tls_smarthost
+    secret = tmp_path / "relay.pw"
+    secret.write_text("s3cret pass\n")
+    msg_id = queue_message(r, ["bob@remote.test"], "over tls")
+    workers(smarthost=smarthost(port), smarthost_tls="starttls", smarthost_ca_file=ca_file,
+            smarthost_user="relay-user", smarthost_password_file=secret)
+    wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "delivered"}, what="delivery over TLS")
+    assert handler.tls_sessions == [True]
+    assert [t for t, _ in handler.delivered] == [["bob@remote.test"]]
+
+
+def test_untrusted_certificate_or_wrong_password_defers(r, workers, tls_smarthost, tmp_path) -> None:
+    handler, port, ca_file = tls_smarthost
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("nope\n")
+    a = queue_message(r, ["bob@remote.test"], "no ca")
+    first = workers(smarthost=smarthost(port), smarthost_tls="starttls")  # system CAs only
+
+    def reply_of(msg_id: str) -> str:
+        return str(outbound.recipient_status(r, SENDER, msg_id)["bob@remote.test"]["reply"])
+
+    wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in reply_of(a), what="a certificate failure")
+    assert states(r, a) == {"bob@remote.test": "deferred"}
+    first.stop()
+    r.flushall()
+    b = queue_message(r, ["bob@remote.test"], "bad password")
+    workers(smarthost=smarthost(port), smarthost_tls="starttls", smarthost_ca_file=ca_file,
+            smarthost_user="relay-user", smarthost_password_file=wrong)
+    wait_for(lambda: "refused login" in reply_of(b), what="a refused login")
+    assert "535" in reply_of(b), reply_of(b)
+    # Our credentials are wrong, not the recipient: deferred, never bounced.
+    assert states(r, b) == {"bob@remote.test": "deferred"}
+    assert handler.delivered == [] and inbox(r) == []
+
+
+# --- DKIM ----------------------------------------------------------------------------------
+
+def test_dkim_signature_verifies_with_the_published_key(r, sinks, workers, tmp_path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_dir = tmp_path / "dkim"
+    key_dir.mkdir()
+    (key_dir / "example.com.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    public = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    sink = sinks()
+    msg_id = queue_message(r, ["bob@remote.test"], "signed")
+    workers(smarthost=smarthost(sink.port), dkim_selector="fb2026", dkim_key_dir=key_dir)
+    wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "delivered"}, what="delivery")
+    [dump] = sink.messages()
+    _, body = sink_payload(dump)
+    sent = body.replace(b"\n", b"\r\n")
+    assert sent.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    assert b" d=example.com;" in sent and b" s=fb2026;" in sent
+    looked_up: list[bytes] = []
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        looked_up.append(name)
+        return f"v=DKIM1; k=rsa; p={public}".encode() if name == b"fb2026._domainkey.example.com." else b""
+
+    assert dkim.verify(sent, dnsfunc=dns)
+    assert looked_up == [b"fb2026._domainkey.example.com."]
+    # A changed body no longer verifies: the signature covers what was sent.
+    assert not dkim.verify(sent.replace(b"Hello from", b"Hello FROM"), dnsfunc=dns)
+    # The Sent copy is what the user composed, unsigned.
+    assert b"DKIM-Signature" not in (r.hget(keys.message(SENDER, msg_id), "raw") or b"")
+
+
+def test_domain_without_a_key_goes_unsigned(tmp_path: Path) -> None:
+    from fallback.dkim import Signer
+
+    raw = b"From: a@other.test\r\nSubject: x\r\n\r\nbody\r\n"
+    assert Signer("s1", tmp_path).sign(raw, "a@other.test") == raw
+
+
+# --- fallback queue ------------------------------------------------------------------------
+
+def cli(settings, *args: str) -> int:
+    return main([*args, "--redis-url", settings.redis_url])
+
+
+def test_queue_list_show_and_delete(r, settings, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    a = queue_message(r, ["bob@remote.test", "carol@remote.test"], "first")
+    b = queue_message(r, ["dave@remote.test"], "second")
+    assert cli(settings, "queue", "list") == 0
+    out = capsys.readouterr().out
+    assert "outbound queue: 2 message(s)" in out
+    for column in ("age", "attempts", "next try", "last reply"):
+        assert column in out
+    assert a in out and b in out and SENDER in out
+
+    assert cli(settings, "queue", "show", a) == 0
+    out = capsys.readouterr().out
+    assert "bob@remote.test" in out and "carol@remote.test" in out and "queued" in out
+
+    # No terminal and no --yes: refused, nothing deleted.
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    assert cli(settings, "queue", "delete", a) == 1
+    assert "without confirmation: give --yes" in capsys.readouterr().err
+    assert len(outbound.scan(r)) == 2
+
+    # A terminal that answers no: nothing deleted.
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Tty("n\n"))
+    assert cli(settings, "queue", "delete", a) == 1
+    assert "not deleted" in capsys.readouterr().out
+    assert len(outbound.scan(r)) == 2
+
+    assert cli(settings, "queue", "delete", a, "--yes") == 0
+    assert "2 recipient(s) marked failed" in capsys.readouterr().out
+    assert [i.msg_id for i in outbound.scan(r)] == [b]
+    assert states(r, a) == {"bob@remote.test": "failed", "carol@remote.test": "failed"}
+    [notice] = inbox(r)  # the sender is told, not left guessing
+    assert b"deleted from the queue by the operator" in notice
+    assert a not in r.smembers(keys.outbox(SENDER)) and b.encode() in r.smembers(keys.outbox(SENDER))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["queue", "show", "nonsense"], "'nonsense' is not a message id"),
+    (["queue", "show", "01M8566TE4ZJXM1JJ2TXRSTKEP"], "is not in the outbound queue"),
+    (["queue", "retry", "01M8566TE4ZJXM1JJ2TXRSTKEP"], "is not in the outbound queue"),
+    (["queue", "delete", "01M8566TE4ZJXM1JJ2TXRSTKEP", "--yes"], "is not in the outbound queue"),
+    (["queue", "list", "--limit", "0"], "--limit must be greater than 0"),
+])
+def test_queue_bad_input(r, settings, capsys, args, message) -> None:
+    kept = queue_message(r, ["bob@remote.test"], "keep me")
+    assert cli(settings, *args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fallback queue: ") and message in err and err.count("\n") == 1
+    assert [i.msg_id for i in outbound.scan(r)] == [kept]
+
+
+def test_delete_refuses_a_message_being_delivered(r, settings, capsys) -> None:
+    msg_id = queue_message(r, ["bob@remote.test"], "busy")
+    r.set(keys.outbound_lease(SENDER, msg_id), "some-worker", px=60_000)
+    assert cli(settings, "queue", "delete", msg_id, "--yes") == 1
+    assert "being delivered right now" in capsys.readouterr().err
+    assert states(r, msg_id) == {"bob@remote.test": "queued"}
+
+
+def test_retry_makes_a_deferred_message_due_now(r, settings, sinks, workers) -> None:
+    sink = sinks(["-r", "RCPT"])
+    msg_id = queue_message(r, ["bob@remote.test"], "retry me")
+    workers(smarthost=smarthost(sink.port), retry_base=3600.0, retry_max_interval=3600.0)
+    wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "deferred"}, what="a deferral")
+    [item] = outbound.scan(r)
+    assert item.where == "retry"
+    sink.stop()
+    sinks(port=sink.port)
+    # Without the operator this would wait an hour.
+    assert cli(settings, "queue", "retry", msg_id) == 0
+    wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "delivered"}, what="delivery")
+    wait_for(lambda: queue_is_empty(r), what="an empty queue")
+
+
+# --- settings ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"smarthost": "mail.example.com"}, "smarthost: 'mail.example.com' is not HOST:PORT"),
+    ({"smarthost": "mail.example.com:70000"}, "70000 is not a port number"),
+    ({"smarthost_tls": "ssl"}, "smarthost_tls: 'ssl' is not one of none, starttls, tls"),
+    ({"smarthost_user": "u"}, "smarthost_user and smarthost_password_file must be given together"),
+    ({"smarthost_user": "u", "smarthost_password_file": "/nonexistent/pw"},
+     "smarthost_password_file: /nonexistent/pw is not a readable file"),
+    ({"retry_base": "0"}, "retry_base: must be greater than 0"),
+    ({"retry_deadline": "five days"}, "--retry-deadline: not a duration: 'five days'"),
+    ({"dkim_selector": "s1"}, "dkim_selector and dkim_key_dir must be given together"),
+    ({"max_crashes": "0"}, "max_crashes: must be greater than 0"),
+])
+def test_bad_outbound_settings_fail_with_one_line(flags, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(flags, env={})
+    assert message in str(err.value)
+
+
+def test_defaults_and_environment() -> None:
+    s = load_settings({}, env={})
+    assert (s.retry_base, s.retry_deadline, s.smarthost, s.smarthost_tls) == (60.0, 432000.0, None,
+                                                                              "starttls")
+    s = load_settings({}, env={"FALLBACK_SMARTHOST": "relay.example:587", "FALLBACK_RETRY_DEADLINE": "2d"})
+    assert (s.smarthost, s.retry_deadline) == ("relay.example:587", 172800.0)
+
+
+def test_worker_and_up_take_the_same_flags() -> None:
+    flags = ["--smarthost", "relay.example:465", "--smarthost-tls", "tls", "--retry-base", "5",
+             "--retry-deadline", "1d", "--smarthost-user", "u", "--smarthost-password-file", "/pw"]
+    for command in ("worker", "up"):
+        args = vars(build_parser().parse_args([command, *flags]))
+        assert (args["smarthost"], args["smarthost_tls"], args["retry_base"], args["retry_deadline"],
+                args["smarthost_user"], args["smarthost_password_file"]) == (
+            "relay.example:465", "tls", "5", "1d", "u", "/pw")
+
+
+def test_worker_without_a_smarthost_says_so(settings, capsys) -> None:
+    assert cli(settings, "worker") == 1
+    assert capsys.readouterr().err == (
+        "fallback worker: smarthost: not set; give --smarthost HOST:PORT (or FALLBACK_SMARTHOST)\n")
+
+
+def test_bad_tls_choice_prints_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["worker", "--smarthost", "a:25", "--smarthost-tls", "ssl"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'ssl'" in capsys.readouterr().err
+
+
+def test_up_runs_the_worker_component(r, settings, sinks) -> None:
+    import asyncio
+
+    from fallback.redisconn import async_client
+    from fallback.service import WorkerComponent
+
+    sink = sinks()
+    msg_id = queue_message(r, ["bob@remote.test"], "via up")
+
+    async def run() -> tuple[str, str]:
+        client = async_client(settings.redis_url or "")
+        off = WorkerComponent(settings, client)
+        banner_off = await off.start()
+        await off.stop()
+        on = WorkerComponent(replace(settings, smarthost=smarthost(sink.port), smarthost_tls="none"),
+                             client)
+        banner = await on.start()
+        for _ in range(200):
+            if states(r, msg_id) == {"bob@remote.test": "delivered"}:
+                break
+            await asyncio.sleep(0.05)
+        await on.stop()
+        await client.aclose()
+        return banner_off, banner
+
+    banner_off, banner = asyncio.run(run())
+    assert "off (no --smarthost)" in banner_off
+    assert banner.startswith("outbound worker ") and f"smarthost 127.0.0.1:{sink.port}" in banner
+    assert states(r, msg_id) == {"bob@remote.test": "delivered"}
