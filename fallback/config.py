@@ -79,6 +79,9 @@ class Settings:
     # Directory and passwords.
     directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
     password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")
+    directory_cache_ttl: float = setting(
+        10.0, "Seconds a receiver reuses a found mailbox's directory record (0: look up every RCPT)",
+        unit="seconds")
     # Logging.
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR")
     mail_log: str = setting("-", "Mail log destination: - for stderr, or a file path")

@@ -170,6 +170,7 @@ class Receiver:
         self.buckets = buckets
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
+        self.cache = directory.LookupCache(settings.directory_cache_ttl)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -199,8 +200,9 @@ class Receiver:
         except InputError as exc:
             raise InputError(str(exc), code=553, enhanced="5.1.3",
                              public="Bad recipient address syntax") from None
+        now = time.monotonic()
         try:
-            mailbox = await directory.lookup_async(self.r, self.buckets, addr)
+            mailbox = self.cache.get(addr, now) or await directory.lookup_async(self.r, self.buckets, addr)
             if mailbox is None:
                 domain = addr.rpartition("@")[2]
                 if await directory.domain_known_async(self.r, domain):
@@ -210,6 +212,7 @@ class Receiver:
             raise
         except Exception as exc:
             raise DirectoryUnavailable(f"directory lookup for {addr}: {exc!r}") from exc
+        self.cache.put(mailbox, now)
         envelope.mailstores[addr] = mailbox.mailstore
         return addr
 

@@ -164,8 +164,16 @@ def test_redis_stopped_entirely_then_back(receiver_factory: Any, settings: Any, 
             wire.expect("250")
             wire.cmd("MAIL FROM:<a@remote.test>")
             wire.expect("250")
-            wire.cmd("RCPT TO:<alice@example.com>")
+            # A recipient the receiver has not seen lately needs the directory: 4xx at RCPT.
+            wire.cmd("RCPT TO:<bob@example.com>")
             wire.expect("451 4.4.3")
+            # One it found seconds ago (directory_cache_ttl) passes RCPT, and DATA is 4xx.
+            wire.cmd("RCPT TO:<alice@example.com>")
+            wire.expect("250")
+            wire.cmd("DATA")
+            wire.expect("354")
+            wire.send(b"Subject: cached\r\n\r\nx\r\n.\r\n")
+            wire.expect("451 4.3.0")
             wire.cmd("QUIT")
             wire.close()
         server = RedisServer(tmp_path / "redis", port=server.port).start()
