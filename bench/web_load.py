@@ -13,7 +13,10 @@ The baseline, measured in the same run at the same concurrency, is
 `GET /healthz`: the same gunicorn + Flask + Redis round trip with no page
 behind it; the ratio says what the page itself costs.  The load generator
 shares the machine's CPUs with gunicorn and Redis, so absolute figures are
-pessimistic.
+pessimistic.  "CPU ms/req" is the CPU time the server side (gunicorn master
+and workers, redis-server; from /proc) spent per request in that cell: it
+hardly depends on what else runs on the machine, and says how many requests
+per second a core can serve.
 
     .venv/bin/python bench/web_load.py                 # 10,000 messages; 1, 10, 50 sessions
     .venv/bin/python bench/web_load.py --messages 2000 --requests 200   # a quick run
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import shutil
 import statistics
@@ -149,6 +153,33 @@ def run_level_wrk(port: int, cookies: list[str], paths: list[str], seconds: floa
             "p95_ms": p95 / 1000}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def server_pids(master: int, redis_pid: int) -> list[int]:
+    """gunicorn's master and workers, and redis-server: the CPU the server side spends."""
+    pids = [master, redis_pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == master:
+                pids.append(int(entry.name))
+    return pids
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=10_000)
@@ -193,23 +224,32 @@ def main() -> int:
             results: dict[str, dict[str, dict[str, float]]] = {}
             for level in levels:
                 for name, paths in pages.items():
+                    assert component.process is not None and server.proc is not None
+                    pids = server_pids(component.process.pid, server.proc.pid)
+                    cpu0 = cpu_seconds(pids)
                     if use_wrk:
                         cell = run_level_wrk(component.port, cookies[:level], paths, args.seconds,
                                              Path(tmp))
                     else:
                         cell = run_level(component.port, cookies[:level], paths, args.requests)
+                    cell["cpu_ms"] = (cpu_seconds(pids) - cpu0) * 1000 / cell["requests"]
                     results.setdefault(name, {})[str(level)] = cell
 
-            print(f"\nwebmail, {len(ids)}-message mailbox, gunicorn {settings.web_workers} workers x "
+            load = os.getloadavg()
+            print(f"\nload average of the machine at the end: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) "
+                  f"on {os.cpu_count()} CPUs")
+            print(f"webmail, {len(ids)}-message mailbox, gunicorn {settings.web_workers} workers x "
                   f"{settings.web_threads} threads, load from "
                   + (f"wrk, {args.seconds:.0f}s per cell" if use_wrk
                      else f"Python threads, {args.requests} requests per cell"))
-            print(f"{'page':<20}{'sessions':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p95 / baseline':>16}")
+            print(f"{'page':<20}{'sessions':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+                  f"{'p95/base':>10}{'CPU ms/req':>12}{'CPU/base':>10}")
             for name, by_level in results.items():
                 for level, m in by_level.items():
-                    base = results["healthz (baseline)"][level]["p95_ms"]
+                    base = results["healthz (baseline)"][level]
                     print(f"{name:<20}{level:>9}{m['rps']:>9.0f}{m['p50_ms']:>9.1f}{m['p95_ms']:>9.1f}"
-                          f"{m['p95_ms'] / base:>15.1f}x")
+                          f"{m['p95_ms'] / base['p95_ms']:>9.1f}x{m['cpu_ms']:>12.2f}"
+                          f"{m['cpu_ms'] / base['cpu_ms']:>9.1f}x")
             inbox10 = results["inbox"].get("10")
             if inbox10:
                 verdict = "meets" if inbox10["p95_ms"] < TARGET_INBOX_P95_MS else "MISSES"

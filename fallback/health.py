@@ -5,8 +5,9 @@ export the same numbers.  Queue age is read from the stream entry ids (their
 first part is the time of XADD, in milliseconds), so no clock of ours is
 involved: the oldest entry a consumer group has not finished (pending, or not
 yet delivered) is the oldest work.  A stream without a group counts all of
-its entries.  Works whatever the group is called, so the outbound and the
-forward queue are read the same way.
+its entries; messages waiting in a queue's retry set count from the time in
+their message id.  Works whatever the group is called, so the outbound and
+the forward queue are read the same way.
 """
 
 from __future__ import annotations
@@ -17,69 +18,98 @@ from typing import Any
 
 import redis
 
-from fallback import keys
+from fallback import ids, keys
+
+SCAN_LIMIT = 10_000  # entries read per stream shard; beyond that the queue is in trouble anyway
 
 
 @dataclass(frozen=True)
 class Backlog:
-    """Work waiting in one queue (all its shards)."""
+    """Work waiting in one queue (all its shards): in the stream, in the retry set, parked as dead."""
 
     name: str
     depth: int = 0
-    oldest_ms: int | None = None  # XADD time of the oldest unfinished entry
+    oldest_ms: int | None = None  # when the oldest unfinished message was queued
+    dead: int = 0
 
     def age(self, now_ms: int) -> float:
-        """Seconds the oldest entry has waited; 0 for an empty queue."""
+        """Seconds the oldest message has waited; 0 for an empty queue."""
         return 0.0 if self.oldest_ms is None else max(0.0, (now_ms - self.oldest_ms) / 1000)
 
 
-def _ms(entry_id: Any) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return int(text.split("-", 1)[0])
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _first_after(r: redis.Redis, key: str, after: str) -> Any:
-    entries = r.xrange(key, min=f"({after}", count=1)
-    return entries[0][0] if entries else None
+def _sid(entry_id: Any) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _queued_ms(entry_id: Any, fields: Any) -> int:
+    """The earlier of the entry's XADD time and its message id's time (a retry is re-added later)."""
+    ms = _sid(entry_id)[0]
+    msg_id = next((_text(v) for k, v in (fields or {}).items() if _text(k) == "id"), "")
+    if ids.is_id(msg_id):
+        ms = min(ms, ids.id_time_ms(msg_id))
+    return ms
+
+
+def _older(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def stream_backlog(r: redis.Redis, key: str) -> tuple[int, int | None]:
-    """(unfinished entries, ms of the oldest) of one stream, over every consumer group."""
+    """(unfinished entries, ms of the oldest) of one stream, over every consumer group.
+
+    Unfinished: pending in a group (taken, not acknowledged) or not yet
+    delivered to it; without a group, every entry.  Works whether finished
+    entries are deleted (the outbound worker) or only acknowledged.
+    """
     try:
-        groups = r.xinfo_groups(key)
+        groups: Any = r.xinfo_groups(key)
     except redis.ResponseError:  # no such key: nothing queued
         return 0, None
     if not groups:
-        length = int(r.xlen(key))
-        first = r.xrange(key, count=1)
-        return length, (_ms(first[0][0]) if first else None)
-    depth, oldest = 0, None
+        entries: Any = r.xrange(key, count=SCAN_LIMIT)
+        return len(entries), min((_queued_ms(e, f) for e, f in entries), default=None)
+    views = []
     for g in groups:
-        name = g["name"]
-        last = g["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else str(last)
-        pending = r.xpending(key, name)
-        candidates = [pending["min"]] if pending.get("pending") else []
-        undelivered = _first_after(r, key, last)
-        if undelivered is not None:
-            candidates.append(undelivered)
-        lag = g.get("lag")
-        if lag is None:  # Redis cannot tell after deletions; count what is left after last-delivered
-            lag = len(r.xrange(key, min=f"({last}", count=100_000) or [])
-        depth = max(depth, int(pending.get("pending") or 0) + int(lag))
-        for c in candidates:
-            oldest = _ms(c) if oldest is None else min(oldest, _ms(c))
+        pending: Any = r.xpending_range(key, g["name"], min="-", max="+", count=SCAN_LIMIT)
+        views.append((_sid(g["last-delivered-id"]), {_sid(p["message_id"]) for p in pending}))
+    lowest = min([min(p) for _, p in views if p] + [last for last, _ in views])
+    entries = r.xrange(key, min=f"{lowest[0]}-{lowest[1]}", count=SCAN_LIMIT)
+    depth, oldest = 0, None
+    for entry_id, fields in entries:
+        sid = _sid(entry_id)
+        if any(sid in pending or sid > last for last, pending in views):
+            depth += 1
+            oldest = _older(oldest, _queued_ms(entry_id, fields))
     return depth, oldest
 
 
+def _zset_backlog(r: redis.Redis, key: str) -> tuple[int, int | None]:
+    """A retry set: members start with the message id, whose first part is its time."""
+    count, oldest = 0, None
+    for member, _score in r.zscan_iter(key, count=1000):
+        count += 1
+        msg_id = _text(member).split("\t", 1)[0]
+        if ids.is_id(msg_id):
+            oldest = _older(oldest, ids.id_time_ms(msg_id))
+    return count, oldest
+
+
 def queue_backlog(r: redis.Redis, name: str, shard: Callable[[int], str], shards: int) -> Backlog:
-    depth, oldest = 0, None
+    """One sharded queue; by convention `<stream>:retry` and `<stream>:dead` are its retry and parked sets."""
+    depth, oldest, dead = 0, None, 0
     for n in range(shards):
-        d, o = stream_backlog(r, shard(n))
-        depth += d
-        if o is not None:
-            oldest = o if oldest is None else min(oldest, o)
-    return Backlog(name, depth, oldest)
+        stream = shard(n)
+        d, o = stream_backlog(r, stream)
+        rd, ro = _zset_backlog(r, f"{stream}:retry")
+        depth += d + rd
+        oldest = _older(oldest, _older(o, ro))
+        dead += int(r.zcard(f"{stream}:dead"))
+    return Backlog(name, depth, oldest, dead)
 
 
 def backlogs(r: redis.Redis) -> list[Backlog]:

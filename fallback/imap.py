@@ -227,7 +227,7 @@ class Session:
             return await aw
         except ConnectionLost:
             raise ConnectionLost(f"{what}: connection closed ({self.target})") from None
-        except (aioimaplib.CommandTimeout, asyncio.TimeoutError):
+        except (TimeoutError, aioimaplib.CommandTimeout):
             raise ConnectionLost(f"{what}: timed out ({self.target})") from None
         except (aioimaplib.Abort, aioimaplib.Error, OSError) as exc:
             raise ConnectionLost(f"{what}: {exc} ({self.target})") from None

@@ -233,6 +233,7 @@ class Reconciler:
         self.progress = progress or _NoProgress()
         self.maillog = maillog or MailLog()
         self._record = r.register_script(_RECORD_LUA)
+        self.log_on = self.maillog.logger.isEnabledFor(logging.INFO)
         self._unmark = r.register_script(_UNMARK_LUA)
 
     async def _login(self, address: str) -> Session:
@@ -533,8 +534,9 @@ class _MailboxJob:
         item.rstate, item.ruidvalidity, item.ruid = "done", validity, uid
         self.report.appended += 1
         self._done(item)
-        self.maillog.event("reconciled", id=item.id, rcpt=self.address, outcome="appended",
-                           box=decode_mailbox(item.rbox), uid=uid)
+        if self.rec.log_on:   # the hot path: skip formatting a line nobody will see
+            self.maillog.event("reconciled", id=item.id, rcpt=self.address, outcome="appended",
+                               box=decode_mailbox(item.rbox), uid=uid)
         self.rec.progress.messages(1)
 
     # -- changes after a message was reconciled ------------------------------------------------

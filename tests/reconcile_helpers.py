@@ -93,3 +93,10 @@ def provision(r: redis.Redis, settings: Settings, addresses: list[str], mailstor
     """Directory records without password hashing (reconcile never checks passwords)."""
     d = directory.Directory(r, directory.ensure_buckets(r, settings.directory_buckets))
     d.put_many((directory.Mailbox(a, mailstore, "{PLAIN}unused"), None) for a in addresses)
+
+
+def put_new(r: redis.Redis, address: str, subject: str, folder: str = store.INBOX,
+            flags: tuple[str, ...] = (), kind: str = "received") -> str:
+    """Store a fresh message (see `message`) and return its id."""
+    msg_id, raw = message(address, subject)
+    return put(r, address, raw, msg_id, folder=folder, flags=flags, kind=kind)

@@ -126,10 +126,11 @@ class SmtpSink:
     to `nobody` when started as root.
     """
 
-    def __init__(self, args: list[str] | None = None, port: int | None = None) -> None:
+    def __init__(self, args: list[str] | None = None, port: int | None = None, dump: bool = True) -> None:
         import tempfile
 
         self.args = args or []
+        self.dump_files = dump  # off for benchmarks: writing each message to disk would dominate
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
         self.dump = self.dir / "dump"
@@ -140,7 +141,8 @@ class SmtpSink:
 
     def start(self) -> SmtpSink:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        cmd = [*postfix_tool("smtp-sink"), *user, "-d", f"{self.dump}/m.", *self.args,
+        dump = ["-d", f"{self.dump}/m."] if self.dump_files else []
+        cmd = [*postfix_tool("smtp-sink"), *user, *dump, *self.args,
                f"127.0.0.1:{self.port}", "64"]
         with open(self.dir / "sink.log", "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=postfix_env())

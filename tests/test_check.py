@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from fallback import health, keys
+from fallback import health, ids, keys
 from fallback.cli import main
 from tests.servers import free_port
 
@@ -132,3 +132,47 @@ def test_bad_thresholds_are_unknown(r: redis.Redis, redis_url: str, capsys: pyte
                                     flags: list[str], message: str) -> None:
     code = main(["check", "--redis-url", redis_url, *flags])
     assert code == 3 and message in capsys.readouterr().err
+
+
+def test_retry_set_and_requeued_entries_count_from_the_message_id(
+        r: redis.Redis, redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    now = health.redis_now_ms(r)
+    flags = ("--warn-queue-age", "1h", "--crit-queue-age", "4h")
+    # Waiting for its next attempt: only in the retry set, sent 2 h ago.
+    r.zadd(keys.outbound_retry_n(5), {f"{ids.new_id(now - 2 * 3600_000)}\talice@example.com": now / 1000})
+    code, line = check(capsys, redis_url, *flags)
+    assert code == 1 and "outbound queue 1 oldest 2.0h" in line
+    # Put back on the stream just now, but sent 5 h ago: the message id tells.
+    r.xadd(keys.outbound_stream_n(6), {"a": "bob@example.com", "id": ids.new_id(now - 5 * 3600_000)})
+    code, line = check(capsys, redis_url, *flags)
+    assert code == 2 and "outbound queue 2 oldest 5.0h" in line
+
+
+def test_deleted_after_ack_is_finished(r: redis.Redis, redis_url: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The outbound worker XACKs and XDELs: what is left in the stream is the work."""
+    key = keys.outbound_stream_n(1)
+    r.xgroup_create(key, "workers", id="0", mkstream=True)
+    add_old(r, key, 3 * 3600)
+    add_old(r, key, 60)
+    [[_, entries]] = r.xreadgroup("workers", "w1", {key: ">"}, count=1)
+    r.xack(key, "workers", entries[0][0])
+    r.xdel(key, entries[0][0])
+    code, line = check(capsys, redis_url, "--warn-queue-age", "1h", "--crit-queue-age", "2h")
+    assert code == 0 and "outbound queue 1 oldest 60s" in line
+
+
+def test_dead_letters_warn(r: redis.Redis, redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    r.zadd(keys.outbound_dead_n(2), {f"{ids.new_id()}\talice@example.com": 1.0})
+    code, line = check(capsys, redis_url)
+    assert code == 1 and "outbound queue 1 dead letter(s)" in line
+    assert perfdata(line)["outbound_dead"] == "1;1;;0"
+
+
+def test_missing_flag_value_is_unknown_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--warn-memory"])
+    assert info.value.code == 3
+    out, err = capsys.readouterr()
+    assert out.startswith("FALLBACK UNKNOWN - argument --warn-memory: expected one argument")
+    assert err.startswith("usage: fallback check")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fallback.cli import build_parser
-from tests.servers import ROOT, free_port, stop_pid, wait_port
+from tests.servers import ROOT, free_port, postfix_env, postfix_tool, stop_pid, wait_port
 
 SYSTEMD = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 
@@ -120,6 +120,35 @@ def test_postfix_transport_map_parses() -> None:
     assert entries["example.com"] == "smtp:[fallback.example.com]:25"
     snippet = (ROOT / "deploy" / "postfix" / "main.cf.snippet").read_text()
     assert "transport_maps = hash:/etc/postfix/transport" in snippet
+
+
+def _postfix_conf(tmp_path: Path, extra: str = "") -> Path:
+    """A throwaway Postfix config dir: just enough for postconf/postmap to run unprivileged."""
+    (tmp_path / "main.cf").write_text("mail_owner = daemon\nsetgid_group = mail\ncompatibility_level = 3.6\n"
+                                      + extra)
+    (tmp_path / "master.cf").write_text("")
+    return tmp_path
+
+
+def test_postfix_reads_the_snippet_and_the_transport_map(tmp_path: Path) -> None:
+    """Postfix's own tools (unpacked by install-deps.sh) accept the snippet and resolve the map."""
+    try:
+        postconf, postmap = postfix_tool("postconf"), postfix_tool("postmap")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    snippet = (ROOT / "deploy" / "postfix" / "main.cf.snippet").read_text()
+    conf = _postfix_conf(tmp_path, snippet)
+    result = subprocess.run([*postconf, "-c", str(conf), "-n"], capture_output=True, text=True,
+                            env=postfix_env(), timeout=60, check=False)
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    assert "transport_maps = hash:/etc/postfix/transport" in result.stdout
+    table = f"texthash:{ROOT / 'deploy' / 'postfix' / 'transport'}"
+    for domain, expected in (("example.com", "smtp:[fallback.example.com]:25"),
+                             (".example.com", "smtp:[fallback.example.com]:25"), ("example.net", "")):
+        result = subprocess.run([*postmap, "-c", str(conf), "-q", domain, table], capture_output=True,
+                                text=True, env=postfix_env(), timeout=60, check=False)
+        assert result.stdout.strip() == expected, (domain, result.stderr)
+        assert result.returncode == (0 if expected else 1)
 
 
 def test_smtp_subcommand_runs_only_the_receiver(redis_url: str, tmp_path: Path) -> None:

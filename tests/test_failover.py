@@ -217,3 +217,16 @@ def test_affected_with_no_failover_lists_everyone(r: redis.Redis, settings: Sett
     boxes = provision(r, settings)
     code, out, _ = run(capsys, "affected", "--format", "json", "--redis-url", redis_url)
     assert code == 0 and {d["address"] for d in json.loads(out)} == set(boxes)
+
+
+def test_affected_streams_many_mailboxes(r: redis.Redis, settings: Settings, redis_url: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    d = Directory(r, ensure_buckets(r, settings.directory_buckets))
+    boxes = [Mailbox(f"user{i}@example.com", f"store{i % 4}", "{PLAIN}x") for i in range(20_000)]
+    for start in range(0, len(boxes), 2000):
+        d.put_many((m, None) for m in boxes[start:start + 2000])
+    failover.start(r, ["store1"])
+    code, out, err = run(capsys, "affected", "--format", "csv", "--redis-url", redis_url)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == 5000 and "5000 affected mailbox(es)" in err
+    assert {row["address"] for row in rows} == {m.address for m in boxes if m.mailstore == "store1"}

@@ -43,7 +43,7 @@ def test_purge_deletes_only_done_and_keeps_counters(r, settings, mailboxes, caps
     assert store.set_flags(r, ALICE, changed, add=(store.FLAGGED,))
     outbound = make("done, still being sent", "done", folder=store.SENT)
     r.sadd(keys.outbox(ALICE), outbound)
-    bob_id = put(r, BOB, *reversed(message(BOB, "bob pending")))
+    bob_id = put_new(r, BOB, "bob pending")
     before_stats = mailstore_stats(r)["default"]
     before_info = MailboxReader(r, ALICE).info()
 
@@ -108,9 +108,9 @@ def test_purge_needs_reconciled_flag(settings, capsys) -> None:
 @pytest.mark.dovecot
 def test_reconcile_then_purge(r, settings, dovecot, mailboxes, tmp_path: Path, capsys) -> None:
     s = reconcile_settings(settings, dovecot, tmp_path)
-    ids = [put(r, ALICE, *reversed(message(ALICE, f"m{n}"))) for n in range(3)]
+    ids = [put_new(r, ALICE, f"m{n}") for n in range(3)]
     assert main(cli_args(s, "--user", ALICE)) == 0
-    keep = put(r, ALICE, *reversed(message(ALICE, "arrived after reconcile")))
+    keep = put_new(r, ALICE, "arrived after reconcile")
     assert _purge(settings, "--yes") == 0
     assert "deleted 3 message(s)" in capsys.readouterr().out
     assert [r.exists(keys.message(ALICE, i)) for i in ids] == [0, 0, 0]

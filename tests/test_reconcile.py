@@ -18,6 +18,7 @@ from tests.reconcile_helpers import (
     ids_on_disk,
     message,
     put,
+    put_new,
     read_report,
     reconcile_settings,
     run_engine,
@@ -197,7 +198,7 @@ def test_over_quota_is_reported_kept_and_retried(r, settings, dovecot_factory, m
     s = reconcile_settings(settings, server, tmp_path)
     bob_ids = [put(r, BOB, raw, i) for i, raw in (message(BOB, f"big {n}", body=b"y" * 5000 + b"\r\n")
                                                   for n in range(4))]
-    alice_id = put(r, ALICE, *reversed(message(ALICE, "fine")))
+    alice_id = put_new(r, ALICE, "fine")
 
     report_path = tmp_path / "report.json"
     rc = main(cli_args(s, "--all", "--report", str(report_path)))
@@ -226,7 +227,7 @@ def test_over_quota_is_reported_kept_and_retried(r, settings, dovecot_factory, m
 
 def test_wrong_master_password_changes_nothing(r, settings, dovecot, tmp_path: Path, capsys) -> None:
     s = reconcile_settings(settings, dovecot, tmp_path)
-    ids = [put(r, a, *reversed(message(a, "x"))) for a in (ALICE, BOB)]
+    ids = [put_new(r, a, "x") for a in (ALICE, BOB)]
     before = {i: state(r, a, i) for i, a in zip(ids, (ALICE, BOB), strict=True)}
     bad = tmp_path / "wrong"
     bad.write_text("not-the-password\n")
@@ -253,7 +254,7 @@ def test_wrong_master_password_changes_nothing(r, settings, dovecot, tmp_path: P
 ])
 def test_bad_input_is_one_clear_line(r, settings, dovecot, tmp_path: Path, capsys, change, expected) -> None:
     s = reconcile_settings(settings, dovecot, tmp_path)
-    msg_id = put(r, ALICE, *reversed(message(ALICE, "kept")))
+    msg_id = put_new(r, ALICE, "kept")
     (tmp_path / "empty").write_text("")
     args = cli_args(s)
     selection = ["--all"]
@@ -297,7 +298,7 @@ def test_user_missing_in_main_store_does_not_stop_others(r, settings, dovecot_fa
     server = dovecot_factory([ALICE, BOB])   # carol has no mailbox in the main store
     s = reconcile_settings(settings, server, tmp_path)
     for a in (ALICE, BOB, CAROL):
-        put(r, a, *reversed(message(a, "hello")))
+        put_new(r, a, "hello")
     report = run_engine(s, sorted([ALICE, BOB, CAROL]))
     assert not report.ok
     assert report.mailboxes[CAROL].error is not None
@@ -309,8 +310,8 @@ def test_user_missing_in_main_store_does_not_stop_others(r, settings, dovecot_fa
 def test_dry_run_changes_nothing(r, settings, dovecot_factory, mailboxes, tmp_path: Path, capsys) -> None:
     server = dovecot_factory(mailboxes, special_use=False)
     s = reconcile_settings(settings, server, tmp_path)
-    ida = put(r, ALICE, *reversed(message(ALICE, "in")))
-    idb = put(r, ALICE, *reversed(message(ALICE, "out")), folder=store.SENT, kind="sent")
+    ida = put_new(r, ALICE, "in")
+    idb = put_new(r, ALICE, "out", folder=store.SENT, kind="sent")
     report_path = tmp_path / "dry.json"
     rc = main(cli_args(s, "--user", ALICE, "--dry-run", "--report", str(report_path)))
     assert rc == 0, capsys.readouterr().err

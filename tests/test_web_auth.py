@@ -289,3 +289,10 @@ def test_pre_login_cookie_flags(client) -> None:
     client.get("/login")
     pre = client.get_cookie(PRE_COOKIE)
     assert pre is not None and pre.http_only and pre.same_site == "Lax"
+
+
+def test_stylesheet_is_cacheable_and_pages_are_not(client) -> None:
+    css = client.get("/static/app.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+    assert "max-age=3600" in css.headers["Cache-Control"]
+    assert client.get("/login").headers["Cache-Control"] == "no-store"

@@ -67,6 +67,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=2 * settings.max_upload_size + FORM_OVERHEAD,
         SESSION_COOKIE_SECURE=cookie_secure(settings),
         TEMPLATES_AUTO_RELOAD=False,
+        SEND_FILE_MAX_AGE_DEFAULT=3600,  # the stylesheet: phones on slow links fetch it once an hour
     )
     app.extensions["fallback"] = WebState(
         settings=settings, r=r, secret=secret,

@@ -67,6 +67,9 @@ def frameable(view: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load_session() -> None:
     g.nonce = secrets.token_urlsafe(16)
+    if request.endpoint == "static":  # the stylesheet needs no session (nor a Redis round trip)
+        g.session = g.user = None
+        return
     g.session = state().sessions.load(request.cookies.get(COOKIE))
     g.user = g.session.user if g.session else None
 
@@ -94,7 +97,8 @@ def _headers(response: Response) -> Response:
     h = response.headers
     h["X-Content-Type-Options"] = "nosniff"
     h["Referrer-Policy"] = "no-referrer"
-    h["Cache-Control"] = "no-store"
+    if request.endpoint != "static":  # mail must not linger in caches; the stylesheet may
+        h["Cache-Control"] = "no-store"
     if getattr(view, "frameable", False):
         h["X-Frame-Options"] = "SAMEORIGIN"
         h.setdefault("Content-Security-Policy", frame_csp(False))

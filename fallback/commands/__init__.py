@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fallback.commands import export, mailbox, provision, status, up
-from fallback.commands import purge, reconcile
+from fallback.commands import export, mailbox, provision, purge, reconcile, status, up
 
 REGISTRY = [up.register, provision.register, mailbox.register, export.register, status.register]
 REGISTRY += [reconcile.register, purge.register]

@@ -4,13 +4,16 @@ Exit codes follow the Monitoring Plugins guidelines: 0 OK, 1 WARNING,
 2 CRITICAL, 3 UNKNOWN.  Redis unreachable is CRITICAL, not UNKNOWN: Redis is
 the thing being checked, and without it no mail is accepted (check_tcp also
 says CRITICAL for a refused connection).  UNKNOWN is for when the plugin
-itself cannot judge: bad thresholds or configuration, or an unexpected error.
+itself cannot judge: bad thresholds or configuration, or an unexpected error
+(a flag the parser does not know at all still exits 2 with usage, from the
+shared `fallback` parser).
 
 Checked: Redis answers; memory used vs maxmemory (the machine's RAM when no
 maxmemory is set); AOF on, last write and last rewrite ok (250 means durable
 only with a healthy AOF; `--allow-no-aof` for deployments that rely on
-replication instead); the age of the oldest unfinished entry of the outbound
-queue and of the forward queue.  Queued mail is never dropped, so an old
+replication instead); the age of the oldest unfinished message of the outbound
+queue and of the forward queue (stream, retry set), and their dead letters
+(WARNING: parked, waiting for an operator).  Queued mail is never dropped, so an old
 queue is an alert to act on, not a failure of the queue.
 """
 
@@ -116,6 +119,10 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
         v.add(level, f"{b.name} queue {b.depth} oldest {_age_text(age)}")
         v.perf.append(f"{b.name}_age={age:.0f}s;{s.check_warn_queue_age:g};{s.check_crit_queue_age:g};0")
         v.perf.append(f"{b.name}_depth={b.depth};;;0")
+        if b.dead:
+            # Parked after crashing workers: never dropped, so someone must look (fallback queue list).
+            v.add(WARNING, f"{b.name} queue {b.dead} dead letter(s)")
+        v.perf.append(f"{b.name}_dead={b.dead};1;;0")
     return v
 
 

@@ -192,8 +192,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         ctx.console.print("nothing to reconcile")
         report = Report(args.dry_run, s.imap_url)
     else:
+        dry = " (dry run)" if args.dry_run else ""
         ctx.console.print(f"{sum(work.values())} message(s) in {len(work)} mailbox(es) to reconcile "
-                          f"into {s.imap_url}{' (dry run)' if args.dry_run else ''}", markup=False, soft_wrap=True)
+                          f"into {s.imap_url}{dry}", markup=False, soft_wrap=True)
         report = asyncio.run(_reconcile(ctx, password, args.dry_run, work))
     ctx.console.print(summary_table(report))
     problems = problems_table(report)
