@@ -149,6 +149,19 @@ class Settings:
     check_crit_queue_age: float = setting(
         4 * 3600.0, "fallback check: CRITICAL when the oldest queued message is this old, seconds",
         unit="seconds")
+    forward_to: str | None = setting(
+        None, "Next hop of the main mail system for users whose mailstore is not failed over: "
+        "smtp://HOST:PORT or lmtp://HOST:PORT; unset: their mail waits in the forward queue")
+    forward_alert_age: float = setting(
+        3600.0, "Forwarded mail still waiting this long is alerted (log; fallback check WARNING); "
+        "it keeps waiting, seconds", unit="seconds")
+    forward_retry_base: float = setting(
+        30.0, "First retry delay of a forward the next hop did not take, seconds; doubles each "
+        "attempt, with jitter", unit="seconds")
+    forward_retry_max_interval: float = setting(
+        600.0, "Longest delay between two forward attempts, seconds (it never gives up)", unit="seconds")
+    forward_timeout: float = setting(60.0, "Time limit of one command to the forward next hop, seconds",
+                                     unit="seconds")
     check_warn_memory: float = setting(80.0, "fallback check: WARNING at this % of Redis maxmemory")
     check_crit_memory: float = setting(90.0, "fallback check: CRITICAL at this % of Redis maxmemory")
 
@@ -355,6 +368,15 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_forward_to(text: str) -> tuple[str, str, int]:
+    """"smtp://HOST:PORT" or "lmtp://HOST:PORT" -> (protocol, host, port); ValueError saying what is wrong."""
+    m = re.fullmatch(r"(smtp|lmtp)://([^/?#]+)/?", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} must look like smtp://HOST:PORT or lmtp://HOST:PORT")
+    host, port = parse_hostport(m.group(2))
+    return m.group(1), host, port
+
+
 def validate_outbound(s: Settings) -> None:
     if s.smarthost is not None:
         try:
@@ -441,9 +463,15 @@ def settings_env(s: Settings) -> dict[str, str]:
 def validate_operations(s: Settings) -> None:
     """Failover, DNS switch and check settings."""
     for name in ("failover_cache_ttl", "dns_low_ttl", "dns_timeout", "check_warn_queue_age",
-                 "check_crit_queue_age"):
+                 "check_crit_queue_age", "forward_alert_age", "forward_retry_base",
+                 "forward_retry_max_interval", "forward_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
+    if s.forward_to is not None:
+        try:
+            parse_forward_to(s.forward_to)
+        except ValueError as exc:
+            raise ConfigError(f"forward_to: {exc}") from None
     if s.check_warn_queue_age > s.check_crit_queue_age:
         raise ConfigError("check_warn_queue_age: must not be above check_crit_queue_age")
     for name in ("check_warn_memory", "check_crit_memory"):

@@ -283,9 +283,10 @@ def scan(r: redis.Redis, only: str | None = None) -> list[QueueItem]:
 
 
 def find(r: redis.Redis, msg_id: str) -> QueueItem:
-    if not ids.is_id(msg_id):
+    # Looked up before the id is judged: a parked malformed entry is named by its stream id.
+    found = scan(r, only=msg_id) if msg_id else []
+    if not found and not ids.is_id(msg_id):
         raise InputError(f"{msg_id!r} is not a message id (26 characters, as `fallback queue list` shows)")
-    found = scan(r, only=msg_id)
     if not found:
         raise NotFound(f"message {msg_id} is not in the outbound queue")
     return found[0]

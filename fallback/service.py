@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from fallback import directory, passwords
 from fallback.config import Settings
 from fallback.embedded import EmbeddedRedis
+from fallback.forward import ForwardComponent
 from fallback.redisconn import async_client, sync_client
 from fallback.smtp import ReceiverServer
 from fallback.webserver import WebComponent
@@ -88,7 +89,7 @@ class Service:
     embedded: EmbeddedRedis | None = None
     components: list[Component] = field(default_factory=list)
     # Which built-in components run: all for `fallback up`, one for `fallback smtp` (scaled out).
-    roles: tuple[str, ...] = ("smtp", "worker", "web")
+    roles: tuple[str, ...] = ("smtp", "worker", "forward", "web")
 
     def _redis_url(self) -> str:
         if self.settings.redis_url:
@@ -118,6 +119,7 @@ class Service:
             makers: dict[str, Callable[[], Component]] = {
                 "smtp": lambda: SmtpComponent(self.settings, r, buckets),
                 "worker": lambda: WorkerComponent(self.settings, r),
+                "forward": lambda: ForwardComponent(self.settings, r),
                 "web": lambda: WebComponent(self.settings, url)}
             self.components = [makers[role]() for role in self.roles] + self.extra
             await self._serve(stop_event or asyncio.Event())

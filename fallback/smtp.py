@@ -1,11 +1,15 @@
 """The SMTP receiver: aiosmtpd with the service's rules.
 
 It refuses at the perimeter only (RCPT time: unknown user, foreign domain,
-too many recipients; SIZE), and answers 250 to DATA only after
-`store.deliver_async` has written the message for every recipient in one
-durable MULTI/EXEC.  aiosmtpd's unsafe defaults are overridden: exceptions
-answer 451 4.3.0 (never 500 with the exception text), RCPT is checked against
-the directory (never accept-all), and DATA always returns our own reply.
+too many recipients; SIZE), and answers 250 to DATA only after the message
+is written for every recipient in one durable atomic step.  Each recipient
+goes where the failover scope says: users of failed-over mailstores get it
+in their fallback mailbox (`store.deliver_async`), everyone else's mail goes
+to the forward queue for the main system (`forward.accept_async`, which
+writes both kinds in one MULTI/EXEC when a message has both).
+aiosmtpd's unsafe defaults are overridden: exceptions answer 451 4.3.0
+(never 500 with the exception text), RCPT is checked against the directory
+(never accept-all), and DATA always returns our own reply.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from fallback import directory, store
+from fallback import directory, failover, forward, store
 from fallback.config import Settings
 from fallback.errors import (
     DirectoryUnavailable,
@@ -171,6 +175,7 @@ class Receiver:
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
+        self.scope = failover.ScopeCache(settings.failover_cache_ttl)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -226,8 +231,16 @@ class Receiver:
         try:
             raw, fixed = self._with_trace(server, session, envelope, msg_id)
             size = len(raw)
-            deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos]
-            await store.deliver_async(self.r, deliveries, msg_id, raw)
+            # One read of the scope for the whole message: every recipient is judged alike.
+            scope = await self.scope.get_async(self.r)
+            deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos
+                          if scope.covers(envelope.mailstores[a])]
+            forwards = [a for a in envelope.rcpt_tos if not scope.covers(envelope.mailstores[a])]
+            if forwards:
+                await forward.accept_async(self.r, deliveries, forwards, msg_id, raw,
+                                           envelope.mail_from or "")
+            else:
+                await store.deliver_async(self.r, deliveries, msg_id, raw)
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
             log.warning("%s", err.reason)
@@ -240,8 +253,10 @@ class Receiver:
             server.storing = False
         took = f"{(time.monotonic() - started) * 1000:.1f}ms"
         for rcpt in envelope.rcpt_tos:
-            self.maillog.event("received", id=msg_id, **{"from": envelope.mail_from}, to=rcpt,
-                               size=size, outcome="250", peer=server.peer_ip, store=took,
+            queued = rcpt in forwards
+            self.maillog.event("queued" if queued else "received", id=msg_id,
+                               **{"from": envelope.mail_from}, to=rcpt, size=size, outcome="250",
+                               peer=server.peer_ip, store=took, route="forward" if queued else "mailbox",
                                fixed_line_ends="yes" if fixed else None)
         return f"250 2.0.0 OK id={msg_id}"
 

@@ -52,6 +52,14 @@ for _, m in ipairs(due) do
 end
 return #due
 """
+# Taking a message: lease, attempt count and what to send in one round trip (one slot:
+# every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw}.
+_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
+local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
+return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'raw')}
+"""
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -215,14 +223,23 @@ class Worker:
         lease = keys.outbound_lease(sender, msg_id)
         token = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
         ttl = int(self.s.claim_timeout * 1000)
-        if not await self.r.set(lease, token, nx=True, px=ttl):
+        taken: Any = await self.r.eval(_TAKE, 3, lease, keys.outbound_record(sender, msg_id),
+                                       keys.message(sender, msg_id), token, ttl)
+        if taken[0] == 0:
             # Another worker has it right now (a duplicate entry): look again later.
             await self._ack(stream, entry_id, sender, msg_id, time.time() + self.s.claim_timeout)
             return
         done = asyncio.Event()
         beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token, done))
         try:
-            await self._attempt(stream, entry_id, sender, msg_id)
+            if taken[0] == 1:
+                # Deleted by the operator, or never fully submitted: nothing to deliver.
+                await self._ack(stream, entry_id, sender, msg_id, None)
+            else:
+                flat = taken[2]
+                record = dict(zip(flat[::2], flat[1::2], strict=True))
+                await self._attempt(stream, entry_id, sender, msg_id, int(taken[1]), record,
+                                    taken[3] if len(taken) > 3 else None)
         finally:
             # An event, not only cancel(): redis-py may swallow a cancellation that lands
             # mid-command, and a heartbeat that never ends would hold this slot forever.
@@ -248,18 +265,13 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("outbound: heartbeat for %s failed: %s", entry_id, exc)
 
-    async def _attempt(self, stream: str, entry_id: str, sender: str, msg_id: str) -> None:
-        rec_key = keys.outbound_record(sender, msg_id)
-        if not await self.r.exists(rec_key):
-            # Deleted by the operator, or never fully submitted: nothing to deliver.
-            await self._ack(stream, entry_id, sender, msg_id, None)
-            return
-        runs = int(await self.r.hincrby(rec_key, "runs", 1))
+    async def _attempt(self, stream: str, entry_id: str, sender: str, msg_id: str, runs: int,
+                       record: dict[Any, Any], raw: bytes | None) -> None:
         if runs > self.s.max_crashes:
             await self._park(stream, entry_id, msg_id, sender,
                              f"taken up {runs - 1} times without finishing (crash or error)")
             return
-        rec = outbound.parse_record(msg_id, await self.r.hgetall(rec_key))
+        rec = outbound.parse_record(msg_id, record)
         now = time.time()
         deadline = rec.created + self.s.retry_deadline
         updates: dict[str, dict[str, Any]] = {}
@@ -274,7 +286,6 @@ class Worker:
         due = [a for a in rec.pending() if a not in updates
                and float(rec.rcpts[a].get("next") or 0) <= now + 0.001]
         if due:
-            raw: Any = await self.r.hget(keys.message(sender, msg_id), "raw")
             if raw is None:
                 replies = {a: Reply(554, "554 5.3.0 the message was removed before it could be sent")
                            for a in due}
@@ -303,8 +314,7 @@ class Worker:
         notice = None
         if failed:
             rec.rcpts.update(updates)
-            raw_for_notice: Any = await self.r.hget(keys.message(sender, msg_id), "raw") or b""
-            notice = (ids.new_id(), dsn.build(self.hostname, rec, failed, raw_for_notice,
+            notice = (ids.new_id(), dsn.build(self.hostname, rec, failed, raw or b"",
                                               self.smarthost.name, now))
         async with self.r.pipeline(transaction=True) as pipe:
             finished = outbound.queue_outcome(pipe, rec, updates, now, notice)

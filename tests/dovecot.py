@@ -39,12 +39,13 @@ class DovecotServer:
     trash_name: str = "Deleted Items"
     separator: str = "/"
     port: int = 0
+    tls: tuple[Path, Path] | None = None   # (cert, key) PEM: serve imaps:// on `port` instead
     users: dict[str, str] = field(default_factory=dict)   # address -> quota rule ("" = none)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"imap://127.0.0.1:{self.port}"
+        return f"{'imaps' if self.tls else 'imap'}://127.0.0.1:{self.port}"
 
     @property
     def conf(self) -> Path:
@@ -101,6 +102,9 @@ class DovecotServer:
     auto = subscribe
     {su_trash}
   }}"""
+        ssl = "ssl = no"
+        if self.tls:
+            ssl = f"ssl = yes\nssl_cert = <{self.tls[0]}\nssl_key = <{self.tls[1]}"
         return f"""
 base_dir = {w}/run
 state_dir = {w}/state
@@ -108,7 +112,7 @@ log_path = {w}/dovecot.log
 info_log_path = {w}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 # Plain text only where Dovecot sees a secured connection: loopback.
 disable_plaintext_auth = yes
 auth_failure_delay = 0
@@ -149,10 +153,11 @@ userdb {{
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
-    port = {self.port}
+    port = {0 if self.tls else self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.port if self.tls else 0}
   }}
   process_min_avail = 1
   service_count = 0

@@ -430,3 +430,19 @@ def test_poison_message_is_parked_not_dropped_and_can_be_retried(r, sinks, worke
     wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "delivered"}, what="delivery after retry")
     wait_for(lambda: queue_is_empty(r), what="an empty queue")
     assert len(sink.messages()) == 1
+
+
+def test_malformed_queue_entry_is_parked_and_listed(r, sinks, workers, settings, capsys) -> None:
+    sink = sinks()
+    stream = keys.outbound_stream_n(3)
+    entry = r.xadd(stream, {"junk": "no sender, no id"}).decode()
+    good = queue_message(r, ["bob@remote.test"], "after the junk")
+    workers(smarthost=smarthost(sink.port))
+    wait_for(lambda: r.zcard(keys.outbound_dead_n(3)), what="the parked entry")
+    wait_for(lambda: states(r, good) == {"bob@remote.test": "delivered"}, what="the good message")
+    assert r.zrange(keys.outbound_dead_n(3), 0, -1) == [f"{entry}\t?".encode()]
+    assert main(["queue", "list", "--format", "json", "--redis-url", settings.redis_url]) == 0
+    [row] = json.loads(capsys.readouterr().out)["messages"]
+    assert row["state"] == "dead" and row["last_reply"] == "no delivery record"
+    assert main(["queue", "delete", entry, "--yes", "--redis-url", settings.redis_url]) == 0
+    assert queue_is_empty(r)

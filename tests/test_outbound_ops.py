@@ -308,3 +308,42 @@ def test_up_runs_the_worker_component(r, settings, sinks) -> None:
     assert "off (no --smarthost)" in banner_off
     assert banner.startswith("outbound worker ") and f"smarthost 127.0.0.1:{sink.port}" in banner
     assert states(r, msg_id) == {"bob@remote.test": "delivered"}
+
+
+# --- end to end: webmail compose -> worker -> smarthost -> the Sent view -------------------
+
+def test_sent_view_shows_each_recipients_outcome(r, client, workers) -> None:
+    import html
+    import re
+
+    from tests.test_web_compose import send
+    from tests.webutil import log_in_as
+
+    handler = TableHandler({
+        "ok@remote.test": ["250 2.1.5 Ok"],
+        "later@remote.test": ["451 4.2.0 Mailbox busy, try later"],
+        "no@remote.test": ["550 5.1.1 User unknown"],
+    })
+    port = free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        log_in_as(client, SENDER)
+        resp, msg_id = send(client, to="ok@remote.test, later@remote.test, no@remote.test",
+                            subject="from the webmail", body="Hello")
+        assert resp.status_code == 302
+        workers(smarthost=smarthost(port), retry_base=3600.0, retry_max_interval=3600.0)
+        wait_for(lambda: states(r, msg_id) == {"ok@remote.test": "delivered", "later@remote.test":
+                                               "deferred", "no@remote.test": "failed"}, what="outcomes")
+        page = html.unescape(client.get(f"/message/{msg_id}").text)
+        rows = dict(re.findall(r"<td>([^<]+@remote\.test)</td><td>\s*([^<]*?)\s*</td>", page))
+        assert rows["ok@remote.test"] == "Delivered"
+        assert rows["no@remote.test"] == "Failed: 550 5.1.1 User unknown"
+        assert re.fullmatch(r"Waiting to retry \(next attempt [\d-]+ [\d:]+ UTC\): "
+                            r"451 4\.2\.0 Mailbox busy, try later", rows["later@remote.test"])
+        # What the smarthost got is the Sent copy, byte for byte (it kept its Message-ID and Date).
+        [(rcpts, data)] = handler.delivered
+        assert rcpts == ["ok@remote.test"]
+        assert data == r.hget(keys.message(SENDER, msg_id), "raw")
+    finally:
+        ctl.stop()

@@ -10,7 +10,15 @@ import pytest
 from fallback import keys, store
 from fallback.cli import main
 from fallback.store import MailboxReader, mailstore_stats
-from tests.reconcile_helpers import cli_args, ids_on_disk, message, put, reconcile_settings, state
+from tests.reconcile_helpers import (
+    cli_args,
+    ids_on_disk,
+    message,
+    put,
+    put_new,
+    reconcile_settings,
+    state,
+)
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 DAY_MS = 86_400_000

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fallback import keys, store
-from fallback.cli import main
+from fallback.cli import build_parser, main
+from fallback.config import load_settings
 from fallback.imap import decode_mailbox, encode_mailbox
 from tests.dovecot import MainStoreView
 from tests.reconcile_helpers import (
@@ -170,6 +171,12 @@ def test_folder_names_with_spaces_and_non_ascii(r, settings, dovecot_factory, ma
     server = dovecot_factory(mailboxes, special_use=False)
     s = reconcile_settings(settings, server, tmp_path, reconcile_sent_folder="Gesendete Objekte",
                            reconcile_trash_folder="Papierkorb & Müll")
+    # The same settings as flags reach the same fields.
+    ns = build_parser().parse_args(cli_args(s, "--all", "--reconcile-sent-folder", "Gesendete Objekte",
+                                            "--reconcile-trash-folder", "Papierkorb & Müll"))
+    flagged = load_settings(vars(ns), env={})
+    assert (flagged.reconcile_sent_folder, flagged.reconcile_trash_folder) == (
+        s.reconcile_sent_folder, s.reconcile_trash_folder)
     sent_id, sent_raw = message(ALICE, "sent")
     put(r, ALICE, sent_raw, sent_id, folder=store.SENT, flags=(store.SEEN,), kind="sent")
     trash_id, trash_raw = message(ALICE, "trash")
@@ -220,9 +227,23 @@ def test_over_quota_is_reported_kept_and_retried(r, settings, dovecot_factory, m
     assert state(r, ALICE, alice_id)["rstate"] == "done"
 
     server.add_users([BOB], quota="1M")   # the operator raises the quota and runs again
+    _wait_quota_limit(server, BOB, 1024)
     rc = main(cli_args(s, "--all"))
     assert rc == 0, capsys.readouterr().err
     assert sorted(ids_on_disk(server, BOB)) == sorted(bob_ids)
+
+
+def _wait_quota_limit(server, address: str, kib: int) -> None:
+    """Until Dovecot has re-read its passwd-file (bounded): GETQUOTAROOT shows the new limit."""
+    deadline = time.monotonic() + 15
+    while True:
+        view = MainStoreView(server, address)
+        _, data = view.imap.getquotaroot("INBOX")
+        view.close()
+        if f" {kib})".encode() in b" ".join(x for x in data[1] if isinstance(x, bytes)):
+            return
+        assert time.monotonic() < deadline, data
+        time.sleep(0.2)
 
 
 def test_wrong_master_password_changes_nothing(r, settings, dovecot, tmp_path: Path, capsys) -> None:
@@ -281,12 +302,11 @@ def test_selection_flag_is_required(settings, capsys) -> None:
     assert "one of the arguments --user --mailstore --all is required" in capsys.readouterr().err
 
 
-def test_sasl_plain_with_authorization_id(r, settings, dovecot, tmp_path: Path) -> None:
-    s = reconcile_settings(settings, dovecot, tmp_path, master_separator="")
+def test_sasl_plain_with_authorization_id(r, settings, dovecot, tmp_path: Path, capsys) -> None:
+    s = reconcile_settings(settings, dovecot, tmp_path)
     msg_id, raw = message(ALICE, "via AUTHENTICATE PLAIN")
     put(r, ALICE, raw, msg_id)
-    report = run_engine(s, [ALICE])
-    assert report.ok, report.as_json()
+    assert main(cli_args(s, "--user", ALICE, "--master-separator", "")) == 0, capsys.readouterr().err
     view = MainStoreView(dovecot, ALICE)
     assert [m["raw"] for m in view.messages("INBOX")] == [raw]
     view.close()
@@ -338,3 +358,47 @@ def test_internaldate_is_the_fallback_time(r, settings, dovecot, tmp_path: Path)
     [got] = view.messages("INBOX")
     view.close()
     assert _epoch(got["date"]) == when
+
+
+def test_imaps_checks_the_certificate(r, settings, dovecot_factory, mailboxes, tmp_path: Path,
+                                      capsys, monkeypatch) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = dovecot_factory(mailboxes, tls=(cert, key))
+    s = reconcile_settings(settings, server, tmp_path)
+    assert s.imap_url and s.imap_url.startswith("imaps://")
+    msg_id = put_new(r, ALICE, "over TLS")
+
+    # A certificate the system does not trust: one clear line, nothing changed.
+    rc = main(cli_args(s, "--user", ALICE))
+    err = capsys.readouterr().err
+    assert rc == 1 and "certificate verify failed" in err.lower() and "nothing was changed" in err
+    assert state(r, ALICE, msg_id)["rstate"] == "pending" and ids_on_disk(server, ALICE) == []
+
+    monkeypatch.setenv("FALLBACK_IMAP_CA_FILE", str(ca_file))
+    rc = main(cli_args(s, "--user", ALICE))
+    assert rc == 0, capsys.readouterr().err
+    assert ids_on_disk(server, ALICE) == [msg_id]
+
+
+def test_progress_bar_and_summary_on_a_terminal(r, settings, dovecot, tmp_path: Path, capsys,
+                                                monkeypatch) -> None:
+    import rich.console
+
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    s = reconcile_settings(settings, dovecot, tmp_path)
+    for n in range(3):
+        put_new(r, ALICE, f"p{n}")
+    put_new(r, BOB, "q")
+    assert main(cli_args(s, "--user", ALICE, "--user", BOB)) == 0
+    out = capsys.readouterr().out
+    assert "mailboxes" in out and "2/2" in out          # the bar: mailboxes done
+    assert "messages" in out and "4/4" in out           # and messages done
+    assert "/s" in out                                   # with the rate
+    assert "appended" in out and "left to do" in out     # the summary table

@@ -225,23 +225,37 @@ def test_sigkill_part_way_then_rerun_delivers_each_message_once(r, settings, dov
     assert {r.hget(keys.message(u, i), "rstate") for u in users for i in expected[u]} == {b"done"}
 
 
-def test_full_flow_smtp_flags_reconcile(receiver, r, settings, dovecot, tmp_path: Path, capsys) -> None:
+def test_full_flow_smtp_webmail_reconcile(receiver, r, settings, dovecot, tmp_path: Path, capsys) -> None:
+    """SMTP in -> read, flagged and one trashed in the real webmail -> reconciled -> in Dovecot."""
+    from tests.webutil import log_in_as, make_app
+
     raw_in = (b"From: Sender <sender@remote.test>\r\nTo: alice@example.com\r\nSubject: outage mail\r\n"
               b"Message-ID: <flow@remote.test>\r\n\r\nPlease read me.\r\n")
+    junk_in = b"From: spam@remote.test\r\nTo: alice@example.com\r\nSubject: junk\r\n\r\nbuy\r\n"
     with smtplib.SMTP("127.0.0.1", receiver.port) as client:
         client.sendmail("sender@remote.test", [ALICE], raw_in)
-    [msg_id] = [i.decode() for i in r.zrange(keys.folder(ALICE, store.INBOX), 0, -1)]
-    stored = r.hget(keys.message(ALICE, msg_id), "raw")
-    assert stored is not None and stored.endswith(raw_in)
-    # Read and flagged in the webmail.
-    assert store.set_flags(r, ALICE, msg_id, add=(store.SEEN, store.FLAGGED))
+        client.sendmail("spam@remote.test", [ALICE], junk_in)
+    ids = [i.decode() for i in r.zrange(keys.folder(ALICE, store.INBOX), 0, -1)]
+    stored = {i: r.hget(keys.message(ALICE, i), "raw") for i in ids}
+    [msg_id] = [i for i, raw in stored.items() if raw.endswith(raw_in)]
+    [junk_id] = [i for i, raw in stored.items() if raw.endswith(junk_in)]
+
+    web = make_app(settings, r).test_client()
+    token = log_in_as(web, ALICE)
+    assert web.get(f"/message/{msg_id}").status_code == 200          # read: \Seen
+    resp = web.post(f"/message/{msg_id}/flags", data={"action": "flag", "csrf_token": token})
+    assert resp.status_code == 302                                    # flagged
+    resp = web.post(f"/message/{junk_id}/delete", data={"csrf_token": token})
+    assert resp.status_code == 302                                    # to Trash
 
     s = reconcile_settings(settings, dovecot, tmp_path)
     rc = main(cli_args(s, "--user", ALICE))
     assert rc == 0, capsys.readouterr().err
     view = MainStoreView(dovecot, ALICE)
     [got] = view.messages("INBOX")
+    [trashed] = view.messages("Deleted Items")
     view.close()
-    assert got["raw"] == stored
+    assert got["raw"] == stored[msg_id]
     assert got["flags"] - {"\\Recent"} == {"\\Seen", "\\Flagged"}
     assert f"id {msg_id}".encode() in got["raw"]   # the header reconcile searches by
+    assert trashed["raw"] == stored[junk_id]

@@ -95,16 +95,26 @@ def test_wrong_password_and_unknown_user_same_answer(client, monkeypatch) -> Non
         return real(plain, stored)
 
     monkeypatch.setattr(passwords, "verify_password", spy)
+    first_unknown = login(client, username="nobody@example.com", ip="10.0.0.1")
     wrong = login(client, password="nope", ip="10.0.0.2")
     unknown = login(client, username="nobody@example.com", ip="10.0.0.3")
     foreign = login(client, username="not an address", ip="10.0.0.4")
-    for resp in (wrong, unknown, foreign):
+    for resp in (first_unknown, wrong, unknown, foreign):
         assert resp.status_code == 401
         assert "Wrong address or password." in resp.text
-    # Every attempt ran one real hash check (the unknown ones against the dummy hash).
-    assert len(used) == 3
-    assert used[1] == used[2] and used[0] != used[1]
+    # Every attempt ran one real hash check: before any real account, against a dummy
+    # hash; after, against the real account's hash (same scheme and rounds), result ignored.
+    alice_hash = client.application.extensions["fallback"].directory().get("alice@example.com").password_hash
+    assert len(used) == 4
+    assert used[0].startswith("{ARGON2ID}") and used[0] != alice_hash
+    assert used[1] == used[2] == used[3] == alice_hash
     assert client.get_cookie(COOKIE) is None
+
+
+def test_unknown_user_with_a_real_users_password_does_not_log_in(client) -> None:
+    login(client, password="nope", ip="10.0.0.5")  # the timing hash is now alice's
+    resp = login(client, username="nobody@example.com", password="secret", ip="10.0.0.6")
+    assert resp.status_code == 401 and client.get_cookie(COOKIE) is None
 
 
 def test_login_form_keeps_address_and_requires_fields(client) -> None:

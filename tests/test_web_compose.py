@@ -254,3 +254,21 @@ def test_local_delivery_failure_is_reported_and_sent_copy_kept(client, r, monkey
     page = client.get(resp.headers["Location"]).text
     assert "could not be reached right now" in page
     assert "bob@example.com" not in r.hget(keys.message(ALICE, msg_id), "local").decode()
+
+
+def test_reply_to_own_sent_message_goes_to_its_recipients(client, r) -> None:
+    sent = put_message(r, ALICE, simple("Plan", sender=ALICE, to="x@remote.test, bob@example.com"),
+                       folder=store.SENT, kind="sent", flags=(store.SEEN,))
+    log_in_as(client, ALICE)
+    assert field(client.get(f"/compose?reply={sent}").text, "to") == "x@remote.test, bob@example.com"
+
+
+def test_session_ended_while_composing(client, r) -> None:
+    log_in_as(client, ALICE)
+    form = compose_page(client)
+    r.delete(*r.scan_iter("websess:*"))  # the idle timeout ran out while the user was typing
+    resp = client.post("/compose", data={**form, "to": BOB, "cc": "", "bcc": "", "subject": "s",
+                                         "body": "long text"})
+    assert resp.status_code == 400
+    assert "nothing was done" in resp.text and "Back button" in resp.text
+    assert r.zcard(keys.folder(ALICE, "Sent")) == 0 and r.zcard(keys.folder(BOB, "INBOX")) == 0

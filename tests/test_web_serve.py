@@ -112,3 +112,15 @@ def test_fallback_up_demo_serves_webmail(tmp_path: Path) -> None:
         time.sleep(0.1)
     else:
         raise AssertionError("the webmail still answers after `fallback up` stopped")
+
+
+def test_settings_round_trip_through_the_environment(settings, tmp_path: Path) -> None:
+    """gunicorn's workers load the settings from FALLBACK_* variables: every field must survive."""
+    from dataclasses import replace as dc_replace
+
+    from fallback.config import load_settings, settings_env
+
+    s = dc_replace(settings, secret_key=SECRET, cookie_secure=False, session_idle_timeout=90.0,
+                   max_upload_size=3 * 1024 * 1024, incident_message="Down since 9:00, ETA noon",
+                   web_workers=3, demo=True)
+    assert load_settings({}, env=settings_env(s)) == s

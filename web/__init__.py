@@ -37,11 +37,18 @@ class WebState:
     hasher: ThreadPoolExecutor
     _buckets: int | None = None
     _dummy: dict[str, str] = field(default_factory=dict)
+    # The stored hash of the last real account checked: unknown addresses are checked
+    # against it (result ignored), so they cost exactly what real ones cost, scheme
+    # and rounds included (Dovecot's SHA512-CRYPT uses 5,000 rounds, passlib's 656,000).
+    timing_hash: str | None = None
 
     def directory(self) -> directory.Directory:
         if self._buckets is None:
             self._buckets = directory.ensure_buckets(self.r, self.settings.directory_buckets)
         return directory.Directory(self.r, self._buckets)
+
+    def hash_for_unknown(self) -> str:
+        return self.timing_hash or self.dummy_hash()
 
     def dummy_hash(self) -> str:
         scheme = self.settings.password_scheme

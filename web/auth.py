@@ -2,8 +2,9 @@
 
 The password is checked against the provisioned Dovecot-style hash on a
 small thread pool (see WebState.hasher).  Unknown addresses are checked
-against a dummy hash of the configured scheme, and both failures answer with
-the same words, so neither the text nor the time says which one it was.
+against the hash of the last real account tried (or, before any, a dummy hash
+of the configured scheme), with the result ignored, and both failures answer
+with the same words, so neither the text nor the time says which one it was.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def login() -> Any:
     except InputError:
         address = None
     mailbox = st.directory().get(address) if address else None
-    stored = mailbox.password_hash if mailbox is not None else st.dummy_hash()
+    if mailbox is not None:
+        stored = st.timing_hash = mailbox.password_hash
+    else:
+        stored = st.hash_for_unknown()
     try:
         ok = st.hasher.submit(passwords.verify_password, password[:MAX_PASSWORD], stored) \
             .result(timeout=VERIFY_TIMEOUT)

@@ -60,6 +60,8 @@ def _addresses(raw: bytes, name: str) -> list[str]:
 def _reply_values(raw: bytes, reply_all: bool) -> dict[str, str]:
     me = g.user
     reply_to = _addresses(raw, "Reply-To") or _addresses(raw, "From")
+    if reply_to == [me]:  # replying to one's own sent message: write to its recipients again
+        reply_to = _addresses(raw, "To") or reply_to
     to = [a for a in reply_to if a != me] or reply_to
     cc: list[str] = []
     if reply_all:

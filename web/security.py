@@ -88,8 +88,9 @@ def _check_csrf() -> Response | None:
         return None  # already logged out (expired): nothing to protect, just go to the login page
     if request.endpoint == LOGIN_ENDPOINT:
         return None  # the login view re-renders its form with the error (keeps the address typed)
-    return error_page(400, "This form has expired or did not come from this site. "
-                           "Go back, reload the page and try again.")
+    return error_page(400, "This form has expired or did not come from this site, so nothing was "
+                           "done. Use your browser's Back button to get back to what you typed, "
+                           "and log in again if you are asked to.")
 
 
 def _headers(response: Response) -> Response:

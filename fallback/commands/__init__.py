@@ -15,3 +15,6 @@ REGISTRY += [web.register]
 from fallback.commands import affected, check, dns, failover, smtp  # noqa: E402 - operations (issue 6)
 
 REGISTRY += [smtp.register, failover.register, affected.register, dns.register, check.register]
+from fallback.commands import forward  # noqa: E402 - the forward queue (issue 6); extends `worker`
+
+REGISTRY += [forward.register]

@@ -115,9 +115,12 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
     now = health.redis_now_ms(r)
     for b in health.backlogs(r):
         age = b.age(now)
-        level = _level(age, s.check_warn_queue_age, s.check_crit_queue_age)
+        warn = s.check_warn_queue_age
+        if b.name == "forward":  # forward_alert_age is the forward queue's own alert threshold
+            warn = min(warn, s.forward_alert_age)
+        level = _level(age, warn, s.check_crit_queue_age)
         v.add(level, f"{b.name} queue {b.depth} oldest {_age_text(age)}")
-        v.perf.append(f"{b.name}_age={age:.0f}s;{s.check_warn_queue_age:g};{s.check_crit_queue_age:g};0")
+        v.perf.append(f"{b.name}_age={age:.0f}s;{warn:g};{s.check_crit_queue_age:g};0")
         v.perf.append(f"{b.name}_depth={b.depth};;;0")
         if b.dead:
             # Parked after crashing workers: never dropped, so someone must look (fallback queue list).

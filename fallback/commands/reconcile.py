@@ -52,9 +52,19 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     who.add_argument("--all", action="store_true", help="every mailbox with something to reconcile")
     p.add_argument("--dry-run", action="store_true",
                    help="log in, check folders, report what would be appended; change nothing")
-    p.add_argument("--concurrency", type=int, metavar="N", dest="reconcile_concurrency",
+    p.add_argument("--concurrency", "--reconcile-concurrency", type=int, metavar="N",
+                   dest="reconcile_concurrency",
                    help="mailboxes in parallel (default 8); FALLBACK_RECONCILE_CONCURRENCY")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the per-mailbox report here")
+    more = p.add_argument_group("main store options (also FALLBACK_* / TOML; see docs/reconcile.md)")
+    more.add_argument("--master-separator", metavar="SEP",
+                      help="USER<SEP>MASTER login (default *); empty: SASL PLAIN with authorization id")
+    more.add_argument("--imap-ca-file", metavar="PEM", help="CA bundle for imaps:// (default: system)")
+    more.add_argument("--imap-timeout", metavar="SECONDS", help="limit of one IMAP command (default 120)")
+    more.add_argument("--reconcile-sent-folder", metavar="NAME",
+                      help="Sent folder when the server announces no \\Sent (default Sent)")
+    more.add_argument("--reconcile-trash-folder", metavar="NAME",
+                      help="Trash folder when the server announces no \\Trash (default Trash)")
     p.set_defaults(handler=run)
 
 

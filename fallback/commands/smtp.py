@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from fallback.cli import Context
+from fallback.commands import forward
 from fallback.redisconn import resolve_url
 from fallback.service import Service
 
@@ -20,11 +21,12 @@ from fallback.service import Service
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("smtp", parents=[parents["common"], parents["server"]],
                        help="run only the SMTP receiver against a Redis that is already up")
+    forward.add_options(p)  # with --forward-to it also runs the forward worker
     p.set_defaults(handler=run)
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     # resolve_url refuses (one line) when there is no Redis to join, instead of starting one.
     settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings), demo=False)
-    asyncio.run(Service(settings, roles=("smtp",)).run())
+    asyncio.run(Service(settings, roles=("smtp", "forward") if settings.forward_to else ("smtp",)).run())
     return 0

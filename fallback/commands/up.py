@@ -7,13 +7,14 @@ import asyncio
 from typing import Any
 
 from fallback.cli import Context
-from fallback.commands import worker
+from fallback.commands import forward, worker
 from fallback.service import Service
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", parents=[parents["common"], parents["server"], worker.options()],
                        help="run everything on one machine (embedded Redis unless --redis-url)")
+    forward.add_options(p)
     p.set_defaults(handler=run)
 
 
