@@ -400,17 +400,22 @@ def validate_outbound(s: Settings) -> None:
         raise ConfigError(f"dkim_selector: {s.dkim_selector!r} is not a DNS label")
 
 
-def settings_table() -> str:
-    """The README's configuration table, generated so docs and code cannot drift."""
+def settings_table(flags: set[str] | None = None) -> str:
+    """The README's configuration table, generated so docs and code cannot drift.
+
+    `flags` is every option string the CLI accepts; a setting without one is
+    shown as environment/TOML only (secrets, on purpose, have no flag).
+    """
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Settings):
         default = f.default
         shown = "unset" if default is None else str(default)
         if f.metadata.get("unit") == "bytes" and isinstance(default, int):
             shown = f"{default // MIB} MiB" if default % MIB == 0 else str(default)
+        flag = "--" + f.name.replace("_", "-")
+        shown_flag = f"`{flag}`" if flags is None or flag in flags else "—"
         rows.append(
-            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {shown} "
-            f"| {f.metadata['doc']} |"
+            f"| {shown_flag} | `{ENV_PREFIX}{f.name.upper()}` | {shown} | {f.metadata['doc']} |"
         )
     return "\n".join(rows)
 

@@ -81,7 +81,9 @@ class NextHop:
             if utf8 and client.supports_extension("smtputf8"):
                 options.append(b"SMTPUTF8")
             stage = "mail"
-            reply = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">", *options)
+            null = sender in ("", "<>")  # bounces and notices keep their null sender
+            reply = await client.execute_command(
+                b"MAIL", b"FROM:<" + (b"" if null else sender.encode()) + b">", *options)
             if reply.code != 250:
                 return _reply(reply.code, reply.message)
             stage = "rcpt"

@@ -237,8 +237,9 @@ class Receiver:
                           if scope.covers(envelope.mailstores[a])]
             forwards = [a for a in envelope.rcpt_tos if not scope.covers(envelope.mailstores[a])]
             if forwards:
-                await forward.accept_async(self.r, deliveries, forwards, msg_id, raw,
-                                           envelope.mail_from or "")
+                # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
+                sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+                await forward.accept_async(self.r, deliveries, forwards, msg_id, raw, sender or "")
             else:
                 await store.deliver_async(self.r, deliveries, msg_id, raw)
         except Exception as exc:

@@ -17,7 +17,7 @@ from web import create_app
 from web.sessions import COOKIE, PRE_COOKIE
 
 
-def login(client, username="alice@example.com", password="secret", ip="10.0.0.1"):  # noqa: S107
+def login(client, username="alice@example.com", password="secret", ip="10.0.0.1"):
     page = client.get("/login", environ_base={"REMOTE_ADDR": ip})
     return client.post("/login", data={"username": username, "password": password,
                                        "csrf_token": csrf(page.text)},

@@ -96,7 +96,7 @@ def smtp_send(port: int, raws: list[tuple[str, bytes]]) -> None:
             client.sendmail("sender@remote.test", [rcpt], raw)
 
 
-def log_in(page: Any, base: str, user: str, password: str = "secret") -> None:  # noqa: S107
+def log_in(page: Any, base: str, user: str, password: str = "secret") -> None:
     page.goto(f"{base}/login")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", password)
