@@ -53,7 +53,7 @@ from fallback.smarthost import Reply
 
 log = logging.getLogger(__name__)
 
-GROUP = "forwarders"
+GROUP = keys.FORWARD_GROUP
 READ_BLOCK_MS = 1000
 PROMOTE_BATCH = 500
 STOP_GRACE = 10.0
@@ -78,32 +78,23 @@ return 0
 """
 
 
-def record_key(recipient: str, msg_id: str) -> str:
-    """hash: one forwarded message for one recipient (raw, sender, created, attempts, reply, ...)."""
-    return f"{keys.mbx(recipient)}:fwd:{msg_id}"
+def queue_retry(pipe: Any, recipient: str, msg_id: str, due: float) -> None:
+    """Schedule a record's next attempt in its shard's retry zset (member "<id>\\t<rcpt>")."""
+    pipe.zadd(keys.forward_retry_n(keys.forward_shard(recipient)), {f"{msg_id}\t{recipient}": due})
 
 
-def lease_key(recipient: str, msg_id: str) -> str:
-    """string with TTL: the worker forwarding this record right now."""
-    return f"{record_key(recipient, msg_id)}:lease"
-
-
-def shard_of(recipient: str) -> int:
-    """fwdq:{fN} -> N for this recipient (keys.forward_stream is the stream's name)."""
-    return int(keys.forward_stream(recipient).rpartition("{f")[2].rstrip("}"))
-
-
-def retry_key(n: int) -> str:
-    return f"{keys.forward_stream_n(n)}:retry"
-
-
-def member(msg_id: str, recipient: str) -> str:
-    return f"{msg_id}\t{recipient}"
+def queue_refused(pipe: Any, recipient: str, msg_id: str, at: float | None) -> None:
+    """Mark (at = time) or unmark (None) a record as refused with a 5xx, for `fallback check`."""
+    key, item = keys.forward_refused_n(keys.forward_shard(recipient)), f"{msg_id}\t{recipient}"
+    if at is None:
+        pipe.zrem(key, item)
+    else:
+        pipe.zadd(key, {item: at})
 
 
 def queue_forward(pipe: Any, recipient: str, msg_id: str, raw: bytes, sender: str, now: float) -> None:
     """Queue one recipient's forward record and stream entry on a (sync or async) MULTI pipeline."""
-    pipe.hset(record_key(recipient, msg_id), mapping={
+    pipe.hset(keys.forward_record(recipient, msg_id), mapping={
         "v": keys.SCHEMA_VERSION, "raw": raw, "sender": sender, "rcpt": recipient,
         "created": now, "attempts": 0})
     pipe.xadd(keys.forward_stream(recipient), {"a": recipient, "id": msg_id})
@@ -263,7 +254,7 @@ class Forwarder:
             try:
                 now = time.time()
                 for n in range(keys.FORWARD_SHARDS):
-                    await self.r.eval(_PROMOTE, 2, retry_key(n), keys.forward_stream_n(n), now,
+                    await self.r.eval(_PROMOTE, 2, keys.forward_retry_n(n), keys.forward_stream_n(n), now,
                                       PROMOTE_BATCH)
             except (RedisError, OSError) as exc:
                 log.warning("forward: scheduling retries failed: %s", exc)
@@ -287,7 +278,7 @@ class Forwarder:
             log.error("forward: malformed entry %s in %s; removing it", e.entry_id, e.stream)
             await self._finish(e, None)
             return
-        lease = lease_key(e.recipient, e.msg_id)
+        lease = keys.forward_lease(e.recipient, e.msg_id)
         token = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
         if not await self.r.set(lease, token, nx=True, px=int(self.s.claim_timeout * 1000)):
             # Another worker has it right now (a duplicated entry): look again later.
@@ -319,7 +310,7 @@ class Forwarder:
                 log.warning("forward: heartbeat for %s failed: %s", e.entry_id, exc)
 
     async def _attempt(self, e: Entry) -> None:
-        rec = record_key(e.recipient, e.msg_id)
+        rec = keys.forward_record(e.recipient, e.msg_id)
         fields: Any = await self.r.hgetall(rec)
         if not fields:
             await self._finish(e, None)  # already delivered (a duplicate entry)
@@ -342,6 +333,7 @@ class Forwarder:
         if reply.accepted:
             async with self.r.pipeline(transaction=True) as pipe:
                 pipe.delete(rec)
+                queue_refused(pipe, e.recipient, e.msg_id, None)
                 pipe.xack(e.stream, GROUP, e.entry_id)
                 pipe.xdel(e.stream, e.entry_id)
                 await pipe.execute()
@@ -359,7 +351,8 @@ class Forwarder:
             pipe.hset(rec, mapping={"attempts": attempts, "reply": reply.text, "code": reply.code,
                                     "last": now, "next": now + delay, "runs": 0,
                                     **({"alerted": now} if alert_age else {})})
-            pipe.zadd(retry_key(shard_of(e.recipient)), {member(e.msg_id, e.recipient): now + delay})
+            queue_retry(pipe, e.recipient, e.msg_id, now + delay)
+            queue_refused(pipe, e.recipient, e.msg_id, now if reply.permanent else None)
             pipe.xack(e.stream, GROUP, e.entry_id)
             pipe.xdel(e.stream, e.entry_id)
             await pipe.execute()
@@ -382,7 +375,7 @@ class Forwarder:
         """Done with an entry: acknowledged and deleted; if it must come back, scheduled."""
         async with self.r.pipeline(transaction=True) as pipe:
             if retry_at is not None:
-                pipe.zadd(retry_key(shard_of(e.recipient)), {member(e.msg_id, e.recipient): retry_at})
+                queue_retry(pipe, e.recipient, e.msg_id, retry_at)
             pipe.xack(e.stream, GROUP, e.entry_id)
             pipe.xdel(e.stream, e.entry_id)
             await pipe.execute()

@@ -12,6 +12,7 @@ the forward queue are read the same way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ class Backlog:
     depth: int = 0
     oldest_ms: int | None = None  # when the oldest unfinished message was queued
     dead: int = 0
+    refused: int = 0  # still queued and retried, but the next hop's last answer was a 5xx (forward)
 
     def age(self, now_ms: int) -> float:
         """Seconds the oldest message has waited; 0 for an empty queue."""
@@ -100,8 +102,9 @@ def _zset_backlog(r: redis.Redis, key: str) -> tuple[int, int | None]:
 
 
 def queue_backlog(r: redis.Redis, name: str, shard: Callable[[int], str], shards: int) -> Backlog:
-    """One sharded queue; by convention `<stream>:retry` and `<stream>:dead` are its retry and parked sets."""
-    depth, oldest, dead = 0, None, 0
+    """One sharded queue; by convention `<stream>:retry` and `<stream>:dead` are its retry and parked sets,
+    `<stream>:refused` the messages whose last attempt got a 5xx (kept, retried)."""
+    depth, oldest, dead, refused = 0, None, 0, 0
     for n in range(shards):
         stream = shard(n)
         d, o = stream_backlog(r, stream)
@@ -109,7 +112,8 @@ def queue_backlog(r: redis.Redis, name: str, shard: Callable[[int], str], shards
         depth += d + rd
         oldest = _older(oldest, _older(o, ro))
         dead += int(r.zcard(f"{stream}:dead"))
-    return Backlog(name, depth, oldest, dead)
+        refused += int(r.zcard(f"{stream}:refused"))
+    return Backlog(name, depth, oldest, dead, refused)
 
 
 def backlogs(r: redis.Redis) -> list[Backlog]:
@@ -155,3 +159,25 @@ def redis_now_ms(r: redis.Redis) -> int:
     """Redis's own clock: stream ids come from it, so ages are measured against it too."""
     seconds, micros = r.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def redis_health(r: redis.Redis) -> dict[str, Any]:
+    """Ping time, memory and persistence, as `fallback status` and the admin API show them."""
+    started = time.monotonic()
+    r.ping()
+    latency = (time.monotonic() - started) * 1000
+    mem = r.info("memory")
+    persistence = r.info("persistence")
+    health: dict[str, Any] = {
+        "ping_ms": round(latency, 2),
+        "used_memory": int(mem.get("used_memory", 0)),
+        "maxmemory": int(mem.get("maxmemory", 0)),
+        "maxmemory_policy": mem.get("maxmemory_policy", "unknown"),
+        "aof_enabled": bool(persistence.get("aof_enabled", 0)),
+        "aof_last_write_status": persistence.get("aof_last_write_status", "unknown"),
+    }
+    try:
+        health["appendfsync"] = r.config_get("appendfsync").get("appendfsync", "unknown")
+    except Exception:  # CONFIG may be renamed or forbidden on a managed Redis
+        health["appendfsync"] = "unknown"
+    return health

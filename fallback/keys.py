@@ -143,3 +143,43 @@ def forward_stream(recipient: str) -> str:
 
 def forward_stream_n(n: int) -> str:
     return f"fwdq:{{f{n}}}"
+
+
+METRICS_SHARDS = 16
+
+
+def metrics_shard_n(n: int) -> str:
+    """hash: "<metric>\\t<label>=<value>..." -> count, summed over shards by /metrics (metrics.py)."""
+    return f"metrics:{{c{n}}}"
+
+
+def notice_marker(address: str) -> str:
+    """hash: start|stop -> the failover episode (declared-at) this mailbox's user was last told about."""
+    return f"{mbx(address)}:notice"
+
+
+FORWARD_GROUP = "forwarders"  # the consumer group every forward worker reads the streams with
+
+
+def forward_shard(recipient: str) -> int:
+    return zlib.crc32(recipient.encode()) % FORWARD_SHARDS
+
+
+def forward_retry_n(n: int) -> str:
+    """zset: "<msg_id>\\t<recipient>" -> due time (s) of a forward waiting for a retry; its stream's slot."""
+    return f"fwdq:{{f{n}}}:retry"
+
+
+def forward_refused_n(n: int) -> str:
+    """zset: "<msg_id>\\t<recipient>" -> time of a forward whose last attempt got a 5xx (still retried)."""
+    return f"fwdq:{{f{n}}}:refused"
+
+
+def forward_record(recipient: str, msg_id: str) -> str:
+    """hash: one message waiting for the main system for one recipient (raw, sender, attempts, reply)."""
+    return f"{mbx(recipient)}:fwd:{msg_id}"
+
+
+def forward_lease(recipient: str, msg_id: str) -> str:
+    """string with TTL: the worker forwarding this record right now."""
+    return f"{forward_record(recipient, msg_id)}:lease"

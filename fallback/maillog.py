@@ -3,13 +3,15 @@
 Lines are logfmt (`key=value`, values quoted when they hold spaces) on the
 `fallback.mail` logger, so operators can grep a message id across every
 process.  Events: received, rejected, queued, sent, deferred, bounced,
-reconciled, failed.
+reconciled, failed, alert (needs an operator; the mail is kept).  Forwarded
+mail carries route=forward (queued at intake, sent to the main system).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 LOGGER_NAME = "fallback.mail"
 
@@ -28,10 +30,19 @@ def format_event(event: str, **fields: Any) -> str:
     return " ".join(parts)
 
 
+class EventSink(Protocol):
+    """Something that counts events (fallback.metrics.MailCounters): what is logged is counted."""
+
+    def event(self, event: str, fields: Mapping[str, Any]) -> None: ...
+
+
 class MailLog:
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, counters: EventSink | None = None) -> None:
         self.logger = logger or logging.getLogger(LOGGER_NAME)
+        self.counters = counters
 
     def event(self, event: str, **fields: Any) -> None:
+        if self.counters is not None:
+            self.counters.event(event, fields)
         if self.logger.isEnabledFor(logging.INFO):  # the receiver calls this per recipient
             self.logger.info(format_event(event, **fields))

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from fallback import directory, passwords
+from fallback import directory, metrics, passwords
 from fallback.config import Settings
 from fallback.embedded import EmbeddedRedis
 from fallback.forward import ForwardComponent
+from fallback.maillog import MailLog
 from fallback.redisconn import async_client, sync_client
 from fallback.smtp import ReceiverServer
 from fallback.webserver import WebComponent
@@ -49,15 +50,25 @@ class SmtpComponent:
     buckets: int
     name: str = "smtp"
     server: ReceiverServer | None = None
+    # What the receiver logs is counted for /metrics, and added to Redis every few seconds.
+    counters: metrics.Counters | None = None
+    flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
-        self.server = ReceiverServer(self.settings, self.r, self.buckets)
+        self.counters = metrics.Counters(self.settings.metrics_flush_interval)
+        maillog = MailLog(counters=metrics.MailCounters(self.counters))
+        self.server = ReceiverServer(self.settings, self.r, self.buckets, maillog)
         port = await self.server.start()
+        self.flusher = asyncio.create_task(self.counters.run_async(self.r))
         return f"SMTP receiver on {self.settings.smtp_host}:{port}"
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        if self.flusher is not None:  # after the server: the last messages' counts go too
+            self.flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flusher
 
 
 @dataclass

@@ -245,7 +245,9 @@ def test_mailbox_add_show_remove(r: redis.Redis, redis_url: str, capsys: pytest.
     assert USERS[2][1][12:] not in out  # the hash itself is not shown
 
     # The new domain is accepted at RCPT; its unknown users are not; others' domains are foreign.
-    rt = receiver_factory()
+    # (No lookup cache here: a removal must show at the very next RCPT in this test; in
+    # production it shows within directory_cache_ttl seconds.)
+    rt = receiver_factory(directory_cache_ttl=0.0)
     with smtplib.SMTP("127.0.0.1", rt.port) as smtp:
         smtp.ehlo("x")
         smtp.mail("s@remote.test")

@@ -12,9 +12,12 @@ Checked: Redis answers; memory used vs maxmemory (the machine's RAM when no
 maxmemory is set); AOF on, last write and last rewrite ok (250 means durable
 only with a healthy AOF; `--allow-no-aof` for deployments that rely on
 replication instead); the age of the oldest unfinished message of the outbound
-queue and of the forward queue (stream, retry set), and their dead letters
-(WARNING: parked, waiting for an operator).  Queued mail is never dropped, so an old
-queue is an alert to act on, not a failure of the queue.
+queue and of the forward queue (stream, retry set; the forward queue warns
+from forward_alert_age if that is lower), and their dead letters
+(WARNING: parked, waiting for an operator); forwarded mail the next hop
+refused with a 5xx (WARNING: kept and retried, never bounced).  Queued mail
+is never dropped, so an old queue is an alert to act on, not a failure of
+the queue.
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
         if b.dead:
             # Parked after crashing workers: never dropped, so someone must look (fallback queue list).
             v.add(WARNING, f"{b.name} queue {b.dead} dead letter(s)")
+        if b.refused:
+            # Never bounced (forward queue): the main system refusing its own users needs a person.
+            v.add(WARNING, f"{b.name} queue {b.refused} refused by the next hop (5xx), kept and retried")
         v.perf.append(f"{b.name}_dead={b.dead};1;;0")
     return v
 

@@ -3,7 +3,8 @@
 Every change is written to the audit log with the actor and the resulting
 scope.  A mailstore name that provisioning never saw is refused (a typo would
 quietly send the broken mailstore's mail on to the main system) unless
-`--force` says the operator means it.
+`--force` says the operator means it.  `--notify` tells the affected users
+with an alternate address (fallback.notices).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback import audit, failover
+from fallback import audit, failover, notices
 from fallback.cli import Context
 from fallback.directory import check_mailstore
 from fallback.errors import InputError
@@ -37,6 +38,13 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         if name == "start":
             a.add_argument("--force", action="store_true",
                            help="accept mailstore names that no provisioned mailbox has")
+        a.add_argument("--notify", action="store_true",
+                       help="send each affected user with an alternate address a notice (outbound "
+                       "queue); once per user and outage")
+        a.add_argument("--webmail-url", metavar="URL", help="the webmail URL the start notice gives "
+                       "(FALLBACK_WEBMAIL_URL)")
+        a.add_argument("--notice-sender", metavar="ADDR", help="From of the notices "
+                       "(FALLBACK_NOTICE_SENDER; default postmaster@ the first provisioned domain)")
         a.set_defaults(handler=run_start if name == "start" else run_stop)
     s = actions.add_parser("status", parents=[parents["common"]], help="show the failover scope")
     s.add_argument("--format", choices=("table", "json"), default="table")
@@ -50,10 +58,12 @@ def _names(args: argparse.Namespace) -> list[str] | None:
 
 
 def _audit(ctx: Context, args: argparse.Namespace, action: str, names: list[str] | None,
-           scope: failover.Scope) -> None:
-    entry = audit.Entry(action=action, actor=audit.actor_name(args.actor),
-                        args={"all": True} if names is None else {"mailstores": names},
-                        outcome="ok: " + scope.describe())
+           scope: failover.Scope, told: str | None = None) -> None:
+    given: dict[str, object] = {"all": True} if names is None else {"mailstores": names}
+    if args.notify:
+        given["notify"] = True
+    outcome = "ok: " + scope.describe() + (f"; {told}" if told else "")
+    entry = audit.Entry(action=action, actor=audit.actor_name(args.actor), args=given, outcome=outcome)
     for problem in audit.record(ctx.redis(), entry, ctx.settings.audit_log):
         print(f"fallback failover: warning: {problem}", file=sys.stderr)
 
@@ -72,10 +82,23 @@ def run_start(ctx: Context, args: argparse.Namespace) -> int:
             raise InputError(
                 f"unknown mailstore(s): {', '.join(unknown)} (provisioned: "
                 f"{', '.join(sorted(known)) or 'none'}); nothing changed; --force to declare anyway")
+    if args.notify and not ctx.settings.webmail_url:  # before the scope changes: nothing half done
+        raise InputError("--notify needs the webmail URL users should open: --webmail-url URL "
+                         "(or FALLBACK_WEBMAIL_URL); nothing changed")
     scope = failover.start(ctx.redis(), names)
-    _audit(ctx, args, "failover start", names, scope)
+    told = _notify(ctx, notices.START, scope, names) if args.notify else None
+    _audit(ctx, args, "failover start", names, scope, told)
     _report(ctx, scope)
     return 0
+
+
+def _notify(ctx: Context, kind: str, scope: failover.Scope, names: list[str] | None) -> str:
+    """Notices to the users of these mailstores (None: every one `scope` covers)."""
+    mailboxes = failover.iter_affected(ctx.directory(), scope, names)
+    tally = notices.notify(ctx.redis(), ctx.settings, ctx.directory(), kind, scope, mailboxes)
+    text = tally.describe(kind)
+    ctx.console.print(text, markup=False)
+    return text
 
 
 def run_stop(ctx: Context, args: argparse.Namespace) -> int:
@@ -88,8 +111,10 @@ def run_stop(ctx: Context, args: argparse.Namespace) -> int:
         absent = [n for n in names if n not in covered]
         if absent:
             raise InputError(f"not failed over: {', '.join(absent)} ({current.describe()}); nothing changed")
+    before = failover.read(r)  # the episodes being ended, for the notices
     scope = failover.stop(r, names, known=sorted(known))
-    _audit(ctx, args, "failover stop", names, scope)
+    told = _notify(ctx, notices.STOP, before, names) if args.notify else None
+    _audit(ctx, args, "failover stop", names, scope, told)
     _report(ctx, scope)
     return 0
 

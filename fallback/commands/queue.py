@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback import outbound
+from fallback import audit, outbound
 from fallback.cli import Context
 from fallback.errors import InputError
 from fallback.outbound import QueueItem
@@ -31,11 +31,13 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     retry = actions.add_parser("retry", parents=[parents["common"]],
                                help="try a message again now (also brings back a dead letter)")
     retry.add_argument("id", metavar="ID")
+    retry.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     retry.set_defaults(handler=retry_item)
     delete = actions.add_parser("delete", parents=[parents["common"]],
                                 help="take a message off the queue (the sender gets a failure notice)")
     delete.add_argument("id", metavar="ID")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     delete.set_defaults(handler=delete_item)
 
 
@@ -132,8 +134,16 @@ def show_item(ctx: Context, args: argparse.Namespace) -> int:
 
 def retry_item(ctx: Context, args: argparse.Namespace) -> int:
     item = outbound.retry_now(ctx.redis(), args.id)
+    _audit(ctx, args, "queue retry", item, "ok: queued for delivery now")
     ctx.console.print(f"{item.msg_id} from {item.sender}: queued for delivery now", markup=False)
     return 0
+
+
+def _audit(ctx: Context, args: argparse.Namespace, action: str, item: QueueItem, outcome: str) -> None:
+    entry = audit.Entry(action=action, actor=audit.actor_name(args.actor),
+                        args={"id": item.msg_id, "sender": item.sender}, outcome=outcome)
+    for problem in audit.record(ctx.redis(), entry, ctx.settings.audit_log):
+        print(f"fallback queue: warning: {problem}", file=sys.stderr)
 
 
 def delete_item(ctx: Context, args: argparse.Namespace) -> int:
@@ -150,6 +160,7 @@ def delete_item(ctx: Context, args: argparse.Namespace) -> int:
             return 1
     settings = ctx.settings
     outbound.delete(r, item.msg_id, settings.hostname or socket.gethostname(), settings.claim_timeout)
+    _audit(ctx, args, "queue delete", item, f"ok: {pending} recipient(s) marked failed")
     ctx.console.print(f"deleted {item.msg_id} from {item.sender}: {pending} recipient(s) marked failed",
                       markup=False)
     return 0

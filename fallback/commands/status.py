@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
 from rich.table import Table
 
 from fallback.cli import Context
+from fallback.health import redis_health
 from fallback.store import mailstore_stats
 
 
@@ -18,27 +18,6 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        help="what is stored, per mailstore, and how Redis is")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(handler=run)
-
-
-def redis_health(r: Any) -> dict[str, Any]:
-    started = time.monotonic()
-    r.ping()
-    latency = (time.monotonic() - started) * 1000
-    mem = r.info("memory")
-    persistence = r.info("persistence")
-    health: dict[str, Any] = {
-        "ping_ms": round(latency, 2),
-        "used_memory": int(mem.get("used_memory", 0)),
-        "maxmemory": int(mem.get("maxmemory", 0)),
-        "maxmemory_policy": mem.get("maxmemory_policy", "unknown"),
-        "aof_enabled": bool(persistence.get("aof_enabled", 0)),
-        "aof_last_write_status": persistence.get("aof_last_write_status", "unknown"),
-    }
-    try:
-        health["appendfsync"] = r.config_get("appendfsync").get("appendfsync", "unknown")
-    except Exception:  # CONFIG may be renamed or forbidden on a managed Redis
-        health["appendfsync"] = "unknown"
-    return health
 
 
 def collect(ctx: Context) -> dict[str, Any]:

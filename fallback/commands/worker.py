@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from fallback.cli import Context
+from fallback.commands import forward
 from fallback.config import SMARTHOST_TLS
 from fallback.errors import ConfigError
 from fallback.redisconn import async_client, resolve_url
@@ -42,11 +43,19 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        help="deliver sent mail from the outbound queue through the smarthost")
     p.add_argument("--hostname", metavar="NAME", help="name in EHLO and in failure notices")
     p.add_argument("--mail-log", metavar="FILE", help="mail log destination (default stderr)")
+    forward.add_options(p)
     p.set_defaults(handler=run)
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings
+    if settings.forward_to:
+        # Both queues: the outbound worker (off without a smarthost) beside the forward worker.
+        from fallback.service import Service
+
+        settings = replace(settings, redis_url=resolve_url(settings), demo=False)
+        asyncio.run(Service(settings, roles=("worker", "forward")).run())
+        return 0
     if not settings.smarthost:
         raise ConfigError("smarthost: not set; give --smarthost HOST:PORT (or FALLBACK_SMARTHOST)")
     if settings.hostname is None:
