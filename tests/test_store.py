@@ -1,0 +1,44 @@
+"""The receiver's scripted write and the webmail's MULTI write store exactly the same thing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from fallback import keys, store
+from fallback.redisconn import async_client
+
+RAW = (b"Received: from x ([127.0.0.1])\r\n\tby h (fallback) with ESMTP id ID; date\r\n"
+       b"From: =?utf-8?q?J=C3=BCrgen?= <j@remote.test>\r\nTo: a@example.com\r\n"
+       b"Subject: with a NUL\x00 inside\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\nbody\r\n")
+
+
+def _dump(r: redis.Redis, address: str, msg_id: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    out["message"] = {k: v for k, v in r.hgetall(keys.message(address, msg_id)).items() if k != b"ts"}
+    out["folder"] = r.zrange(keys.folder(address, store.INBOX), 0, -1)
+    out["unseen"] = r.smembers(keys.unseen(address))
+    out["pending"] = r.smembers(keys.pending(address))
+    out["info"] = r.hgetall(keys.info(address))
+    return out
+
+
+def test_scripted_and_multi_writes_are_identical(r: redis.Redis, redis_url: str) -> None:
+    a, b = "a@example.com", "b@example.com"
+    store.deliver(r, [store.Delivery(a, "east")], "01ID", RAW)
+
+    async def scripted() -> None:
+        client = async_client(redis_url)
+        await store.deliver_async(client, [store.Delivery(b, "east")], "01ID", RAW)
+        await client.aclose()
+
+    asyncio.run(scripted())
+    left, right = _dump(r, a, "01ID"), _dump(r, b, "01ID")
+    assert left == right
+    message = left["message"]
+    assert isinstance(message, dict)
+    assert message[b"raw"] == RAW
+    assert message[b"subject"] == b"with a NUL inside"
+    assert message[b"from"].startswith("Jürgen".encode())
+    assert message[b"attach"] == b"1"
