@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fallback.errors import ConfigError
+from fallback.errors import ConfigError, FallbackError
 
 ENV_PREFIX = "FALLBACK_"
 KIB = 1024
@@ -162,6 +162,14 @@ class Settings:
         600.0, "Longest delay between two forward attempts, seconds (it never gives up)", unit="seconds")
     forward_timeout: float = setting(60.0, "Time limit of one command to the forward next hop, seconds",
                                      unit="seconds")
+    metrics_flush_interval: float = setting(
+        5.0, "How often a process adds its counters (mail events, log-ins) to the shared ones in "
+        "Redis that /metrics reads, seconds", unit="seconds")
+    notice_sender: str | None = setting(
+        None, "From address of the user notices of `failover start/stop --notify`; unset: "
+        "postmaster@ the first provisioned domain")
+    webmail_url: str | None = setting(
+        None, "The webmail's public URL, as users should type it (https://...), for the notices")
     check_warn_memory: float = setting(80.0, "fallback check: WARNING at this % of Redis maxmemory")
     check_crit_memory: float = setting(90.0, "fallback check: CRITICAL at this % of Redis maxmemory")
 
@@ -468,7 +476,7 @@ def settings_env(s: Settings) -> dict[str, str]:
 def validate_operations(s: Settings) -> None:
     """Failover, DNS switch and check settings."""
     for name in ("failover_cache_ttl", "dns_low_ttl", "dns_timeout", "check_warn_queue_age",
-                 "check_crit_queue_age", "forward_alert_age", "forward_retry_base",
+                 "check_crit_queue_age", "metrics_flush_interval", "forward_alert_age", "forward_retry_base",
                  "forward_retry_max_interval", "forward_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
@@ -477,6 +485,15 @@ def validate_operations(s: Settings) -> None:
             parse_forward_to(s.forward_to)
         except ValueError as exc:
             raise ConfigError(f"forward_to: {exc}") from None
+    if s.webmail_url is not None and not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", s.webmail_url):
+        raise ConfigError(f"webmail_url: {s.webmail_url!r} must look like https://HOST/...")
+    if s.notice_sender is not None:
+        from fallback.directory import normalize_address  # local: directory imports redis
+
+        try:
+            normalize_address(s.notice_sender)
+        except FallbackError as exc:
+            raise ConfigError(f"notice_sender: {exc.reason}") from None
     if s.check_warn_queue_age > s.check_crit_queue_age:
         raise ConfigError("check_warn_queue_age: must not be above check_crit_queue_age")
     for name in ("check_warn_memory", "check_crit_memory"):

@@ -1,7 +1,8 @@
 """The webmail: a Flask app built by `create_app(settings)`, served by gunicorn.
 
 Blueprints by concern: `auth` (log in/out), `mailbox` (folders, messages,
-flags), `compose` (new mail, reply, forward), `pages` (/status, /healthz);
+flags), `compose` (new mail, reply, forward), `pages` (/status, /healthz),
+`monitoring` (/readyz, /metrics), `admin` (the token-protected admin API);
 `security` wires sessions, CSRF and response headers around all of them.
 Everything a request needs lives in one `WebState` on the app, made here
 from the settings: no module globals.
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from fallback import directory, passwords
-from fallback.config import Settings, cookie_secure, webmail_secret
+from fallback import directory, failover, metrics, passwords
+from fallback.config import Settings, admin_token, cookie_secure, webmail_secret
 from fallback.redisconn import resolve_url, sync_client
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
@@ -35,6 +36,12 @@ class WebState:
     # Password hashing is slow on purpose: a small pool bounds how much CPU a
     # burst of log-ins can take from people reading their mail.
     hasher: ThreadPoolExecutor
+    # The failover scope, re-read at most every failover_cache_ttl seconds.
+    scope: failover.ScopeCache = field(default_factory=lambda: failover.ScopeCache(2.0))
+    # Log-in counts, added to the shared ones in Redis now and then (web.monitoring).
+    counters: metrics.Counters = field(default_factory=metrics.Counters)
+    # The admin API's bearer token; None: the API is off.
+    admin_token: str | None = None
     _buckets: int | None = None
     _dummy: dict[str, str] = field(default_factory=dict)
     # The stored hash of the last real account checked: unknown addresses are checked
@@ -81,11 +88,15 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
         sessions=SessionStore(r, settings.session_idle_timeout),
         throttle=LoginThrottle(r),
         hasher=ThreadPoolExecutor(max_workers=2, thread_name_prefix="password"),
+        scope=failover.ScopeCache(settings.failover_cache_ttl),
+        counters=metrics.Counters(settings.metrics_flush_interval),
+        admin_token=admin_token(settings),
     )
-    from web import auth, compose, filters, mailbox, pages, security
+    from web import admin, auth, compose, filters, mailbox, monitoring, pages, security
 
     security.install(app)
     filters.install(app)
-    for bp in (auth.bp, mailbox.bp, compose.bp, pages.bp):
+    monitoring.install(app)
+    for bp in (auth.bp, mailbox.bp, compose.bp, pages.bp, monitoring.bp, admin.bp):
         app.register_blueprint(bp)
     return app

@@ -5,6 +5,10 @@ small thread pool (see WebState.hasher).  Unknown addresses are checked
 against the hash of the last real account tried (or, before any, a dummy hash
 of the configured scheme), with the result ignored, and both failures answer
 with the same words, so neither the text nor the time says which one it was.
+
+Only users whose mailstore is failed over (fallback.failover) get a session;
+the others, after a correct password, see "your mailbox is working normally".
+Every attempt is counted for /metrics (ok, failed, throttled, not_affected).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from typing import Any
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
-from fallback import passwords
+from fallback import failover, passwords
 from fallback.directory import normalize_address
 from fallback.errors import InputError
 from fallback.maillog import MailLog
+from fallback.metrics import WEBMAIL_LOGINS
 from web import state
 from web.sessions import COOKIE, PRE_COOKIE, check_login_token, login_token
 
@@ -84,6 +89,7 @@ def login() -> Any:
     account = username.lower()
     wait = st.throttle.wait(ip, account)
     if wait:
+        st.counters.add(WEBMAIL_LOGINS, result="throttled")
         return _form(username, f"Too many failed log-ins. Wait {wait} seconds, then try again.", 429)
 
     try:
@@ -101,18 +107,41 @@ def login() -> Any:
     except FutureTimeout:
         return _form(username, "The server is very busy. Please try again in a minute.", 503)
     ok = ok and mailbox is not None and len(password) <= MAX_PASSWORD
-    if not ok or address is None:
+    if not ok or address is None or mailbox is None:
         st.throttle.failed(ip, account)
+        st.counters.add(WEBMAIL_LOGINS, result="failed")
         MailLog().event("login-failed", user=account, ip=ip)
         return _form(username, WRONG, 401)
 
     st.throttle.succeeded(account)
+    if not failover.is_affected(st.r, mailbox.mailstore, st.scope):
+        # Right password, but this mailbox is not failed over: its mail goes to the main
+        # system, so a session here would only show an empty mailbox.  Say so; no session.
+        st.counters.add(WEBMAIL_LOGINS, result="not_affected")
+        MailLog().event("login-refused", user=address, ip=ip, reason="mailstore not failed over")
+        return make_response(render_template("working.html", address=address), 200)
+    st.counters.add(WEBMAIL_LOGINS, result="ok")
     session = st.sessions.create(address, replaces=request.cookies.get(COOKIE))
     response = redirect(url_for("mailbox.inbox"))
     _set_cookie(response, COOKIE, session.token)
     response.delete_cookie(PRE_COOKIE, path="/")
     MailLog().event("login", user=address, ip=ip)
     return response
+
+
+def mailbox_restored() -> bool:
+    """Logged in, but the user's mailstore is no longer failed over (see docs/webmail.md).
+
+    The session goes on (what the fallback holds is not reconciled yet); base.html
+    shows a banner saying that new mail goes to the normal mailbox again.
+    """
+    if g.get("user") is None:
+        return False
+    if "restored" not in g:
+        st = state()
+        mailbox = st.directory().get(g.user)
+        g.restored = mailbox is not None and not failover.is_affected(st.r, mailbox.mailstore, st.scope)
+    return bool(g.restored)
 
 
 @bp.post("/logout")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from flask import Flask, Response, g, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from web import state
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CSRF_FIELD = "csrf_token"
 LOGIN_ENDPOINT = "auth.login"
+ADMIN_API = "/admin/api/"
 
 
 def app_csp(nonce: str) -> str:
@@ -67,7 +68,9 @@ def frameable(view: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load_session() -> None:
     g.nonce = secrets.token_urlsafe(16)
-    if request.endpoint == "static":  # the stylesheet needs no session (nor a Redis round trip)
+    # The stylesheet needs no session (nor a Redis round trip); the admin API uses a
+    # bearer token and must never act on a browser's cookie.
+    if request.endpoint == "static" or request.path.startswith(ADMIN_API):
         g.session = g.user = None
         return
     g.session = state().sessions.load(request.cookies.get(COOKIE))
@@ -75,7 +78,7 @@ def _load_session() -> None:
 
 
 def _check_csrf() -> Response | None:
-    if request.method != "POST":
+    if request.method != "POST" or request.path.startswith(ADMIN_API):  # token auth, no cookies
         return None
     token = request.form.get(CSRF_FIELD)
     if request.endpoint == LOGIN_ENDPOINT:
@@ -122,17 +125,26 @@ def error_page(code: int, text: str) -> Response:
     return response
 
 
+def _json_error(code: int, text: str) -> Response:
+    response = jsonify({"error": text})
+    response.status_code = code
+    return response
+
+
 def install(app: Flask) -> None:
     app.before_request(_load_session)
     app.before_request(_check_csrf)
     app.after_request(_headers)
+
+    from web.auth import mailbox_restored
 
     @app.context_processor
     def _inject() -> dict[str, Any]:
         session = getattr(g, "session", None)
         return {"csrf_token": session.csrf if session else "", "csp_nonce": getattr(g, "nonce", ""),
                 "user": getattr(g, "user", None),
-                "incident_message": state().settings.incident_message}
+                "incident_message": state().settings.incident_message,
+                "mailbox_restored": mailbox_restored}
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -146,15 +158,21 @@ def install(app: Flask) -> None:
                   "go back to keep your text and attach smaller files."),
         }
         code = exc.code or 500
+        if request.path.startswith(ADMIN_API):
+            return _json_error(code, exc.description or "That did not work.")
         return error_page(code, texts.get(code, exc.description or "That did not work."))
 
     @app.errorhandler(redis.RedisError)
     def _storage_error(exc: redis.RedisError) -> Response:
         log.error("webmail: Redis error on %s: %s", request.path, exc)
+        if request.path.startswith(ADMIN_API):
+            return _json_error(503, "Redis is not answering")
         return error_page(503, "The mail store is not answering right now. Nothing was lost; "
                                "please try again in a minute.")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("webmail: unexpected error on %s", request.path)
+        if request.path.startswith(ADMIN_API):
+            return _json_error(500, "internal error (see the server log)")
         return error_page(500, "Something went wrong on our side. Please try again.")

@@ -97,7 +97,7 @@ def _notify(ctx: Context, kind: str, scope: failover.Scope, names: list[str] | N
     mailboxes = failover.iter_affected(ctx.directory(), scope, names)
     tally = notices.notify(ctx.redis(), ctx.settings, ctx.directory(), kind, scope, mailboxes)
     text = tally.describe(kind)
-    ctx.console.print(text, markup=False)
+    ctx.console.print(text, markup=False, soft_wrap=True)
     return text
 
 

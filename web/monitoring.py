@@ -1,0 +1,88 @@
+"""What load balancers and Prometheus ask the webmail: /readyz and /metrics.
+
+/healthz (web.pages) only says "the process and Redis answer"; /readyz says
+"this instance can serve users now": Redis answers, takes writes (not a
+read-only replica, memory not full) and holds a provisioned directory.  The
+secret key was already checked when the app was made.
+
+/metrics is the whole service's figures (fallback.metrics), the same from
+every instance.  The log-in counts of this process are added to the shared
+ones in Redis after a request once `metrics_flush_interval` has passed, and
+before /metrics answers, so a scrape sees its own process's latest counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Blueprint, Flask, Response
+
+from fallback import keys, metrics
+from web import state
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("monitoring", __name__)
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def not_ready_reason(r: redis.Redis) -> str | None:
+    """Why this instance cannot serve users now; None when it can."""
+    try:
+        r.ping()
+    except (redis.RedisError, OSError):
+        return "redis not answering"
+    try:
+        role = r.info("replication").get("role")
+        mem = r.info("memory")
+    except redis.ResponseError:  # INFO renamed or forbidden on a managed Redis: cannot tell
+        role, mem = None, {}
+    except (redis.RedisError, OSError):
+        return "redis not answering"
+    if role == "slave":
+        return "redis is a read-only replica (log-ins and sent mail need writes)"
+    limit = int(mem.get("maxmemory", 0) or 0)
+    if limit and int(mem.get("used_memory", 0) or 0) >= limit:
+        return "redis memory is full (maxmemory reached)"
+    try:
+        if not r.hlen(keys.DIR_MAILSTORES):
+            return "no mailbox is provisioned yet (fallback provision)"
+    except (redis.RedisError, OSError):
+        return "redis not answering"
+    return None
+
+
+@bp.get("/readyz")
+def readyz() -> Any:
+    reason = not_ready_reason(state().r)
+    if reason is not None:
+        return Response(f"not ready: {reason}\n", status=503, mimetype="text/plain")
+    return Response("ready\n", mimetype="text/plain")
+
+
+@bp.get("/metrics")
+def prometheus() -> Any:
+    st = state()
+    try:
+        st.counters.flush(st.r)
+    except (redis.RedisError, OSError) as exc:  # the figures below say Redis is down
+        log.warning("metrics: log-in counts not flushed: %s", exc)
+    body = metrics.exposition(st.r)
+    return Response(body, mimetype=PROMETHEUS_TEXT)
+
+
+def _flush_when_due(response: Response) -> Response:
+    st = state()
+    if st.counters.due():
+        try:
+            st.counters.flush(st.r)
+        except (redis.RedisError, OSError) as exc:  # kept in memory for the next try
+            log.warning("metrics: log-in counts not flushed: %s", exc)
+    return response
+
+
+def install(app: Flask) -> None:
+    app.after_request(_flush_when_due)
