@@ -175,6 +175,7 @@ class Receiver:
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
+        self.batcher = store.DeliveryBatcher(r)
         self.scope = failover.ScopeCache(settings.failover_cache_ttl)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -241,7 +242,7 @@ class Receiver:
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
                 await forward.accept_async(self.r, deliveries, forwards, msg_id, raw, sender or "")
             else:
-                await store.deliver_async(self.r, deliveries, msg_id, raw)
+                await store.deliver_async(self.r, deliveries, msg_id, raw, batcher=self.batcher)
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
             log.warning("%s", err.reason)
