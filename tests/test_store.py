@@ -42,3 +42,25 @@ def test_scripted_and_multi_writes_are_identical(r: redis.Redis, redis_url: str)
     assert message[b"subject"] == b"with a NUL inside"
     assert message[b"from"].startswith("Jürgen".encode())
     assert message[b"attach"] == b"1"
+
+
+def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url: str) -> None:
+    """Deliveries sharing a pipeline keep their own outcome: one failing never fails or hides another."""
+    good, bad = "good@example.com", "bad@example.com"
+    r.set(keys.message(bad, "02ID"), "not a hash")  # its script fails at its first write
+
+    async def both() -> list[object]:
+        client = async_client(redis_url)
+        batcher = store.DeliveryBatcher(client)
+        results = await asyncio.gather(
+            store.deliver_async(client, [store.Delivery(good, "east")], "02ID", RAW, batcher=batcher),
+            store.deliver_async(client, [store.Delivery(bad, "east")], "02ID", RAW, batcher=batcher),
+            return_exceptions=True)
+        await client.aclose()
+        return list(results)
+
+    ok, failed = asyncio.run(both())
+    assert ok is None
+    assert isinstance(failed, redis.ResponseError) and "WRONGTYPE" in str(failed)
+    assert r.hget(keys.message(good, "02ID"), "raw") == RAW
+    assert r.zcard(keys.folder(bad, store.INBOX)) == 0
