@@ -414,10 +414,11 @@ def _summary(msg_id: str, values: list[Any]) -> dict[str, str]:
 # (one hash tag, one cluster slot); the message keys are built from the prefix.
 _LIST_PAGE_LUA = """
 local total = redis.call('ZCARD', KEYS[1])
+local unread = redis.call('ZINTERCARD', 2, KEYS[2], KEYS[3], 'LIMIT', ARGV[4])
 local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
-local out = {total, ids}
+local out = {total, unread, ids}
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 for _, id in ipairs(ids) do
   out[#out + 1] = redis.call('HMGET', ARGV[1] .. id, unpack(fields))
 end
@@ -425,20 +426,24 @@ return out
 """
 
 
-def list_page(r: redis.Redis, address: str, folder: str, start: int,
-              count: int) -> tuple[int, list[dict[str, str]]]:
-    """(messages in folder, summaries of `count` messages from `start`, newest first).
+def list_page(r: redis.Redis, address: str, folder: str, start: int, count: int,
+              unread_limit: int = 1000) -> tuple[int, list[dict[str, str]], int]:
+    """(messages in folder, summaries of `count` messages from `start` newest first,
+    unread messages in INBOX counted up to `unread_limit`).
 
     A Lua script rather than pipelines: on a busy threaded web worker every
     round trip is another wait for the interpreter lock, so one beats three.
     """
     script = r.register_script(_LIST_PAGE_LUA)
-    reply: Any = script(keys=[keys.folder(address, folder)],
-                        args=[keys.message(address, ""), start, start + count - 1, *LIST_FIELDS])
-    total, raw_ids, values = reply[0], reply[1], reply[2:]
+    reply: Any = script(keys=[keys.folder(address, folder), keys.folder(address, INBOX),
+                              keys.unseen(address)],
+                        args=[keys.message(address, ""), start, start + count - 1, unread_limit,
+                              *LIST_FIELDS])
+    total, unread, raw_ids, values = reply[0], reply[1], reply[2], reply[3:]
     ids = [_text(i) for i in raw_ids]
     # A message moved or deleted between the index read and now has no fields: leave it out.
-    return int(total), [_summary(i, v) for i, v in zip(ids, values, strict=True) if v[1] is not None]
+    rows = [_summary(i, v) for i, v in zip(ids, values, strict=True) if v[1] is not None]
+    return int(total), rows, int(unread)
 
 
 def summaries(r: redis.Redis, address: str, ids: list[str]) -> list[dict[str, str]]:

@@ -79,13 +79,15 @@ def _folder_view(folder: str) -> Any:
     start = (page - 1) * PAGE_SIZE
     if query:
         total, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
+        unread = store.unseen_count(r, g.user, store.INBOX)
     else:
-        total, rows = store.list_page(r, g.user, folder, start, PAGE_SIZE)
+        # The inbox count comes with the page: one round trip for the whole list view.
+        total, rows, unread = store.list_page(r, g.user, folder, start, PAGE_SIZE)
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return render_template(
         "folder.html", folder=folder, rows=display_rows(rows), total=total, page=page, pages=pages,
         query=query,
-        unread=store.unseen_count(r, g.user, store.INBOX), folders=store.FOLDERS,
+        unread=unread, folders=store.FOLDERS,
     )
 
 
