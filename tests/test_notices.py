@@ -185,3 +185,20 @@ def test_notice_text_is_plain_utf8(settings: Settings) -> None:
     msg: Any = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg.get_content_type() == "text/plain" and "Störung im Rechenzentrum" in msg.get_content()
     assert b"\r\n" in raw
+
+
+def test_purge_is_audited_and_a_refused_purge_is_not(r: redis.Redis, redis_url: str, mailboxes: list[str],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.reconcile_helpers import message, put
+
+    msg_id, raw = message("alice@example.com", "done")
+    put(r, "alice@example.com", raw, msg_id)
+    r.hset(keys.message("alice@example.com", msg_id), mapping={"rstate": "done", "rts": 0})
+    r.srem(keys.pending("alice@example.com"), msg_id)
+    assert cli(capsys, redis_url, "purge", "--reconciled")[0] == 1  # no --yes, no terminal
+    assert audit.recent(r) == []
+    assert cli(capsys, redis_url, "purge", "--reconciled", "--yes", "--actor", "ops")[0] == 0
+    (entry,) = audit.recent(r)
+    assert (entry.action, entry.actor, entry.args) == (
+        "purge", "ops", {"reconciled": True, "older_than_days": 0.0})
+    assert entry.outcome == f"ok: deleted 1 message(s), {len(raw)} bytes"

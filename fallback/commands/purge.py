@@ -4,7 +4,8 @@ Only messages in reconcile state `done` with nothing pending (no webmail
 change since) and no outbound delivery left are deleted; `--older-than`
 keeps those reconciled within the last DAYS days.  The deletion itself
 re-checks each message atomically (store.delete_reconciled), so a message
-changed between the count and the deletion stays.
+changed between the count and the deletion stays.  A purge that deletes is
+written to the audit log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fallback import keys
+from fallback import audit, keys
 from fallback.cli import Context
 from fallback.errors import InputError
 from fallback.store import FOLDERS, delete_reconciled
@@ -31,6 +32,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--older-than", type=float, metavar="DAYS", default=0.0,
                    help="only those reconciled at least DAYS days ago (default 0: all)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--actor", metavar="NAME", help="who to name in the audit log "
+                   "(default $SUDO_USER, else $USER)")
     p.set_defaults(handler=run)
 
 
@@ -87,5 +90,10 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         for ids, _ in list(candidates(r, address, cutoff_ms)):
             n, b = delete_reconciled(r, address, ids, cutoff_ms)
             deleted, freed = deleted + n, freed + b
+    entry = audit.Entry(action="purge", actor=audit.actor_name(args.actor),
+                        args={"reconciled": True, "older_than_days": args.older_than},
+                        outcome=f"ok: deleted {deleted} message(s), {freed} bytes")
+    for problem in audit.record(r, entry, ctx.settings.audit_log):
+        print(f"fallback purge: warning: {problem}", file=sys.stderr)
     ctx.console.print(f"deleted {deleted} message(s), {freed} bytes")
     return 0

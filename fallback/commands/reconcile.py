@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -29,10 +30,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fallback import keys
+from fallback import keys, metrics
 from fallback.cli import Context
 from fallback.directory import check_mailstore, normalize_address
 from fallback.errors import InputError
+from fallback.maillog import MailLog
 from fallback.reconcile import MailboxReport, Reconciler, Report, read_password
 from fallback.redisconn import async_client, resolve_url
 
@@ -173,6 +175,9 @@ def write_report(path: Path, report: Report) -> None:
 
 async def _reconcile(ctx: Context, password: str, dry_run: bool, work: dict[str, int]) -> Report:
     r = async_client(resolve_url(ctx.settings))
+    # Reconciled/failed events feed /metrics (shared counters in Redis), flushed at the end.
+    counters = metrics.Counters()
+    maillog = MailLog(counters=metrics.MailCounters(counters))
     try:
         addresses = sorted(work)
         if ctx.console.is_terminal:
@@ -180,11 +185,14 @@ async def _reconcile(ctx: Context, password: str, dry_run: bool, work: dict[str,
                        TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
             with Progress(*columns, console=ctx.console, transient=False) as progress:
                 sink = RichProgress(progress, len(addresses), sum(work.values()))
-                rec = Reconciler(ctx.settings, r, password, dry_run=dry_run, progress=sink)
+                rec = Reconciler(ctx.settings, r, password, dry_run=dry_run, progress=sink,
+                                 maillog=maillog)
                 return await rec.run(addresses)
-        rec = Reconciler(ctx.settings, r, password, dry_run=dry_run)
+        rec = Reconciler(ctx.settings, r, password, dry_run=dry_run, maillog=maillog)
         return await rec.run(addresses)
     finally:
+        with contextlib.suppress(Exception):  # metrics must never fail a reconcile
+            await counters.flush_async(r)
         await r.aclose()
 
 
