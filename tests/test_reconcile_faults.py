@@ -129,7 +129,9 @@ def test_connection_dropped_mid_append(r, settings, dovecot, tmp_path: Path, mod
     try:
         direct = reconcile_settings(settings, dovecot, tmp_path, reconcile_concurrency=1)
         via_proxy = replace(direct, imap_url=proxy.url)
-        alice = [put(r, ALICE, raw, i) for i, raw in (message(ALICE, f"m{n}") for n in range(5))]
+        # Reconcile goes in id order; ids made in the same millisecond are not ordered among
+        # themselves, so sort them to know which one is the third APPEND.
+        alice = sorted(put(r, ALICE, raw, i) for i, raw in (message(ALICE, f"m{n}") for n in range(5)))
         bob = [put(r, BOB, raw, i) for i, raw in (message(BOB, f"b{n}") for n in range(3))]
 
         report = run_engine(via_proxy, [ALICE, BOB])
