@@ -15,6 +15,7 @@ import contextlib
 import email.header
 import email.utils
 import hashlib
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,11 +275,14 @@ def received_header(msg_id: str, hostname: str, helo: str, peer_ip: str, rdns: s
     return line.encode("ascii")
 
 
+_UNSAFE_IN_TRACE = re.compile(r"[^\x21-\x7e]|[()<>;]")
+
+
 def _sanitize(text: str | None) -> str:
     """Client-supplied names go into a header: printable ASCII only, no CR/LF, bounded."""
     if not text:
         return ""
-    return "".join(ch if 33 <= ord(ch) < 127 and ch not in "()<>;" else "?" for ch in text)[:200]
+    return _UNSAFE_IN_TRACE.sub("?", text[:200])
 
 
 class MailboxReader:
