@@ -44,7 +44,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from fallback import keys, store
+from fallback import keys, queueing, store
 from fallback.config import Settings
 from fallback.maillog import MailLog
 from fallback.nexthop import NextHop
@@ -58,24 +58,6 @@ READ_BLOCK_MS = 1000
 PROMOTE_BATCH = 500
 STOP_GRACE = 10.0
 
-# Due members of a retry zset go back onto their stream; one shard (one slot) per call.
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  local tab = string.find(m, '\\t', 1, true)
-  redis.call('XADD', KEYS[2], '*', 'a', string.sub(m, tab + 1), 'id', string.sub(m, 1, tab - 1))
-  redis.call('ZREM', KEYS[1], m)
-end
-return #due
-"""
-_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def queue_retry(pipe: Any, recipient: str, msg_id: str, due: float) -> None:
@@ -254,8 +236,8 @@ class Forwarder:
             try:
                 now = time.time()
                 for n in range(keys.FORWARD_SHARDS):
-                    await self.r.eval(_PROMOTE, 2, keys.forward_retry_n(n), keys.forward_stream_n(n), now,
-                                      PROMOTE_BATCH)
+                    await self.r.eval(queueing.PROMOTE_DUE, 2, keys.forward_retry_n(n),
+                                      keys.forward_stream_n(n), now, PROMOTE_BATCH)
             except (RedisError, OSError) as exc:
                 log.warning("forward: scheduling retries failed: %s", exc)
 
@@ -293,7 +275,7 @@ class Forwarder:
             beat.cancel()
             await asyncio.wait([beat], timeout=5)
             with contextlib.suppress(RedisError, OSError):
-                await self.r.eval(_RELEASE, 1, lease, token)
+                await self.r.eval(queueing.RELEASE_LEASE, 1, lease, token)
 
     async def _heartbeat(self, e: Entry, lease: str, token: str, done: asyncio.Event) -> None:
         """Keep the lease and the entry's idle time fresh while a slow delivery runs."""
@@ -304,7 +286,7 @@ class Forwarder:
             if done.is_set():
                 return
             try:
-                await self.r.eval(_REFRESH, 1, lease, token, ttl)
+                await self.r.eval(queueing.REFRESH_LEASE, 1, lease, token, ttl)
                 await self.r.xclaim(e.stream, GROUP, self.consumer, 0, [e.entry_id], justid=True)
             except (RedisError, OSError) as exc:
                 log.warning("forward: heartbeat for %s failed: %s", e.entry_id, exc)

@@ -24,17 +24,7 @@ import aiosmtplib
 
 from fallback.config import Settings, parse_forward_to
 from fallback.errors import ConfigError
-from fallback.smarthost import Reply
-
-REPLY_LIMIT = 500
-
-
-def _clip(text: str) -> str:
-    return " ".join(text.split())[:REPLY_LIMIT]
-
-
-def _reply(code: int, message: str) -> Reply:
-    return Reply(code, _clip(f"{code} {message}"))
+from fallback.smarthost import Reply, clip, make_reply
 
 
 @dataclass(frozen=True)
@@ -71,7 +61,7 @@ class NextHop:
             stage = "lhlo" if self.protocol == "lmtp" else "ehlo"
             greeting = await client.execute_command(stage.upper().encode(), self.local_hostname.encode())
             if greeting.code != 250:
-                return Reply(0, _clip(f"next hop {self.name} refused {stage.upper()}: "
+                return Reply(0, clip(f"next hop {self.name} refused {stage.upper()}: "
                                       f"{greeting.code} {greeting.message}"))
             client.last_ehlo_response = greeting  # parses the extensions (8BITMIME, SMTPUTF8)
             utf8 = not (sender.isascii() and recipient.isascii())
@@ -85,24 +75,24 @@ class NextHop:
             reply = await client.execute_command(
                 b"MAIL", b"FROM:<" + (b"" if null else sender.encode()) + b">", *options)
             if reply.code != 250:
-                return _reply(reply.code, reply.message)
+                return make_reply(reply.code, reply.message)
             stage = "rcpt"
             reply = await client.execute_command(b"RCPT", b"TO:<" + recipient.encode() + b">")
             if reply.code not in (250, 251):
-                return _reply(reply.code, reply.message)
+                return make_reply(reply.code, reply.message)
             stage = "data"
             # Once the final dot is sent, a lost connection before the reply leaves us not
             # knowing (RFC 1047): it counts as not delivered and is sent again later, a
             # possible duplicate, never a loss.
             response = await client.data(raw)
-            return _reply(response.code, response.message)
+            return make_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
-            return _reply(exc.code, exc.message)
+            return make_reply(exc.code, exc.message)
         except asyncio.CancelledError:
             client.close()  # stopping: no polite QUIT that could wait a whole timeout
             raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return Reply(0, _clip(f"connection to next hop {self.name} failed at {stage}: "
+            return Reply(0, clip(f"connection to next hop {self.name} failed at {stage}: "
                                   f"{type(exc).__name__}: {exc}"))
         finally:
             if client.is_connected:

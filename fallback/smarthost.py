@@ -37,12 +37,13 @@ class Reply:
         return 500 <= self.code < 600
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
+    """A server's reply text on one line, bounded: it goes into records, logs and notices."""
     return " ".join(text.split())[:REPLY_LIMIT]
 
 
-def _reply(code: int, message: str) -> Reply:
-    return Reply(code, _clip(f"{code} {message}"))
+def make_reply(code: int, message: str) -> Reply:
+    return Reply(code, clip(f"{code} {message}"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Smarthost:
                     await client.rcpt(rcpt)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
-                    out[rcpt] = _reply(exc.code, exc.message)
+                    out[rcpt] = make_reply(exc.code, exc.message)
             if accepted:
                 stage = "data"
                 # The window RFC 1047 describes: once the final dot is sent, a lost
@@ -115,18 +116,18 @@ class Smarthost:
                 # deferred and send again later (a possible duplicate, never a loss).
                 response = await client.data(payload)
                 for rcpt in accepted:
-                    out[rcpt] = _reply(response.code, response.message)
+                    out[rcpt] = make_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
-            reply = _reply(exc.code, exc.message)
+            reply = make_reply(exc.code, exc.message)
             if stage in ("connect", "login"):
-                reply = Reply(0, _clip(f"smarthost {self.name} refused {stage}: {reply.text}"))
+                reply = Reply(0, clip(f"smarthost {self.name} refused {stage}: {reply.text}"))
             for rcpt in recipients:
                 out.setdefault(rcpt, reply)
         except asyncio.CancelledError:
             client.close()  # stopping: no polite QUIT that could wait a whole timeout
             raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = _clip(f"connection to smarthost {self.name} failed at {stage}: "
+            reason = clip(f"connection to smarthost {self.name} failed at {stage}: "
                            f"{type(exc).__name__}: {exc}")
             for rcpt in recipients:
                 out.setdefault(rcpt, Reply(0, reason))

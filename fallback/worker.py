@@ -33,7 +33,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from fallback import dsn, ids, keys, outbound
+from fallback import dsn, ids, keys, outbound, queueing
 from fallback.config import Settings
 from fallback.dkim import Signer
 from fallback.errors import FallbackError
@@ -43,15 +43,6 @@ from fallback.smarthost import Reply, Smarthost
 
 log = logging.getLogger(__name__)
 
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  local tab = string.find(m, '\\t', 1, true)
-  redis.call('XADD', KEYS[2], '*', 'a', string.sub(m, tab + 1), 'id', string.sub(m, 1, tab - 1))
-  redis.call('ZREM', KEYS[1], m)
-end
-return #due
-"""
 # Taking a message: lease, attempt count and what to send in one round trip (one slot:
 # every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw}.
 _TAKE = """
@@ -59,14 +50,6 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} 
 if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
 local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
 return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'raw')}
-"""
-_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 READ_BLOCK_MS = 1000
 PROMOTE_BATCH = 500
@@ -188,7 +171,7 @@ class Worker:
             try:
                 now = time.time()
                 for n in range(keys.OUTBOUND_SHARDS):
-                    await self.r.eval(_PROMOTE, 2, keys.outbound_retry_n(n),
+                    await self.r.eval(queueing.PROMOTE_DUE, 2, keys.outbound_retry_n(n),
                                       keys.outbound_stream_n(n), now, PROMOTE_BATCH)
             except (RedisError, OSError) as exc:
                 log.warning("outbound: scheduling retries failed: %s", exc)
@@ -247,7 +230,7 @@ class Worker:
             beat.cancel()
             await asyncio.wait([beat], timeout=5)
             with contextlib.suppress(RedisError, OSError):
-                await self.r.eval(_RELEASE, 1, lease, token)
+                await self.r.eval(queueing.RELEASE_LEASE, 1, lease, token)
 
     async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str,
                          done: asyncio.Event) -> None:
@@ -259,7 +242,7 @@ class Worker:
             if done.is_set():
                 return
             try:
-                await self.r.eval(_REFRESH, 1, lease, token, ttl)
+                await self.r.eval(queueing.REFRESH_LEASE, 1, lease, token, ttl)
                 await self.r.xclaim(stream, keys.OUTBOUND_GROUP, self.consumer, 0, [entry_id],
                                     justid=True)
             except (RedisError, OSError) as exc:
