@@ -14,7 +14,8 @@ import redis
 from fallback import directory, keys, store
 from fallback.config import Settings
 from fallback.ids import new_id
-from fallback.reconcile import Reconciler, Report
+from fallback.reconcile import Reconciler
+from fallback.reconcile_report import Report
 from fallback.redisconn import async_client
 from tests.dovecot import MASTER_PASSWORD, MASTER_USER, DovecotServer
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
-
-import argparse
 
 from fallback.cli import build_parser
 from fallback.config import settings_table

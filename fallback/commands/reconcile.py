@@ -35,7 +35,8 @@ from fallback.cli import Context
 from fallback.directory import check_mailstore, normalize_address
 from fallback.errors import InputError
 from fallback.maillog import MailLog
-from fallback.reconcile import MailboxReport, Reconciler, Report, read_password
+from fallback.reconcile import Reconciler, read_password
+from fallback.reconcile_report import MailboxReport, Report
 from fallback.redisconn import async_client, resolve_url
 
 
