@@ -12,13 +12,14 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from flask import Blueprint, abort, g, redirect, render_template, request, url_for
+from flask import Blueprint, g, redirect, render_template, request, url_for
 
 from fallback import store
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
 from web import render, state
 from web.auth import login_required
+from web.mailbox import raw_or_404
 from web.outgoing import MAX_SUBJECT, Draft, check_header_text, parse_addresses, send
 from web.sessions import sign
 
@@ -28,14 +29,8 @@ FIELDS = ("to", "cc", "bcc", "subject", "body")
 
 
 def _original(msg_id: str) -> bytes | None:
-    if not msg_id:
-        return None
-    if not is_id(msg_id):
-        abort(404)
-    raw = store.MailboxReader(state().r, g.user).raw(msg_id)
-    if raw is None:
-        abort(404)
-    return raw
+    """The message replied to or forwarded, if any (owned by the user, else 404)."""
+    return raw_or_404(msg_id) if msg_id else None
 
 
 def _quote(raw: bytes) -> str:

@@ -35,7 +35,8 @@ def folder_of(name: str) -> str:
     return folder
 
 
-def _raw_or_404(msg_id: str) -> bytes:
+def raw_or_404(msg_id: str) -> bytes:
+    """The logged-in user's message bytes; 404 for a bad id or another user's message."""
     if not is_id(msg_id):
         abort(404)
     raw = store.MailboxReader(state().r, g.user).raw(msg_id)
@@ -110,7 +111,7 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
 @login_required
 def message(msg_id: str) -> Any:
     meta = _meta_or_404(msg_id)
-    raw = _raw_or_404(msg_id)
+    raw = raw_or_404(msg_id)
     r = state().r
     flags = meta.get("flags", "").split()
     if store.SEEN not in flags:
@@ -142,7 +143,7 @@ def _delivery_status(msg_id: str, meta: dict[str, str]) -> list[dict[str, Any]]:
 @frameable
 def body(msg_id: str) -> Any:
     """The sanitised HTML part, shown in the message page's sandboxed frame."""
-    raw = _raw_or_404(msg_id)
+    raw = raw_or_404(msg_id)
     remote = request.args.get("remote") == "1"
     shown = render.render(raw, remote=remote)
     if shown.html is None:
@@ -155,7 +156,7 @@ def body(msg_id: str) -> Any:
 @bp.get("/message/<msg_id>/source")
 @login_required
 def source(msg_id: str) -> Any:
-    raw = _raw_or_404(msg_id)
+    raw = raw_or_404(msg_id)
     response = Response(raw.decode("utf-8", "replace"), mimetype="text/plain")
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response
@@ -164,7 +165,7 @@ def source(msg_id: str) -> Any:
 @bp.get("/message/<msg_id>/part/<int:index>")
 @login_required
 def part(msg_id: str, index: int) -> Any:
-    raw = _raw_or_404(msg_id)
+    raw = raw_or_404(msg_id)
     found = render.attachment_payload(raw, index)
     if found is None:
         abort(404)
