@@ -350,9 +350,12 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"password_scheme: {s.password_scheme!r} is not one of {', '.join(HASHABLE_SCHEMES)}"
         )
-    if s.redis_url is not None and not re.match(
-        r"^(redis|rediss|unix|redis\+cluster|redis\+sentinel)://", s.redis_url
-    ):
+    if s.redis_url is not None and re.match(r"^redis\+(cluster|sentinel)://", s.redis_url):
+        raise ConfigError(
+            f"redis_url: {redact_url(s.redis_url)!r}: Redis Cluster and Sentinel are not supported "
+            "by this version; use redis://, rediss:// or unix://"
+        )
+    if s.redis_url is not None and not re.match(r"^(redis|rediss|unix)://", s.redis_url):
         raise ConfigError(
             f"redis_url: {redact_url(s.redis_url)!r} must start with redis://, rediss:// or unix://"
         )

@@ -52,6 +52,9 @@ BAD = [
      "password_scheme: 'MD5' is not one of ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT"),
     ({}, {"FALLBACK_REDIS_URL": "http://user:pw@x"}, None,
      "redis_url: 'http://user:***@x' must start with redis://, rediss:// or unix://"),
+    ({"redis_url": "redis+cluster://10.0.0.1:7000"}, {}, None,
+     "redis_url: 'redis+cluster://10.0.0.1:7000': Redis Cluster and Sentinel are not supported by this "
+     "version; use redis://, rediss:// or unix://"),
     ({}, {"FALLBACK_DEMO": "maybe"}, None, "FALLBACK_DEMO: not a boolean: 'maybe' (use true or false)"),
     ({}, {}, "smtp_port = 'x'\n", "{path}: smtp_port: not a whole number: 'x'"),
     ({}, {}, "smtp_port = true\n", "{path}: smtp_port: expected a number, got True"),
