@@ -8,7 +8,8 @@ message, see `accept_async`):
   hop's last reply;
 * an entry `{a: rcpt, id: <id>}` in the shard stream `fwdq:{fN}`.
 
-The worker (`Forwarder`) is a reliable queue like the outbound one:
+The worker (`Forwarder`) runs the same reliable-queue loop as the outbound
+one (fallback.queueing.StreamWorker):
 
 * Taking: XREADGROUP (group `forwarders`) moves an entry into the group's
   pending list under this worker's consumer name; a per-record lease (SET NX
@@ -31,10 +32,7 @@ The worker (`Forwarder`) is a reliable queue like the outbound one:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 import socket
 import time
 import uuid
@@ -42,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
 
 from fallback import keys, queueing, store
 from fallback.config import Settings
@@ -54,9 +51,6 @@ from fallback.smarthost import Reply
 log = logging.getLogger(__name__)
 
 GROUP = keys.FORWARD_GROUP
-READ_BLOCK_MS = 1000
-PROMOTE_BATCH = 500
-STOP_GRACE = 10.0
 
 
 
@@ -104,13 +98,6 @@ async def accept_async(r: aioredis.Redis, deliveries: list[store.Delivery], forw
         await pipe.execute()
 
 
-def consumer_name(hostname: str) -> str:
-    """Unique per process: a restarted worker must not inherit a dead one's pending list by name."""
-    return f"{hostname}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -121,140 +108,35 @@ class Entry:
     msg_id: str
 
 
-class Forwarder:
+class Forwarder(queueing.StreamWorker):
     """One process's forward loop; start() launches tasks, stop() ends them."""
+
+    label = "forward"
 
     def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None) -> None:
         self.s = settings
-        self.r = r
         self.hostname = hostname or settings.hostname or socket.gethostname()
-        self.consumer = consumer_name(self.hostname)
+        super().__init__(
+            r, group=GROUP,
+            streams=[keys.forward_stream_n(n) for n in range(keys.FORWARD_SHARDS)],
+            retry=[(keys.forward_retry_n(n), keys.forward_stream_n(n))
+                   for n in range(keys.FORWARD_SHARDS)],
+            consumer=queueing.consumer_name(self.hostname),
+            concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
+            retry_base=settings.forward_retry_base)
         self.hop = NextHop.from_settings(settings, self.hostname)
         self.mail = MailLog()
-        self.slots = asyncio.Semaphore(settings.worker_concurrency)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.busy: set[asyncio.Task[None]] = set()
-        self.stopping = False
-        self.streams = [keys.forward_stream_n(n) for n in range(keys.FORWARD_SHARDS)]
-        self.tick = max(0.05, min(1.0, settings.forward_retry_base / 4))
-        self.claim_tick = max(0.05, min(5.0, settings.claim_timeout / 4))
 
     async def start(self) -> str:
-        for stream in self.streams:
-            try:
-                await self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        self.tasks = [asyncio.create_task(self._reader(), name="forward-reader"),
-                      asyncio.create_task(self._scheduler(), name="forward-scheduler")]
-        for task in self.tasks:
-            task.add_done_callback(_report_crash)
+        await self.start_loops()
         return (f"forward worker {self.consumer} -> {self.hop.name}, "
                 f"{self.s.worker_concurrency} at a time")
 
-    async def stop(self) -> None:
-        """Stop taking work; deliveries under way get a bounded grace, then are cancelled.
-        What they held stays pending and is reclaimed: a stop never loses mail."""
-        self.stopping = True
-        for task in self.tasks:
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=5)
-        if self.busy:
-            await asyncio.wait(set(self.busy), timeout=STOP_GRACE)
-        for task in list(self.busy):
-            task.cancel()
-        if self.busy:
-            await asyncio.wait(set(self.busy), timeout=5)
-
-    # --- the loops -----------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        """Takes one entry whenever a slot is free: a dead worker's first, else a new one."""
-        last_sweep = 0.0
-        while not self.stopping:
-            await self.slots.acquire()
-            try:
-                entry = None
-                if time.monotonic() - last_sweep >= self.claim_tick:
-                    last_sweep = time.monotonic()
-                    entry = await self._reclaim_one()
-                if entry is None:
-                    entry = await self._read_one()
-            except (RedisError, OSError) as exc:
-                self.slots.release()
-                log.warning("forward: reading the queue failed: %s", exc)
-                await asyncio.sleep(1)
-                continue
-            if entry is None:
-                self.slots.release()
-                continue
-            task = asyncio.create_task(self._run(entry))
-            self.busy.add(task)
-            task.add_done_callback(self.busy.discard)
-
-    async def _read_one(self) -> Entry | None:
-        reply: Any = await self.r.xreadgroup(GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=1,
-                                        block=min(READ_BLOCK_MS, int(self.claim_tick * 1000)))
-        if isinstance(reply, dict):  # RESP3
-            reply = [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
-        extra: list[Entry] = []
-        for stream, batch in reply or []:
-            for entry_id, fields in batch:
-                extra.append(self._entry(_text(stream), _text(entry_id), fields))
-        # One entry per shard may come back: the others go back to the group at once
-        # (they stay pending under our name and are taken again below).
-        for later in extra[1:]:
-            task = asyncio.create_task(self._run_when_free(later))
-            self.busy.add(task)
-            task.add_done_callback(self.busy.discard)
-        return extra[0] if extra else None
-
-    async def _run_when_free(self, entry: Entry) -> None:
-        await self.slots.acquire()
-        await self._run(entry)
-
-    async def _reclaim_one(self) -> Entry | None:
-        min_idle = int(self.s.claim_timeout * 1000)
-        for stream in self.streams:
-            result = await self.r.xautoclaim(stream, GROUP, self.consumer, min_idle, start_id="0-0", count=1)
-            for entry_id, fields in result[1]:
-                if fields:  # None: deleted meanwhile
-                    log.info("forward: reclaimed %s %s", stream, _text(entry_id))
-                    return self._entry(stream, _text(entry_id), fields)
-        return None
-
-    @staticmethod
-    def _entry(stream: str, entry_id: str, fields: Any) -> Entry:
-        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
-        return Entry(stream, entry_id, f.get("a", ""), f.get("id", ""))
-
-    async def _scheduler(self) -> None:
-        while not self.stopping:
-            await asyncio.sleep(self.tick)
-            try:
-                now = time.time()
-                for n in range(keys.FORWARD_SHARDS):
-                    await self.r.eval(queueing.PROMOTE_DUE, 2, keys.forward_retry_n(n),
-                                      keys.forward_stream_n(n), now, PROMOTE_BATCH)
-            except (RedisError, OSError) as exc:
-                log.warning("forward: scheduling retries failed: %s", exc)
-
-    async def _run(self, entry: Entry) -> None:
-        try:
-            await self.handle(entry)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Left in flight on purpose: reclaimed after claim_timeout and tried again.
-            log.exception("forward: entry %s of %s failed; it will be retried", entry.entry_id, entry.stream)
-        finally:
-            self.slots.release()
-
     # --- one record ----------------------------------------------------------------------
 
-    async def handle(self, e: Entry) -> None:
+    async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        f = {queueing.text(k): queueing.text(v) for k, v in (fields or {}).items()}
+        e = Entry(stream, entry_id, f.get("a", ""), f.get("id", ""))
         if not e.recipient or not e.msg_id:
             # No record can be named by it, so there is nothing to deliver or lose.
             log.error("forward: malformed entry %s in %s; removing it", e.entry_id, e.stream)
@@ -266,30 +148,7 @@ class Forwarder:
             # Another worker has it right now (a duplicated entry): look again later.
             await self._finish(e, time.time() + self.s.claim_timeout)
             return
-        done = asyncio.Event()
-        beat = asyncio.create_task(self._heartbeat(e, lease, token, done))
-        try:
-            await self._attempt(e)
-        finally:
-            done.set()
-            beat.cancel()
-            await asyncio.wait([beat], timeout=5)
-            with contextlib.suppress(RedisError, OSError):
-                await self.r.eval(queueing.RELEASE_LEASE, 1, lease, token)
-
-    async def _heartbeat(self, e: Entry, lease: str, token: str, done: asyncio.Event) -> None:
-        """Keep the lease and the entry's idle time fresh while a slow delivery runs."""
-        ttl = int(self.s.claim_timeout * 1000)
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), self.s.claim_timeout / 3)
-            if done.is_set():
-                return
-            try:
-                await self.r.eval(queueing.REFRESH_LEASE, 1, lease, token, ttl)
-                await self.r.xclaim(e.stream, GROUP, self.consumer, 0, [e.entry_id], justid=True)
-            except (RedisError, OSError) as exc:
-                log.warning("forward: heartbeat for %s failed: %s", e.entry_id, exc)
+        await self.while_leased(e.stream, e.entry_id, lease, token, self._attempt(e))
 
     async def _attempt(self, e: Entry) -> None:
         rec = keys.forward_record(e.recipient, e.msg_id)
@@ -297,9 +156,10 @@ class Forwarder:
         if not fields:
             await self._finish(e, None)  # already delivered (a duplicate entry)
             return
-        f = {_text(k): v for k, v in fields.items()}
-        sender, raw = _text(f.get("sender", b"")), bytes(f.get("raw", b""))
-        created, attempts = float(_text(f.get("created", "0"))), int(_text(f.get("attempts", "0")))
+        f = {queueing.text(k): v for k, v in fields.items()}
+        sender, raw = queueing.text(f.get("sender", b"")), bytes(f.get("raw", b""))
+        created = float(queueing.text(f.get("created", "0")))
+        attempts = int(queueing.text(f.get("attempts", "0")))
         runs = int(await self.r.hincrby(rec, "runs", 1))
         if runs > self.s.max_crashes:
             # Attempts that never finished (crashes): wait the longest interval, not a crash loop.
@@ -362,10 +222,6 @@ class Forwarder:
             pipe.xdel(e.stream, e.entry_id)
             await pipe.execute()
 
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("forward: %s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
 
 @dataclass

@@ -1,12 +1,27 @@
-"""Redis scripts shared by the reliable queues (outbound and forward).
+"""The reliable-queue machinery shared by the outbound and the forward workers.
 
-Both queues move work the same way: streams read through a consumer group,
-a per-message lease (SET NX with a TTL, refreshed while working, released by
-its owner only), and a retry zset per shard whose due members go back onto
-the shard's stream.  Each script touches one slot.
+Both queues move work the same way: sharded streams read through a consumer
+group, a per-message lease (SET NX with a TTL, refreshed while working,
+released by its owner only), and a retry zset per shard whose due members go
+back onto the shard's stream.  `StreamWorker` is that loop; each Redis script
+here touches one slot.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger(__name__)
 
 # Due members ("<id>\t<address>") of a retry zset go back onto their stream.
 # KEYS: retry zset, stream; ARGV: now, batch size.
@@ -31,3 +46,213 @@ RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+READ_BLOCK_MS = 1000
+PROMOTE_BATCH = 500
+STOP_GRACE = 10.0
+
+
+def consumer_name(hostname: str) -> str:
+    """Unique per process: a restarted worker must not inherit a dead one's pending list by name."""
+    return f"{hostname}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def stream_pairs(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]:
+    """XREADGROUP's answer as (stream, entries) pairs, for RESP2 (list) and RESP3 (dict) alike."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
+    return [(stream, entries) for stream, entries in reply]
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]], label: str) -> None:
+    """Cancel and wait; again if a library swallowed the first cancellation (redis-py can,
+    mid-command), which would otherwise leave a loop running after stop()."""
+    for _ in range(10):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1)
+    log.error("%s: %d task(s) would not stop", label, len([t for t in tasks if not t.done()]))
+
+
+class StreamWorker:
+    """The loop both queues run; subclasses say what handling one entry means (`handle`).
+
+    * Taking: entries are read through the consumer group only when a slot is
+      free (at most `concurrency` under way), so nothing taken sits idle here
+      while another worker could deliver it.
+    * Reclaiming: entries a silent (crashed) worker held longer than
+      `claim_timeout` are taken over with XAUTOCLAIM, at most every claim_tick.
+    * Retrying: due members of the retry zsets go back onto their streams.
+    * Leasing: `while_leased` keeps a message's lease and its entry's idle
+      time fresh while a slow delivery runs, and gives the lease back after.
+    * Failing: an entry whose handling raises stays in flight on purpose and
+      is reclaimed after claim_timeout.
+    """
+
+    label = "queue"
+
+    def __init__(self, r: aioredis.Redis, *, group: str, streams: list[str],
+                 retry: list[tuple[str, str]], consumer: str, concurrency: int,
+                 claim_timeout: float, retry_base: float) -> None:
+        self.r = r
+        self.group = group
+        self.streams = streams
+        self.retry = retry  # (retry zset, its stream) per shard
+        self.consumer = consumer
+        self.claim_timeout = claim_timeout
+        self.slots = asyncio.Semaphore(concurrency)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.busy: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.tick = max(0.05, min(1.0, retry_base / 4))
+        self.claim_tick = max(0.05, min(5.0, claim_timeout / 4))
+
+    async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        raise NotImplementedError
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.r.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def start_loops(self) -> None:
+        await self.ensure_groups()
+        self.tasks = [asyncio.create_task(self._reader(), name=f"{self.label}-reader"),
+                      asyncio.create_task(self._scheduler(), name=f"{self.label}-scheduler")]
+        for task in self.tasks:
+            task.add_done_callback(self._report_crash)
+
+    async def stop(self) -> None:
+        """Stop taking work; let deliveries under way finish (bounded), then cancel.
+
+        Entries taken but not finished stay in the pending list and are
+        reclaimed by a worker after claim_timeout: a stop never loses work.
+        """
+        self.stopping = True
+        await cancel_all(self.tasks, self.label)
+        if self.busy:
+            await asyncio.wait(set(self.busy), timeout=STOP_GRACE)
+        await cancel_all(list(self.busy), self.label)
+
+    def _report_crash(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s: %s stopped: %r", self.label, task.get_name(), task.exception(),
+                         exc_info=task.exception())
+
+    # --- the loops -----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        """Takes work whenever a slot is free: first what a silent worker held too long,
+        else new entries (one XREADGROUP over every shard, blocking briefly).  One loop,
+        so the two never compete for the slots."""
+        last_sweep = 0.0
+        while not self.stopping:
+            await self.slots.acquire()
+            try:
+                entries: list[tuple[str, str, dict[Any, Any]]] = []
+                if time.monotonic() - last_sweep >= self.claim_tick:
+                    last_sweep = time.monotonic()
+                    entries = await self._reclaim_one()
+                if not entries:
+                    reply = await self.r.xreadgroup(
+                        self.group, self.consumer, dict.fromkeys(self.streams, ">"),
+                        count=1, block=min(READ_BLOCK_MS, int(self.claim_tick * 1000)))
+                    entries = [(text(stream), text(entry_id), fields)
+                               for stream, batch in stream_pairs(reply) for entry_id, fields in batch]
+            except (RedisError, OSError) as exc:
+                self.slots.release()
+                log.warning("%s: reading the queue failed: %s", self.label, exc)
+                await asyncio.sleep(1)
+                continue
+            if not entries:
+                self.slots.release()
+            for n, entry in enumerate(entries):
+                if n:  # one entry per shard may come back: each needs its own slot
+                    await self.slots.acquire()
+                self._spawn(*entry)
+
+    async def _reclaim_one(self) -> list[tuple[str, str, dict[Any, Any]]]:
+        min_idle = int(self.claim_timeout * 1000)
+        for stream in self.streams:
+            result = await self.r.xautoclaim(stream, self.group, self.consumer, min_idle,
+                                             start_id="0-0", count=1)
+            claimed = [(stream, text(e), f) for e, f in result[1] if f]  # None: deleted meanwhile
+            if claimed:
+                log.info("%s: reclaimed %s %s", self.label, stream, claimed[0][1])
+                return claimed
+        return []
+
+    async def _scheduler(self) -> None:
+        """Retries that are due go back onto their stream."""
+        while not self.stopping:
+            await asyncio.sleep(self.tick)
+            try:
+                now = time.time()
+                for zset, stream in self.retry:
+                    await self.r.eval(PROMOTE_DUE, 2, zset, stream, now, PROMOTE_BATCH)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: scheduling retries failed: %s", self.label, exc)
+
+    def _spawn(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        """Handle one entry in its own task; the slot taken for it is given back at the end."""
+        task = asyncio.create_task(self._run(stream, entry_id, fields))
+        self.busy.add(task)
+        task.add_done_callback(self.busy.discard)
+
+    async def _run(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            await self.handle(stream, entry_id, fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left in flight on purpose: reclaimed after claim_timeout and tried again.
+            log.exception("%s: entry %s of %s failed; it will be retried", self.label, entry_id, stream)
+        finally:
+            self.slots.release()
+
+    # --- one message ---------------------------------------------------------------------
+
+    async def while_leased(self, stream: str, entry_id: str, lease: str, token: str,
+                           work: Awaitable[None]) -> None:
+        """Run `work` holding the lease; keep it (and the entry) fresh; give it back after."""
+        done = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token, done))
+        try:
+            await work
+        finally:
+            # An event, not only cancel(): redis-py may swallow a cancellation that lands
+            # mid-command, and a heartbeat that never ends would hold this slot forever.
+            done.set()
+            beat.cancel()
+            await asyncio.wait([beat], timeout=5)
+            with contextlib.suppress(RedisError, OSError):
+                await self.r.eval(RELEASE_LEASE, 1, lease, token)
+
+    async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str,
+                         done: asyncio.Event) -> None:
+        ttl = int(self.claim_timeout * 1000)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.claim_timeout / 3)
+            if done.is_set():
+                return
+            try:
+                await self.r.eval(REFRESH_LEASE, 1, lease, token, ttl)
+                await self.r.xclaim(stream, self.group, self.consumer, 0, [entry_id], justid=True)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: heartbeat for %s failed: %s", self.label, entry_id, exc)

@@ -17,21 +17,21 @@ How work moves (every step is atomic in Redis; see docs/outbound.md):
   max_crashes the message is parked in the shard's dead-letter zset.
 * Retrying: due members of the retry zsets go back onto their stream (Lua,
   one shard at a time).
+
+The taking, reclaiming, retrying and leasing loop is fallback.queueing.StreamWorker,
+shared with the forward queue; this module is what one outbound message means.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
 import time
 import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
 
 from fallback import dsn, ids, keys, outbound, queueing
 from fallback.config import Settings
@@ -51,153 +51,42 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
 local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
 return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'raw')}
 """
-READ_BLOCK_MS = 1000
-PROMOTE_BATCH = 500
-STOP_GRACE = 10.0
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def consumer_name(hostname: str) -> str:
-    """Unique per process: a restarted worker must not inherit a dead one's pending list by name."""
-    return f"{hostname}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-class Worker:
+class Worker(queueing.StreamWorker):
     """One worker process's delivery loop; start() launches tasks, stop() ends them."""
+
+    label = "outbound"
 
     def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None,
                  consumer: str | None = None) -> None:
         self.s = settings
-        self.r = r
         self.hostname = hostname or settings.hostname or socket.gethostname()
-        self.consumer = consumer or consumer_name(self.hostname)
+        super().__init__(
+            r, group=keys.OUTBOUND_GROUP,
+            streams=[keys.outbound_stream_n(n) for n in range(keys.OUTBOUND_SHARDS)],
+            retry=[(keys.outbound_retry_n(n), keys.outbound_stream_n(n))
+                   for n in range(keys.OUTBOUND_SHARDS)],
+            consumer=consumer or queueing.consumer_name(self.hostname),
+            concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
+            retry_base=settings.retry_base)
         self.smarthost = Smarthost.from_settings(settings, self.hostname)
         self.signer = (Signer(settings.dkim_selector, settings.dkim_key_dir)
                        if settings.dkim_selector and settings.dkim_key_dir else None)
         self.mail = MailLog()
-        # One slot per delivery under way: entries are taken only when a slot is free,
-        # so nothing taken sits idle in this process while others could deliver it.
-        self.slots = asyncio.Semaphore(settings.worker_concurrency)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.busy: set[asyncio.Task[None]] = set()
-        self.stopping = False
-        self.streams = [keys.outbound_stream_n(n) for n in range(keys.OUTBOUND_SHARDS)]
-        self.tick = max(0.05, min(1.0, settings.retry_base / 4))
-        self.claim_tick = max(0.05, min(5.0, settings.claim_timeout / 4))
-
-    # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> str:
-        await self.ensure_groups()
-        self.tasks = [asyncio.create_task(self._reader(), name="outbound-reader"),
-                      asyncio.create_task(self._scheduler(), name="outbound-scheduler")]
-        for task in self.tasks:
-            task.add_done_callback(_report_crash)
+        await self.start_loops()
         dkim = f", DKIM selector {self.s.dkim_selector}" if self.signer else ""
         return (f"outbound worker {self.consumer} -> smarthost {self.smarthost.name} "
                 f"({self.s.smarthost_tls}{dkim}), {self.s.worker_concurrency} at a time")
 
-    async def stop(self) -> None:
-        """Stop taking work; let deliveries under way finish (bounded), then cancel.
-
-        Entries taken but not finished stay in the pending list and are
-        reclaimed by a worker after claim_timeout: a stop never loses work.
-        """
-        self.stopping = True
-        await _cancel(self.tasks)
-        if self.busy:
-            await asyncio.wait(set(self.busy), timeout=STOP_GRACE)
-        await _cancel(list(self.busy))
-
-    async def ensure_groups(self) -> None:
-        for stream in self.streams:
-            try:
-                await self.r.xgroup_create(stream, keys.OUTBOUND_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-    # --- the loops -----------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        """Takes work whenever a delivery slot is free: first entries a silent worker held
-        longer than claim_timeout (XAUTOCLAIM, at most every claim_tick), else new ones
-        (one XREADGROUP over every shard, blocking briefly).  One loop, so the two never
-        compete for the slots."""
-        last_sweep = 0.0
-        while not self.stopping:
-            await self.slots.acquire()
-            try:
-                entries: list[tuple[str, str, dict[Any, Any]]] = []
-                if time.monotonic() - last_sweep >= self.claim_tick:
-                    last_sweep = time.monotonic()
-                    entries = await self._reclaim_one()
-                if not entries:
-                    reply = await self.r.xreadgroup(
-                        keys.OUTBOUND_GROUP, self.consumer, dict.fromkeys(self.streams, ">"),
-                        count=1, block=min(READ_BLOCK_MS, int(self.claim_tick * 1000)))
-                    entries = [(_text(stream), _text(entry_id), fields)
-                               for stream, batch in _stream_pairs(reply) for entry_id, fields in batch]
-            except (RedisError, OSError) as exc:
-                self.slots.release()
-                log.warning("outbound: reading the queue failed: %s", exc)
-                await asyncio.sleep(1)
-                continue
-            if not entries:
-                self.slots.release()
-            for n, entry in enumerate(entries):
-                if n:  # one entry per shard may come back: each needs its own slot
-                    await self.slots.acquire()
-                self._spawn(*entry)
-
-    async def _reclaim_one(self) -> list[tuple[str, str, dict[Any, Any]]]:
-        min_idle = int(self.s.claim_timeout * 1000)
-        for stream in self.streams:
-            result = await self.r.xautoclaim(stream, keys.OUTBOUND_GROUP, self.consumer,
-                                             min_idle, start_id="0-0", count=1)
-            claimed = [(stream, _text(e), f) for e, f in result[1] if f]  # None: deleted meanwhile
-            if claimed:
-                log.info("outbound: reclaimed %s %s", stream, claimed[0][1])
-                return claimed
-        return []
-
-    async def _scheduler(self) -> None:
-        """Retries that are due go back onto their stream."""
-        while not self.stopping:
-            await asyncio.sleep(self.tick)
-            try:
-                now = time.time()
-                for n in range(keys.OUTBOUND_SHARDS):
-                    await self.r.eval(queueing.PROMOTE_DUE, 2, keys.outbound_retry_n(n),
-                                      keys.outbound_stream_n(n), now, PROMOTE_BATCH)
-            except (RedisError, OSError) as exc:
-                log.warning("outbound: scheduling retries failed: %s", exc)
-
-    def _spawn(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
-        """Deliver one entry in its own task; the slot taken for it is given back at the end."""
-        task = asyncio.create_task(self._deliver(stream, entry_id, fields))
-        self.busy.add(task)
-        task.add_done_callback(self.busy.discard)
-
-    async def _deliver(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
-        try:
-            await self.handle(stream, entry_id, fields)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Left in flight on purpose: reclaimed after claim_timeout, and
-            # parked as poison once it has failed max_crashes times.
-            log.exception("outbound: entry %s of %s failed; it will be retried", entry_id, stream)
-        finally:
-            self.slots.release()
-
     # --- one message ---------------------------------------------------------------------
 
     async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
-        f = {_text(k): _text(v) for k, v in fields.items()}
+        f = {queueing.text(k): queueing.text(v) for k, v in fields.items()}
         sender, msg_id = f.get("a", ""), f.get("id", "")
         if not sender or not msg_id:
             log.error("outbound: malformed entry %s in %s: %r; parking it", entry_id, stream, f)
@@ -212,41 +101,18 @@ class Worker:
             # Another worker has it right now (a duplicate entry): look again later.
             await self._ack(stream, entry_id, sender, msg_id, time.time() + self.s.claim_timeout)
             return
-        done = asyncio.Event()
-        beat = asyncio.create_task(self._heartbeat(stream, entry_id, lease, token, done))
-        try:
-            if taken[0] == 1:
-                # Deleted by the operator, or never fully submitted: nothing to deliver.
-                await self._ack(stream, entry_id, sender, msg_id, None)
-            else:
-                flat = taken[2]
-                record = dict(zip(flat[::2], flat[1::2], strict=True))
-                await self._attempt(stream, entry_id, sender, msg_id, int(taken[1]), record,
-                                    taken[3] if len(taken) > 3 else None)
-        finally:
-            # An event, not only cancel(): redis-py may swallow a cancellation that lands
-            # mid-command, and a heartbeat that never ends would hold this slot forever.
-            done.set()
-            beat.cancel()
-            await asyncio.wait([beat], timeout=5)
-            with contextlib.suppress(RedisError, OSError):
-                await self.r.eval(queueing.RELEASE_LEASE, 1, lease, token)
+        await self.while_leased(stream, entry_id, lease, token,
+                                self._taken(stream, entry_id, sender, msg_id, taken))
 
-    async def _heartbeat(self, stream: str, entry_id: str, lease: str, token: str,
-                         done: asyncio.Event) -> None:
-        """Keep the lease and reset the entry's idle time while a slow delivery runs."""
-        ttl = int(self.s.claim_timeout * 1000)
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), self.s.claim_timeout / 3)
-            if done.is_set():
-                return
-            try:
-                await self.r.eval(queueing.REFRESH_LEASE, 1, lease, token, ttl)
-                await self.r.xclaim(stream, keys.OUTBOUND_GROUP, self.consumer, 0, [entry_id],
-                                    justid=True)
-            except (RedisError, OSError) as exc:
-                log.warning("outbound: heartbeat for %s failed: %s", entry_id, exc)
+    async def _taken(self, stream: str, entry_id: str, sender: str, msg_id: str, taken: Any) -> None:
+        if taken[0] == 1:
+            # Deleted by the operator, or never fully submitted: nothing to deliver.
+            await self._ack(stream, entry_id, sender, msg_id, None)
+            return
+        flat = taken[2]
+        record = dict(zip(flat[::2], flat[1::2], strict=True))
+        await self._attempt(stream, entry_id, sender, msg_id, int(taken[1]), record,
+                            taken[3] if len(taken) > 3 else None)
 
     async def _attempt(self, stream: str, entry_id: str, sender: str, msg_id: str, runs: int,
                        record: dict[Any, Any], raw: bytes | None) -> None:
@@ -343,32 +209,7 @@ class Worker:
         self.mail.event("failed", id=msg_id, sender=sender, reason=f"parked as dead letter: {reason}")
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and wait; again if a library swallowed the first cancellation (redis-py can,
-    mid-command), which would otherwise leave a loop running after stop()."""
-    for _ in range(10):
-        pending = [t for t in tasks if not t.done()]
-        if not pending:
-            return
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=1)
-    log.error("outbound: %d task(s) would not stop", len([t for t in tasks if not t.done()]))
 
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("outbound: %s stopped: %r", task.get_name(), task.exception(),
-                     exc_info=task.exception())
-
-
-def _stream_pairs(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]:
-    """XREADGROUP's answer as (stream, entries) pairs, for RESP2 (list) and RESP3 (dict) alike."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
-    return [(stream, entries) for stream, entries in reply]
 
 
 def _shard_of(stream: str) -> int:
