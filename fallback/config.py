@@ -56,6 +56,10 @@ class Settings:
     max_commands: int = setting(1000, "Times one SMTP command may be given on one connection")
     connection_timeout: float = setting(600.0, "Whole-connection time limit, seconds", unit="seconds")
     idle_timeout: float = setting(300.0, "Idle time allowed between SMTP commands, seconds", unit="seconds")
+    smtp_workers: int = setting(
+        1, "SMTP receiver processes sharing the port (SO_REUSEPORT), to use every core; 0: one per CPU")
+    smtp_reuse_port: bool = setting(
+        False, "Bind the SMTP port with SO_REUSEPORT (set for every receiver when smtp_workers > 1)")
     tls_cert: Path | None = setting(None, "PEM certificate for STARTTLS (with tls_key)")
     tls_key: Path | None = setting(None, "PEM private key for STARTTLS (with tls_cert)")
     # The webmail.
@@ -338,6 +342,8 @@ def validate(s: Settings) -> None:
     for name in _POSITIVE_FIELDS:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
+    if s.smtp_workers < 0:
+        raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("tls_cert and tls_key must be given together")
     for name in ("tls_cert", "tls_key"):

@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from fallback import directory, metrics, passwords
-from fallback.config import Settings
+from fallback.config import Settings, settings_env
 from fallback.embedded import EmbeddedRedis
 from fallback.forward import ForwardComponent
 from fallback.maillog import MailLog
@@ -48,23 +51,48 @@ class SmtpComponent:
     settings: Settings
     r: aioredis.Redis
     buckets: int
+    url: str = ""
     name: str = "smtp"
     server: ReceiverServer | None = None
     # What the receiver logs is counted for /metrics, and added to Redis every few seconds.
     counters: metrics.Counters | None = None
     flusher: asyncio.Task[None] | None = None
+    # More receiver processes on the same port (SO_REUSEPORT): one process is one core.
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     async def start(self) -> str:
         self.counters = metrics.Counters(self.settings.metrics_flush_interval)
         maillog = MailLog(counters=metrics.MailCounters(self.counters))
-        self.server = ReceiverServer(self.settings, self.r, self.buckets, maillog)
+        processes = self.settings.smtp_workers or os.cpu_count() or 1
+        reuse = processes > 1 or self.settings.smtp_reuse_port
+        self.server = ReceiverServer(self.settings, self.r, self.buckets, maillog, reuse_port=reuse)
         port = await self.server.start()
         self.flusher = asyncio.create_task(self.counters.run_async(self.r))
+        if processes > 1:
+            # The children bind the port this process got (even when it asked for port 0).
+            child = replace(self.settings, smtp_port=port, smtp_workers=1, smtp_reuse_port=True,
+                            redis_url=self.url or self.settings.redis_url, demo=False)
+            env = {**os.environ, **settings_env(child)}
+            for _ in range(processes - 1):
+                self.children.append(subprocess.Popen(
+                    [sys.executable, "-m", "fallback", "smtp"], env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL))
+            pids = ", ".join(str(p) for p in [os.getpid(), *(c.pid for c in self.children)])
+            return f"SMTP receiver on {self.settings.smtp_host}:{port} ({processes} processes: {pids})"
         return f"SMTP receiver on {self.settings.smtp_host}:{port}"
 
     async def stop(self) -> None:
+        for child in self.children:  # they finish their own transactions on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
         if self.server is not None:
             await self.server.stop()
+        for child in self.children:
+            try:
+                await asyncio.to_thread(child.wait, 40)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                await asyncio.to_thread(child.wait)
         if self.flusher is not None:  # after the server: the last messages' counts go too
             self.flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -128,7 +156,7 @@ class Service:
             r = async_client(url)
             buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
             makers: dict[str, Callable[[], Component]] = {
-                "smtp": lambda: SmtpComponent(self.settings, r, buckets),
+                "smtp": lambda: SmtpComponent(self.settings, r, buckets, url),
                 "worker": lambda: WorkerComponent(self.settings, r),
                 "forward": lambda: ForwardComponent(self.settings, r),
                 "web": lambda: WebComponent(self.settings, url)}
