@@ -17,7 +17,7 @@ import email.utils
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,58 +348,57 @@ def mailstore_stats(r: redis.Redis) -> dict[str, dict[str, int]]:
     return out
 
 
-def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = (),
-              remove: tuple[str, ...] = ()) -> bool:
-    """Change a message's flags; marks it for reconcile.  False when the message is gone."""
-    key = keys.message(address, msg_id)
+def _change_watched(r: redis.Redis, key: str, fields: tuple[str, ...],
+                    change: Callable[[Any, list[str]], None]) -> bool:
+    """Read `fields` of a message under WATCH, then queue `change` in one MULTI; retried when
+    the message changed meanwhile.  False (nothing written) when the message is gone."""
     with r.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(key)
-                current = pipe.hget(key, "flags")
-                if current is None:
+                values = pipe.hmget(key, fields)
+                if values[0] is None:
                     pipe.reset()
                     return False
-                flags = [f for f in _text(current).split() if f not in remove]
-                flags += [f for f in add if f not in flags]
                 pipe.multi()
-                pipe.hset(key, "flags", " ".join(flags))
-                if SEEN in flags:
-                    pipe.srem(keys.unseen(address), msg_id)
-                else:
-                    pipe.sadd(keys.unseen(address), msg_id)
-                # Reconcile carries flag changes made after a message was appended.
-                pipe.sadd(keys.pending(address), msg_id)
+                change(pipe, [_text(v) if v is not None else "" for v in values])
                 pipe.execute()
                 return True
             except redis.WatchError:
                 continue
+
+
+def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = (),
+              remove: tuple[str, ...] = ()) -> bool:
+    """Change a message's flags; marks it for reconcile.  False when the message is gone."""
+
+    def change(pipe: Any, values: list[str]) -> None:
+        flags = [f for f in values[0].split() if f not in remove]
+        flags += [f for f in add if f not in flags]
+        pipe.hset(keys.message(address, msg_id), "flags", " ".join(flags))
+        if SEEN in flags:
+            pipe.srem(keys.unseen(address), msg_id)
+        else:
+            pipe.sadd(keys.unseen(address), msg_id)
+        # Reconcile carries flag changes made after a message was appended.
+        pipe.sadd(keys.pending(address), msg_id)
+
+    return _change_watched(r, keys.message(address, msg_id), ("flags",), change)
 
 
 def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
     """Move a message between folders (delete = move to Trash); marks it for reconcile."""
     if folder not in FOLDERS:
         raise ValueError(f"unknown folder {folder!r}")
-    key = keys.message(address, msg_id)
-    with r.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                current = pipe.hget(key, "folder")
-                if current is None:
-                    pipe.reset()
-                    return False
-                old = _text(current)
-                ts = pipe.hget(key, "ts") or b"0"
-                pipe.multi()
-                pipe.hset(key, "folder", folder)
-                pipe.zrem(keys.folder(address, old), msg_id)
-                pipe.zadd(keys.folder(address, folder), {msg_id: int(ts)})
-                pipe.sadd(keys.pending(address), msg_id)
-                pipe.execute()
-                return True
-            except redis.WatchError:
-                continue
+
+    def change(pipe: Any, values: list[str]) -> None:
+        old, ts = values
+        pipe.hset(keys.message(address, msg_id), "folder", folder)
+        pipe.zrem(keys.folder(address, old), msg_id)
+        pipe.zadd(keys.folder(address, folder), {msg_id: int(ts or 0)})
+        pipe.sadd(keys.pending(address), msg_id)
+
+    return _change_watched(r, keys.message(address, msg_id), ("folder", "ts"), change)
 
 
 # The webmail's folder views: one page of summaries in two round trips, whatever the folder's size.

@@ -31,20 +31,10 @@ from fallback.config import Settings
 from fallback.maillog import LOGGER_NAME
 from fallback.redisconn import async_client
 from tests.conftest import add_mailbox
-from tests.servers import SmtpSink, free_port, sink_payload, stop_pid
+from tests.servers import SmtpSink, free_port, sink_payload, stop_pid, wait_for
 
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"
 SENDER = "sender@remote.test"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from email import message_from_bytes
@@ -31,19 +30,9 @@ from fallback.cli import main
 from fallback.config import Settings
 from fallback.redisconn import async_client
 from fallback.worker import Worker
-from tests.servers import SmtpSink, free_port, sink_payload, stop_pid
+from tests.servers import SmtpSink, free_port, sink_payload, stop_pid, wait_for
 
 SENDER = "alice@example.com"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def compose(subject: str, to: list[str], extra: str = "") -> bytes:
