@@ -72,7 +72,8 @@ def server_options() -> argparse.ArgumentParser:
         ("max-connections", "N"), ("max-connections-per-ip", "N"), ("max-commands", "N"),
         ("connection-timeout", "SECONDS"), ("idle-timeout", "SECONDS"), ("tls-cert", "PEM"),
         ("tls-key", "PEM"), ("redis-server", "PATH"), ("redis-maxmemory", "BYTES"),
-        ("mail-log", "FILE"), ("smtp-workers", "N"),
+        ("mail-log", "FILE"), ("smtp-workers", "N"), ("workers", "N"), ("replica-acks", "N"),
+        ("replica-ack-timeout", "SECONDS"),
         # The webmail (secret_key itself only by environment or TOML: flags show in `ps`).
         ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
         ("max-upload-size", "SIZE"), ("incident-message", "TEXT"), ("web-workers", "N"),

@@ -38,12 +38,18 @@ class Settings:
                              "Directory for the embedded Redis and runtime files")
     redis_url: str | None = setting(
         None,
-        "Redis to use (redis://, rediss://, unix://); unset: the embedded redis-server of `fallback up`",
+        "Redis to use (redis://, rediss://, unix://, redis+cluster://H:P,H:P, redis+sentinel://H:P/SERVICE); "
+        "unset: the embedded redis-server of `fallback up`",
         secret=True,
     )
     redis_server: str = setting("redis-server", "redis-server binary for the embedded Redis")
     redis_maxmemory: str | None = setting(None,
                                           "maxmemory of the embedded Redis (e.g. 4gb); unset: no limit")
+    replica_acks: int = setting(
+        0, "Replicas that must hold each accepted message before 250 (WAIT, or WAITAOF on Redis 7.2+); "
+        "0: the primary's own fsync only")
+    replica_ack_timeout: float = setting(
+        2.0, "How long a write waits for replica_acks before the sender gets 451", unit="seconds")
     # The SMTP receiver.
     hostname: str | None = setting(None, "Name in the SMTP greeting and Received: lines; unset: hostname")
     smtp_host: str = setting("127.0.0.1", "Address the SMTP receiver listens on (0.0.0.0 for all)")
@@ -58,6 +64,9 @@ class Settings:
     idle_timeout: float = setting(300.0, "Idle time allowed between SMTP commands, seconds", unit="seconds")
     smtp_workers: int = setting(
         1, "SMTP receiver processes sharing the port (SO_REUSEPORT), to use every core; 0: one per CPU")
+    workers: int | None = setting(
+        None, "`fallback up`: processes for the SMTP receiver and for the webmail at once (sets "
+        "smtp_workers and web_workers unless they are given); 0: one per CPU")
     smtp_reuse_port: bool = setting(
         False, "Bind the SMTP port with SO_REUSEPORT (set for every receiver when smtp_workers > 1)")
     tls_cert: Path | None = setting(None, "PEM certificate for STARTTLS (with tls_key)")
@@ -296,6 +305,11 @@ def load_settings(
             converted[name] = _convert(fields[name], hints[name], raw)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    workers = converted.get("workers")
+    if workers is not None and workers >= 0:
+        # Shorthand for both process pools; a pool given on its own wins.
+        converted.setdefault("smtp_workers", workers)
+        converted.setdefault("web_workers", workers or os.cpu_count() or 1)
     settings = Settings(**converted)
     validate(settings)
     return settings
@@ -326,7 +340,7 @@ _POSITIVE_FIELDS = (
     "imap_timeout", "reconcile_concurrency",
     "session_idle_timeout", "max_upload_size", "web_workers", "web_threads",
     "smarthost_timeout", "retry_base", "retry_max_interval", "retry_deadline", "claim_timeout",
-    "max_crashes", "worker_concurrency",
+    "max_crashes", "worker_concurrency", "replica_ack_timeout",
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -342,6 +356,10 @@ def validate(s: Settings) -> None:
     for name in _POSITIVE_FIELDS:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
+    if s.workers is not None and s.workers < 0:
+        raise ConfigError("workers: must be 0 (one per CPU) or more")
+    if s.replica_acks < 0:
+        raise ConfigError("replica_acks: must be 0 (no replica acknowledgement) or more")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
     if (s.tls_cert is None) != (s.tls_key is None):
@@ -356,15 +374,15 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"password_scheme: {s.password_scheme!r} is not one of {', '.join(HASHABLE_SCHEMES)}"
         )
-    if s.redis_url is not None and re.match(r"^redis\+(cluster|sentinel)://", s.redis_url):
-        raise ConfigError(
-            f"redis_url: {redact_url(s.redis_url)!r}: Redis Cluster and Sentinel are not supported "
-            "by this version; use redis://, rediss:// or unix://"
-        )
-    if s.redis_url is not None and not re.match(r"^(redis|rediss|unix)://", s.redis_url):
-        raise ConfigError(
-            f"redis_url: {redact_url(s.redis_url)!r} must start with redis://, rediss:// or unix://"
-        )
+    if s.redis_url is not None:
+        if not re.match(r"^(redis|rediss|unix|redis\+cluster|redis\+sentinel)://", s.redis_url):
+            raise ConfigError(
+                f"redis_url: {redact_url(s.redis_url)!r} must start with redis://, rediss://, unix://, "
+                "redis+cluster:// or redis+sentinel://"
+            )
+        from fallback.redisconn import parse_topology  # local: redisconn imports this module
+
+        parse_topology(s.redis_url)
     if s.imap_url is not None and not re.match(r"^imaps?://[^/?#]+/?$", s.imap_url):
         raise ConfigError(f"imap_url: {s.imap_url!r} must look like imap://HOST:PORT or imaps://HOST:PORT")
     validate_outbound(s)

@@ -3,9 +3,10 @@
 Intake (the receiver, in the same atomic write as any mailbox copies of the
 message, see `accept_async`):
 
-* a record per recipient, `mbx:{rcpt}:fwd:<id>` (the recipient's slot): the
-  exact raw bytes, the original envelope sender, created, attempts, the next
-  hop's last reply;
+* a record per recipient, `fwdq:{fN}:r:<rcpt>:<id>` (its shard's slot, so the
+  record, its stream entry and its retry member change in one transaction
+  even on a Redis Cluster): the exact raw bytes, the original envelope
+  sender, created, attempts, the next hop's last reply;
 * an entry `{a: rcpt, id: <id>}` in the shard stream `fwdq:{fN}`.
 
 The worker (`Forwarder`) runs the same reliable-queue loop as the outbound
@@ -43,9 +44,11 @@ import redis.asyncio as aioredis
 
 from fallback import keys, queueing, store
 from fallback.config import Settings
+from fallback.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.nexthop import NextHop
 from fallback.outbound import backoff
+from fallback.redisconn import is_cluster
 from fallback.smarthost import Reply
 
 log = logging.getLogger(__name__)
@@ -76,28 +79,52 @@ def queue_forward(pipe: Any, recipient: str, msg_id: str, raw: bytes, sender: st
     pipe.xadd(keys.forward_stream(recipient), {"a": recipient, "id": msg_id})
 
 
-async def accept_async(r: aioredis.Redis, deliveries: list[store.Delivery], forwards: list[str],
-                       msg_id: str, raw: bytes, sender: str) -> None:
-    """The receiver's write when some recipients are forwarded: mailbox copies and forward
-    entries in one MULTI/EXEC, so the 250 covers all of them or none.
+# The intake's write of one forward: the record and its stream entry (one slot).  KEYS: the
+# dedupe guard (only with a guard TTL in ARGV[1]), record, stream; ARGV: guard TTL or '',
+# id, recipient, sender, raw, created, schema version.  Returns 0 if the guard was there.
+_FORWARD_LUA = """
+local k = 0
+if ARGV[1] ~= '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+  k = 1
+end
+redis.call('HSET', KEYS[k + 1], 'v', ARGV[7], 'raw', ARGV[5], 'sender', ARGV[4], 'rcpt', ARGV[3],
+           'created', ARGV[6], 'attempts', 0)
+redis.call('XADD', KEYS[k + 2], '*', 'a', ARGV[3], 'id', ARGV[2])
+return 1
+"""
 
-    On a standalone Redis (or Sentinel) MULTI/EXEC spans any keys.  Redis Cluster
-    refuses a transaction over several slots (stream shards and mailboxes are
-    in different slots); there this must become one transaction per slot, with
-    the per-recipient records written first and a sweeper that re-adds stream
-    entries for records that have none, before the 250.
+
+async def accept_async(r: aioredis.Redis, deliveries: list[store.Delivery], forwards: list[str],
+                       msg_id: str, raw: bytes, sender: str, replicas: ReplicaAcks | None = None,
+                       digest: str | None = None) -> None:
+    """The receiver's write when some recipients are forwarded: mailbox copies and forward
+    records with their stream entries, as one write (store.run_atomic).
+
+    On a Redis Cluster the parts sit in different slots and are written one
+    per slot; each is guarded by `digest` (keys.dedupe), so the sender's
+    retry after a partial failure completes the message without doubles.
     """
     now = time.time()
-    now_ms = int(now * 1000)
     meta = store.summarize(raw) if deliveries else {}
-    async with r.pipeline(transaction=True) as pipe:
-        for d in deliveries:
-            store.queue_delivery(pipe, d, msg_id, raw, meta, now_ms)
-        for rcpt in forwards:
-            queue_forward(pipe, rcpt, msg_id, raw, sender, now)
-        await pipe.execute()
-
-
+    clustered = is_cluster(r)
+    units = len(store.slot_groups(deliveries)) + len(forwards) if clustered else 1
+    guard = digest if units > 1 else None
+    calls = store.delivery_calls(r, deliveries, msg_id, raw, meta, int(now * 1000), guard)
+    for rcpt in forwards:
+        keys_ = [keys.forward_record(rcpt, msg_id), keys.forward_stream(rcpt)]
+        if guard is not None:
+            keys_.insert(0, keys.forward_dedupe(rcpt, guard))
+        calls.append((_FORWARD_LUA, keys_, [str(keys.DEDUPE_TTL_MS) if guard else "", msg_id, rcpt,
+                                            sender, raw, repr(now), keys.SCHEMA_VERSION]))
+    results = await store.run_atomic(r, calls, replicas)
+    if clustered and deliveries:
+        # The mailbox calls come first, one per slot group; 0 means already stored (a retry).
+        groups = store.slot_groups(deliveries)
+        stored = [d for group, result in zip(groups, results, strict=False) if result for d in group]
+        if stored:
+            await store.count_stored_async(r, stored, len(raw))
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,24 @@ def info(address: str) -> str:
     return f"{mbx(address)}:info"
 
 
+def dedupe(address: str, digest: str) -> str:
+    """string with TTL: the id a message with this digest was stored under in this mailbox.
+
+    Only on a Redis Cluster, for messages whose recipients span slots: each slot
+    is its own atomic write, a 451 after a partial write makes the sender retry,
+    and the retry must not be stored twice where it already was.
+    """
+    return f"{mbx(address)}:dup:{digest}"
+
+
+def forward_dedupe(recipient: str, digest: str) -> str:
+    """string with TTL: the same guard for a forwarded copy, in the forward record's slot."""
+    return f"fwdq:{{f{forward_shard(recipient)}}}:dup:{recipient}:{digest}"
+
+
+DEDUPE_TTL_MS = 5 * 86400 * 1000  # as long as senders' queues retry (Postfix: 5 days)
+
+
 def pending(address: str) -> str:
     """set: ids not yet reconciled into the main store (or changed since)."""
     return f"{mbx(address)}:pending"
@@ -176,8 +194,12 @@ def forward_refused_n(n: int) -> str:
 
 
 def forward_record(recipient: str, msg_id: str) -> str:
-    """hash: one message waiting for the main system for one recipient (raw, sender, attempts, reply)."""
-    return f"{mbx(recipient)}:fwd:{msg_id}"
+    """hash: one message waiting for the main system for one recipient (raw, sender, attempts, reply).
+
+    It lives in its stream shard's slot, not the recipient's: taking it off the
+    queue (record, stream entry, retry zset) is then one single-slot transaction.
+    """
+    return f"fwdq:{{f{forward_shard(recipient)}}}:r:{recipient}:{msg_id}"
 
 
 def forward_lease(recipient: str, msg_id: str) -> str:

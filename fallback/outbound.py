@@ -27,6 +27,7 @@ import redis
 
 from fallback import dsn, ids, keys, store
 from fallback.errors import InputError, NotFound
+from fallback.redisconn import is_cluster
 
 QUEUED, DEFERRED, DELIVERED, FAILED = "queued", "deferred", "delivered", "failed"
 FINAL = (DELIVERED, FAILED)
@@ -87,13 +88,34 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
         **{rcpt_field(rcpt): json.dumps({"state": QUEUED, "attempts": 0, "reply": "",
                                          "next": now}) for rcpt in recipients},
     }
+    clustered = is_cluster(r)
+    if clustered:
+        # The stream shard is another slot.  The entry goes first: a worker that finds
+        # no record yet looks again for SUBMIT_GRACE, so a crash in between leaves an
+        # entry that is dropped, never a queued message without one.
+        r.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
+    sent = store.Delivery(sender, mailstore, store.SENT, flags, "sent")
     with r.pipeline(transaction=True) as pipe:
-        store.queue_delivery(pipe, store.Delivery(sender, mailstore, store.SENT, flags, "sent"),
-                             msg_id, raw, store.summarize(raw), int(now * 1000))
+        store.queue_delivery(pipe, sent, msg_id, raw, store.summarize(raw), int(now * 1000),
+                             stats=not clustered)
         pipe.hset(keys.outbound_record(sender, msg_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(keys.outbox(sender), msg_id)
-        pipe.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
+        if not clustered:
+            pipe.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
         pipe.execute()
+    if clustered:
+        store.count_stored(r, [sent], len(raw))
+
+
+SUBMIT_GRACE = 60.0  # seconds a queue entry may wait for its record (see submit)
+
+
+def entry_age(entry_id: str) -> float:
+    """Seconds since a stream entry was added (its id starts with the time in ms)."""
+    try:
+        return time.time() - int(entry_id.partition("-")[0]) / 1000
+    except ValueError:
+        return float("inf")
 
 
 def recipient_status(r: redis.Redis, sender: str, msg_id: str) -> dict[str, dict[str, object]]:
@@ -174,7 +196,7 @@ def backoff(attempts: int, base: float, cap: float, rng: random.Random | None = 
 
 
 def queue_outcome(pipe: Any, rec: Record, updates: dict[str, dict[str, Any]], now: float,
-                  notice: tuple[str, bytes] | None) -> bool:
+                  notice: tuple[str, bytes] | None, stats: bool = True) -> bool:
     """Queue the record update of one attempt on a (sync or async) MULTI pipeline.
 
     The failure notice (DSN) goes into the sender's INBOX in the same
@@ -193,7 +215,7 @@ def queue_outcome(pipe: Any, rec: Record, updates: dict[str, dict[str, Any]], no
     if notice is not None:
         notice_id, raw = notice
         store.queue_delivery(pipe, store.Delivery(rec.sender, rec.mailstore, store.INBOX),
-                             notice_id, raw, store.summarize(raw), int(now * 1000))
+                             notice_id, raw, store.summarize(raw), int(now * 1000), stats)
     return finished
 
 
@@ -349,10 +371,13 @@ def delete(r: redis.Redis, msg_id: str, hostname: str, lease_ttl: float) -> Queu
             if updates:
                 raw = r.hget(keys.message(item.sender, msg_id), "raw") or b""
                 notice = (ids.new_id(), dsn.build(hostname, rec, list(updates), raw, None))  # type: ignore[arg-type]
+            clustered = is_cluster(r)
             with r.pipeline(transaction=True) as pipe:
-                queue_outcome(pipe, rec, updates, now, notice)
+                queue_outcome(pipe, rec, updates, now, notice, stats=not clustered)
                 pipe.hset(keys.outbound_record(item.sender, msg_id), "deleted", now)
                 pipe.execute()
+            if notice is not None and clustered:
+                store.count_stored(r, [store.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
         else:
             r.delete(keys.outbound_record(item.sender, msg_id))
         n = item.shard

@@ -21,6 +21,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from fallback.redisconn import is_cluster
+
 log = logging.getLogger(__name__)
 
 # Due members ("<id>\t<address>") of a retry zset go back onto their stream.
@@ -49,6 +51,7 @@ return 0
 
 
 READ_BLOCK_MS = 1000
+CLUSTER_POLL = 0.1  # seconds between polls of empty streams on a Redis Cluster
 PROMOTE_BATCH = 500
 STOP_GRACE = 10.0
 
@@ -105,6 +108,7 @@ class StreamWorker:
                  retry: list[tuple[str, str]], consumer: str, concurrency: int,
                  claim_timeout: float, retry_base: float) -> None:
         self.r = r
+        self.clustered = is_cluster(r)
         self.group = group
         self.streams = streams
         self.retry = retry  # (retry zset, its stream) per shard
@@ -158,7 +162,7 @@ class StreamWorker:
 
     async def _reader(self) -> None:
         """Takes work whenever a slot is free: first what a silent worker held too long,
-        else new entries (one XREADGROUP over every shard, blocking briefly).  One loop,
+        else new entries (one XREADGROUP over every shard, blocking briefly; see _read_new).  One loop,
         so the two never compete for the slots."""
         last_sweep = 0.0
         while not self.stopping:
@@ -169,11 +173,7 @@ class StreamWorker:
                     last_sweep = time.monotonic()
                     entries = await self._reclaim_one()
                 if not entries:
-                    reply = await self.r.xreadgroup(
-                        self.group, self.consumer, dict.fromkeys(self.streams, ">"),
-                        count=1, block=min(READ_BLOCK_MS, int(self.claim_tick * 1000)))
-                    entries = [(text(stream), text(entry_id), fields)
-                               for stream, batch in stream_pairs(reply) for entry_id, fields in batch]
+                    entries = await self._read_new()
             except (RedisError, OSError) as exc:
                 self.slots.release()
                 log.warning("%s: reading the queue failed: %s", self.label, exc)
@@ -185,6 +185,26 @@ class StreamWorker:
                 if n:  # one entry per shard may come back: each needs its own slot
                     await self.slots.acquire()
                 self._spawn(*entry)
+
+    async def _read_new(self) -> list[tuple[str, str, dict[Any, Any]]]:
+        block = min(READ_BLOCK_MS, int(self.claim_tick * 1000))
+        if not self.clustered:
+            reply = await self.r.xreadgroup(self.group, self.consumer, dict.fromkeys(self.streams, ">"),
+                                            count=1, block=block)
+            return [(text(stream), text(entry_id), fields)
+                    for stream, batch in stream_pairs(reply) for entry_id, fields in batch]
+        # A Redis Cluster refuses one XREADGROUP over streams in different slots, and a
+        # blocking read per shard would tie up a connection each: poll every shard at
+        # once (one round trip per node), and rest briefly when all are empty.
+        async with self.r.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=1)
+            replies = await pipe.execute()
+        found = [(text(stream), text(entry_id), fields) for reply in replies
+                 for stream, batch in stream_pairs(reply) for entry_id, fields in batch]
+        if not found:
+            await asyncio.sleep(CLUSTER_POLL)
+        return found
 
     async def _reclaim_one(self) -> list[tuple[str, str, dict[Any, Any]]]:
         min_idle = int(self.claim_timeout * 1000)

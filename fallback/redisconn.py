@@ -1,17 +1,32 @@
 """Making Redis clients from the configuration.
 
 One place decides which Redis a process talks to: the configured URL, or the
-embedded redis-server that `fallback up` started in the same data dir.
+embedded redis-server that `fallback up` started in the same data dir.  Three
+kinds of URL are understood:
+
+- `redis://`, `rediss://`, `unix://`: one server (redis-py's own URL syntax);
+- `redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]`: a Redis Cluster,
+  found through any of the seed nodes;
+- `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[?sentinel_password=P]`:
+  the current primary of SERVICE as the Sentinels report it, re-resolved
+  after a failover.
+
 Timeouts are short on purpose: during trouble the receiver must answer 4xx
 quickly, not hang the sender.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 
 from fallback import embedded
 from fallback.config import Settings, redact_url
@@ -22,6 +37,61 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 15,
     "health_check_interval": 30,
 }
+CLUSTER_SCHEME = "redis+cluster"
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A parsed redis+cluster:// or redis+sentinel:// URL."""
+
+    kind: str                       # "cluster" or "sentinel"
+    nodes: list[tuple[str, int]]    # seed nodes, or the Sentinels
+    username: str | None
+    password: str | None
+    service: str = ""               # Sentinel: the monitored primary's name
+    sentinel_password: str | None = None
+
+
+def parse_topology(url: str) -> Topology | None:
+    """The nodes of a Cluster or Sentinel URL; None for a plain redis:// URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in (CLUSTER_SCHEME, SENTINEL_SCHEME):
+        return None
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(pw) if colon else None
+    nodes = [_host_port(part, url) for part in hosts.split(",") if part.strip()]
+    if not nodes:
+        raise ConfigError(f"redis_url: {redact_url(url)!r} names no HOST:PORT")
+    if scheme == CLUSTER_SCHEME:
+        if path.strip("/"):
+            raise ConfigError(f"redis_url: {redact_url(url)!r}: a Redis Cluster has no databases; "
+                              "remove the path")
+        return Topology("cluster", nodes, username, password)
+    service = urllib.parse.unquote(path.strip("/"))
+    if not service or "/" in service:
+        raise ConfigError(f"redis_url: {redact_url(url)!r} must name the Sentinel service: "
+                          "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE")
+    options = urllib.parse.parse_qs(query)
+    unknown = sorted(set(options) - {"sentinel_password"})
+    if unknown:
+        raise ConfigError(f"redis_url: {redact_url(url)!r}: unknown option {unknown[0]!r} "
+                          "(only sentinel_password)")
+    sentinel_password = options.get("sentinel_password", [None])[-1]
+    return Topology("sentinel", nodes, username, password, service, sentinel_password)
+
+
+def _host_port(part: str, url: str) -> tuple[str, int]:
+    host, colon, port = part.strip().rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"redis_url: {redact_url(url)!r}: {part.strip()!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def resolve_url(settings: Settings) -> str:
@@ -36,12 +106,49 @@ def resolve_url(settings: Settings) -> str:
     return url
 
 
+def _auth(t: Topology) -> dict[str, Any]:
+    return {"username": t.username, "password": t.password}
+
+
 def sync_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    """A client for any of the three URL kinds.
+
+    A RedisCluster is handed out typed as redis.Redis: the project only uses the
+    commands both offer, each touching one hash slot (see keys.py), and the few
+    places where the two differ ask `is_cluster`.
+    """
+    t = parse_topology(url)
+    if t is None:
+        return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    if t.kind == "cluster":
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in t.nodes]
+        return cast(redis.Redis, redis.cluster.RedisCluster(
+            startup_nodes=nodes, **_auth(t), **_CLIENT_OPTIONS))
+    sentinel = redis.sentinel.Sentinel(
+        t.nodes, sentinel_kwargs={"password": t.sentinel_password, "socket_connect_timeout": 3,
+                                  "socket_timeout": 3},
+        **_auth(t), **_CLIENT_OPTIONS)
+    return sentinel.master_for(t.service)
 
 
 def async_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    t = parse_topology(url)
+    if t is None:
+        return aioredis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    if t.kind == "cluster":
+        nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.nodes]
+        return cast(aioredis.Redis, redis.asyncio.cluster.RedisCluster(
+            startup_nodes=nodes, **_auth(t), **_CLIENT_OPTIONS))
+    sentinel = redis.asyncio.sentinel.Sentinel(
+        t.nodes, sentinel_kwargs={"password": t.sentinel_password, "socket_connect_timeout": 3,
+                                  "socket_timeout": 3},
+        **_auth(t), **_CLIENT_OPTIONS)
+    return sentinel.master_for(t.service)
+
+
+def is_cluster(r: Any) -> bool:
+    """True for a Redis Cluster client: writes must then stay within one hash slot each."""
+    return isinstance(r, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
 
 
 def connect(settings: Settings) -> redis.Redis:

@@ -15,6 +15,7 @@ aiosmtpd's unsafe defaults are overridden: exceptions answer 451 4.3.0
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import ssl
@@ -27,6 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from fallback import directory, failover, forward, store
 from fallback.config import Settings
+from fallback.durability import ReplicaAcks
 from fallback.errors import (
     DirectoryUnavailable,
     FallbackError,
@@ -40,6 +42,7 @@ from fallback.errors import (
 )
 from fallback.ids import new_id
 from fallback.maillog import MailLog
+from fallback.redisconn import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,13 @@ class Receiver:
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
         self.batcher = store.DeliveryBatcher(r)
         self.scope = failover.ScopeCache(settings.failover_cache_ttl)
+        self.replicas: ReplicaAcks | None = None
+        self.clustered = is_cluster(r)
+
+    async def prepare(self) -> None:
+        """What needs the server: whether replicas must confirm each write, and how."""
+        self.replicas = await ReplicaAcks.for_settings(self.r, self.settings)
+        self.batcher.replicas = self.replicas
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -237,12 +247,15 @@ class Receiver:
             deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos
                           if scope.covers(envelope.mailstores[a])]
             forwards = [a for a in envelope.rcpt_tos if not scope.covers(envelope.mailstores[a])]
+            digest = self._digest(envelope) if self.clustered and len(envelope.rcpt_tos) > 1 else None
             if forwards:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-                await forward.accept_async(self.r, deliveries, forwards, msg_id, raw, sender or "")
+                await forward.accept_async(self.r, deliveries, forwards, msg_id, raw, sender or "",
+                                           self.replicas, digest)
             else:
-                await store.deliver_async(self.r, deliveries, msg_id, raw, batcher=self.batcher)
+                await store.deliver_async(self.r, deliveries, msg_id, raw, batcher=self.batcher,
+                                          digest=digest)
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
             log.warning("%s", err.reason)
@@ -261,6 +274,15 @@ class Receiver:
                                peer=server.peer_ip, store=took, route="forward" if queued else "mailbox",
                                fixed_line_ends="yes" if fixed else None)
         return f"250 2.0.0 OK id={msg_id}"
+
+    @staticmethod
+    def _digest(envelope: FallbackEnvelope) -> str:
+        """What makes a retried transaction recognisable as the same message (keys.dedupe):
+        sender, recipients and the bytes as the client sent them (before our Received:)."""
+        h = hashlib.sha256()
+        h.update(f"{envelope.mail_from}\0{' '.join(sorted(envelope.rcpt_tos))}\0".encode())
+        h.update(envelope.original_content or b"")
+        return h.hexdigest()[:32]
 
     def _with_trace(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
                     msg_id: str) -> tuple[bytes, bool]:
@@ -325,6 +347,7 @@ class ReceiverServer:
         )
 
     async def start(self) -> int:
+        await self.handler.prepare()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._protocol, host=self.settings.smtp_host, port=self.settings.smtp_port,

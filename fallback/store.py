@@ -15,6 +15,7 @@ import contextlib
 import email.header
 import email.utils
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +24,13 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from fallback import keys
+from fallback.durability import ReplicaAcks
+from fallback.redisconn import is_cluster
+
+log = logging.getLogger(__name__)
 
 INBOX, SENT, TRASH = "INBOX", "Sent", "Trash"
 FOLDERS = (INBOX, SENT, TRASH)
@@ -102,8 +108,12 @@ def summarize(raw: bytes) -> dict[str, str]:
 
 
 def queue_delivery(pipe: Any, d: Delivery, msg_id: str, raw: bytes, meta: dict[str, str],
-                   now_ms: int) -> None:
-    """Queue one mailbox's writes on a (sync or async) MULTI pipeline."""
+                   now_ms: int, stats: bool = True) -> None:
+    """Queue one mailbox's writes on a (sync or async) MULTI pipeline.
+
+    `stats=False` on a Redis Cluster, where the stats shard is another slot:
+    the caller then adds the counts afterwards (`count_stored`).
+    """
     fields: dict[str, Any] = {
         "v": keys.SCHEMA_VERSION, "raw": raw, "folder": d.folder, "flags": " ".join(d.flags),
         "ts": now_ms, "size": len(raw), "kind": d.kind, "rstate": "pending", **meta,
@@ -116,19 +126,64 @@ def queue_delivery(pipe: Any, d: Delivery, msg_id: str, raw: bytes, meta: dict[s
     pipe.hincrby(keys.info(d.address), "messages", 1)
     pipe.hincrby(keys.info(d.address), "bytes", len(raw))
     pipe.hset(keys.info(d.address), "mailstore", d.mailstore)
-    pipe.hincrby(keys.stats_shard(d.address), f"{d.mailstore}\tmessages", 1)
-    pipe.hincrby(keys.stats_shard(d.address), f"{d.mailstore}\tbytes", len(raw))
+    if stats:
+        _queue_stats(pipe, [d], len(raw))
+
+
+def _queue_stats(pipe: Any, deliveries: list[Delivery], size: int) -> None:
+    for d in deliveries:
+        pipe.hincrby(keys.stats_shard(d.address), f"{d.mailstore}\tmessages", 1)
+        pipe.hincrby(keys.stats_shard(d.address), f"{d.mailstore}\tbytes", size)
+
+
+def count_stored(r: redis.Redis, deliveries: list[Delivery], size: int) -> None:
+    """Cluster only: the status counters of messages just stored, as a separate best-effort
+    write (they are for `fallback status`; a crash in between leaves them short, never the mail)."""
+    try:
+        with r.pipeline(transaction=False) as pipe:
+            _queue_stats(pipe, deliveries, size)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("status counters not updated for %d stored message(s): %s", len(deliveries), exc)
+
+
+async def count_stored_async(r: aioredis.Redis, deliveries: list[Delivery], size: int) -> None:
+    try:
+        async with r.pipeline(transaction=False) as pipe:
+            _queue_stats(pipe, deliveries, size)
+            await pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("status counters not updated for %d stored message(s): %s", len(deliveries), exc)
+
+
+def slot_groups(deliveries: list[Delivery]) -> list[list[Delivery]]:
+    """`deliveries` grouped by the hash slot of their mailbox keys, in first-seen order."""
+    groups: dict[int, list[Delivery]] = {}
+    for d in deliveries:
+        groups.setdefault(key_slot(keys.mbx(d.address).encode()), []).append(d)
+    return list(groups.values())
 
 
 # The receiver's write: the same keys and fields as queue_delivery, but one EVALSHA
 # instead of a MULTI of ten commands per recipient, which is most of the
 # receiver's CPU per message.  A script is atomic like MULTI/EXEC; when Redis
 # refuses writes (maxmemory) it fails at its first write, so nothing is half
-# done.  Per delivery: 6 KEYS (message, folder, unseen, pending, info, stats
-# shard) and 5 ARGV (folder, flags, kind, mailstore, seen); before them the id,
-# time, size, number of deliveries, the small common fields (NUL-joined) and the raw bytes.
+# done.  ARGV: the id, time, size, number of deliveries, the small common fields
+# (NUL-joined), the raw bytes, the dedupe guard's TTL ('' for none) and whether
+# the stats shard is among the keys ('1'); then 5 per delivery (folder, flags,
+# kind, mailstore, seen).  KEYS: the guard first when there is one (see
+# keys.dedupe: if it exists the message is already here and nothing is written),
+# then per delivery message, folder, unseen, pending, info and, with stats, the
+# stats shard.  Returns how many mailboxes it was stored in.
 _DELIVER_LUA = """
 local id, now, size, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local k0, stride = 0, 5
+if ARGV[7] ~= '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  redis.call('SET', KEYS[1], id, 'PX', ARGV[7])
+  k0 = 1
+end
+if ARGV[8] == '1' then stride = 6 end
 local common, packed, pos = {}, ARGV[5], 1
 while true do
   local stop = string.find(packed, '\\0', pos, true)
@@ -136,9 +191,9 @@ while true do
   common[#common + 1] = string.sub(packed, pos, stop - 1)
   pos = stop + 1
 end
-local raw, base = ARGV[6], 6
+local raw, base = ARGV[6], 8
 for d = 0, n - 1 do
-  local k, a = d * 6, base + d * 5
+  local k, a = k0 + d * stride, base + d * 5
   local mailstore = ARGV[a + 4]
   redis.call('HSET', KEYS[k + 1], 'raw', raw, 'folder', ARGV[a + 1], 'flags', ARGV[a + 2],
              'kind', ARGV[a + 3], unpack(common))
@@ -148,19 +203,20 @@ for d = 0, n - 1 do
   redis.call('HINCRBY', KEYS[k + 5], 'messages', 1)
   redis.call('HINCRBY', KEYS[k + 5], 'bytes', size)
   redis.call('HSET', KEYS[k + 5], 'mailstore', mailstore)
-  redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tmessages', 1)
-  redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tbytes', size)
+  if stride == 6 then
+    redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tmessages', 1)
+    redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tbytes', size)
+  end
 end
 return n
 """
 _DELIVER_SHA = hashlib.sha1(_DELIVER_LUA.encode(), usedforsecurity=False).hexdigest()  # the script id
 
 
-def _deliver_call(deliveries: list[Delivery], msg_id: str, raw: bytes,
-                  meta: dict[str, str] | None) -> tuple[list[str], list[Any]]:
+def _deliver_call(deliveries: list[Delivery], msg_id: str, raw: bytes, meta: dict[str, str],
+                  now_ms: int, stats: bool = True,
+                  digest: str | None = None) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of one scripted delivery (see _DELIVER_LUA)."""
-    meta = summarize(raw) if meta is None else meta
-    now_ms = int(time.time() * 1000)
     # The small fields travel as one NUL-joined argument (split again in the script):
     # packing forty short arguments was most of redis-py's cost per message.
     common = ["v", keys.SCHEMA_VERSION, "ts", str(now_ms), "size", str(len(raw)), "rstate", "pending"]
@@ -168,33 +224,132 @@ def _deliver_call(deliveries: list[Delivery], msg_id: str, raw: bytes,
         common += [name, value.replace("\0", "")]
     packed = "\0".join(common)
     keys_: list[str] = []
-    args: list[Any] = [msg_id, now_ms, len(raw), len(deliveries), packed, raw]
+    guard = ""
+    if digest is not None:
+        keys_.append(keys.dedupe(deliveries[0].address, digest))
+        guard = str(keys.DEDUPE_TTL_MS)
+    args: list[Any] = [msg_id, now_ms, len(raw), len(deliveries), packed, raw, guard,
+                       "1" if stats else "0"]
     for d in deliveries:
         keys_ += [keys.message(d.address, msg_id), keys.folder(d.address, d.folder),
-                  keys.unseen(d.address), keys.pending(d.address), keys.info(d.address),
-                  keys.stats_shard(d.address)]
+                  keys.unseen(d.address), keys.pending(d.address), keys.info(d.address)]
+        if stats:
+            keys_.append(keys.stats_shard(d.address))
         args += [d.folder, " ".join(d.flags), d.kind, d.mailstore, "1" if SEEN in d.flags else "0"]
     return keys_, args
 
 
-async def _evalsha(r: aioredis.Redis, keys_: list[str], args: list[Any]) -> None:
+async def _evalsha(r: aioredis.Redis, keys_: list[str], args: list[Any]) -> int:
     try:
-        await r.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args)
+        return int(await r.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args))
     except redis.exceptions.NoScriptError:
         # First use on this server (or after a restart): load it, then run it.
-        await r.script_load(_DELIVER_LUA)
-        await r.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args)
+        await r.eval(_DELIVER_LUA, len(keys_), *keys_, *args)  # loads it where the keys live
+        return -1
+
+
+def _evalsha_sync(r: redis.Redis, keys_: list[str], args: list[Any]) -> int:
+    try:
+        return int(r.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args))
+    except redis.exceptions.NoScriptError:
+        return int(r.eval(_DELIVER_LUA, len(keys_), *keys_, *args))
 
 
 async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,
                         meta: dict[str, str] | None = None,
-                        batcher: DeliveryBatcher | None = None) -> None:
-    """Write the message to every recipient in one atomic script call; raises on any failure."""
-    keys_, args = _deliver_call(deliveries, msg_id, raw, meta)
-    if batcher is not None:
-        await batcher.run(keys_, args)
-    else:
-        await _evalsha(r, keys_, args)
+                        batcher: DeliveryBatcher | None = None, digest: str | None = None) -> None:
+    """Write the message to every recipient; raises on any failure (the sender gets 451).
+
+    On one Redis (or Sentinel) that is one atomic script call.  On a Redis
+    Cluster it is one call per hash slot the recipients fall in, run at once;
+    when there are several, each carries the `digest` guard (keys.dedupe) so
+    the sender's retry after a partial failure is not stored twice.
+    """
+    meta = summarize(raw) if meta is None else meta
+    now_ms = int(time.time() * 1000)
+    if not is_cluster(r):
+        keys_, args = _deliver_call(deliveries, msg_id, raw, meta, now_ms)
+        await (batcher.run(keys_, args) if batcher is not None else _evalsha(r, keys_, args))
+        return
+    groups = slot_groups(deliveries)
+    guard = digest if len(groups) > 1 else None
+
+    async def one(group: list[Delivery]) -> None:
+        keys_, args = _deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=guard)
+        stored = await (batcher.run(keys_, args) if batcher is not None else _evalsha(r, keys_, args))
+        if stored:
+            await count_stored_async(r, group, len(raw))
+
+    results = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[Any]]],
+                     replicas: ReplicaAcks | None = None) -> list[Any]:
+    """Run Lua calls (source, KEYS, ARGV) as the receiver's one write; raises on any failure.
+
+    On one Redis (or Sentinel) they run inside one MULTI/EXEC, so all happen or
+    none; on a Redis Cluster each call must stay in one slot and they run at
+    once, each its own atomic step (callers guard them against repetition).
+    Either way each connection that wrote ends with WAIT when `replicas` asks.
+    """
+    if not is_cluster(r):
+        async with r.pipeline(transaction=False) as pipe:
+            # MULTI/EXEC sent by hand, not redis-py's transaction, so that WAIT can
+            # follow on the same connection.
+            pipe.execute_command("MULTI")
+            for source, keys_, args in calls:
+                pipe.eval(source, len(keys_), *keys_, *args)
+            pipe.execute_command("EXEC")
+            waits = replicas.queue_wait(pipe, []) if replicas is not None else 0
+            replies = list(await pipe.execute(raise_on_error=False))
+        executed = replies[len(calls) + 1]
+        if isinstance(executed, BaseException):
+            raise executed
+        results = list(executed)
+        errors = [x for x in replies[: len(calls) + 1] + results if isinstance(x, BaseException)]
+        short = replicas.shortfall(replies[len(replies) - waits:]) if replicas is not None else None
+        if errors or short is not None:
+            raise errors[0] if errors else short  # type: ignore[misc]
+        return results
+
+    async def one(source: str, keys_: list[str], args: list[Any]) -> Any:
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.eval(source, len(keys_), *keys_, *args)
+            if replicas is not None:
+                replicas.queue_wait(pipe, keys_[:1])
+            replies = list(await pipe.execute(raise_on_error=False))
+        if isinstance(replies[0], BaseException):
+            raise replies[0]
+        short = replicas.shortfall(replies[1:]) if replicas is not None else None
+        if short is not None:
+            raise short
+        return replies[0]
+
+    done = await asyncio.gather(*(one(*call) for call in calls), return_exceptions=True)
+    for result in done:
+        if isinstance(result, BaseException):
+            raise result
+    return list(done)
+
+
+def delivery_calls(r: Any, deliveries: list[Delivery], msg_id: str, raw: bytes, meta: dict[str, str],
+                   now_ms: int, digest: str | None) -> list[tuple[str, list[str], list[Any]]]:
+    """The scripted writes that store a message for `deliveries`: one, or one per slot on a cluster
+    (guarded by `digest` when there are several, see keys.dedupe)."""
+    if not deliveries:
+        return []
+    if not is_cluster(r):
+        keys_, args = _deliver_call(deliveries, msg_id, raw, meta, now_ms)
+        return [(_DELIVER_LUA, keys_, args)]
+    groups = slot_groups(deliveries)
+    out = []
+    for group in groups:
+        keys_, args = _deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=digest)
+        out.append((_DELIVER_LUA, keys_, args))
+    return out
 
 
 class DeliveryBatcher:
@@ -205,22 +360,26 @@ class DeliveryBatcher:
     the AOF once before answering them all.  A delivery's caller resumes only
     when its own call has succeeded (or with its own error), so 250 still
     means "durably written".  This halves the receiver's CPU per message under
-    concurrency, where redis-py's per-command machinery dominated.
+    concurrency, where redis-py's per-command machinery dominated.  With
+    `replica_acks`, the batch ends with WAIT (see durability.py) and fails as
+    a whole if too few replicas confirm it.
     """
 
-    def __init__(self, r: aioredis.Redis, max_batch: int = 64) -> None:
+    def __init__(self, r: aioredis.Redis, max_batch: int = 64,
+                 replicas: ReplicaAcks | None = None) -> None:
         self.r = r
         self.max_batch = max_batch
-        self.waiting: collections.deque[tuple[list[str], list[Any], asyncio.Future[None]]] = (
+        self.replicas = replicas
+        self.waiting: collections.deque[tuple[list[str], list[Any], asyncio.Future[int]]] = (
             collections.deque())
         self.drainer: asyncio.Task[None] | None = None
 
-    async def run(self, keys_: list[str], args: list[Any]) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def run(self, keys_: list[str], args: list[Any]) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiting.append((keys_, args, future))
         if self.drainer is None or self.drainer.done():
             self.drainer = asyncio.create_task(self._drain())
-        await future
+        return await future
 
     async def _drain(self) -> None:
         while self.waiting:
@@ -235,32 +394,67 @@ class DeliveryBatcher:
                 if isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
-                    future.set_result(None)
+                    future.set_result(int(result))
 
-    async def _execute(self, batch: list[tuple[list[str], list[Any], asyncio.Future[None]]]) -> list[Any]:
+    async def _execute(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
         async with self.r.pipeline(transaction=False) as pipe:
             for keys_, args, _ in batch:
                 pipe.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args)
+            if self.replicas is not None:
+                self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
             results = list(await pipe.execute(raise_on_error=False))
+        results, waits = results[: len(batch)], results[len(batch):]
+        if self.replicas is not None:
+            short = self.replicas.shortfall(waits)
+            if short is not None:
+                results = [x if isinstance(x, BaseException) else short for x in results]
         for i, result in enumerate(results):
             if isinstance(result, redis.exceptions.NoScriptError):
+                # First use on this server (or after a restart or failover): EVAL sends the
+                # source, which also caches it there for the next batch.
                 try:
-                    await _evalsha(self.r, batch[i][0], batch[i][1])
-                    results[i] = None
+                    results[i] = await self._execute_one(batch[i])
                 except Exception as exc:
                     results[i] = exc
         return results
 
+    async def _execute_one(self, item: tuple[list[str], list[Any], asyncio.Future[int]]) -> int:
+        keys_, args, _ = item
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.eval(_DELIVER_LUA, len(keys_), *keys_, *args)
+            if self.replicas is not None:
+                self.replicas.queue_wait(pipe, [keys_[0]])
+            results = list(await pipe.execute(raise_on_error=False))
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        if self.replicas is not None:
+            short = self.replicas.shortfall(results[1:])
+            if short is not None:
+                raise short
+        return int(results[0])
+
 
 def deliver(r: redis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,
             meta: dict[str, str] | None = None) -> None:
-    """The same atomic write from sync code (the webmail's local delivery and Sent copy)."""
+    """The same write from sync code (the webmail's local delivery and Sent copy).
+
+    On a Redis Cluster: one guarded script call per slot, the message id as the
+    guard, so a repeated call after a partial failure completes it.
+    """
     meta = summarize(raw) if meta is None else meta
     now_ms = int(time.time() * 1000)
-    with r.pipeline(transaction=True) as pipe:
-        for d in deliveries:
-            queue_delivery(pipe, d, msg_id, raw, meta, now_ms)
-        pipe.execute()
+    if not is_cluster(r):
+        with r.pipeline(transaction=True) as pipe:
+            for d in deliveries:
+                queue_delivery(pipe, d, msg_id, raw, meta, now_ms)
+            pipe.execute()
+        return
+    groups = slot_groups(deliveries)
+    for group in groups:
+        keys_, args = _deliver_call(group, msg_id, raw, meta, now_ms, stats=False,
+                                    digest=msg_id if len(groups) > 1 else None)
+        if _evalsha_sync(r, keys_, args):
+            count_stored(r, group, len(raw))
 
 
 def received_header(msg_id: str, hostname: str, helo: str, peer_ip: str, rdns: str | None,

@@ -33,12 +33,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from fallback import dsn, ids, keys, outbound, queueing
+from fallback import dsn, ids, keys, outbound, queueing, store
 from fallback.config import Settings
 from fallback.dkim import Signer
 from fallback.errors import FallbackError
 from fallback.maillog import MailLog
 from fallback.outbound import DEFERRED, DELIVERED, FAILED, Record
+from fallback.redisconn import is_cluster
 from fallback.smarthost import Reply, Smarthost
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ class Worker(queueing.StreamWorker):
 
     async def _taken(self, stream: str, entry_id: str, sender: str, msg_id: str, taken: Any) -> None:
         if taken[0] == 1:
+            if outbound.entry_age(entry_id) < outbound.SUBMIT_GRACE:
+                # On a Redis Cluster the entry is written just before the record (outbound.submit):
+                # it may be a moment early.  Look again shortly.
+                await self._ack(stream, entry_id, sender, msg_id, time.time() + 1)
+                return
             # Deleted by the operator, or never fully submitted: nothing to deliver.
             await self._ack(stream, entry_id, sender, msg_id, None)
             return
@@ -165,9 +171,13 @@ class Worker(queueing.StreamWorker):
             rec.rcpts.update(updates)
             notice = (ids.new_id(), dsn.build(self.hostname, rec, failed, raw or b"",
                                               self.smarthost.name, now))
+        clustered = is_cluster(self.r)
         async with self.r.pipeline(transaction=True) as pipe:
-            finished = outbound.queue_outcome(pipe, rec, updates, now, notice)
+            finished = outbound.queue_outcome(pipe, rec, updates, now, notice, stats=not clustered)
             await pipe.execute()
+        if notice is not None and clustered:
+            await store.count_stored_async(
+                self.r, [store.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
         if notice is not None:
             self.mail.event("failed", id=msg_id, sender=sender, rcpts=",".join(failed),
                             notice=notice[0])

@@ -1,8 +1,10 @@
 """Shared fixtures: a real redis-server per session, the receiver on a free port, CLI runs.
 
-Point the whole suite at another Redis (a cluster, a sentinel set-up) with
-FALLBACK_TEST_REDIS_URL; otherwise one durable redis-server is started for
-the session and flushed before each test.
+Point the whole suite at another Redis with FALLBACK_TEST_REDIS_URL (any URL
+the service takes: redis://, redis+cluster://, redis+sentinel://), or set
+FALLBACK_TEST_REDIS=cluster to have a real 3-primary Redis Cluster started
+for the session (`make test-cluster`).  Otherwise one durable redis-server
+is started for the session.  Either way it is flushed before each test.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import redis
 
 from fallback import directory, passwords
 from fallback.config import Settings, load_settings
-from fallback.redisconn import async_client
+from fallback.redisconn import async_client, sync_client
 from fallback.smtp import ReceiverServer
 from tests.dovecot import dovecot, dovecot_factory  # noqa: F401 - fixtures
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisClusterServers, RedisServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
+    if os.environ.get("FALLBACK_TEST_REDIS") == "cluster":
+        cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
+        yield cluster.url
+        cluster.stop()
+        return
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server.url
     server.stop()
@@ -40,7 +47,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     client.flushall()
     yield client
     client.close()

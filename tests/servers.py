@@ -191,3 +191,91 @@ def sink_payload(dump: bytes) -> tuple[list[str], bytes]:
     body = b"\n".join(lines[i:])
     # smtp-sink ends each dump with an empty line of its own.
     return [r.split()[0] for r in rcpts], body[:-1] if body.endswith(b"\n\n") else body
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: `primaries` redis-server processes with one replica each.
+
+    Nodes run with `--cluster-enabled yes` on free loopback ports and are joined
+    with `redis-cli --cluster create`; a short node timeout lets a test see a
+    replica promoted within seconds of its primary being killed.
+    """
+
+    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = 2000) -> None:
+        self.workdir = Path(workdir)
+        self.primaries = primaries
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def start(self) -> RedisClusterServers:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed: run `make test`, which installs it")
+        extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(self.node_timeout_ms),
+                 "--cluster-config-file", "nodes.conf"]
+        for i in range(self.primaries * (1 + self.replicas)):
+            # The bus port is named: the default (port + 10000) may be taken or out of range.
+            bus = ["--cluster-port", str(free_port())]
+            self.nodes.append(RedisServer(self.workdir / f"node{i}", extra=extra + bus).start())
+        create = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=60)
+        if create.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout}{create.stderr}")
+        wait_for(self.healthy, 60, "every cluster node to report cluster_state:ok and its replicas")
+        return self
+
+    def client(self, node: RedisServer) -> redis.Redis:
+        return redis.Redis(port=node.port, socket_connect_timeout=1, socket_timeout=5)
+
+    def healthy(self) -> bool:
+        try:
+            for node in self.alive():
+                c = self.client(node)
+                try:
+                    if c.cluster("info").get("cluster_state") != "ok":  # type: ignore[union-attr]
+                        return False
+                    info = c.info("replication")
+                    if info["role"] == "master" and int(info["connected_slaves"]) < self.replicas:
+                        return False
+                finally:
+                    c.close()
+        except redis.RedisError:
+            return False
+        return True
+
+    def alive(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The node serving `key`'s slot right now (read from CLUSTER NODES of a live node)."""
+        c = self.client(self.alive()[0])
+        try:
+            slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+            lines = c.execute_command("CLUSTER", "NODES")
+        finally:
+            c.close()
+        text = lines.decode() if isinstance(lines, bytes) else str(lines)
+        by_port = {n.port: n for n in self.alive()}
+        for line in text.splitlines():
+            parts = line.split()
+            if "master" not in parts[2].split(",") or "fail" in parts[2]:
+                continue
+            port = int(parts[1].split("@")[0].rpartition(":")[2])
+            for span in parts[8:]:
+                lo, _, hi = span.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo) and port in by_port:
+                    return by_port[port]
+        raise AssertionError(f"no live primary serves {key!r} (slot {slot})")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

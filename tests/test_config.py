@@ -51,10 +51,21 @@ BAD = [
     ({}, {"FALLBACK_PASSWORD_SCHEME": "MD5"}, None,
      "password_scheme: 'MD5' is not one of ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT"),
     ({}, {"FALLBACK_REDIS_URL": "http://user:pw@x"}, None,
-     "redis_url: 'http://user:***@x' must start with redis://, rediss:// or unix://"),
-    ({"redis_url": "redis+cluster://10.0.0.1:7000"}, {}, None,
-     "redis_url: 'redis+cluster://10.0.0.1:7000': Redis Cluster and Sentinel are not supported by this "
-     "version; use redis://, rediss:// or unix://"),
+     "redis_url: 'http://user:***@x' must start with redis://, rediss://, unix://, redis+cluster:// "
+     "or redis+sentinel://"),
+    ({"redis_url": "redis+cluster://"}, {}, None, "redis_url: 'redis+cluster://' names no HOST:PORT"),
+    ({"redis_url": "redis+cluster://:pw@10.0.0.1:7000,10.0.0.2"}, {}, None,
+     "redis_url: 'redis+cluster://:***@10.0.0.1:7000,10.0.0.2': '10.0.0.2' is not HOST:PORT"),
+    ({"redis_url": "redis+cluster://10.0.0.1:7000/2"}, {}, None,
+     "redis_url: 'redis+cluster://10.0.0.1:7000/2': a Redis Cluster has no databases; remove the path"),
+    ({"redis_url": "redis+sentinel://10.0.0.1:26379"}, {}, None,
+     "redis_url: 'redis+sentinel://10.0.0.1:26379' must name the Sentinel service: "
+     "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE"),
+    ({"redis_url": "redis+sentinel://10.0.0.1:26379/mail?db=2"}, {}, None,
+     "redis_url: 'redis+sentinel://10.0.0.1:26379/mail?db=2': unknown option 'db' (only sentinel_password)"),
+    ({}, {"FALLBACK_REPLICA_ACKS": "-1"}, None,
+     "replica_acks: must be 0 (no replica acknowledgement) or more"),
+    ({"workers": "-2"}, {}, None, "workers: must be 0 (one per CPU) or more"),
     ({}, {"FALLBACK_DEMO": "maybe"}, None, "FALLBACK_DEMO: not a boolean: 'maybe' (use true or false)"),
     ({}, {}, "smtp_port = 'x'\n", "{path}: smtp_port: not a whole number: 'x'"),
     ({}, {}, "smtp_port = true\n", "{path}: smtp_port: expected a number, got True"),
@@ -87,3 +98,22 @@ def test_bad_config_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["status", "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     err = capsys.readouterr().err
     assert err == "fallback status: FALLBACK_SMTP_PORT: not a whole number: 'abc'\n"
+
+
+def test_cluster_and_sentinel_urls_parse() -> None:
+    from fallback.redisconn import parse_topology
+
+    t = parse_topology("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001")
+    assert t is not None and t.kind == "cluster" and t.password == "p@ss" and t.username == "u"
+    assert t.nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    t = parse_topology("redis+sentinel://:pw@s1:26379,s2:26379/mail?sentinel_password=sp")
+    assert t is not None and (t.kind, t.service, t.password, t.sentinel_password) == (
+        "sentinel", "mail", "pw", "sp")
+    assert parse_topology("redis://127.0.0.1:6379/0") is None
+
+
+def test_workers_sets_both_pools_unless_one_is_given() -> None:
+    s = load_settings({"workers": "3"}, env={})
+    assert (s.smtp_workers, s.web_workers) == (3, 3)
+    s = load_settings({"workers": "3", "web_workers": "1"}, env={})
+    assert (s.smtp_workers, s.web_workers) == (3, 1)

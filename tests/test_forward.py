@@ -142,7 +142,7 @@ def test_failed_write_answers_451_and_leaves_nothing(r: redis.Redis, users: dict
     finally:
         r.config_set("maxmemory", old)
     assert code == 451
-    assert not r.keys("mbx:*:m:*") and not r.keys("mbx:*:fwd:*")
+    assert not r.keys("mbx:*:m:*") and not r.keys("fwdq:*:r:*")
     assert all(b.depth == 0 for b in health.backlogs(r))
 
 

@@ -30,7 +30,7 @@ import redis
 import trustme
 
 from fallback.config import Settings, _convert, _field_hints
-from fallback.redisconn import async_client
+from fallback.redisconn import async_client, sync_client
 from fallback.store import MailboxReader
 from tests.conftest import add_mailbox
 from tests.servers import RedisServer, free_port
@@ -176,7 +176,7 @@ def test_dialogue(name: str, receiver_factory: Any, mailboxes: list[str], r: red
         assert not line.startswith("500 Error: ("), f"{name}: aiosmtpd's default error reply: {line}"
         for text in forbid:
             assert text not in line, f"{name}: {text!r} leaked on the wire: {line}"
-    check = redis.Redis.from_url(overrides.get("redis_url", settings.redis_url))
+    check = sync_client(overrides.get("redis_url", settings.redis_url))
     for addr, count in stored:
         assert MailboxReader(check, addr).count("INBOX") == count, f"{name}: {addr}"
     check.close()
