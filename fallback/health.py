@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from fallback import ids, keys
+from fallback.redisconn import is_cluster
 
 SCAN_LIMIT = 10_000  # entries read per stream shard; beyond that the queue is in trouble anyway
 
@@ -133,12 +134,27 @@ class Memory:
         return 100.0 * self.used / self.limit if self.limit else 0.0
 
 
-def memory(r: redis.Redis) -> Memory:
-    info = r.info("memory")
+def primary_infos(r: redis.Redis, section: str) -> list[dict[str, Any]]:
+    """INFO `section` of every primary: one on a single Redis, each node's on a cluster."""
+    if not is_cluster(r):
+        return [dict(r.info(section))]
+    reply: Any = r.info(section, target_nodes="primaries")
+    if reply and all(isinstance(v, dict) for v in reply.values()):
+        return [dict(v) for v in reply.values()]
+    return [dict(reply)]  # a cluster of one primary answers like a single server
+
+
+def _node_memory(info: dict[str, Any]) -> Memory:
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
     if limit:
         return Memory(used, limit, "maxmemory")
     return Memory(used, int(info.get("total_system_memory", 0)), "system")
+
+
+def memory(r: redis.Redis) -> Memory:
+    """Memory of the fullest primary: on a cluster, the first node to fill up refuses writes."""
+    nodes = [_node_memory(i) for i in primary_infos(r, "memory")]
+    return max(nodes, key=lambda m: m.used / m.limit if m.limit else 0.0)
 
 
 @dataclass(frozen=True)
@@ -149,10 +165,11 @@ class Aof:
 
 
 def aof(r: redis.Redis) -> Aof:
-    info = r.info("persistence")
-    return Aof(enabled=bool(int(info.get("aof_enabled", 0))),
-               last_write_ok=info.get("aof_last_write_status", "ok") == "ok",
-               last_rewrite_ok=info.get("aof_last_bgrewrite_status", "ok") == "ok")
+    """AOF state of every primary taken together: one node without it is no durability there."""
+    infos = primary_infos(r, "persistence")
+    return Aof(enabled=all(int(i.get("aof_enabled", 0)) for i in infos),
+               last_write_ok=all(i.get("aof_last_write_status", "ok") == "ok" for i in infos),
+               last_rewrite_ok=all(i.get("aof_last_bgrewrite_status", "ok") == "ok" for i in infos))
 
 
 def redis_now_ms(r: redis.Redis) -> int:
@@ -166,15 +183,18 @@ def redis_health(r: redis.Redis) -> dict[str, Any]:
     started = time.monotonic()
     r.ping()
     latency = (time.monotonic() - started) * 1000
-    mem = r.info("memory")
-    persistence = r.info("persistence")
+    mems = primary_infos(r, "memory")
+    a = aof(r)
+    limits = [int(m.get("maxmemory", 0)) for m in mems]
     health: dict[str, Any] = {
         "ping_ms": round(latency, 2),
-        "used_memory": int(mem.get("used_memory", 0)),
-        "maxmemory": int(mem.get("maxmemory", 0)),
-        "maxmemory_policy": mem.get("maxmemory_policy", "unknown"),
-        "aof_enabled": bool(persistence.get("aof_enabled", 0)),
-        "aof_last_write_status": persistence.get("aof_last_write_status", "unknown"),
+        "primaries": len(mems),
+        # Summed over a cluster's primaries (0: a node without a limit).
+        "used_memory": sum(int(m.get("used_memory", 0)) for m in mems),
+        "maxmemory": sum(limits) if all(limits) else 0,
+        "maxmemory_policy": mems[0].get("maxmemory_policy", "unknown"),
+        "aof_enabled": a.enabled,
+        "aof_last_write_status": "ok" if a.last_write_ok else "err",
     }
     try:
         health["appendfsync"] = r.config_get("appendfsync").get("appendfsync", "unknown")

@@ -162,7 +162,6 @@ class Reconciler:
         self.maillog = maillog or MailLog()
         self._record = r.register_script(_RECORD_LUA)
         self.log_on = self.maillog.logger.isEnabledFor(logging.INFO)
-        self._unmark = r.register_script(_UNMARK_LUA)
         self._meta = r.register_script(_META_LUA)
         self._raw = r.register_script(_RAW_LUA)
 
@@ -439,8 +438,9 @@ class _MailboxJob:
             # Sent-but-unanswered stays `appending` (looked up next run); never-sent goes back.
             pipe = self.rec.r.pipeline(transaction=False)
             for item in items[attempted:]:
-                await self.rec._unmark(keys=[keys.message(self.address, item.id)], args=["pending"],
-                                       client=pipe)
+                # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
+                pipe.execute_command("EVAL", _UNMARK_LUA, 1, keys.message(self.address, item.id),
+                                     "pending")
             await pipe.execute()
             raise
 

@@ -301,7 +301,7 @@ async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[A
             # follow on the same connection.
             pipe.execute_command("MULTI")
             for source, keys_, args in calls:
-                pipe.eval(source, len(keys_), *keys_, *args)
+                pipe.execute_command("EVAL", source, len(keys_), *keys_, *args)
             pipe.execute_command("EXEC")
             waits = replicas.queue_wait(pipe, []) if replicas is not None else 0
             replies = list(await pipe.execute(raise_on_error=False))
@@ -317,7 +317,7 @@ async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[A
 
     async def one(source: str, keys_: list[str], args: list[Any]) -> Any:
         async with r.pipeline(transaction=False) as pipe:
-            pipe.eval(source, len(keys_), *keys_, *args)
+            pipe.execute_command("EVAL", source, len(keys_), *keys_, *args)
             if replicas is not None:
                 replicas.queue_wait(pipe, keys_[:1])
             replies = list(await pipe.execute(raise_on_error=False))
@@ -399,7 +399,7 @@ class DeliveryBatcher:
     async def _execute(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
         async with self.r.pipeline(transaction=False) as pipe:
             for keys_, args, _ in batch:
-                pipe.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args)
+                pipe.execute_command("EVALSHA", _DELIVER_SHA, len(keys_), *keys_, *args)
             if self.replicas is not None:
                 self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
             results = list(await pipe.execute(raise_on_error=False))
@@ -421,7 +421,7 @@ class DeliveryBatcher:
     async def _execute_one(self, item: tuple[list[str], list[Any], asyncio.Future[int]]) -> int:
         keys_, args, _ = item
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.eval(_DELIVER_LUA, len(keys_), *keys_, *args)
+            pipe.execute_command("EVAL", _DELIVER_LUA, len(keys_), *keys_, *args)
             if self.replicas is not None:
                 self.replicas.queue_wait(pipe, [keys_[0]])
             results = list(await pipe.execute(raise_on_error=False))
@@ -719,12 +719,13 @@ def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_m
     The per-mailbox keys change atomically per message; the sharded stats
     counters (another slot) follow in a second step.
     """
-    script = r.register_script(_PURGE_LUA)
     mbx_keys = [keys.pending(address), keys.outbox(address),
                 *(keys.folder(address, f) for f in FOLDERS), keys.unseen(address), keys.info(address)]
     pipe = r.pipeline(transaction=False)
     for msg_id in msg_ids:
-        script(keys=[keys.message(address, msg_id), *mbx_keys], args=[msg_id, cutoff_ms], client=pipe)
+        # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
+        pipe.execute_command("EVAL", _PURGE_LUA, 1 + len(mbx_keys), keys.message(address, msg_id),
+                             *mbx_keys, msg_id, cutoff_ms)
     sizes = [int(x) for x in pipe.execute() if int(x) >= 0]
     if sizes:
         stored: Any = r.hget(keys.info(address), "mailstore")
