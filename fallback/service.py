@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEMO_ADDRESS = "demo@example.com"
 DEMO_PASSWORD = "demo"  # noqa: S105 - the demo mailbox's documented password
+PARENT_ENV = "FALLBACK_INTERNAL_PARENT_PID"  # set for the receivers a receiver starts (smtp_workers)
 
 
 class Component(Protocol):
@@ -72,7 +73,7 @@ class SmtpComponent:
             # The children bind the port this process got (even when it asked for port 0).
             child = replace(self.settings, smtp_port=port, smtp_workers=1, smtp_reuse_port=True,
                             redis_url=self.url or self.settings.redis_url, demo=False)
-            env = {**os.environ, **settings_env(child)}
+            env = {**os.environ, **settings_env(child), PARENT_ENV: str(os.getpid())}
             for _ in range(processes - 1):
                 self.children.append(subprocess.Popen(
                     [sys.executable, "-m", "fallback", "smtp"], env=env, stdin=subprocess.DEVNULL,

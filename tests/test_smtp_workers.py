@@ -15,6 +15,7 @@ import redis
 
 from fallback import keys, store
 from tests.conftest import add_mailbox
+from tests.servers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +80,35 @@ def test_negative_workers_refused(r: redis.Redis, redis_url: str) -> None:
                           timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip() == "fallback smtp: smtp_workers: must be 0 (one per CPU) or more"
+
+
+def test_receivers_started_by_a_killed_receiver_end_with_it(r: redis.Redis, redis_url: str) -> None:
+    """SIGKILL gives the first receiver no chance to stop the others: the kernel tells them."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FALLBACK_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fallback", "smtp", "--redis-url", redis_url, "--smtp-port", "0",
+         "--smtp-workers", "3", "--hostname", "fallback.test"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        deadline = time.monotonic() + 60
+        while "ready" not in banner and time.monotonic() < deadline:  # bounded
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line:
+                break
+            banner += line
+        m = re.search(r"\(3 processes: \d+, (\d+), (\d+)\)", banner)
+        assert m, banner
+        children = [int(m.group(1)), int(m.group(2))]
+        proc.kill()
+        proc.wait(30)
+
+        def gone() -> bool:
+            return all(not Path(f"/proc/{pid}").exists()
+                       or "zombie" in Path(f"/proc/{pid}/status").read_text().lower() for pid in children)
+
+        wait_for(gone, 60, "the started receivers to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import os
+import signal
 from dataclasses import replace
 from typing import Any
 
 from fallback.cli import Context
 from fallback.commands import forward
 from fallback.redisconn import resolve_url
-from fallback.service import Service
+from fallback.service import PARENT_ENV, Service
+
+
+def follow_parent(pid: int) -> None:
+    """A receiver started by another one (smtp_workers) ends with it, even if it was SIGKILLed:
+    the kernel sends SIGTERM on the parent's death, which stops this one cleanly."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != pid:  # it died before prctl took effect
+        raise SystemExit(0)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -26,6 +43,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is not None:
+        follow_parent(int(parent))
     # resolve_url refuses (one line) when there is no Redis to join, instead of starting one.
     settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings), demo=False)
     asyncio.run(Service(settings, roles=("smtp", "forward") if settings.forward_to else ("smtp",)).run())
