@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from fallback import embedded
+from fallback import embedded, keys, store
 from tests.servers import free_port
 from tests.smtpwire import Wire
 
@@ -175,3 +175,24 @@ def test_second_up_on_the_same_data_dir_refuses(data_dir: Path) -> None:
         assert "already running" in second.stderr and "Traceback" not in second.stderr
     finally:
         assert up.stop(signal.SIGINT)[0] == 0
+
+
+def test_up_workers_runs_receivers_and_webmail_workers_on_every_core(data_dir: Path) -> None:
+    """--workers N: N receiver processes on one port and N gunicorn workers; all stop on SIGTERM."""
+    up = Up(data_dir, "--workers", "2", "--demo")
+    try:
+        banner = "\n".join(up.banner)
+        m = re.search(r"\(2 processes: (\d+), (\d+)\)", banner)
+        assert m, banner
+        assert "(gunicorn, 2 workers)" in banner
+        for n in range(10):  # a fresh connection each: either process may take it
+            with smtplib.SMTP("127.0.0.1", up.smtp_port) as smtp:
+                smtp.sendmail("me@remote.test", ["demo@example.com"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+        url = embedded.find_url(data_dir)
+        assert url is not None
+        assert redis.Redis.from_url(url).zcard(keys.folder("demo@example.com", store.INBOX)) == 10
+        child = int(m.group(2))
+    finally:
+        code, _, err = up.stop()
+    assert code == 0, err
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
