@@ -24,9 +24,12 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster
+import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.cluster
+import redis.retry
 import redis.sentinel
+from redis.backoff import NoBackoff
 
 from fallback import embedded
 from fallback.config import Settings, redact_url
@@ -124,9 +127,11 @@ def sync_client(url: str) -> redis.Redis:
         nodes = [redis.cluster.ClusterNode(h, p) for h, p in t.nodes]
         return cast(redis.Redis, redis.cluster.RedisCluster(
             startup_nodes=nodes, **_auth(t), **_CLIENT_OPTIONS))
+    # No retries towards a Sentinel: redis-py's default (10, backing off) spends seconds on each
+    # one that is down before asking the next; they are a list so that one may be down.
     sentinel = redis.sentinel.Sentinel(
         t.nodes, sentinel_kwargs={"password": t.sentinel_password, "socket_connect_timeout": 3,
-                                  "socket_timeout": 3},
+                                  "socket_timeout": 3, "retry": redis.retry.Retry(NoBackoff(), 0)},
         **_auth(t), **_CLIENT_OPTIONS)
     return sentinel.master_for(t.service)
 
@@ -141,7 +146,7 @@ def async_client(url: str) -> aioredis.Redis:
             startup_nodes=nodes, **_auth(t), **_CLIENT_OPTIONS))
     sentinel = redis.asyncio.sentinel.Sentinel(
         t.nodes, sentinel_kwargs={"password": t.sentinel_password, "socket_connect_timeout": 3,
-                                  "socket_timeout": 3},
+                                  "socket_timeout": 3, "retry": redis.asyncio.retry.Retry(NoBackoff(), 0)},
         **_auth(t), **_CLIENT_OPTIONS)
     return sentinel.master_for(t.service)
 
@@ -157,6 +162,32 @@ def connect(settings: Settings) -> redis.Redis:
     client = sync_client(url)
     try:
         client.ping()
+    except redis.sentinel.MasterNotFoundError:
+        # redis-py's own text embeds each Sentinel client's repr: say what the Sentinels said.
+        raise StorageError(_no_primary(url)) from None
     except (redis.RedisError, OSError) as exc:
         raise StorageError(f"Redis at {redact_url(url)} does not answer: {exc}") from None
     return client
+
+
+def _no_primary(url: str) -> str:
+    """Why the Sentinels of `url` named no primary, asked one by one."""
+    t = parse_topology(url)
+    assert t is not None and t.kind == "sentinel"
+    said = []
+    for host, port in t.nodes:
+        c = redis.Redis(host, port, password=t.sentinel_password, socket_connect_timeout=3,
+                        socket_timeout=3, retry=redis.retry.Retry(NoBackoff(), 0))
+        try:
+            found = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", t.service)
+            said.append(f"{host}:{port} does not monitor {t.service!r}" if found is None
+                        else f"{host}:{port} reports {t.service!r} down")
+        except redis.AuthenticationError:
+            said.append(f"{host}:{port} refuses the sentinel_password")
+        except redis.ResponseError:
+            said.append(f"{host}:{port} is not a Sentinel")
+        except (redis.RedisError, OSError):
+            said.append(f"no Sentinel answers at {host}:{port}")
+        finally:
+            c.close()
+    return f"no primary for Sentinel service {t.service!r}: " + "; ".join(said)

@@ -241,7 +241,7 @@ class RedisClusterServers:
             for node in self.alive():
                 c = self.client(node)
                 try:
-                    if c.cluster("info").get("cluster_state") != "ok":  # type: ignore[union-attr]
+                    if c.cluster("info").get("cluster_state") != "ok":
                         return False
                     info = c.info("replication")
                     if info["role"] == "master" and int(info["connected_slaves"]) < self.replicas:
@@ -279,3 +279,124 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelServers:
+    """A primary, `replicas` replicas (`--replicaof`) and `sentinels` Sentinel processes.
+
+    Each node is a durable RedisServer of its own; each Sentinel is
+    `redis-server sentinel.conf --sentinel` with a config file it may rewrite.
+    A short down-after and failover timeout let a test see a replica promoted
+    within a few seconds of its primary being killed.
+    """
+
+    def __init__(self, workdir: Path, service: str = "fallback", replicas: int = 1,
+                 sentinels: int = 1, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        self.workdir = Path(workdir)
+        self.service = service
+        self.replica_count = replicas
+        self.sentinel_count = sentinels
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.nodes: list[RedisServer] = []          # nodes[0] is the first primary
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.sentinel_ports: list[int] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self) -> RedisSentinelServers:
+        # Any node may become the primary; none should wait 5 s before feeding a new replica.
+        extra = ["--repl-diskless-sync-delay", "0"]
+        primary = RedisServer(self.workdir / "node0", extra=extra).start()
+        self.nodes.append(primary)
+        for i in range(1, 1 + self.replica_count):
+            self.nodes.append(RedisServer(
+                self.workdir / f"node{i}",
+                extra=[*extra, "--replicaof", "127.0.0.1", str(primary.port)]).start())
+        wait_for(lambda: all(self.link_up(n) for n in self.nodes[1:]), 30,
+                 "every replica's link to the primary")
+        binary = shutil.which("redis-server")
+        assert binary is not None  # RedisServer.start has checked
+        quorum = self.sentinel_count // 2 + 1
+        for i in range(self.sentinel_count):
+            port = free_port()
+            workdir = self.workdir / f"sentinel{i}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            conf = workdir / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {workdir}\nlogfile {workdir / 'sentinel.log'}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {primary.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} {self.replica_count}\n")
+            self.sentinels.append(subprocess.Popen([binary, str(conf), "--sentinel"],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.sentinel_ports.append(port)
+        wait_for(self.watching, 30, "the Sentinels to know the primary, its replicas and each other")
+        return self
+
+    def client(self, node: RedisServer) -> redis.Redis:
+        return redis.Redis(port=node.port, socket_connect_timeout=1, socket_timeout=5)
+
+    def link_up(self, node: RedisServer) -> bool:
+        c = self.client(node)
+        try:
+            return bool(c.info("replication").get("master_link_status") == "up")
+        except redis.RedisError:
+            return False
+        finally:
+            c.close()
+
+    def ask(self, index: int, *command: str) -> Any:
+        """One Sentinel command to the `index`th Sentinel (decoded replies)."""
+        c = redis.Redis(port=self.sentinel_ports[index], socket_connect_timeout=1, socket_timeout=5,
+                        decode_responses=True)
+        try:
+            return c.execute_command(*command)
+        finally:
+            c.close()
+
+    def watching(self) -> bool:
+        try:
+            for i, proc in enumerate(self.sentinels):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"Sentinel exited; see {self.workdir}/sentinel{i}/sentinel.log")
+                replicas = self.ask(i, "SENTINEL", "REPLICAS", self.service)
+                others = self.ask(i, "SENTINEL", "SENTINELS", self.service)
+                if len(others) < self.sentinel_count - 1:
+                    return False
+                up = [r for r in replicas if _flags(r) == {"slave"}]
+                if len(up) < self.replica_count:
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def primary_port(self, index: int = 0) -> int:
+        """The primary's port as a Sentinel reports it right now."""
+        _, port = self.ask(index, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def primary(self) -> RedisServer:
+        port = self.primary_port()
+        return next(n for n in self.nodes if n.port == port)
+
+    def replicas(self) -> list[RedisServer]:
+        """Live nodes that are not the current primary."""
+        port = self.primary_port()
+        return [n for n in self.nodes if n.port != port and n.proc is not None and n.proc.poll() is None]
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            stop_pid(proc)
+        for node in self.nodes:
+            node.stop()
+
+
+def _flags(reply: Any) -> set[str]:
+    """The flags of one SENTINEL REPLICAS entry (a flat list or a dict, by protocol version)."""
+    fields = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    return set(str(fields.get("flags", "")).split(","))

@@ -195,4 +195,5 @@ def test_up_workers_runs_receivers_and_webmail_workers_on_every_core(data_dir: P
     finally:
         code, _, err = up.stop()
     assert code == 0, err
-    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text().lower()
