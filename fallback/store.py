@@ -276,8 +276,10 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
 
     async def one(group: list[Delivery]) -> None:
         keys_, args = _deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=guard)
-        stored = await (batcher.run(keys_, args) if batcher is not None else _evalsha(r, keys_, args))
-        if stored:
+        if batcher is not None:
+            if await batcher.run(keys_, args):
+                batcher.count(group, len(raw))  # written with a later batch, not waited for
+        elif await _evalsha(r, keys_, args):
             await count_stored_async(r, group, len(raw))
 
     results = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
@@ -373,6 +375,26 @@ class DeliveryBatcher:
         self.waiting: collections.deque[tuple[list[str], list[Any], asyncio.Future[int]]] = (
             collections.deque())
         self.drainer: asyncio.Task[None] | None = None
+        # Cluster only: status counters of stored messages, added to Redis after the next
+        # batch (see count_stored) so that no 250 waits for a second write.
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def count(self, deliveries: list[Delivery], size: int) -> None:
+        for d in deliveries:
+            self.counts[(keys.stats_shard(d.address), f"{d.mailstore}\tmessages")] += 1
+            self.counts[(keys.stats_shard(d.address), f"{d.mailstore}\tbytes")] += size
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.create_task(self._drain())
+
+    async def _flush_counts(self) -> None:
+        counts, self.counts = self.counts, collections.Counter()
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for (key, name), amount in counts.items():
+                    pipe.hincrby(key, name, amount)
+                await pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("status counters not updated for %d field(s): %s", len(counts), exc)
 
     async def run(self, keys_: list[str], args: list[Any]) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -382,7 +404,10 @@ class DeliveryBatcher:
         return await future
 
     async def _drain(self) -> None:
-        while self.waiting:
+        while self.waiting or self.counts:
+            if not self.waiting:
+                await self._flush_counts()
+                continue
             batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch))]
             try:
                 results = await self._execute(batch)
@@ -397,13 +422,20 @@ class DeliveryBatcher:
                     future.set_result(int(result))
 
     async def _execute(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
+        counts, self.counts = self.counts, collections.Counter()
         async with self.r.pipeline(transaction=False) as pipe:
             for keys_, args, _ in batch:
                 pipe.execute_command("EVALSHA", _DELIVER_SHA, len(keys_), *keys_, *args)
-            if self.replicas is not None:
-                self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
+            n_waits = (self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
+                       if self.replicas is not None else 0)
+            for (key, name), amount in counts.items():  # earlier batches' counters ride along
+                pipe.hincrby(key, name, amount)
             results = list(await pipe.execute(raise_on_error=False))
-        results, waits = results[: len(batch)], results[len(batch):]
+        n = len(batch)
+        results, waits, added = results[:n], results[n : n + n_waits], results[n + n_waits :]
+        failed = [x for x in added if isinstance(x, BaseException)]
+        if failed:
+            log.warning("status counters not updated for %d field(s): %s", len(failed), failed[0])
         if self.replicas is not None:
             short = self.replicas.shortfall(waits)
             if short is not None:

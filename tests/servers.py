@@ -217,8 +217,10 @@ class RedisClusterServers:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is not installed: run `make test`, which installs it")
+        # No delay before a replica's first sync (default 5 s): a primary killed early in a
+        # test must have a replica that already holds its data.
         extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(self.node_timeout_ms),
-                 "--cluster-config-file", "nodes.conf"]
+                 "--cluster-config-file", "nodes.conf", "--repl-diskless-sync-delay", "0"]
         for i in range(self.primaries * (1 + self.replicas)):
             # The bus port is named: the default (port + 10000) may be taken or out of range.
             bus = ["--cluster-port", str(free_port())]
@@ -246,6 +248,8 @@ class RedisClusterServers:
                     info = c.info("replication")
                     if info["role"] == "master" and int(info["connected_slaves"]) < self.replicas:
                         return False
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        return False  # still waiting for its first sync
                 finally:
                     c.close()
         except redis.RedisError:
