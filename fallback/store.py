@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -267,7 +268,8 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
     """
     meta = summarize(raw) if meta is None else meta
     now_ms = int(time.time() * 1000)
-    if not is_cluster(r):
+    # The batcher knows already (asking costs microseconds, on the receiver's hottest path).
+    if not (batcher.clustered if batcher is not None else is_cluster(r)):
         keys_, args = _deliver_call(deliveries, msg_id, raw, meta, now_ms)
         await (batcher.run(keys_, args) if batcher is not None else _evalsha(r, keys_, args))
         return
@@ -370,6 +372,7 @@ class DeliveryBatcher:
     def __init__(self, r: aioredis.Redis, max_batch: int = 64,
                  replicas: ReplicaAcks | None = None) -> None:
         self.r = r
+        self.clustered = is_cluster(r)
         self.max_batch = max_batch
         self.replicas = replicas
         self.waiting: collections.deque[tuple[list[str], list[Any], asyncio.Future[int]]] = (
@@ -423,14 +426,18 @@ class DeliveryBatcher:
 
     async def _execute(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
         counts, self.counts = self.counts, collections.Counter()
-        async with self.r.pipeline(transaction=False) as pipe:
-            for keys_, args, _ in batch:
-                pipe.execute_command("EVALSHA", _DELIVER_SHA, len(keys_), *keys_, *args)
-            n_waits = (self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
-                       if self.replicas is not None else 0)
-            for (key, name), amount in counts.items():  # earlier batches' counters ride along
-                pipe.hincrby(key, name, amount)
-            results = list(await pipe.execute(raise_on_error=False))
+        if not self.clustered:
+            results = await self._send_direct(batch)
+            n_waits = len(results) - len(batch)
+        else:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for keys_, args, _ in batch:
+                    pipe.execute_command("EVALSHA", _DELIVER_SHA, len(keys_), *keys_, *args)
+                n_waits = (self.replicas.queue_wait(pipe, [keys_[0] for keys_, _, _ in batch])
+                           if self.replicas is not None else 0)
+                for (key, name), amount in counts.items():  # earlier batches' counters ride along
+                    pipe.hincrby(key, name, amount)
+                results = list(await pipe.execute(raise_on_error=False))
         n = len(batch)
         results, waits, added = results[:n], results[n : n + n_waits], results[n + n_waits :]
         failed = [x for x in added if isinstance(x, BaseException)]
@@ -448,6 +455,32 @@ class DeliveryBatcher:
                     results[i] = await self._execute_one(batch[i])
                 except Exception as exc:
                     results[i] = exc
+        return results
+
+    async def _send_direct(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
+        """One server (or Sentinel's primary): the batch's commands written at once on one pooled
+        connection and their replies read in order.  redis-py's Pipeline does the same with
+        about twice the CPU per command, and this is the receiver's hottest path."""
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", _DELIVER_SHA, len(keys_), *keys_, *args) for keys_, args, _ in batch]
+        if self.replicas is not None:
+            commands.append(self.replicas.command())  # same connection: it covers these writes
+        pool = self.r.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(b"".join(hiredis.pack_command(c) for c in commands))
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await conn.read_response())
+                except redis.ResponseError as exc:  # that command's own error reply
+                    results.append(exc)
+        except BaseException:
+            # A reply may be left unread: this connection must not be reused as it is.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
         return results
 
     async def _execute_one(self, item: tuple[list[str], list[Any], asyncio.Future[int]]) -> int:
