@@ -56,7 +56,8 @@ async def serve_durable(port: int, redis_url: str) -> None:
     await asyncio.Event().wait()
 
 
-async def serve_noop(port: int) -> None:
+async def serve_noop(port: int, reuse_port: bool = False) -> None:
+    """aiosmtpd answering 250 to every DATA and storing nothing (reuse_port: one of several)."""
     from aiosmtpd.smtp import SMTP
 
     class NoOp:
@@ -65,7 +66,7 @@ async def serve_noop(port: int) -> None:
 
     loop = asyncio.get_running_loop()
     await loop.create_server(lambda: SMTP(NoOp(), hostname="noop.test", data_size_limit=None),
-                             host="127.0.0.1", port=port)
+                             host="127.0.0.1", port=port, reuse_port=reuse_port or None)
     await asyncio.Event().wait()
 
 

@@ -127,20 +127,6 @@ def durable(redis_url: str, redis_pids: list[int], workers: int, conns: int, mes
         stop_pid(proc)
 
 
-async def serve_noop(port: int) -> None:
-    """The no-op handler of smtp_ingest, on a port shared with the other no-op processes."""
-    from aiosmtpd.smtp import SMTP
-
-    class NoOp:
-        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
-            return "250 OK"
-
-    loop = asyncio.get_running_loop()
-    await loop.create_server(lambda: SMTP(NoOp(), hostname="noop.test", data_size_limit=None),
-                             host="127.0.0.1", port=port, reuse_port=True)
-    await asyncio.Event().wait()
-
-
 def noop(workers: int, conns: int, messages: int) -> Point:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-noop", str(port)]
@@ -209,7 +195,7 @@ def main() -> int:
                     help="measure only the receiver's Redis write, in-process (no SMTP)")
     args = ap.parse_args()
     if args.serve_noop:
-        asyncio.run(serve_noop(args.serve_noop))
+        asyncio.run(smtp_ingest.serve_noop(args.serve_noop, reuse_port=True))
         return 0
     work = Path(tempfile.mkdtemp(prefix="fallback-bench-workers-"))
     backends: dict[str, str] = {}

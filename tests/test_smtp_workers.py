@@ -33,24 +33,37 @@ def listeners(port: int) -> int:
     return count
 
 
-def test_two_receiver_processes_share_the_port(r: redis.Redis, settings, redis_url: str) -> None:
-    add_mailbox(r, settings, "alice@example.com")
+def start_receivers(redis_url: str, n: int) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """`fallback smtp --smtp-workers n` as a subprocess: (process, port, pids from its banner)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FALLBACK_LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fallback", "smtp", "--redis-url", redis_url, "--smtp-port", "0",
-         "--smtp-workers", "2", "--hostname", "fallback.test"],
+         "--smtp-workers", str(n), "--hostname", "fallback.test"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = ""
+    deadline = time.monotonic() + 60
+    while "ready" not in banner and time.monotonic() < deadline:  # bounded
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            break
+        banner += line
+    m = re.search(rf"SMTP receiver on [\d.]+:(\d+) \({n} processes: ([\d, ]+)\)", banner)
+    if not m:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(banner)
+    return proc, int(m.group(1)), [int(p) for p in m.group(2).split(", ")]
+
+
+def gone(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" in status.read_text().lower()
+
+
+def test_two_receiver_processes_share_the_port(r: redis.Redis, settings, redis_url: str) -> None:
+    add_mailbox(r, settings, "alice@example.com")
+    proc, port, pids = start_receivers(redis_url, 2)
     try:
-        banner = ""
-        deadline = time.monotonic() + 60
-        while "ready" not in banner and time.monotonic() < deadline:  # bounded
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line:
-                break
-            banner += line
-        m = re.search(r"SMTP receiver on [\d.]+:(\d+) \(2 processes: (\d+), (\d+)\)", banner)
-        assert m, banner
-        port, pids = int(m.group(1)), [int(m.group(2)), int(m.group(3))]
         for _ in range(100):  # bounded: the child binds a moment after the banner
             if listeners(port) == 2:
                 break
@@ -63,9 +76,7 @@ def test_two_receiver_processes_share_the_port(r: redis.Redis, settings, redis_u
         assert r.zcard(keys.folder("alice@example.com", store.INBOX)) == 30
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        for pid in pids:
-            status = Path(f"/proc/{pid}/status")
-            assert not status.exists() or "zombie" in status.read_text().lower()
+        assert all(gone(pid) for pid in pids)
         assert listeners(port) == 0
     finally:
         if proc.poll() is None:
@@ -84,30 +95,13 @@ def test_negative_workers_refused(r: redis.Redis, redis_url: str) -> None:
 
 def test_receivers_started_by_a_killed_receiver_end_with_it(r: redis.Redis, redis_url: str) -> None:
     """SIGKILL gives the first receiver no chance to stop the others: the kernel tells them."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FALLBACK_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fallback", "smtp", "--redis-url", redis_url, "--smtp-port", "0",
-         "--smtp-workers", "3", "--hostname", "fallback.test"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _, pids = start_receivers(redis_url, 3)
+    children = pids[1:]
     try:
-        banner = ""
-        deadline = time.monotonic() + 60
-        while "ready" not in banner and time.monotonic() < deadline:  # bounded
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line:
-                break
-            banner += line
-        m = re.search(r"\(3 processes: \d+, (\d+), (\d+)\)", banner)
-        assert m, banner
-        children = [int(m.group(1)), int(m.group(2))]
         proc.kill()
         proc.wait(30)
 
-        def gone() -> bool:
-            return all(not Path(f"/proc/{pid}").exists()
-                       or "zombie" in Path(f"/proc/{pid}/status").read_text().lower() for pid in children)
-
-        wait_for(gone, 60, "the started receivers to stop")
+        wait_for(lambda: all(gone(pid) for pid in children), 60, "the started receivers to stop")
     finally:
         if proc.poll() is None:
             proc.kill()
