@@ -245,8 +245,7 @@ async def _evalsha(r: aioredis.Redis, keys_: list[str], args: list[Any]) -> int:
         return int(await r.evalsha(_DELIVER_SHA, len(keys_), *keys_, *args))
     except redis.exceptions.NoScriptError:
         # First use on this server (or after a restart): load it, then run it.
-        await r.eval(_DELIVER_LUA, len(keys_), *keys_, *args)  # loads it where the keys live
-        return -1
+        return int(await r.eval(_DELIVER_LUA, len(keys_), *keys_, *args))  # caches it there too
 
 
 def _evalsha_sync(r: redis.Redis, keys_: list[str], args: list[Any]) -> int:
@@ -379,38 +378,28 @@ class DeliveryBatcher:
             collections.deque())
         self.drainer: asyncio.Task[None] | None = None
         # Cluster only: status counters of stored messages, added to Redis after the next
-        # batch (see count_stored) so that no 250 waits for a second write.
+        # batch (see count) so that no 250 waits for a second write.
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def count(self, deliveries: list[Delivery], size: int) -> None:
         for d in deliveries:
             self.counts[(keys.stats_shard(d.address), f"{d.mailstore}\tmessages")] += 1
             self.counts[(keys.stats_shard(d.address), f"{d.mailstore}\tbytes")] += size
-        if self.drainer is None or self.drainer.done():
-            self.drainer = asyncio.create_task(self._drain())
-
-    async def _flush_counts(self) -> None:
-        counts, self.counts = self.counts, collections.Counter()
-        try:
-            async with self.r.pipeline(transaction=False) as pipe:
-                for (key, name), amount in counts.items():
-                    pipe.hincrby(key, name, amount)
-                await pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("status counters not updated for %d field(s): %s", len(counts), exc)
+        self._wake()
 
     async def run(self, keys_: list[str], args: list[Any]) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiting.append((keys_, args, future))
-        if self.drainer is None or self.drainer.done():
-            self.drainer = asyncio.create_task(self._drain())
+        self._wake()
         return await future
 
+    def _wake(self) -> None:
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.create_task(self._drain())
+
     async def _drain(self) -> None:
+        # Counters left over with no delivery waiting go out in a batch of no deliveries.
         while self.waiting or self.counts:
-            if not self.waiting:
-                await self._flush_counts()
-                continue
             batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch))]
             try:
                 results = await self._execute(batch)
