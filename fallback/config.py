@@ -362,12 +362,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("replica_acks: must be 0 (no replica acknowledgement) or more")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
-    if (s.tls_cert is None) != (s.tls_key is None):
-        raise ConfigError("tls_cert and tls_key must be given together")
-    for name in ("tls_cert", "tls_key"):
-        p = getattr(s, name)
-        if p is not None and not Path(p).is_file():
-            raise ConfigError(f"{name}: {p} is not a readable file")
+    _together(s, "tls_cert", "tls_key")
+    _readable_files(s, "tls_cert", "tls_key")
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.password_scheme.upper() not in HASHABLE_SCHEMES:
@@ -420,14 +416,9 @@ def validate_outbound(s: Settings) -> None:
             raise ConfigError(f"smarthost: {exc}") from None
     if s.smarthost_tls not in SMARTHOST_TLS:
         raise ConfigError(f"smarthost_tls: {s.smarthost_tls!r} is not one of {', '.join(SMARTHOST_TLS)}")
-    if (s.smarthost_user is None) != (s.smarthost_password_file is None):
-        raise ConfigError("smarthost_user and smarthost_password_file must be given together")
-    for name in ("smarthost_password_file", "smarthost_ca_file"):
-        p = getattr(s, name)
-        if p is not None and not Path(p).is_file():
-            raise ConfigError(f"{name}: {p} is not a readable file")
-    if (s.dkim_selector is None) != (s.dkim_key_dir is None):
-        raise ConfigError("dkim_selector and dkim_key_dir must be given together")
+    _together(s, "smarthost_user", "smarthost_password_file")
+    _readable_files(s, "smarthost_password_file", "smarthost_ca_file")
+    _together(s, "dkim_selector", "dkim_key_dir")
     if s.dkim_key_dir is not None and not Path(s.dkim_key_dir).is_dir():
         raise ConfigError(f"dkim_key_dir: {s.dkim_key_dir} is not a directory")
     if s.dkim_selector is not None and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})",
@@ -528,7 +519,16 @@ def validate_operations(s: Settings) -> None:
             raise ConfigError(f"{name}: {getattr(s, name)} is not a percentage (0-100)")
     if s.check_warn_memory > s.check_crit_memory:
         raise ConfigError("check_warn_memory: must not be above check_crit_memory")
-    for name in ("admin_token_file", "dns_tsig_key_file"):
+    _readable_files(s, "admin_token_file", "dns_tsig_key_file")
+
+
+def _together(s: Settings, a: str, b: str) -> None:
+    if (getattr(s, a) is None) != (getattr(s, b) is None):
+        raise ConfigError(f"{a} and {b} must be given together")
+
+
+def _readable_files(s: Settings, *names: str) -> None:
+    for name in names:
         p = getattr(s, name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{name}: {p} is not a readable file")
