@@ -8,10 +8,14 @@ messages to each server, all started in this same run:
   and settings) storing into a fresh redis-server with `appendonly yes`,
   `appendfsync always`: every 250 waits for an fsynced MULTI/EXEC;
 - no-op: plain aiosmtpd whose handle_DATA answers 250 and stores nothing;
+- lean: the same ReceiverServer with its DATA step answering 250 and storing
+  nothing.  The receiver reads SMTP with less work than stock aiosmtpd
+  (fallback/smtpsyntax.py), so this, not the no-op, shows what storing costs;
 - smtp-sink: Postfix's sink, the ceiling of an SMTP server that stores nothing.
 
-Each server runs in its own process (`--serve KIND PORT`).  Prints messages/s
-and the durable/no-op ratio (target: >= 0.8 at 10 and 50 connections).
+Each server runs in its own process (`--serve KIND PORT`).  Prints messages/s,
+the durable/no-op ratio (target: >= 0.8 at 10 and 50 connections) and the
+durable/lean ratio.
 
     .venv/bin/python bench/smtp_ingest.py                 # the full table
     .venv/bin/python bench/smtp_ingest.py --messages 500  # quicker
@@ -40,7 +44,7 @@ CONCURRENCY = (1, 10, 50)
 
 # --- the servers, each in its own process --------------------------------------------
 
-async def serve_durable(port: int, redis_url: str) -> None:
+async def serve_durable(port: int, redis_url: str, store: bool = True) -> None:
     from fallback import directory
     from fallback.config import load_settings
     from fallback.maillog import MailLog
@@ -52,6 +56,11 @@ async def serve_durable(port: int, redis_url: str) -> None:
     r = async_client(redis_url)
     buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)
     server = ReceiverServer(settings, r, buckets, MailLog())
+    if not store:
+        async def answer_only(*_: object) -> str:
+            return "250 2.0.0 OK"
+
+        server.handler.handle_DATA = answer_only  # type: ignore[method-assign,assignment]
     await server.start()
     await asyncio.Event().wait()
 
@@ -118,27 +127,30 @@ def main() -> int:
     args = ap.parse_args()
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
-        asyncio.run(serve_durable(port, args.serve[2]) if kind == "durable" else serve_noop(port))
+        server = serve_noop(port) if kind == "noop" else serve_durable(port, args.serve[2], kind == "durable")
+        asyncio.run(server)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="fallback-bench-smtp-"))
     redis_server = RedisServer(work / "redis").start()
     provision(redis_server.url)
-    ports = {kind: free_port() for kind in ("durable", "noop", "sink")}
+    kinds = ("durable", "noop", "lean", "sink")
+    ports = {kind: free_port() for kind in kinds}
     procs = {kind: start_server(kind, port, redis_server.url) for kind, port in ports.items()}
     print(f"redis-server {redis_server.url} (appendonly yes, appendfsync always) in {work}")
-    print(f"{'size':>7} {'conns':>5} {'durable/s':>10} {'no-op/s':>9} {'sink/s':>9} "
-          f"{'durable/no-op':>13} {'durable/sink':>12}")
+    print(f"{'size':>7} {'conns':>5} {'durable/s':>10} {'no-op/s':>9} {'lean/s':>9} {'sink/s':>9} "
+          f"{'durable/no-op':>13} {'durable/lean':>12}")
     try:
         for size_name in args.sizes.split(","):
             size = SIZES[size_name]
             count = args.messages or (2000 if size <= 4096 else 1000)
             for sessions in (int(c) for c in args.concurrency.split(",")):
                 n = max(count, sessions * 20)
-                rates = {kind: drive(ports[kind], size, sessions, n) for kind in ("durable", "noop", "sink")}
-                print(f"{size_name:>7} {sessions:>5} {rates['durable']:>10.0f} {rates['noop']:>9.0f} "
-                      f"{rates['sink']:>9.0f} {rates['durable'] / rates['noop']:>13.2f} "
-                      f"{rates['durable'] / rates['sink']:>12.2f}", flush=True)
+                rates = {kind: drive(ports[kind], size, sessions, n) for kind in kinds}
+                durable = rates["durable"]
+                print(f"{size_name:>7} {sessions:>5} {durable:>10.0f} {rates['noop']:>9.0f} "
+                      f"{rates['lean']:>9.0f} {rates['sink']:>9.0f} {durable / rates['noop']:>13.2f} "
+                      f"{durable / rates['lean']:>12.2f}", flush=True)
         import redis
 
         r = redis.Redis.from_url(redis_server.url)
