@@ -4,11 +4,12 @@ For 4 KiB and 100 KiB messages at 1, 10 and 50 concurrent connections, Postfix's
 `smtp-source` (a load generator none of us wrote) sends a fixed number of
 messages to each server, all started in this same run:
 
-- durable: fallback's ReceiverServer (the SMTP part of `fallback up`, same code
-  and settings) storing into a fresh redis-server with `appendonly yes`,
-  `appendfsync always`: every 250 waits for an fsynced MULTI/EXEC;
+- durable: the SMTP part of `fallback up` (its SmtpComponent: same code,
+  settings, mail log to a file and metrics counters) storing into a fresh
+  redis-server with `appendonly yes`, `appendfsync always`: every 250 waits
+  for an fsynced write;
 - no-op: plain aiosmtpd whose handle_DATA answers 250 and stores nothing;
-- lean: the same ReceiverServer with its DATA step answering 250 and storing
+- lean: the same with its DATA step answering 250 and storing (and logging)
   nothing.  The receiver reads SMTP with less work than stock aiosmtpd
   (fallback/smtpsyntax.py), so this, not the no-op, shows what storing costs;
 - smtp-sink: Postfix's sink, the ceiling of an SMTP server that stores nothing.
@@ -44,24 +45,28 @@ CONCURRENCY = (1, 10, 50)
 
 # --- the servers, each in its own process --------------------------------------------
 
-async def serve_durable(port: int, redis_url: str, store: bool = True) -> None:
+async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = True) -> None:
     from fallback import directory
+    from fallback.cli import setup_logging
     from fallback.config import load_settings
-    from fallback.maillog import MailLog
     from fallback.redisconn import async_client
-    from fallback.smtp import ReceiverServer
+    from fallback.service import SmtpComponent
 
     settings = load_settings({"redis_url": redis_url, "smtp_port": port, "hostname": "bench.test",
+                              "smtp_workers": 1, "mail_log": mail_log,
                               "max_connections_per_ip": 1000, "max_commands": 1_000_000}, env={})
+    setup_logging(settings)
     r = async_client(redis_url)
     buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)
-    server = ReceiverServer(settings, r, buckets, MailLog())
+    component = SmtpComponent(settings, r, buckets, url=redis_url)
+    await component.start()
     if not store:
         async def answer_only(*_: object) -> str:
             return "250 2.0.0 OK"
 
-        server.handler.handle_DATA = answer_only  # type: ignore[method-assign,assignment]
-    await server.start()
+        # aiosmtpd looks the hook up for each new connection, and none has come yet.
+        assert component.server is not None
+        component.server.handler.handle_DATA = answer_only  # type: ignore[method-assign,assignment]
     await asyncio.Event().wait()
 
 
@@ -79,14 +84,16 @@ async def serve_noop(port: int, reuse_port: bool = False) -> None:
     await asyncio.Event().wait()
 
 
-def start_server(kind: str, port: int, redis_url: str = "") -> subprocess.Popen[bytes]:
+def start_server(kind: str, port: int, redis_url: str = "",
+                 work: Path | None = None) -> subprocess.Popen[bytes]:
     if kind == "sink":
         # -u root: it is started as root here and must not switch to a `postfix` user.
         cmd = [*postfix_tool("smtp-sink"), "-c", "-u", os.environ.get("USER", "root"),
                f"127.0.0.1:{port}", "256"]
         proc = subprocess.Popen(cmd, env=postfix_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port), redis_url],
+        mail_log = str((work or Path(tempfile.gettempdir())) / f"{kind}-mail.log")
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port), redis_url, mail_log],
                                 stdout=subprocess.DEVNULL)
     wait_port(port)
     return proc
@@ -127,7 +134,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
-        server = serve_noop(port) if kind == "noop" else serve_durable(port, args.serve[2], kind == "durable")
+        server = (serve_noop(port) if kind == "noop"
+                  else serve_durable(port, args.serve[2], args.serve[3], store=kind == "durable"))
         asyncio.run(server)
         return 0
 
@@ -136,7 +144,7 @@ def main() -> int:
     provision(redis_server.url)
     kinds = ("durable", "noop", "lean", "sink")
     ports = {kind: free_port() for kind in kinds}
-    procs = {kind: start_server(kind, port, redis_server.url) for kind, port in ports.items()}
+    procs = {kind: start_server(kind, port, redis_server.url, work) for kind, port in ports.items()}
     print(f"redis-server {redis_server.url} (appendonly yes, appendfsync always) in {work}")
     print(f"{'size':>7} {'conns':>5} {'durable/s':>10} {'no-op/s':>9} {'lean/s':>9} {'sink/s':>9} "
           f"{'durable/no-op':>13} {'durable/lean':>12}")
@@ -155,7 +163,8 @@ def main() -> int:
 
         r = redis.Redis.from_url(redis_server.url)
         print(f"stored: {r.zcard('mbx:{' + RCPT + '}:f:INBOX')} messages, "
-              f"aof fsync policy {r.config_get('appendfsync')['appendfsync']}")
+              f"aof fsync policy {r.config_get('appendfsync')['appendfsync']}; "
+              f"durable mail log: {len((work / 'durable-mail.log').read_bytes().splitlines())} lines")
         r.close()
     finally:
         for proc in procs.values():

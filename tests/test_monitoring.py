@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from fallback import directory, failover, keys, metrics, outbound
 from fallback.config import Settings
-from fallback.maillog import MailLog
+from fallback.maillog import MailLog, format_event
 from fallback.redisconn import async_client
 from fallback.service import SmtpComponent
 from tests.servers import RedisServer, free_port
@@ -216,3 +216,27 @@ def test_readyz_read_only_replica(settings: Settings, replica: redis.Redis) -> N
     response = make_app(settings, replica).test_client().get("/readyz")
     assert response.status_code == 503
     assert response.text == "not ready: redis is a read-only replica (log-ins and sent mail need writes)\n"
+
+
+@pytest.mark.parametrize(("value", "written"), [
+    ("alice@example.com", "alice@example.com"),
+    ("", '""'),
+    ("250 2.0.0", '"250 2.0.0"'),
+    ("a=b", '"a=b"'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("back\\slash", "back\\\\slash"),
+    ("two\r\nlines", "two\\r\\nlines"),
+    ("no-break\u00a0space", '"no-break\u00a0space"'),
+    (4096, "4096"),
+])
+def test_mail_log_quoting(value: Any, written: str) -> None:
+    assert format_event("received", id="X", to=value, skipped=None) == f"event=received id=X to={written}"
+
+
+def test_mail_log_quotes_every_kind_of_whitespace() -> None:
+    # One line per event, split on spaces by operators' tools: anything str.isspace() calls a
+    # space must be inside quotes (or escaped, for CR and LF).
+    for code in range(0x3100):
+        ch = chr(code)
+        if ch.isspace() and ch not in "\r\n":
+            assert format_event("e", v=f"a{ch}b") == f'event=e v="a{ch}b"', hex(code)
