@@ -459,10 +459,7 @@ def webmail_secret(s: Settings) -> str:
     """
     value = s.secret_key
     if value is None and s.secret_key_file is not None:
-        try:
-            value = Path(s.secret_key_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"secret_key_file: cannot read {s.secret_key_file}: {exc}") from None
+        value = read_secret_file("secret_key_file", s.secret_key_file)
     if value is None or value.strip().lower() in DEFAULT_SECRET_KEYS:
         raise ConfigError(
             "secret_key: the webmail needs a secret key: set FALLBACK_SECRET_KEY or --secret-key-file "
@@ -534,14 +531,21 @@ def _readable_files(s: Settings, *names: str) -> None:
             raise ConfigError(f"{name}: {p} is not a readable file")
 
 
+def read_secret_file(setting: str, path: Path | str, keep_spaces: bool = False) -> str:
+    """The text of a file holding a key, token or password, stripped of its line ends (and,
+    unless `keep_spaces`, of surrounding whitespace); a one-line error naming the setting."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc}") from None
+    return text.strip("\r\n") if keep_spaces else text.strip()
+
+
 def admin_token(s: Settings) -> str | None:
     """The admin API's bearer token from admin_token or admin_token_file; None: the API is off."""
     value = s.admin_token
     if value is None and s.admin_token_file is not None:
-        try:
-            value = Path(s.admin_token_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"admin_token_file: cannot read {s.admin_token_file}: {exc}") from None
+        value = read_secret_file("admin_token_file", s.admin_token_file)
     if value is not None and len(value) < 16:
         raise ConfigError(f"admin_token: too short ({len(value)} characters, need 16)")
     return value or None

@@ -41,7 +41,7 @@ import dns.rrset
 import dns.tsig
 import dns.update
 
-from fallback.config import Settings
+from fallback.config import Settings, read_secret_file
 from fallback.errors import ConfigError, DnsError
 
 _KEY_RE = re.compile(
@@ -71,10 +71,7 @@ class Target:
 
 def load_tsig_key(path: Path) -> dns.tsig.Key:
     """The first key clause of a BIND key file (`tsig-keygen NAME` output)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"dns_tsig_key_file: cannot read {path}: {exc}") from None
+    text = read_secret_file("dns_tsig_key_file", path)
     m = _KEY_RE.search(text)
     if not m:
         raise ConfigError(

@@ -152,15 +152,20 @@ async def is_affected_async(r: aioredis.Redis, mailstore: str, cache: ScopeCache
     return _covered(await r.hmget(keys.FAILOVER_SCOPE, ["mode", _PREFIX + mailstore]))
 
 
+def _reset(r: redis.Redis, mode: str, now: float) -> Scope:
+    """The whole scope replaced at once: everyone failed over (ALL), or no one (LISTED, empty)."""
+    with r.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.FAILOVER_SCOPE)
+        pipe.hset(keys.FAILOVER_SCOPE, mapping={"mode": mode, "since": now})
+        pipe.execute()
+    return read(r)
+
+
 def start(r: redis.Redis, mailstores: Iterable[str] | None, now: float | None = None) -> Scope:
     """Fail over these mailstores (added to the scope), or everyone when `mailstores` is None."""
     now = time.time() if now is None else now
     if mailstores is None:
-        with r.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.FAILOVER_SCOPE)
-            pipe.hset(keys.FAILOVER_SCOPE, mapping={"mode": ALL, "since": now})
-            pipe.execute()
-        return read(r)
+        return _reset(r, ALL, now)
     reply: Any = r.eval(_START_LISTED, 1, keys.FAILOVER_SCOPE, now, *mailstores)
     return Scope.parse(reply)
 
@@ -174,11 +179,7 @@ def stop(r: redis.Redis, mailstores: Iterable[str] | None, known: Iterable[str] 
     """
     now = time.time() if now is None else now
     if mailstores is None:
-        with r.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.FAILOVER_SCOPE)
-            pipe.hset(keys.FAILOVER_SCOPE, mapping={"mode": LISTED, "since": now})
-            pipe.execute()
-        return read(r)
+        return _reset(r, LISTED, now)
     names = list(mailstores)
     reply: Any = r.eval(_STOP_LISTED, 1, keys.FAILOVER_SCOPE, now, len(names), *names, *known)
     return Scope.parse(reply)

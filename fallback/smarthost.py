@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from fallback.config import Settings, parse_hostport
+from fallback.config import Settings, parse_hostport, read_secret_file
 from fallback.errors import ConfigError
 
 REPLY_LIMIT = 500
@@ -65,11 +65,9 @@ class Smarthost:
             raise ConfigError("smarthost: not set; give --smarthost HOST:PORT (or FALLBACK_SMARTHOST)")
         host, port = parse_hostport(s.smarthost)
         password = None
-        if s.smarthost_password_file is not None:
-            try:
-                password = Path(s.smarthost_password_file).read_text(encoding="utf-8").strip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"smarthost_password_file: cannot read it: {exc}") from None
+        if s.smarthost_password_file is not None:  # a password may begin or end with a space
+            password = read_secret_file("smarthost_password_file", s.smarthost_password_file,
+                                        keep_spaces=True)
         return cls(host, port, s.smarthost_tls, s.smarthost_user, password, s.smarthost_ca_file,
                    s.smarthost_timeout, local_hostname)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fallback.cli import main
-from fallback.config import MIB, load_settings, settings_table
+from fallback.config import MIB, load_settings, read_secret_file, settings_table
 from fallback.errors import ConfigError
 
 
@@ -117,3 +117,15 @@ def test_workers_sets_both_pools_unless_one_is_given() -> None:
     assert (s.smtp_workers, s.web_workers) == (3, 3)
     s = load_settings({"workers": "3", "web_workers": "1"}, env={})
     assert (s.smtp_workers, s.web_workers) == (3, 1)
+
+
+def test_read_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"  s3cret pass \r\n")
+    assert read_secret_file("admin_token_file", secret) == "s3cret pass"
+    assert read_secret_file("smarthost_password_file", secret, keep_spaces=True) == "  s3cret pass "
+    with pytest.raises(ConfigError, match=rf"^admin_token_file: cannot read {tmp_path}/nope: .*No such file"):
+        read_secret_file("admin_token_file", tmp_path / "nope")
+    secret.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ConfigError, match=r"^secret_key_file: cannot read .*utf-8"):
+        read_secret_file("secret_key_file", secret)
