@@ -2,7 +2,7 @@
 
 Part 1 (memory): messages of about 1 KiB, 4 KiB, 16 KiB, 100 KiB and 1 MiB
 (each size jittered by +-10 %, so that no run sits on one allocator size
-class) go through the real store path, `fallback.store.deliver`, into a fresh
+class) go through the real store path, `fallback.mailbox.store.deliver`, into a fresh
 redis-server configured like the embedded one (AOF, appendfsync always,
 noeviction, the listpack settings).  Each size gets its own mailboxes, a fixed
 number of messages per mailbox (default 50).  Printed per size: used_memory
@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fallback import store  # noqa: E402
+from fallback.mailbox import store  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
 SIZES = {"1KiB": 1024, "4KiB": 4096, "16KiB": 16 * 1024, "100KiB": 100 * 1024, "1MiB": 1024 * 1024}

@@ -30,7 +30,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fallback import ids, keys, outbound  # noqa: E402
+from fallback import ids, keys  # noqa: E402
+from fallback.queues import outbound  # noqa: E402
 from tests.servers import RedisServer, SmtpSink, postfix_env, postfix_tool, stop_pid  # noqa: E402
 
 SENDERS = 64

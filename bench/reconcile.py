@@ -4,7 +4,7 @@
                                         [--concurrency 8] [--rounds 3]
 
 For each user count, the same number of 4 KiB messages is (a) stored in Redis
-and reconciled by `fallback.reconcile.Reconciler` -- state machine, Redis
+and reconciled by `fallback.reconcile.reconciler.Reconciler` -- state machine, Redis
 round trips and all -- and (b) appended by a bare loop: the same master login,
 the same APPEND with flags and INTERNALDATE, the same number of parallel
 connections, and nothing else.  Rounds alternate between the two, each into
@@ -32,11 +32,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fallback import store
 from fallback.config import load_settings
 from fallback.ids import new_id
-from fallback.imap import quote
-from fallback.reconcile import Reconciler
+from fallback.mailbox import store
+from fallback.reconcile.imap import quote
+from fallback.reconcile.reconciler import Reconciler
 from fallback.redisconn import async_client
 from tests.dovecot import MASTER_PASSWORD, MASTER_USER, DovecotServer
 from tests.servers import RedisServer

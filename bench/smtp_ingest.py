@@ -46,9 +46,9 @@ CONCURRENCY = (1, 10, 50)
 # --- the servers, each in its own process --------------------------------------------
 
 async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = True) -> None:
-    from fallback import directory
     from fallback.cli import setup_logging
     from fallback.config import load_settings
+    from fallback.mailbox import directory
     from fallback.redisconn import async_client
     from fallback.service import SmtpComponent
 
@@ -116,7 +116,7 @@ def drive(port: int, size: int, sessions: int, messages: int) -> float:
 def provision(redis_url: str) -> None:
     import redis
 
-    from fallback import directory, passwords
+    from fallback.mailbox import directory, passwords
 
     r = redis.Redis.from_url(redis_url)
     d = directory.Directory(r, directory.ensure_buckets(r, 65536))

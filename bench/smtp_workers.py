@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import smtp_ingest  # noqa: E402
 
-from fallback import directory, redisconn  # noqa: E402
+from fallback import redisconn  # noqa: E402
+from fallback.mailbox import directory  # noqa: E402
 from tests.servers import RedisClusterServers, RedisServer, free_port, stop_pid, wait_port  # noqa: E402
 
 SIZE = 4096
@@ -151,7 +152,7 @@ def sink(conns: int, messages: int) -> Point:
 
 async def _store_loop(redis_url: str, messages: int, concurrency: int) -> tuple[float, float]:
     """(messages/s, client CPU ms per message) of store.deliver_async with the receiver's batcher."""
-    from fallback import store
+    from fallback.mailbox import store
 
     r = redisconn.async_client(redis_url)
     batcher = store.DeliveryBatcher(r)

@@ -44,9 +44,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fallback import directory, passwords, store  # noqa: E402
 from fallback.config import load_settings  # noqa: E402
 from fallback.ids import new_id  # noqa: E402
+from fallback.mailbox import directory, passwords, store  # noqa: E402
 from fallback.webserver import WebComponent  # noqa: E402
 from tests.servers import RedisServer, free_port  # noqa: E402
 from web.sessions import COOKIE, SessionStore  # noqa: E402

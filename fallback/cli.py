@@ -42,7 +42,7 @@ class Context:
         return self._redis
 
     def directory(self) -> Any:
-        from fallback.directory import Directory, ensure_buckets
+        from fallback.mailbox.directory import Directory, ensure_buckets
 
         r = self.redis()
         return Directory(r, ensure_buckets(r, self.settings.directory_buckets))

@@ -38,7 +38,7 @@ def format_event(event: str, **fields: Any) -> str:
 
 
 class EventSink(Protocol):
-    """Something that counts events (fallback.metrics.MailCounters): what is logged is counted."""
+    """Something that counts events (fallback.ops.metrics.MailCounters): what is logged is counted."""
 
     def event(self, event: str, fields: Mapping[str, Any]) -> None: ...
 

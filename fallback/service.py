@@ -23,13 +23,14 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from fallback import directory, metrics, passwords
 from fallback.config import Settings, settings_env
 from fallback.embedded import EmbeddedRedis
-from fallback.forward import ForwardComponent
+from fallback.intake.receiver import ReceiverServer
+from fallback.mailbox import directory, passwords
 from fallback.maillog import MailLog
+from fallback.ops import metrics
+from fallback.queues.forward import ForwardComponent
 from fallback.redisconn import async_client, sync_client
-from fallback.smtp import ReceiverServer
 from fallback.webserver import WebComponent
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class WorkerComponent:
     async def start(self) -> str:
         if not self.settings.smarthost:
             return "outbound worker: off (no --smarthost); sent mail waits in the queue"
-        from fallback.worker import Worker
+        from fallback.queues.worker import Worker
 
         self.worker = Worker(self.settings, self.r)
         return str(await self.worker.start())

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import redis
 
-from fallback import directory, passwords
 from fallback.config import Settings, load_settings
+from fallback.intake.receiver import ReceiverServer
+from fallback.mailbox import directory, passwords
 from fallback.redisconn import async_client, sync_client
-from fallback.smtp import ReceiverServer
 from tests.dovecot import dovecot, dovecot_factory  # noqa: F401 - fixtures
 from tests.servers import RedisClusterServers, RedisServer, free_port
 

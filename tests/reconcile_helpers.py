@@ -11,11 +11,12 @@ from typing import Any
 
 import redis
 
-from fallback import directory, keys, store
+from fallback import keys
 from fallback.config import Settings
 from fallback.ids import new_id
-from fallback.reconcile import Reconciler
-from fallback.reconcile_report import Report
+from fallback.mailbox import directory, store
+from fallback.reconcile.reconciler import Reconciler
+from fallback.reconcile.report import Report
 from fallback.redisconn import async_client
 from tests.dovecot import MASTER_PASSWORD, MASTER_USER, DovecotServer
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from fallback import health, ids, keys
+from fallback import ids, keys
 from fallback.cli import main
+from fallback.ops import health
 from tests.servers import free_port
 
 

@@ -25,9 +25,10 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from fallback import keys, store
+from fallback import keys
 from fallback.cli import main
 from fallback.config import load_settings
+from fallback.mailbox import store
 from fallback.redisconn import sync_client
 from tests.conftest import ReceiverThread, add_mailbox, cached_hash
 from tests.dovecot import MainStoreView

@@ -101,7 +101,7 @@ def test_bad_config_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_cluster_and_sentinel_urls_parse() -> None:
-    from fallback.redisconn import parse_topology
+    from fallback.config.redisurl import parse_topology
 
     t = parse_topology("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001")
     assert t is not None and t.kind == "cluster" and t.password == "p@ss" and t.username == "u"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fallback import audit
 from fallback.cli import main
+from fallback.ops import audit
 from tests.bind import ZONE, BindServer
 
 FALLBACK_MX = "10 fallback.example.com"

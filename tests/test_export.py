@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from fallback import store
 from fallback.cli import main
-from fallback.export import iter_mbox, mboxrd_quote, mboxrd_unquote
 from fallback.ids import new_id
+from fallback.mailbox import store
+from fallback.ops.export import iter_mbox, mboxrd_quote, mboxrd_unquote
 from tests.conftest import add_mailbox
 
 TRICKY = [

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from fallback import audit, failover
 from fallback.cli import main
 from fallback.config import Settings
-from fallback.directory import Directory, Mailbox, ensure_buckets
+from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
+from fallback.ops import audit, failover
 from fallback.redisconn import async_client
 
 STORES = ("store1", "store2", "store3")

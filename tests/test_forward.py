@@ -25,10 +25,13 @@ import pytest
 import redis
 from aiosmtpd.controller import Controller
 
-from fallback import failover, forward, health, ids, keys, store
+from fallback import ids, keys
 from fallback.cli import main
 from fallback.config import Settings
+from fallback.mailbox import store
 from fallback.maillog import LOGGER_NAME
+from fallback.ops import failover, health
+from fallback.queues import forward
 from fallback.redisconn import async_client, is_cluster
 from tests.conftest import add_mailbox
 from tests.servers import SmtpSink, free_port, sink_payload, stop_pid, wait_for

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fallback.directory import LookupCache, Mailbox
+from fallback.mailbox.directory import LookupCache, Mailbox
 
 ALICE = Mailbox("alice@example.com", "east", "{PLAIN}x")
 

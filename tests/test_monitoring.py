@@ -16,9 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fallback import directory, failover, keys, metrics, outbound
+from fallback import keys
 from fallback.config import Settings
+from fallback.mailbox import directory
 from fallback.maillog import MailLog, format_event
+from fallback.ops import failover, metrics
+from fallback.queues import outbound
 from fallback.redisconn import async_client
 from fallback.service import SmtpComponent
 from tests.servers import RedisServer, free_port

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import redis
 
-from fallback import audit, failover, ids, keys, notices, outbound
+from fallback import ids, keys
 from fallback.cli import main
 from fallback.config import Settings
-from fallback.directory import Directory, Mailbox, ensure_buckets
-from fallback.store import MailboxReader, mailstore_stats
+from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
+from fallback.mailbox.store import MailboxReader, mailstore_stats
+from fallback.ops import audit, failover, notices
+from fallback.queues import outbound
 
 URL = "https://webmail.example.net/"
 

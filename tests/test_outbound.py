@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 import redis
 
-from fallback import ids, keys, outbound, store
+from fallback import ids, keys
 from fallback.cli import main
 from fallback.config import Settings
+from fallback.mailbox import store
+from fallback.queues import outbound
+from fallback.queues.worker import Worker
 from fallback.redisconn import async_client
-from fallback.worker import Worker
 from tests.servers import SmtpSink, free_port, sink_payload, stop_pid, wait_for
 
 SENDER = "alice@example.com"

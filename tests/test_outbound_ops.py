@@ -16,10 +16,11 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fallback import keys, outbound
+from fallback import keys
 from fallback.cli import build_parser, main
 from fallback.config import load_settings
 from fallback.errors import ConfigError
+from fallback.queues import outbound
 from tests import test_outbound as ob
 from tests.servers import free_port, sink_payload
 from tests.test_outbound import (
@@ -138,7 +139,7 @@ def test_dkim_signature_verifies_with_the_published_key(r, sinks, workers, tmp_p
 
 
 def test_domain_without_a_key_goes_unsigned(tmp_path: Path) -> None:
-    from fallback.dkim import Signer
+    from fallback.queues.dkim import Signer
 
     raw = b"From: a@other.test\r\nSubject: x\r\n\r\nbody\r\n"
     assert Signer("s1", tmp_path).sign(raw, "a@other.test") == raw

@@ -19,9 +19,9 @@ import redis
 from passlib.hash import argon2, bcrypt, sha256_crypt, sha512_crypt
 
 from fallback.cli import main
-from fallback.directory import Directory, ensure_buckets
-from fallback.passwords import verify_password
-from fallback.provision import detect_format
+from fallback.mailbox.directory import Directory, ensure_buckets
+from fallback.mailbox.passwords import verify_password
+from fallback.mailbox.provision import detect_format
 
 ROOT = Path(__file__).resolve().parent.parent
 

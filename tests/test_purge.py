@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fallback import keys, store
+from fallback import keys
 from fallback.cli import main
-from fallback.store import MailboxReader, mailstore_stats
+from fallback.mailbox import store
+from fallback.mailbox.store import MailboxReader, mailstore_stats
 from tests.reconcile_helpers import (
     cli_args,
     ids_on_disk,

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fallback import keys, store
+from fallback import keys
 from fallback.cli import build_parser, main
 from fallback.config import load_settings
-from fallback.imap import decode_mailbox, encode_mailbox
+from fallback.mailbox import store
+from fallback.reconcile.imap import decode_mailbox, encode_mailbox
 from tests.dovecot import MainStoreView
 from tests.reconcile_helpers import (
     cli_args,

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from fallback import keys, store
+from fallback import keys
 from fallback.cli import main
+from fallback.mailbox import store
 from tests.dovecot import DovecotServer, MainStoreView
 from tests.reconcile_helpers import (
     cli_args,

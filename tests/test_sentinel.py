@@ -31,8 +31,8 @@ import redis
 from fallback import keys
 from fallback.cli import main
 from fallback.config import Settings, load_settings
+from fallback.mailbox.store import MailboxReader
 from fallback.redisconn import sync_client
-from fallback.store import MailboxReader
 from tests.conftest import ReceiverThread, add_mailbox
 from tests.servers import RedisSentinelServers, RedisServer, free_port, wait_for
 

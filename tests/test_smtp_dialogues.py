@@ -29,9 +29,10 @@ import pytest
 import redis
 import trustme
 
-from fallback.config import Settings, _convert, _field_hints
+from fallback.config import Settings
+from fallback.config.load import _convert, _field_hints
+from fallback.mailbox.store import MailboxReader
 from fallback.redisconn import async_client, sync_client
-from fallback.store import MailboxReader
 from tests.conftest import add_mailbox
 from tests.servers import RedisServer, free_port
 from tests.smtpwire import Wire

@@ -15,10 +15,10 @@ import pytest
 import redis
 import trustme
 
-from fallback.export import iter_mbox
+from fallback.intake.receiver import normalize_line_ends
+from fallback.mailbox.store import MailboxReader
 from fallback.maillog import LOGGER_NAME
-from fallback.smtp import normalize_line_ends
-from fallback.store import MailboxReader
+from fallback.ops.export import iter_mbox
 from tests.smtpwire import Wire
 
 
@@ -220,7 +220,7 @@ def test_mail_log_for_size_and_storage_failure(receiver_factory: Any, mailboxes:
         async def fail(*args: Any, **kwargs: Any) -> None:
             raise ConnectionError("redis went away")
 
-        monkeypatch.setattr("fallback.store.deliver_async", fail)
+        monkeypatch.setattr("fallback.mailbox.store.deliver_async", fail)
         smtp.mail("s@remote.test")
         smtp.rcpt("bob@example.com")
         code, msg = smtp.data(b"Subject: small\r\n\r\nx\r\n")
@@ -263,7 +263,7 @@ def test_bad_content_is_stored_exactly(name: str, receiver: Any, r: redis.Redis,
     meta = MailboxReader(r, "alice@example.com").meta(MailboxReader(r, "alice@example.com").ids("INBOX")[0])
     assert meta is not None and meta["size"] == str(len(got))
     # And it comes back out of an mbox export unchanged.
-    from fallback.export import write_mbox
+    from fallback.ops.export import write_mbox
 
     write_mbox(MailboxReader(r, "alice@example.com"), tmp_path / "out.mbox")
     assert list(iter_mbox(tmp_path / "out.mbox")) == [got]

@@ -17,8 +17,8 @@ import pytest
 import redis
 from aiosmtpd.smtp import SMTP
 
-from fallback.smtpsyntax import read_data, simple_path
-from fallback.store import MailboxReader
+from fallback.intake.smtpsyntax import read_data, simple_path
+from fallback.mailbox.store import MailboxReader
 from tests.smtpwire import Wire
 
 # --- MAIL / RCPT paths ---------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import redis
 
-from fallback import keys, store
+from fallback import keys
+from fallback.mailbox import store
 from tests.conftest import add_mailbox
 from tests.servers import wait_for
 

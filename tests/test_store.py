@@ -6,7 +6,8 @@ import asyncio
 
 import redis
 
-from fallback import keys, store
+from fallback import keys
+from fallback.mailbox import store
 from fallback.redisconn import async_client
 
 RAW = (b"Received: from x ([127.0.0.1])\r\n\tby h (fallback) with ESMTP id ID; date\r\n"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fallback import embedded, keys, store
+from fallback import embedded, keys
+from fallback.mailbox import store
 from tests.servers import free_port
 from tests.smtpwire import Wire
 
@@ -154,7 +155,7 @@ def test_up_embedded_redis_demo_status_export_and_sigterm(data_dir: Path, tmp_pa
         out = tmp_path / "again.mbox"
         exp = cli("export", "demo@example.com", "--output", str(out), "--data-dir", str(data_dir))
         assert exp.returncode == 0, exp.stderr
-        from fallback.export import iter_mbox
+        from fallback.ops.export import iter_mbox
 
         bodies = list(iter_mbox(out))
         assert len(bodies) == 2

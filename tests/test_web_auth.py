@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from fallback import keys, passwords
+from fallback import keys
 from fallback.config import load_settings, webmail_secret
 from fallback.errors import ConfigError
+from fallback.mailbox import passwords
 from tests.webutil import SECRET, csrf, log_in_as, make_app, put_message, simple
 from web import create_app
 from web.sessions import COOKIE, PRE_COOKIE

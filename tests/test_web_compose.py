@@ -7,7 +7,9 @@ import email.policy
 import io
 import re
 
-from fallback import keys, outbound, store
+from fallback import keys
+from fallback.mailbox import store
+from fallback.queues import outbound
 from tests.webutil import field, log_in_as, make_app, put_message, simple
 
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.org"

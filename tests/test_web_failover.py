@@ -11,11 +11,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fallback import failover
 from fallback.cli import main
 from fallback.config import Settings
-from fallback.directory import Directory, Mailbox, ensure_buckets
 from fallback.errors import ConfigError
+from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
+from fallback.ops import failover
 from tests.conftest import add_mailbox, cached_hash
 from tests.test_web_auth import login, session_keys
 from tests.webutil import log_in_as, make_app

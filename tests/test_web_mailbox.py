@@ -6,8 +6,9 @@ import base64
 import json
 import re
 
-from fallback import keys, store
+from fallback import keys
 from fallback.ids import new_id
+from fallback.mailbox import store
 from tests.webutil import log_in_as, put_message, simple
 
 ALICE, BOB = "alice@example.com", "bob@example.com"

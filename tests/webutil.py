@@ -15,9 +15,9 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from fallback import directory, store
 from fallback.config import Settings
 from fallback.ids import new_id
+from fallback.mailbox import directory, store
 from web import create_app
 from web.sessions import COOKIE
 

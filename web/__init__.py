@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from fallback import directory, failover, metrics, passwords
 from fallback.config import Settings, admin_token, cookie_secure, webmail_secret
+from fallback.mailbox import directory, passwords
+from fallback.ops import failover, metrics
 from fallback.redisconn import resolve_url, sync_client
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle

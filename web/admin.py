@@ -21,10 +21,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from fallback import failover, health
-from fallback.directory import Mailbox, check_mailstore
 from fallback.errors import InputError
-from fallback.store import mailstore_stats
+from fallback.mailbox.directory import Mailbox, check_mailstore
+from fallback.mailbox.store import mailstore_stats
+from fallback.ops import failover, health
 from web import state
 
 bp = Blueprint("admin", __name__, url_prefix="/admin/api")

@@ -6,7 +6,7 @@ against the hash of the last real account tried (or, before any, a dummy hash
 of the configured scheme), with the result ignored, and both failures answer
 with the same words, so neither the text nor the time says which one it was.
 
-Only users whose mailstore is failed over (fallback.failover) get a session;
+Only users whose mailstore is failed over (fallback.ops.failover) get a session;
 the others, after a correct password, see "your mailbox is working normally".
 Every attempt is counted for /metrics (ok, failed, throttled, not_affected).
 """
@@ -21,11 +21,12 @@ from typing import Any
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
-from fallback import failover, passwords
-from fallback.directory import normalize_address
 from fallback.errors import InputError
+from fallback.mailbox import passwords
+from fallback.mailbox.directory import normalize_address
 from fallback.maillog import MailLog
-from fallback.metrics import WEBMAIL_LOGINS
+from fallback.ops import failover
+from fallback.ops.metrics import WEBMAIL_LOGINS
 from web import state
 from web.sessions import COOKIE, PRE_COOKIE, check_login_token, login_token
 

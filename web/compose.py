@@ -14,9 +14,9 @@ from typing import Any
 
 from flask import Blueprint, g, redirect, render_template, request, url_for
 
-from fallback import store
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
+from fallback.mailbox import store
 from web import render, state
 from web.auth import login_required
 from web.mailbox import raw_or_404

@@ -15,8 +15,9 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
 
-from fallback import outbound, store
 from fallback.ids import is_id
+from fallback.mailbox import store
+from fallback.queues import outbound
 from web import filters, render, state
 from web.auth import login_required
 from web.security import frame_csp, frameable

@@ -5,7 +5,7 @@
 read-only replica, memory not full) and holds a provisioned directory.  The
 secret key was already checked when the app was made.
 
-/metrics is the whole service's figures (fallback.metrics), the same from
+/metrics is the whole service's figures (fallback.ops.metrics), the same from
 every instance.  The log-in counts of this process are added to the shared
 ones in Redis after a request once `metrics_flush_interval` has passed, and
 before /metrics answers, so a scrape sees its own process's latest counts.
@@ -19,7 +19,8 @@ from typing import Any
 import redis
 from flask import Blueprint, Flask, Response
 
-from fallback import keys, metrics
+from fallback import keys
+from fallback.ops import metrics
 from web import state
 
 log = logging.getLogger(__name__)

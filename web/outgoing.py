@@ -20,10 +20,12 @@ from email.message import EmailMessage
 
 import redis
 
-from fallback import directory, keys, outbound, store
+from fallback import keys
 from fallback.errors import InputError
 from fallback.ids import new_id
+from fallback.mailbox import directory, store
 from fallback.maillog import MailLog
+from fallback.queues import outbound
 
 ONCE_TTL = 7 * 86400
 HEADER_FIELDS = {"to": "To", "cc": "Cc", "bcc": "Bcc", "subject": "Subject"}

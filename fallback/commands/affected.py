@@ -14,9 +14,9 @@ import json
 import sys
 from typing import Any, TextIO
 
-from fallback import failover
 from fallback.cli import Context
-from fallback.directory import Mailbox, check_mailstore
+from fallback.mailbox.directory import Mailbox, check_mailstore
+from fallback.ops import failover
 
 COLUMNS = ("address", "domain", "mailstore", "alternate")
 

@@ -29,10 +29,10 @@ from typing import Any, NoReturn
 
 import redis
 
-from fallback import health
 from fallback.cli import Context
 from fallback.config import redact_url
 from fallback.errors import ConfigError, FallbackError
+from fallback.ops import health
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}

@@ -14,9 +14,9 @@ from typing import Any
 
 import dns.message
 
-from fallback import audit, dnsupdate
 from fallback.cli import Context
 from fallback.errors import FallbackError
+from fallback.ops import audit, dnsupdate
 
 _DNS_FLAGS = (("dns-server", "HOST[:PORT]"), ("dns-zone", "ZONE"), ("dns-tsig-key-file", "FILE"),
               ("dns-mx-name", "NAME"), ("dns-primary-mx", "'PREF HOST, ...'"),

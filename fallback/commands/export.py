@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from fallback.cli import Context
-from fallback.directory import normalize_address
 from fallback.errors import InputError, NotFound
-from fallback.export import write_maildir, write_mbox
-from fallback.store import FOLDERS, MailboxReader
+from fallback.mailbox.directory import normalize_address
+from fallback.mailbox.store import FOLDERS, MailboxReader
+from fallback.ops.export import write_maildir, write_mbox
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -4,7 +4,7 @@ Every change is written to the audit log with the actor and the resulting
 scope.  A mailstore name that provisioning never saw is refused (a typo would
 quietly send the broken mailstore's mail on to the main system) unless
 `--force` says the operator means it.  `--notify` tells the affected users
-with an alternate address (fallback.notices).
+with an alternate address (fallback.ops.notices).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback import audit, failover, notices
 from fallback.cli import Context
-from fallback.directory import check_mailstore
 from fallback.errors import InputError
+from fallback.mailbox.directory import check_mailstore
+from fallback.ops import audit, failover, notices
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -1,7 +1,7 @@
 """The forward queue's flags, shared by `fallback up`, `fallback smtp` and `fallback worker`.
 
 They are named after the Settings fields; whichever command is given
---forward-to also runs the forward worker (fallback.forward).
+--forward-to also runs the forward worker (fallback.queues.forward).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ import getpass
 import sys
 from typing import Any
 
-from fallback import passwords
 from fallback.cli import Context
-from fallback.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address
 from fallback.errors import InputError, NotFound
-from fallback.store import FOLDERS, MailboxReader
+from fallback.mailbox import passwords
+from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address
+from fallback.mailbox.store import FOLDERS, MailboxReader
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from fallback.cli import Context
 from fallback.errors import InputError
-from fallback.provision import Provisioner, Report
+from fallback.mailbox.provision import Provisioner, Report
 
 SHOW_INVALID = 50
 

@@ -16,10 +16,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fallback import audit, keys
+from fallback import keys
 from fallback.cli import Context
 from fallback.errors import InputError
-from fallback.store import FOLDERS, delete_reconciled
+from fallback.mailbox.store import FOLDERS, delete_reconciled
+from fallback.ops import audit
 
 _BATCH = 500
 

@@ -11,10 +11,11 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback import audit, outbound
 from fallback.cli import Context
 from fallback.errors import InputError
-from fallback.outbound import QueueItem
+from fallback.ops import audit
+from fallback.queues import outbound
+from fallback.queues.outbound import QueueItem
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

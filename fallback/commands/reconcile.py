@@ -30,13 +30,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fallback import keys, metrics
+from fallback import keys
 from fallback.cli import Context
-from fallback.directory import check_mailstore, normalize_address
 from fallback.errors import InputError
+from fallback.mailbox.directory import check_mailstore, normalize_address
 from fallback.maillog import MailLog
-from fallback.reconcile import Reconciler, read_password
-from fallback.reconcile_report import MailboxReport, Report
+from fallback.ops import metrics
+from fallback.reconcile.reconciler import Reconciler, read_password
+from fallback.reconcile.report import MailboxReport, Report
 from fallback.redisconn import async_client, resolve_url
 
 

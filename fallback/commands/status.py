@@ -9,8 +9,8 @@ from typing import Any
 from rich.table import Table
 
 from fallback.cli import Context
-from fallback.health import redis_health
-from fallback.store import mailstore_stats
+from fallback.mailbox.store import mailstore_stats
+from fallback.ops.health import redis_health
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -65,7 +65,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Any) -> None:
-    from fallback import worker
+    from fallback.queues import worker
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,8 +25,10 @@ from typing import Any
 
 import redis
 
-from fallback import dsn, ids, keys, store
+from fallback import ids, keys
 from fallback.errors import InputError, NotFound
+from fallback.mailbox import store
+from fallback.queues import dsn
 from fallback.redisconn import is_cluster
 
 QUEUED, DEFERRED, DELIVERED, FAILED = "queued", "deferred", "delivered", "failed"

@@ -18,7 +18,7 @@ from email.message import Message
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # outbound imports this module at run time
-    from fallback.outbound import Record
+    from fallback.queues.outbound import Record
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 HEADERS_LIMIT = 64 * 1024

@@ -4,7 +4,7 @@ The forward queue hands over mail for users whose mailstore is healthy.  Each
 transaction carries one recipient, so a reply always belongs to exactly one
 queued record (and LMTP's one-reply-per-recipient after DATA is one reply).
 `send` never raises for anything the next hop or the network does: it returns
-a `Reply` (from fallback.smarthost); code 0 means there was no reply at all.
+a `Reply` (from fallback.queues.smarthost); code 0 means there was no reply at all.
 
 aiosmtplib has no LHLO, so the commands are driven through its low-level
 `execute_command`: LHLO (or EHLO) by hand, its answer given to the client as
@@ -24,7 +24,7 @@ import aiosmtplib
 
 from fallback.config import Settings, parse_forward_to
 from fallback.errors import ConfigError
-from fallback.smarthost import Reply, clip, make_reply
+from fallback.queues.smarthost import Reply, clip, make_reply
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ How work moves (every step is atomic in Redis; see docs/outbound.md):
 * Retrying: due members of the retry zsets go back onto their stream (Lua,
   one shard at a time).
 
-The taking, reclaiming, retrying and leasing loop is fallback.queueing.StreamWorker,
+The taking, reclaiming, retrying and leasing loop is fallback.queues.reliable.StreamWorker,
 shared with the forward queue; this module is what one outbound message means.
 """
 
@@ -33,14 +33,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from fallback import dsn, ids, keys, outbound, queueing, store
+from fallback import ids, keys
 from fallback.config import Settings
-from fallback.dkim import Signer
 from fallback.errors import FallbackError
+from fallback.mailbox import store
 from fallback.maillog import MailLog
-from fallback.outbound import DEFERRED, DELIVERED, FAILED, Record
+from fallback.queues import dsn, outbound, reliable
+from fallback.queues.dkim import Signer
+from fallback.queues.outbound import DEFERRED, DELIVERED, FAILED, Record
+from fallback.queues.smarthost import Reply, Smarthost
 from fallback.redisconn import is_cluster
-from fallback.smarthost import Reply, Smarthost
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'ra
 
 
 
-class Worker(queueing.StreamWorker):
+class Worker(reliable.StreamWorker):
     """One worker process's delivery loop; start() launches tasks, stop() ends them."""
 
     label = "outbound"
@@ -70,7 +72,7 @@ class Worker(queueing.StreamWorker):
             streams=[keys.outbound_stream_n(n) for n in range(keys.OUTBOUND_SHARDS)],
             retry=[(keys.outbound_retry_n(n), keys.outbound_stream_n(n))
                    for n in range(keys.OUTBOUND_SHARDS)],
-            consumer=consumer or queueing.consumer_name(self.hostname),
+            consumer=consumer or reliable.consumer_name(self.hostname),
             concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
             retry_base=settings.retry_base)
         self.smarthost = Smarthost.from_settings(settings, self.hostname)
@@ -87,7 +89,7 @@ class Worker(queueing.StreamWorker):
     # --- one message ---------------------------------------------------------------------
 
     async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
-        f = {queueing.text(k): queueing.text(v) for k, v in fields.items()}
+        f = {reliable.text(k): reliable.text(v) for k, v in fields.items()}
         sender, msg_id = f.get("a", ""), f.get("id", "")
         if not sender or not msg_id:
             log.error("outbound: malformed entry %s in %s: %r; parking it", entry_id, stream, f)

@@ -18,9 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fallback import passwords
-from fallback.directory import DEFAULT_MAILSTORE, Directory, Mailbox, check_mailstore, normalize_address
 from fallback.errors import InputError
+from fallback.mailbox import passwords
+from fallback.mailbox.directory import (
+    DEFAULT_MAILSTORE,
+    Directory,
+    Mailbox,
+    check_mailstore,
+    normalize_address,
+)
 
 CSV_COLUMNS = ("address", "password", "mailstore")
 CSV_OPTIONAL = ("alternate",)

@@ -36,7 +36,9 @@ import redis.asyncio as aioredis
 from fallback import keys
 from fallback.config import Settings
 from fallback.errors import ReconcileError
-from fallback.imap import (
+from fallback.mailbox.store import INBOX, SENT, TRASH
+from fallback.maillog import MailLog
+from fallback.reconcile.imap import (
     ConnectionLost,
     ImapTarget,
     ServerRefused,
@@ -44,9 +46,7 @@ from fallback.imap import (
     decode_mailbox,
     encode_mailbox,
 )
-from fallback.maillog import MailLog
-from fallback.reconcile_report import Failure, MailboxReport, NoProgress, ProgressSink, Report
-from fallback.store import INBOX, SENT, TRASH
+from fallback.reconcile.report import Failure, MailboxReport, NoProgress, ProgressSink, Report
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
-from fallback.directory import Directory, Mailbox
+from fallback.mailbox.directory import Directory, Mailbox
 
 DEFAULT, ALL, LISTED = "default", "all", "listed"
 _PREFIX = "ms:"

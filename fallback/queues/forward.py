@@ -10,7 +10,7 @@ message, see `accept_async`):
 * an entry `{a: rcpt, id: <id>}` in the shard stream `fwdq:{fN}`.
 
 The worker (`Forwarder`) runs the same reliable-queue loop as the outbound
-one (fallback.queueing.StreamWorker):
+one (fallback.queues.reliable.StreamWorker):
 
 * Taking: XREADGROUP (group `forwarders`) moves an entry into the group's
   pending list under this worker's consumer name; a per-record lease (SET NX
@@ -42,14 +42,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from fallback import keys, queueing, store
+from fallback import keys
 from fallback.config import Settings
-from fallback.durability import ReplicaAcks
+from fallback.mailbox import store
+from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
-from fallback.nexthop import NextHop
-from fallback.outbound import backoff
+from fallback.queues import reliable
+from fallback.queues.nexthop import NextHop
+from fallback.queues.outbound import backoff
+from fallback.queues.smarthost import Reply
 from fallback.redisconn import is_cluster
-from fallback.smarthost import Reply
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class Entry:
     msg_id: str
 
 
-class Forwarder(queueing.StreamWorker):
+class Forwarder(reliable.StreamWorker):
     """One process's forward loop; start() launches tasks, stop() ends them."""
 
     label = "forward"
@@ -148,7 +150,7 @@ class Forwarder(queueing.StreamWorker):
             streams=[keys.forward_stream_n(n) for n in range(keys.FORWARD_SHARDS)],
             retry=[(keys.forward_retry_n(n), keys.forward_stream_n(n))
                    for n in range(keys.FORWARD_SHARDS)],
-            consumer=queueing.consumer_name(self.hostname),
+            consumer=reliable.consumer_name(self.hostname),
             concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
             retry_base=settings.forward_retry_base)
         self.hop = NextHop.from_settings(settings, self.hostname)
@@ -162,7 +164,7 @@ class Forwarder(queueing.StreamWorker):
     # --- one record ----------------------------------------------------------------------
 
     async def handle(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
-        f = {queueing.text(k): queueing.text(v) for k, v in (fields or {}).items()}
+        f = {reliable.text(k): reliable.text(v) for k, v in (fields or {}).items()}
         e = Entry(stream, entry_id, f.get("a", ""), f.get("id", ""))
         if not e.recipient or not e.msg_id:
             # No record can be named by it, so there is nothing to deliver or lose.
@@ -183,10 +185,10 @@ class Forwarder(queueing.StreamWorker):
         if not fields:
             await self._finish(e, None)  # already delivered (a duplicate entry)
             return
-        f = {queueing.text(k): v for k, v in fields.items()}
-        sender, raw = queueing.text(f.get("sender", b"")), bytes(f.get("raw", b""))
-        created = float(queueing.text(f.get("created", "0")))
-        attempts = int(queueing.text(f.get("attempts", "0")))
+        f = {reliable.text(k): v for k, v in fields.items()}
+        sender, raw = reliable.text(f.get("sender", b"")), bytes(f.get("raw", b""))
+        created = float(reliable.text(f.get("created", "0")))
+        attempts = int(reliable.text(f.get("attempts", "0")))
         runs = int(await self.r.hincrby(rec, "runs", 1))
         if runs > self.s.max_crashes:
             # Attempts that never finished (crashes): wait the longest interval, not a crash loop.

@@ -3,7 +3,7 @@
 `fallback failover start --notify` sends every affected user who has an
 alternate address (provisioning's optional `alternate` column) the webmail's
 URL; `failover stop --notify` tells them their mailbox works normally again.
-Notices go through the outbound queue (fallback.outbound.submit) like mail
+Notices go through the outbound queue (fallback.queues.outbound.submit) like mail
 sent from the webmail, so the worker retries them and DKIM signs them.
 
 Once per user and failover episode: the mailbox's `notice` hash remembers,
@@ -32,10 +32,13 @@ from email.message import EmailMessage
 
 import redis
 
-from fallback import failover, ids, keys, outbound, store
+from fallback import ids, keys
 from fallback.config import Settings
-from fallback.directory import Directory, Mailbox, normalize_address
 from fallback.errors import InputError
+from fallback.mailbox import store
+from fallback.mailbox.directory import Directory, Mailbox, normalize_address
+from fallback.ops import failover
+from fallback.queues import outbound
 
 START, STOP = "start", "stop"
 NOTICES_MAILSTORE = "notices"

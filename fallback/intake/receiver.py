@@ -26,9 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from fallback import directory, failover, forward, store
 from fallback.config import Settings
-from fallback.durability import ReplicaAcks
 from fallback.errors import (
     DirectoryUnavailable,
     FallbackError,
@@ -41,9 +39,13 @@ from fallback.errors import (
     UnknownUser,
 )
 from fallback.ids import new_id
+from fallback.intake.smtpsyntax import read_data, simple_path
+from fallback.mailbox import directory, store
+from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
+from fallback.ops import failover
+from fallback.queues import forward
 from fallback.redisconn import is_cluster
-from fallback.smtpsyntax import read_data, simple_path
 
 log = logging.getLogger(__name__)
 

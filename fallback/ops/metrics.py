@@ -32,8 +32,9 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fallback import failover, health, keys
-from fallback.store import mailstore_stats
+from fallback import keys
+from fallback.mailbox.store import mailstore_stats
+from fallback.ops import failover, health
 
 log = logging.getLogger(__name__)
 

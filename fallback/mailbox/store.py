@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fallback import keys
-from fallback.durability import ReplicaAcks
+from fallback.mailbox.durability import ReplicaAcks
 from fallback.redisconn import is_cluster
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,176 @@
+"""The schema of the one typed configuration: every setting with its type, default and doc.
+
+`Settings` is the whole schema; `fallback.config.load` fills it from the
+sources and `fallback.config.checks` validates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FALLBACK_"
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def setting(default: Any, doc: str, unit: str | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"doc": doc, "unit": unit, "secret": secret})
+
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where state lives.
+    data_dir: Path = setting(Path("./fallback-data"),
+                             "Directory for the embedded Redis and runtime files")
+    redis_url: str | None = setting(
+        None,
+        "Redis to use (redis://, rediss://, unix://, redis+cluster://H:P,H:P, redis+sentinel://H:P/SERVICE); "
+        "unset: the embedded redis-server of `fallback up`",
+        secret=True,
+    )
+    redis_server: str = setting("redis-server", "redis-server binary for the embedded Redis")
+    redis_maxmemory: str | None = setting(None,
+                                          "maxmemory of the embedded Redis (e.g. 4gb); unset: no limit")
+    replica_acks: int = setting(
+        0, "Replicas that must hold each accepted message before 250 (WAIT, or WAITAOF on Redis 7.2+); "
+        "0: the primary's own fsync only")
+    replica_ack_timeout: float = setting(
+        2.0, "How long a write waits for replica_acks before the sender gets 451", unit="seconds")
+    # The SMTP receiver.
+    hostname: str | None = setting(None, "Name in the SMTP greeting and Received: lines; unset: hostname")
+    smtp_host: str = setting("127.0.0.1", "Address the SMTP receiver listens on (0.0.0.0 for all)")
+    smtp_port: int = setting(2525, "SMTP receiver port")
+    max_message_size: int = setting(
+        50 * MIB, "Largest message accepted (SIZE and actual), bytes; suffixes KiB/MiB", unit="bytes")
+    max_recipients: int = setting(100, "Most RCPT TO per message; more get 452 4.5.3")
+    max_connections: int = setting(1000, "Concurrent SMTP connections in total; more get 421 4.7.0")
+    max_connections_per_ip: int = setting(20, "Concurrent SMTP connections from one client IP")
+    max_commands: int = setting(1000, "Times one SMTP command may be given on one connection")
+    connection_timeout: float = setting(600.0, "Whole-connection time limit, seconds", unit="seconds")
+    idle_timeout: float = setting(300.0, "Idle time allowed between SMTP commands, seconds", unit="seconds")
+    smtp_workers: int = setting(
+        1, "SMTP receiver processes sharing the port (SO_REUSEPORT), to use every core; 0: one per CPU")
+    workers: int | None = setting(
+        None, "`fallback up`: processes for the SMTP receiver and for the webmail at once (sets "
+        "smtp_workers and web_workers unless they are given); 0: one per CPU")
+    smtp_reuse_port: bool = setting(
+        False, "Bind the SMTP port with SO_REUSEPORT (set for every receiver when smtp_workers > 1)")
+    tls_cert: Path | None = setting(None, "PEM certificate for STARTTLS (with tls_key)")
+    tls_key: Path | None = setting(None, "PEM private key for STARTTLS (with tls_cert)")
+    # The webmail.
+    http_host: str = setting("127.0.0.1", "Address the webmail listens on")
+    http_port: int = setting(8080, "Webmail port")
+    secret_key: str | None = setting(
+        None, "Webmail secret for signing form tokens (32+ characters); --demo makes one up",
+        secret=True)
+    secret_key_file: Path | None = setting(None, "File holding the webmail secret (instead of secret_key)")
+    session_idle_timeout: float = setting(
+        1800.0, "Webmail sessions end after this much idle time, seconds", unit="seconds")
+    cookie_secure: bool | None = setting(
+        None, "Send the session cookie over HTTPS only; unset: yes, except with --demo")
+    max_upload_size: int = setting(
+        25 * MIB, "Largest total of attachments in one composed message, bytes", unit="bytes")
+    incident_message: str = setting(
+        "Our main mail system is down. We are working on it.",
+        "Operator's message on the public /status page and the login page")
+    web_workers: int = setting(2, "gunicorn worker processes of the webmail")
+    web_threads: int = setting(4, "Threads per gunicorn worker (concurrent requests each)")
+    # Directory and passwords.
+    directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
+    password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")
+    directory_cache_ttl: float = setting(
+        10.0, "Seconds a receiver reuses a found mailbox's directory record (0: look up every RCPT)",
+        unit="seconds")
+    # Logging.
+    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR")
+    mail_log: str = setting("-", "Mail log destination: - for stderr, or a file path")
+    demo: bool = setting(False, "Provision a demo mailbox at start (fallback up)")
+    # Reconcile.
+    imap_url: str | None = setting(None, "Main store for reconcile: imap://HOST:PORT or imaps://HOST:PORT")
+    master_user: str | None = setting(None, "Dovecot master user that reconcile logs in as")
+    master_password_file: Path | None = setting(None, "File holding the master user's password")
+    master_separator: str = setting(
+        "*", "Separator of USER*MASTER logins; empty: SASL PLAIN with an authorization id")
+    imap_ca_file: Path | None = setting(None, "CA bundle for imaps:// (default: the system's)")
+    imap_timeout: float = setting(120.0, "Time limit of one IMAP command, seconds", unit="seconds")
+    reconcile_sent_folder: str = setting("Sent", "Sent folder when the server announces no \\Sent")
+    reconcile_trash_folder: str = setting("Trash", "Trash folder when the server announces no \\Trash")
+    reconcile_concurrency: int = setting(8, "Mailboxes reconciled in parallel (IMAP connections)")
+    # Outbound delivery.
+    smarthost: str | None = setting(
+        None, "Smarthost HOST:PORT the outbound worker relays sent mail through; unset: mail stays queued")
+    smarthost_tls: str = setting("starttls", "TLS to the smarthost: none, starttls or tls (implicit)")
+    smarthost_user: str | None = setting(None, "User for SMTP AUTH at the smarthost (with a password file)")
+    smarthost_password_file: Path | None = setting(None, "File holding the smarthost AUTH password")
+    smarthost_ca_file: Path | None = setting(
+        None, "CA bundle that signs the smarthost's certificate (default: the system's)")
+    smarthost_timeout: float = setting(60.0, "Time limit of one SMTP command to the smarthost, seconds",
+                                       unit="seconds")
+    retry_base: float = setting(60.0, "First retry delay after a temporary failure, seconds; doubles "
+                                "each attempt, with jitter", unit="seconds")
+    retry_max_interval: float = setting(4 * 3600.0, "Longest delay between two attempts, seconds",
+                                        unit="seconds")
+    retry_deadline: float = setting(5 * 86400.0, "Give up on a recipient (and notify the sender) "
+                                    "this long after the message was sent, seconds", unit="seconds")
+    claim_timeout: float = setting(120.0, "Work a silent (crashed) worker holds this long is taken over "
+                                   "by another worker, seconds", unit="seconds")
+    max_crashes: int = setting(5, "Times a message may be taken up without the attempt finishing "
+                               "(worker crash or error) before it is parked as a dead letter")
+    worker_concurrency: int = setting(8, "Messages one worker delivers at the same time")
+    dkim_selector: str | None = setting(None, "DKIM selector; sign mail of domains with a key in "
+                                        "dkim_key_dir")
+    dkim_key_dir: Path | None = setting(None, "Directory of DKIM private keys, one PEM file per "
+                                        "domain named DOMAIN.pem")
+    # Failover and operations.
+    failover_cache_ttl: float = setting(
+        2.0, "How long the receiver and webmail may reuse a read of the failover scope, seconds",
+        unit="seconds")
+    audit_log: Path | None = setting(
+        None, "Also append every admin action as a JSON line to this file (Redis stream `audit` always)")
+    admin_token: str | None = setting(None, "Bearer token of the admin HTTP API; unset: API off",
+                                      secret=True)
+    admin_token_file: Path | None = setting(None, "File holding the admin API token (instead of admin_token)")
+    dns_server: str | None = setting(
+        None, "Primary authoritative DNS server that takes the MX updates: HOST, HOST:PORT or [IPv6]:PORT")
+    dns_zone: str | None = setting(None, "Zone that holds the MX records, e.g. example.com")
+    dns_tsig_key_file: Path | None = setting(
+        None, "TSIG key for the updates: a BIND key clause as `tsig-keygen` writes it")
+    dns_mx_name: str = setting("@", "Owner of the MX records, relative to the zone (@: the zone apex)")
+    dns_primary_mx: str | None = setting(
+        None, "MX records of normal operation, e.g. '10 mx1.example.com, 20 mx2.example.com'")
+    dns_fallback_mx: str | None = setting(
+        None, "MX records during the outage, e.g. '10 fallback.example.net'")
+    dns_low_ttl: int = setting(300, "TTL (seconds) the MX records get before and after a switch")
+    dns_timeout: float = setting(10.0, "Time limit of one DNS query or update, seconds", unit="seconds")
+    check_warn_queue_age: float = setting(
+        3600.0, "fallback check: WARNING when the oldest queued message is this old, seconds",
+        unit="seconds")
+    check_crit_queue_age: float = setting(
+        4 * 3600.0, "fallback check: CRITICAL when the oldest queued message is this old, seconds",
+        unit="seconds")
+    forward_to: str | None = setting(
+        None, "Next hop of the main mail system for users whose mailstore is not failed over: "
+        "smtp://HOST:PORT or lmtp://HOST:PORT; unset: their mail waits in the forward queue")
+    forward_alert_age: float = setting(
+        3600.0, "Forwarded mail still waiting this long is alerted (log; fallback check WARNING); "
+        "it keeps waiting, seconds", unit="seconds")
+    forward_retry_base: float = setting(
+        30.0, "First retry delay of a forward the next hop did not take, seconds; doubles each "
+        "attempt, with jitter", unit="seconds")
+    forward_retry_max_interval: float = setting(
+        600.0, "Longest delay between two forward attempts, seconds (it never gives up)", unit="seconds")
+    forward_timeout: float = setting(60.0, "Time limit of one command to the forward next hop, seconds",
+                                     unit="seconds")
+    metrics_flush_interval: float = setting(
+        5.0, "How often a process adds its counters (mail events, log-ins) to the shared ones in "
+        "Redis that /metrics reads, seconds", unit="seconds")
+    notice_sender: str | None = setting(
+        None, "From address of the user notices of `failover start/stop --notify`; unset: "
+        "postmaster@ the first provisioned domain")
+    webmail_url: str | None = setting(
+        None, "The webmail's public URL, as users should type it (https://...), for the notices")
+    check_warn_memory: float = setting(80.0, "fallback check: WARNING at this % of Redis maxmemory")
+    check_crit_memory: float = setting(90.0, "fallback check: CRITICAL at this % of Redis maxmemory")

@@ -1,0 +1,1 @@
+"""Operations: failover scope, DNS, health, metrics, audit, notices and export."""
