@@ -2,7 +2,7 @@
 
 Part 1 (memory): messages of about 1 KiB, 4 KiB, 16 KiB, 100 KiB and 1 MiB
 (each size jittered by +-10 %, so that no run sits on one allocator size
-class) go through the real store path, `fallback.mailbox.store.deliver`, into a fresh
+class) go through the real store path, `fallback.mailbox.delivery.deliver`, into a fresh
 redis-server configured like the embedded one (AOF, appendfsync always,
 noeviction, the listpack settings).  Each size gets its own mailboxes, a fixed
 number of messages per mailbox (default 50).  Printed per size: used_memory
@@ -53,7 +53,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fallback.mailbox import store  # noqa: E402
+from fallback.mailbox import (  # noqa: E402
+    delivery,
+    headers,
+)
 from tests.servers import RedisServer  # noqa: E402
 
 SIZES = {"1KiB": 1024, "4KiB": 4096, "16KiB": 16 * 1024, "100KiB": 100 * 1024, "1MiB": 1024 * 1024}
@@ -241,11 +244,11 @@ def memory_table(counts: dict[str, int], per_mailbox: int) -> None:
             # would dominate the run and the content does not change the memory.
             template = maker.sized(int(nominal * 1.1) + 64)
             raws = [template[: int(nominal * maker.rng.uniform(0.9, 1.1))] for _ in range(count)]
-            meta = store.summarize(template)
+            meta = headers.summarize(template)
             before = used_memory(r)
             for i, raw in enumerate(raws):
                 address, msg_id = mailbox_of(name, i, per_mailbox), f"{name}-{i:06d}"
-                store.deliver(r, [store.Delivery(address, "store0")], msg_id, raw, meta)
+                delivery.deliver(r, [delivery.Delivery(address, "store0")], msg_id, raw, meta)
             after = used_memory(r)
             mean_raw = statistics.fmean(len(x) for x in raws)
             per = (after - before) / count

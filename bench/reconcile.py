@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fallback.config import load_settings
 from fallback.ids import new_id
-from fallback.mailbox import store
+from fallback.mailbox import delivery, fields, received
 from fallback.reconcile.imap import quote
 from fallback.reconcile.reconciler import Reconciler
 from fallback.redisconn import async_client
@@ -44,7 +44,7 @@ from tests.servers import RedisServer
 
 def make_raw(address: str, n: int, size: int) -> tuple[str, bytes]:
     msg_id = new_id()
-    head = store.received_header(msg_id, "fallback.bench", "mx.bench", "192.0.2.1", None, "ESMTP", address)
+    head = received.received_header(msg_id, "fallback.bench", "mx.bench", "192.0.2.1", None, "ESMTP", address)
     head += f"From: a@remote.test\r\nTo: {address}\r\nSubject: bench {n}\r\n\r\n".encode()
     line = b"x" * 76 + b"\r\n"
     body = line * max(1, (size - len(head)) // len(line))
@@ -132,8 +132,8 @@ def main() -> int:
                         for u, msgs in per_user.items():
                             with r.pipeline(transaction=False) as pipe:
                                 for msg_id, raw in msgs:
-                                    d = store.Delivery(u, "default", flags=(store.SEEN,))
-                                    store.queue_delivery(pipe, d, msg_id, raw, {}, now_ms)
+                                    d = delivery.Delivery(u, "default", flags=(fields.SEEN,))
+                                    delivery.queue_delivery(pipe, d, msg_id, raw, {}, now_ms)
                                 pipe.execute()
                     started = time.perf_counter()
                     if kind == "bare":

@@ -46,7 +46,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import smtp_ingest  # noqa: E402
 
 from fallback import redisconn  # noqa: E402
-from fallback.mailbox import directory  # noqa: E402
+from fallback.mailbox import (  # noqa: E402
+    delivery,
+    directory,
+)
 from tests.servers import RedisClusterServers, RedisServer, free_port, stop_pid, wait_port  # noqa: E402
 
 SIZE = 4096
@@ -151,17 +154,16 @@ def sink(conns: int, messages: int) -> Point:
 
 
 async def _store_loop(redis_url: str, messages: int, concurrency: int) -> tuple[float, float]:
-    """(messages/s, client CPU ms per message) of store.deliver_async with the receiver's batcher."""
-    from fallback.mailbox import store
+    """(messages/s, client CPU ms per message) of delivery.deliver_async with the receiver's batcher."""
 
     r = redisconn.async_client(redis_url)
-    batcher = store.DeliveryBatcher(r)
+    batcher = delivery.DeliveryBatcher(r)
     raw = b"From: a@remote.test\r\nTo: " + smtp_ingest.RCPT.encode() + b"\r\nSubject: x\r\n\r\n" + b"x" * 4000
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with gate:
-            await store.deliver_async(r, [store.Delivery(smtp_ingest.RCPT, "default")], f"s{i}", raw,
+            await delivery.deliver_async(r, [delivery.Delivery(smtp_ingest.RCPT, "default")], f"s{i}", raw,
                                       batcher=batcher)
 
     try:
@@ -175,10 +177,10 @@ async def _store_loop(redis_url: str, messages: int, concurrency: int) -> tuple[
 
 
 def store_only(backends: dict[str, str], messages: int) -> None:
-    """The receiver's write alone, in this process: `store.deliver_async` through a
+    """The receiver's write alone, in this process: `delivery.deliver_async` through a
     DeliveryBatcher, 50 at a time, 4 KiB (on a cluster the status counters ride along
     with the next batch)."""
-    print(f"store.deliver_async alone, in-process, 50 concurrent, 4 KiB, {messages} messages:")
+    print(f"delivery.deliver_async alone, in-process, 50 concurrent, 4 KiB, {messages} messages:")
     for name, url in backends.items():
         rate, cpu = asyncio.run(_store_loop(url, messages, 50))
         print(f"  {name}: {rate:,.0f} msg/s, client CPU {cpu:.3f} ms/msg")

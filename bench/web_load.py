@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from fallback.config import load_settings  # noqa: E402
 from fallback.ids import new_id  # noqa: E402
-from fallback.mailbox import directory, passwords, store  # noqa: E402
+from fallback.mailbox import delivery, directory, headers, passwords  # noqa: E402
 from fallback.webserver import WebComponent  # noqa: E402
 from tests.servers import RedisServer, free_port  # noqa: E402
 from web.sessions import COOKIE, SessionStore  # noqa: E402
@@ -70,8 +70,8 @@ def fill_mailbox(r: redis.Redis, n: int, batch: int = 500) -> list[str]:
                        f"Subject: Report {i}: status of the outage and next steps\r\n"
                        f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m{i}@remote.test>\r\n\r\n"
                        + "A line of ordinary message text.\r\n" * 40).encode()
-                store.queue_delivery(pipe, store.Delivery(USER, "default"), msg_id, raw,
-                                     store.summarize(raw), now + i * 1000)
+                delivery.queue_delivery(pipe, delivery.Delivery(USER, "default"), msg_id, raw,
+                                     headers.summarize(raw), now + i * 1000)
                 ids.append(msg_id)
             pipe.execute()
     return ids

@@ -14,7 +14,7 @@ import redis
 from fallback import keys
 from fallback.config import Settings
 from fallback.ids import new_id
-from fallback.mailbox import directory, store
+from fallback.mailbox import delivery, directory, fields, received
 from fallback.reconcile.reconciler import Reconciler
 from fallback.reconcile.report import Report
 from fallback.redisconn import async_client
@@ -27,7 +27,7 @@ def message(address: str, subject: str, body: bytes = b"body\r\n", msgid: str | 
             extra: bytes = b"") -> tuple[str, bytes]:
     """(id, raw) of a message as the receiver stores it: our Received: line first."""
     msg_id = new_id()
-    head = store.received_header(msg_id, "fallback.test", "mx.remote.test", "192.0.2.7", None,
+    head = received.received_header(msg_id, "fallback.test", "mx.remote.test", "192.0.2.7", None,
                                  "ESMTP", address)
     mid = f"<{msg_id.lower()}@remote.test>" if msgid == "auto" else msgid
     lines = [b"From: Someone <someone@remote.test>", f"To: {address}".encode(),
@@ -38,9 +38,9 @@ def message(address: str, subject: str, body: bytes = b"body\r\n", msgid: str | 
     return msg_id, raw
 
 
-def put(r: redis.Redis, address: str, raw: bytes, msg_id: str, folder: str = store.INBOX,
+def put(r: redis.Redis, address: str, raw: bytes, msg_id: str, folder: str = fields.INBOX,
         flags: tuple[str, ...] = (), kind: str = "received", mailstore: str = "default") -> str:
-    store.deliver(r, [store.Delivery(address, mailstore, folder=folder, flags=flags, kind=kind)],
+    delivery.deliver(r, [delivery.Delivery(address, mailstore, folder=folder, flags=flags, kind=kind)],
                   msg_id, raw)
     return msg_id
 
@@ -97,7 +97,7 @@ def provision(r: redis.Redis, settings: Settings, addresses: list[str], mailstor
     d.put_many((directory.Mailbox(a, mailstore, "{PLAIN}unused"), None) for a in addresses)
 
 
-def put_new(r: redis.Redis, address: str, subject: str, folder: str = store.INBOX,
+def put_new(r: redis.Redis, address: str, subject: str, folder: str = fields.INBOX,
             flags: tuple[str, ...] = (), kind: str = "received") -> str:
     """Store a fresh message (see `message`) and return its id."""
     msg_id, raw = message(address, subject)

@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from fallback import keys
 from fallback.cli import main
 from fallback.config import load_settings
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.redisconn import sync_client
 from tests.conftest import ReceiverThread, add_mailbox, cached_hash
 from tests.dovecot import MainStoreView
@@ -79,7 +79,7 @@ def provision(r: redis.Redis, settings: Any, tmp_path: Path, capsys: pytest.Capt
 
 
 def copies(r: redis.Redis, address: str, body: bytes) -> list[bytes]:
-    ids = r.zrange(keys.folder(address, store.INBOX), 0, -1)
+    ids = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
     raws = [r.hget(keys.message(address, i.decode()), "raw") for i in ids]  # type: ignore[union-attr]
     return [x for x in raws if isinstance(x, bytes) and x.endswith(body)]
 
@@ -169,7 +169,7 @@ def test_webmail_read_and_send_with_outbound(r: redis.Redis, settings: Any, tmp_
     body = b"From: someone@remote.test\r\nSubject: read me on a cluster\r\n\r\nhi alice\r\n"
     with smtplib.SMTP("127.0.0.1", rt.port) as smtp:
         smtp.sendmail(SENDER, [alice], body)
-    [msg_id] = [i.decode() for i in r.zrange(keys.folder(alice, store.INBOX), 0, -1)]
+    [msg_id] = [i.decode() for i in r.zrange(keys.folder(alice, fields.INBOX), 0, -1)]
     web = make_app(settings, r).test_client()
     log_in_as(web, alice)
     assert "read me on a cluster" in web.get("/").text
@@ -190,7 +190,7 @@ def test_webmail_read_and_send_with_outbound(r: redis.Redis, settings: Any, tmp_
         assert any(b"sent from a cluster" in c for c in copies(r, bob, b"both of you\r\n"))
         wait_for(lambda: any(b"sent from a cluster" in m for m in sink.messages()),
                  30, "the smarthost to receive the message")
-        [sent_id] = [i.decode() for i in r.zrange(keys.folder(alice, store.SENT), 0, -1)]
+        [sent_id] = [i.decode() for i in r.zrange(keys.folder(alice, fields.SENT), 0, -1)]
         wait_for(lambda: not r.sismember(keys.outbox(alice), sent_id), 30, "the record to finish")
     finally:
         worker.stop()

@@ -12,7 +12,7 @@ import redis
 
 from fallback.cli import main
 from fallback.ids import new_id
-from fallback.mailbox import store
+from fallback.mailbox import delivery, fields, store
 from fallback.ops.export import iter_mbox, mboxrd_quote, mboxrd_unquote
 from tests.conftest import add_mailbox
 
@@ -27,11 +27,11 @@ TRICKY = [
 
 
 def deliver_all(r: redis.Redis, address: str, messages: list[bytes],
-                folder: str = store.INBOX) -> list[str]:
+                folder: str = fields.INBOX) -> list[str]:
     ids = []
     for raw in messages:
         msg_id = new_id()
-        store.deliver(r, [store.Delivery(address, "default", folder=folder)], msg_id, raw)
+        delivery.deliver(r, [delivery.Delivery(address, "default", folder=folder)], msg_id, raw)
         ids.append(msg_id)
     return ids
 
@@ -72,9 +72,9 @@ def test_export_maildir_one_file_per_message_exact(r: redis.Redis, settings: Any
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     add_mailbox(r, settings, "bob@example.com")
     inbox = deliver_all(r, "bob@example.com", TRICKY)
-    sent = deliver_all(r, "bob@example.com", [b"Subject: sent one\r\n\r\nx\r\n"], folder=store.SENT)
-    store.set_flags(r, "bob@example.com", inbox[0], add=(store.SEEN, store.FLAGGED))
-    store.move(r, "bob@example.com", inbox[1], store.TRASH)
+    sent = deliver_all(r, "bob@example.com", [b"Subject: sent one\r\n\r\nx\r\n"], folder=fields.SENT)
+    store.set_flags(r, "bob@example.com", inbox[0], add=(fields.SEEN, fields.FLAGGED))
+    store.move(r, "bob@example.com", inbox[1], fields.TRASH)
     out = tmp_path / "bob"
     rc, _, err = run(["export", "bob@example.com", "--format", "maildir", "--output", str(out)],
                      redis_url, capsys)
@@ -111,7 +111,7 @@ def test_status_per_mailstore_and_json(r: redis.Redis, settings: Any, redis_url:
     add_mailbox(r, settings, "c@example.org", mailstore="west")
     for addr, store_name, raw in (("a@example.com", "east", b"x" * 100), ("b@example.com", "east", b"y" * 50),
                                   ("c@example.org", "west", b"z" * 10)):
-        store.deliver(r, [store.Delivery(addr, store_name)], new_id(), raw)
+        delivery.deliver(r, [delivery.Delivery(addr, store_name)], new_id(), raw)
     rc, out, _ = run(["status", "--format", "json"], redis_url, capsys)
     assert rc == 0
     data = json.loads(out)

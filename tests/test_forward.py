@@ -28,7 +28,7 @@ from aiosmtpd.controller import Controller
 from fallback import ids, keys
 from fallback.cli import main
 from fallback.config import Settings
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.maillog import LOGGER_NAME
 from fallback.ops import failover, health
 from fallback.queues import forward
@@ -87,7 +87,7 @@ def test_scoped_intake_mixed_recipients_in_one_data(r: redis.Redis, users: dict[
     # Right after the 250, before any worker ran: both kinds are already written.
     kept = in_mailbox(r, ALICE, msg_id)
     assert kept is not None and kept.endswith(b"8-bit \xc3\xa9 and a bare\r\nLF\r\n")
-    assert in_mailbox(r, BOB, msg_id) is None and r.zcard(keys.folder(BOB, store.INBOX)) == 0
+    assert in_mailbox(r, BOB, msg_id) is None and r.zcard(keys.folder(BOB, fields.INBOX)) == 0
     rec = forwarded(r, BOB, msg_id)
     assert rec["raw"] == kept and rec["sender"] == SENDER.encode() and rec["attempts"] == b"0"
     assert stream_entries(r, BOB) == [{b"a": BOB.encode(), b"id": msg_id.encode()}]

@@ -28,7 +28,7 @@ import redis
 from fallback import ids, keys
 from fallback.cli import main
 from fallback.config import Settings
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.queues import outbound
 from fallback.queues.worker import Worker
 from fallback.redisconn import async_client
@@ -55,7 +55,7 @@ def states(r: redis.Redis, msg_id: str) -> dict[str, str]:
 
 def inbox(r: redis.Redis) -> list[bytes]:
     reader = store.MailboxReader(r, SENDER)
-    return [reader.raw(i) or b"" for i in reader.ids(store.INBOX)]
+    return [reader.raw(i) or b"" for i in reader.ids(fields.INBOX)]
 
 
 def queue_is_empty(r: redis.Redis) -> bool:

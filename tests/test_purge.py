@@ -9,7 +9,7 @@ import pytest
 
 from fallback import keys
 from fallback.cli import main
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.mailbox.store import MailboxReader, mailstore_stats
 from tests.reconcile_helpers import (
     cli_args,
@@ -33,7 +33,7 @@ def test_purge_deletes_only_done_and_keeps_counters(r, settings, mailboxes, caps
     now = int(time.time() * 1000)
     made: dict[str, tuple[str, int]] = {}
 
-    def make(name: str, rstate: str, age_days: float = 10, folder: str = store.INBOX) -> str:
+    def make(name: str, rstate: str, age_days: float = 10, folder: str = fields.INBOX) -> str:
         msg_id, raw = message(ALICE, name)
         put(r, ALICE, raw, msg_id, folder=folder)
         r.hset(keys.message(ALICE, msg_id), mapping={"rstate": rstate, "rts": now - int(age_days * DAY_MS)})
@@ -43,14 +43,14 @@ def test_purge_deletes_only_done_and_keeps_counters(r, settings, mailboxes, caps
         return msg_id
 
     make("done old", "done")
-    make("done old sent", "done", folder=store.SENT)
+    make("done old sent", "done", folder=fields.SENT)
     make("done recent", "done", age_days=1)
     make("pending", "pending")
     make("failed", "failed")
     make("appending", "appending")
     changed = make("done, flagged since", "done")
-    assert store.set_flags(r, ALICE, changed, add=(store.FLAGGED,))
-    outbound = make("done, still being sent", "done", folder=store.SENT)
+    assert store.set_flags(r, ALICE, changed, add=(fields.FLAGGED,))
+    outbound = make("done, still being sent", "done", folder=fields.SENT)
     r.sadd(keys.outbox(ALICE), outbound)
     bob_id = put_new(r, BOB, "bob pending")
     before_stats = mailstore_stats(r)["default"]
@@ -68,8 +68,8 @@ def test_purge_deletes_only_done_and_keeps_counters(r, settings, mailboxes, caps
                                               "bytes": before_info["bytes"] - freed}
     assert mailstore_stats(r)["default"] == {"messages": before_stats["messages"] - 2,
                                              "bytes": before_stats["bytes"] - freed}
-    assert made["done old"][0] not in MailboxReader(r, ALICE).ids(store.INBOX)
-    assert made["done old sent"][0] not in MailboxReader(r, ALICE).ids(store.SENT)
+    assert made["done old"][0] not in MailboxReader(r, ALICE).ids(fields.INBOX)
+    assert made["done old sent"][0] not in MailboxReader(r, ALICE).ids(fields.SENT)
     assert r.exists(keys.message(BOB, bob_id))
 
     # Without an age limit the recent one goes too; the others still stay.

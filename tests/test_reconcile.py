@@ -12,7 +12,7 @@ import pytest
 from fallback import keys
 from fallback.cli import build_parser, main
 from fallback.config import load_settings
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.reconcile.imap import decode_mailbox, encode_mailbox
 from tests.dovecot import MainStoreView
 from tests.reconcile_helpers import (
@@ -41,24 +41,24 @@ def test_byte_for_byte_flags_dates_and_folders(r, settings, dovecot, tmp_path: P
     # 8-bit body, a long line, no Message-ID, and two different messages with one Message-ID.
     cases = [
         (ALICE, "plain", {}, ()),
-        (ALICE, "read+flagged", {}, (store.SEEN, store.FLAGGED)),
-        (ALICE, "answered+forwarded", {}, (store.SEEN, store.ANSWERED, store.FORWARDED)),
+        (ALICE, "read+flagged", {}, (fields.SEEN, fields.FLAGGED)),
+        (ALICE, "answered+forwarded", {}, (fields.SEEN, fields.ANSWERED, fields.FORWARDED)),
         (ALICE, "no message-id", {"msgid": None}, ()),
         (ALICE, "same id 1", {"msgid": "<dup@remote.test>"}, ()),
         (ALICE, "same id 2", {"msgid": "<dup@remote.test>", "body": b"other body\r\n"}, ()),
         (BOB, "8bit", {"body": "Grüße, naïve café\r\n".encode() + b"x" * 5000 + b"\r\n"}, ()),
-        (CAROL, "carol", {}, (store.SEEN,)),
+        (CAROL, "carol", {}, (fields.SEEN,)),
     ]
     for address, subject, kw, flags in cases:
         msg_id, raw = message(address, subject, **kw)  # type: ignore[arg-type]
         put(r, address, raw, msg_id, flags=flags)
-        stored[msg_id] = (address, raw, store.INBOX, flags)
+        stored[msg_id] = (address, raw, fields.INBOX, flags)
     sent_id, sent_raw = message(ALICE, "sent from the webmail")
-    put(r, ALICE, sent_raw, sent_id, folder=store.SENT, flags=(store.SEEN,), kind="sent")
-    stored[sent_id] = (ALICE, sent_raw, "Sent Items", (store.SEEN,))
+    put(r, ALICE, sent_raw, sent_id, folder=fields.SENT, flags=(fields.SEEN,), kind="sent")
+    stored[sent_id] = (ALICE, sent_raw, "Sent Items", (fields.SEEN,))
     trash_id, trash_raw = message(BOB, "deleted in the webmail")
     put(r, BOB, trash_raw, trash_id)
-    assert store.move(r, BOB, trash_id, store.TRASH)
+    assert store.move(r, BOB, trash_id, fields.TRASH)
     stored[trash_id] = (BOB, trash_raw, "Deleted Items", ())
     time.sleep(1.1)  # INTERNALDATE must be the stored time, not the APPEND time
 
@@ -102,13 +102,13 @@ def test_webmail_changes_after_reconcile_are_carried(r, settings, dovecot, tmp_p
     idb, rawb = message(ALICE, "to be trashed")
     idc, rawc = message(ALICE, "to be unread")
     put(r, ALICE, rawa, ida)
-    put(r, ALICE, rawb, idb, flags=(store.SEEN,))
-    put(r, ALICE, rawc, idc, flags=(store.SEEN,))
+    put(r, ALICE, rawb, idb, flags=(fields.SEEN,))
+    put(r, ALICE, rawc, idc, flags=(fields.SEEN,))
     assert run_engine(s, [ALICE]).ok
 
-    assert store.set_flags(r, ALICE, ida, add=(store.SEEN, store.FLAGGED))
-    assert store.move(r, ALICE, idb, store.TRASH)
-    assert store.set_flags(r, ALICE, idc, remove=(store.SEEN,))
+    assert store.set_flags(r, ALICE, ida, add=(fields.SEEN, fields.FLAGGED))
+    assert store.move(r, ALICE, idb, fields.TRASH)
+    assert store.set_flags(r, ALICE, idc, remove=(fields.SEEN,))
     report = run_engine(s, [ALICE])
     assert report.ok, report.as_json()
     assert report.mailboxes[ALICE].updated == 3
@@ -143,8 +143,8 @@ def test_uidvalidity_change_between_runs(r, settings, dovecot, tmp_path: Path) -
     for f in [*(maildir / "cur").iterdir(), *(maildir / "new").iterdir()]:
         if lost_id.encode() in f.read_bytes():
             f.unlink()
-    assert store.set_flags(r, ALICE, kept_id, add=(store.FLAGGED,))
-    assert store.set_flags(r, ALICE, lost_id, add=(store.SEEN,))
+    assert store.set_flags(r, ALICE, kept_id, add=(fields.FLAGGED,))
+    assert store.set_flags(r, ALICE, lost_id, add=(fields.SEEN,))
 
     report = run_engine(s, [ALICE])
     assert report.ok, report.as_json()
@@ -179,9 +179,9 @@ def test_folder_names_with_spaces_and_non_ascii(r, settings, dovecot_factory, ma
     assert (flagged.reconcile_sent_folder, flagged.reconcile_trash_folder) == (
         s.reconcile_sent_folder, s.reconcile_trash_folder)
     sent_id, sent_raw = message(ALICE, "sent")
-    put(r, ALICE, sent_raw, sent_id, folder=store.SENT, flags=(store.SEEN,), kind="sent")
+    put(r, ALICE, sent_raw, sent_id, folder=fields.SENT, flags=(fields.SEEN,), kind="sent")
     trash_id, trash_raw = message(ALICE, "trash")
-    put(r, ALICE, trash_raw, trash_id, folder=store.TRASH)
+    put(r, ALICE, trash_raw, trash_id, folder=fields.TRASH)
     report = run_engine(s, [ALICE])
     assert report.ok, report.as_json()
     assert sorted(report.mailboxes[ALICE].folders_created) == ["Gesendete Objekte", "Papierkorb & Müll"]
@@ -192,7 +192,7 @@ def test_folder_names_with_spaces_and_non_ascii(r, settings, dovecot_factory, ma
     view.close()
     # The next run finds the folders it made instead of making them again.
     idc, rawc = message(ALICE, "later")
-    put(r, ALICE, rawc, idc, folder=store.SENT, kind="sent")
+    put(r, ALICE, rawc, idc, folder=fields.SENT, kind="sent")
     report = run_engine(s, [ALICE])
     assert report.ok and report.mailboxes[ALICE].folders_created == []
 
@@ -332,7 +332,7 @@ def test_dry_run_changes_nothing(r, settings, dovecot_factory, mailboxes, tmp_pa
     server = dovecot_factory(mailboxes, special_use=False)
     s = reconcile_settings(settings, server, tmp_path)
     ida = put_new(r, ALICE, "in")
-    idb = put_new(r, ALICE, "out", folder=store.SENT, kind="sent")
+    idb = put_new(r, ALICE, "out", folder=fields.SENT, kind="sent")
     report_path = tmp_path / "dry.json"
     rc = main(cli_args(s, "--user", ALICE, "--dry-run", "--report", str(report_path)))
     assert rc == 0, capsys.readouterr().err

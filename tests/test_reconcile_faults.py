@@ -24,7 +24,7 @@ import pytest
 
 from fallback import keys
 from fallback.cli import main
-from fallback.mailbox import store
+from fallback.mailbox import fields
 from tests.dovecot import DovecotServer, MainStoreView
 from tests.reconcile_helpers import (
     cli_args,
@@ -182,8 +182,8 @@ def test_sigkill_part_way_then_rerun_delivers_each_message_once(r, settings, dov
     for n in range(25):
         for u in users:
             msg_id, raw = message(u, f"message {n}", body=body)
-            folder = store.SENT if n % 10 == 3 else store.INBOX
-            expected[u].append(put(r, u, raw, msg_id, folder=folder, flags=(store.SEEN,) if n % 2 else ()))
+            folder = fields.SENT if n % 10 == 3 else fields.INBOX
+            expected[u].append(put(r, u, raw, msg_id, folder=folder, flags=(fields.SEEN,) if n % 2 else ()))
     total = sum(len(v) for v in expected.values())
     assert total >= 500
 
@@ -238,7 +238,7 @@ def test_full_flow_smtp_webmail_reconcile(receiver, r, settings, dovecot, tmp_pa
     with smtplib.SMTP("127.0.0.1", receiver.port) as client:
         client.sendmail("sender@remote.test", [ALICE], raw_in)
         client.sendmail("spam@remote.test", [ALICE], junk_in)
-    ids = [i.decode() for i in r.zrange(keys.folder(ALICE, store.INBOX), 0, -1)]
+    ids = [i.decode() for i in r.zrange(keys.folder(ALICE, fields.INBOX), 0, -1)]
     stored = {i: r.hget(keys.message(ALICE, i), "raw") for i in ids}
     [msg_id] = [i for i, raw in stored.items() if raw.endswith(raw_in)]
     [junk_id] = [i for i, raw in stored.items() if raw.endswith(junk_in)]

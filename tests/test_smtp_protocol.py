@@ -220,7 +220,7 @@ def test_mail_log_for_size_and_storage_failure(receiver_factory: Any, mailboxes:
         async def fail(*args: Any, **kwargs: Any) -> None:
             raise ConnectionError("redis went away")
 
-        monkeypatch.setattr("fallback.mailbox.store.deliver_async", fail)
+        monkeypatch.setattr("fallback.mailbox.delivery.deliver_async", fail)
         smtp.mail("s@remote.test")
         smtp.rcpt("bob@example.com")
         code, msg = smtp.data(b"Subject: small\r\n\r\nx\r\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from fallback import keys
-from fallback.mailbox import store
+from fallback.mailbox import fields
 from tests.conftest import add_mailbox
 from tests.servers import wait_for
 
@@ -74,7 +74,7 @@ def test_two_receiver_processes_share_the_port(r: redis.Redis, settings, redis_u
             with smtplib.SMTP("127.0.0.1", port) as client:
                 client.sendmail("a@remote.test", ["alice@example.com"],
                                 f"Subject: {n}\r\n\r\nbody {n}\r\n".encode())
-        assert r.zcard(keys.folder("alice@example.com", store.INBOX)) == 30
+        assert r.zcard(keys.folder("alice@example.com", fields.INBOX)) == 30
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert all(gone(pid) for pid in pids)

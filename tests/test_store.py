@@ -7,7 +7,7 @@ import asyncio
 import redis
 
 from fallback import keys
-from fallback.mailbox import store
+from fallback.mailbox import delivery, fields
 from fallback.redisconn import async_client
 
 RAW = (b"Received: from x ([127.0.0.1])\r\n\tby h (fallback) with ESMTP id ID; date\r\n"
@@ -18,7 +18,7 @@ RAW = (b"Received: from x ([127.0.0.1])\r\n\tby h (fallback) with ESMTP id ID; d
 def _dump(r: redis.Redis, address: str, msg_id: str) -> dict[str, object]:
     out: dict[str, object] = {}
     out["message"] = {k: v for k, v in r.hgetall(keys.message(address, msg_id)).items() if k != b"ts"}
-    out["folder"] = r.zrange(keys.folder(address, store.INBOX), 0, -1)
+    out["folder"] = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
     out["unseen"] = r.smembers(keys.unseen(address))
     out["pending"] = r.smembers(keys.pending(address))
     out["info"] = r.hgetall(keys.info(address))
@@ -27,11 +27,11 @@ def _dump(r: redis.Redis, address: str, msg_id: str) -> dict[str, object]:
 
 def test_scripted_and_multi_writes_are_identical(r: redis.Redis, redis_url: str) -> None:
     a, b = "a@example.com", "b@example.com"
-    store.deliver(r, [store.Delivery(a, "east")], "01ID", RAW)
+    delivery.deliver(r, [delivery.Delivery(a, "east")], "01ID", RAW)
 
     async def scripted() -> None:
         client = async_client(redis_url)
-        await store.deliver_async(client, [store.Delivery(b, "east")], "01ID", RAW)
+        await delivery.deliver_async(client, [delivery.Delivery(b, "east")], "01ID", RAW)
         await client.aclose()
 
     asyncio.run(scripted())
@@ -52,10 +52,10 @@ def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url
 
     async def both() -> list[object]:
         client = async_client(redis_url)
-        batcher = store.DeliveryBatcher(client)
+        batcher = delivery.DeliveryBatcher(client)
         results = await asyncio.gather(
-            store.deliver_async(client, [store.Delivery(good, "east")], "02ID", RAW, batcher=batcher),
-            store.deliver_async(client, [store.Delivery(bad, "east")], "02ID", RAW, batcher=batcher),
+            delivery.deliver_async(client, [delivery.Delivery(good, "east")], "02ID", RAW, batcher=batcher),
+            delivery.deliver_async(client, [delivery.Delivery(bad, "east")], "02ID", RAW, batcher=batcher),
             return_exceptions=True)
         await client.aclose()
         return list(results)
@@ -64,4 +64,4 @@ def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url
     assert ok is None
     assert isinstance(failed, redis.ResponseError) and "WRONGTYPE" in str(failed)
     assert r.hget(keys.message(good, "02ID"), "raw") == RAW
-    assert r.zcard(keys.folder(bad, store.INBOX)) == 0
+    assert r.zcard(keys.folder(bad, fields.INBOX)) == 0

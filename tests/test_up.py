@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from fallback import embedded, keys
-from fallback.mailbox import store
+from fallback.mailbox import fields
 from tests.servers import free_port
 from tests.smtpwire import Wire
 
@@ -191,7 +191,7 @@ def test_up_workers_runs_receivers_and_webmail_workers_on_every_core(data_dir: P
                 smtp.sendmail("me@remote.test", ["demo@example.com"], f"Subject: {n}\r\n\r\nx\r\n".encode())
         url = embedded.find_url(data_dir)
         assert url is not None
-        assert redis.Redis.from_url(url).zcard(keys.folder("demo@example.com", store.INBOX)) == 10
+        assert redis.Redis.from_url(url).zcard(keys.folder("demo@example.com", fields.INBOX)) == 10
         child = int(m.group(2))
     finally:
         code, _, err = up.stop()

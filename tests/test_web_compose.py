@@ -8,7 +8,7 @@ import io
 import re
 
 from fallback import keys
-from fallback.mailbox import store
+from fallback.mailbox import delivery, fields, store
 from fallback.queues import outbound
 from tests.webutil import field, log_in_as, make_app, put_message, simple
 
@@ -34,8 +34,8 @@ def parsed(raw: bytes) -> email.message.EmailMessage:
 def stream_entries(r) -> list[dict]:
     out = []
     for n in range(keys.OUTBOUND_SHARDS):
-        for _, fields in r.xrange(keys.outbound_stream_n(n)):
-            out.append({k.decode(): v.decode() for k, v in fields.items()})
+        for _, entry in r.xrange(keys.outbound_stream_n(n)):
+            out.append({k.decode(): v.decode() for k, v in entry.items()})
     return out
 
 
@@ -88,7 +88,7 @@ def test_all_local_still_files_one_sent_copy(client, r) -> None:
     assert r.zcard(keys.folder(ALICE, "Sent")) == 1
     assert stream_entries(r) == []
     assert r.hget(keys.message(ALICE, msg_id), "local") == BOB.encode()
-    assert store.SEEN in r.hget(keys.message(ALICE, msg_id), "flags").decode()
+    assert fields.SEEN in r.hget(keys.message(ALICE, msg_id), "flags").decode()
 
 
 def test_send_to_self_gets_inbox_copy_with_its_own_id(client, r) -> None:
@@ -194,7 +194,7 @@ def test_reply_sets_threading_headers_and_answered(client, r) -> None:
     msg = parsed(store.MailboxReader(r, ALICE).raw(msg_id))
     assert msg["In-Reply-To"] == "<Budget@remote.test>"
     assert msg["References"] == "<older@remote.test> <Budget@remote.test>"
-    assert store.ANSWERED in r.hget(keys.message(ALICE, original), "flags").decode()
+    assert fields.ANSWERED in r.hget(keys.message(ALICE, original), "flags").decode()
     assert r.sismember(keys.pending(ALICE), original)
     (bob_copy,) = r.zrange(keys.folder(BOB, "INBOX"), 0, -1)
     assert bob_copy == msg_id.encode()
@@ -225,7 +225,7 @@ def test_forward_carries_attachments_and_sets_forwarded(client, r) -> None:
     msg = parsed(store.MailboxReader(r, ALICE).raw(msg_id))
     names = [a.get_filename() for a in msg.iter_attachments()]
     assert "page.html" in names
-    assert store.FORWARDED in r.hget(keys.message(ALICE, original), "flags").decode()
+    assert fields.FORWARDED in r.hget(keys.message(ALICE, original), "flags").decode()
 
 
 def test_compose_links_from_message_page(client, r) -> None:
@@ -240,7 +240,7 @@ def test_local_delivery_failure_is_reported_and_sent_copy_kept(client, r, monkey
     """A local mailbox unreachable after Sent is filed: the user is told, Sent keeps the message."""
     import redis as redis_lib
 
-    real = store.deliver
+    real = delivery.deliver
 
     def failing(rr, deliveries, msg_id, raw, meta=None):
         if deliveries[0].address == BOB:
@@ -260,7 +260,7 @@ def test_local_delivery_failure_is_reported_and_sent_copy_kept(client, r, monkey
 
 def test_reply_to_own_sent_message_goes_to_its_recipients(client, r) -> None:
     sent = put_message(r, ALICE, simple("Plan", sender=ALICE, to="x@remote.test, bob@example.com"),
-                       folder=store.SENT, kind="sent", flags=(store.SEEN,))
+                       folder=fields.SENT, kind="sent", flags=(fields.SEEN,))
     log_in_as(client, ALICE)
     assert field(client.get(f"/compose?reply={sent}").text, "to") == "x@remote.test, bob@example.com"
 

@@ -8,7 +8,7 @@ import re
 
 from fallback import keys
 from fallback.ids import new_id
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from tests.webutil import log_in_as, put_message, simple
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -32,7 +32,7 @@ def test_inbox_lists_newest_first_with_marks(client, r) -> None:
     log_in_as(client, ALICE)
     old = put_message(r, ALICE, simple("older one", sender="Zed <zed@remote.test>"))
     new = put_message(r, ALICE, MIXED)
-    store.set_flags(r, ALICE, old, add=(store.SEEN,))
+    store.set_flags(r, ALICE, old, add=(fields.SEEN,))
     page = client.get("/").text
     assert page.index(new) < page.index(old)
     rows = re.findall(r'<li class="(unread|read)">\s*<a href="/message/(\w+)">(.*?)</a>', page, re.S)
@@ -68,7 +68,7 @@ def test_search_sender_and_subject(client, r) -> None:
 def test_folders_and_unknown_folder(client, r) -> None:
     log_in_as(client, ALICE)
     sent = put_message(r, ALICE, simple("mine", sender=ALICE, to="Bob <bob@example.com>"),
-                       folder=store.SENT, flags=(store.SEEN,), kind="sent")
+                       folder=fields.SENT, flags=(fields.SEEN,), kind="sent")
     page = client.get("/folder/sent").text
     assert sent in page and "Bob" in page  # Sent shows the recipient
     assert client.get("/folder/Trash").status_code == 200
@@ -83,7 +83,7 @@ def test_read_message_marks_seen_and_shows_headers(client, r) -> None:
     for text in ("ann@remote.test", "alice@example.com", "Mon, 23 Nov 2026", "hi"):
         assert text in page
     assert "Plain &lt;b&gt;text&lt;/b&gt; &amp; more" in page
-    assert store.SEEN in r.hget(keys.message(ALICE, msg_id), "flags").decode()
+    assert fields.SEEN in r.hget(keys.message(ALICE, msg_id), "flags").decode()
     assert r.sismember(keys.pending(ALICE), msg_id)
     assert ">Reply<" in page
 
@@ -182,16 +182,16 @@ def test_flags_read_unread_flag_unflag(client, r) -> None:
     def flags() -> list[str]:
         return r.hget(keys.message(ALICE, msg_id), "flags").decode().split()
 
-    for action, check in (("read", lambda f: store.SEEN in f),
-                          ("unread", lambda f: store.SEEN not in f),
-                          ("flag", lambda f: store.FLAGGED in f),
-                          ("unflag", lambda f: store.FLAGGED not in f)):
+    for action, check in (("read", lambda f: fields.SEEN in f),
+                          ("unread", lambda f: fields.SEEN not in f),
+                          ("flag", lambda f: fields.FLAGGED in f),
+                          ("unflag", lambda f: fields.FLAGGED not in f)):
         r.srem(keys.pending(ALICE), msg_id)
         resp = client.post(f"/message/{msg_id}/flags", data={"action": action, "csrf_token": token})
         assert resp.status_code == 302
         assert check(flags()), action
         assert r.sismember(keys.pending(ALICE), msg_id)  # reconcile will carry it
-    assert r.sismember(keys.unseen(ALICE), msg_id) == (store.SEEN not in flags())
+    assert r.sismember(keys.unseen(ALICE), msg_id) == (fields.SEEN not in flags())
     bad = client.post(f"/message/{msg_id}/flags", data={"action": "explode", "csrf_token": token})
     assert bad.status_code == 400
 
@@ -199,8 +199,8 @@ def test_flags_read_unread_flag_unflag(client, r) -> None:
 def test_delete_to_trash_and_restore(client, r) -> None:
     token = log_in_as(client, ALICE)
     msg_id = put_message(r, ALICE, simple())
-    sent_id = put_message(r, ALICE, simple("s", sender=ALICE), folder=store.SENT, kind="sent",
-                          flags=(store.SEEN,))
+    sent_id = put_message(r, ALICE, simple("s", sender=ALICE), folder=fields.SENT, kind="sent",
+                          flags=(fields.SEEN,))
     resp = client.post(f"/message/{msg_id}/delete", data={"csrf_token": token})
     assert resp.headers["Location"] == "/"
     assert r.zscore(keys.folder(ALICE, "Trash"), msg_id) is not None
@@ -227,8 +227,8 @@ def test_action_redirect_stays_on_this_site(client, r) -> None:
 
 def test_sent_view_shows_delivery_state(client, r) -> None:
     log_in_as(client, ALICE)
-    msg_id = put_message(r, ALICE, simple("out", sender=ALICE, to="x@remote.test"), folder=store.SENT,
-                         kind="sent", flags=(store.SEEN,))
+    msg_id = put_message(r, ALICE, simple("out", sender=ALICE, to="x@remote.test"), folder=fields.SENT,
+                         kind="sent", flags=(fields.SEEN,))
     r.hset(keys.outbound_record(ALICE, msg_id), mapping={
         "rcpt:x@remote.test": json.dumps({"state": "deferred", "attempts": 2,
                                           "reply": "451 4.7.1 greylisted", "next": 1795000000}),

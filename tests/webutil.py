@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 
 from fallback.config import Settings
 from fallback.ids import new_id
-from fallback.mailbox import directory, store
+from fallback.mailbox import delivery, directory, fields
 from web import create_app
 from web.sessions import COOKIE
 
@@ -53,9 +53,9 @@ def field(html: str, name: str) -> str:
     return m.group(1)
 
 
-def put_message(r: redis.Redis, address: str, raw: bytes, folder: str = store.INBOX,
+def put_message(r: redis.Redis, address: str, raw: bytes, folder: str = fields.INBOX,
                 flags: tuple[str, ...] = (), kind: str = "received") -> str:
-    """Deliver a message the way the receiver does (store.deliver), returning its id.
+    """Deliver a message the way the receiver does (delivery.deliver), returning its id.
 
     Waits for the next millisecond first, so messages put one after another sort
     newest first (the folder index's score is the delivery time in ms).
@@ -64,7 +64,7 @@ def put_message(r: redis.Redis, address: str, raw: bytes, folder: str = store.IN
     while time.time_ns() // 1_000_000 == start:  # bounded: at most one millisecond
         pass
     msg_id = new_id()
-    store.deliver(r, [store.Delivery(address, directory.DEFAULT_MAILSTORE, folder, flags, kind)],
+    delivery.deliver(r, [delivery.Delivery(address, directory.DEFAULT_MAILSTORE, folder, flags, kind)],
                   msg_id, raw)
     return msg_id
 

@@ -16,7 +16,7 @@ from flask import Blueprint, g, redirect, render_template, request, url_for
 
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from web import render, state
 from web.auth import login_required
 from web.mailbox import raw_or_404
@@ -142,9 +142,9 @@ def send_message() -> Any:
                request.remote_addr or "unknown")
     if not out.already_sent:
         if values["reply_to"]:
-            store.set_flags(st.r, g.user, values["reply_to"], add=(store.ANSWERED,))
+            store.set_flags(st.r, g.user, values["reply_to"], add=(fields.ANSWERED,))
         if values["forward_of"]:
-            store.set_flags(st.r, g.user, values["forward_of"], add=(store.FORWARDED,))
+            store.set_flags(st.r, g.user, values["forward_of"], add=(fields.FORWARDED,))
     status = "again" if out.already_sent else ("partial" if out.failed_local else "1")
     return redirect(url_for("mailbox.message", msg_id=draft_id, sent=status))
 

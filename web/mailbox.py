@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
 
 from fallback.ids import is_id
-from fallback.mailbox import store
+from fallback.mailbox import fields, store
 from fallback.queues import outbound
 from web import filters, render, state
 from web.auth import login_required
@@ -25,7 +25,7 @@ from web.security import frame_csp, frameable
 bp = Blueprint("mailbox", __name__)
 
 PAGE_SIZE = 50
-FOLDER_NAMES = {"inbox": store.INBOX, "sent": store.SENT, "trash": store.TRASH}
+FOLDER_NAMES = {"inbox": fields.INBOX, "sent": fields.SENT, "trash": fields.TRASH}
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$")
 
 
@@ -65,7 +65,7 @@ def _page() -> int:
 @bp.get("/")
 @login_required
 def inbox() -> Any:
-    return _folder_view(store.INBOX)
+    return _folder_view(fields.INBOX)
 
 
 @bp.get("/folder/<name>")
@@ -81,7 +81,7 @@ def _folder_view(folder: str) -> Any:
     start = (page - 1) * PAGE_SIZE
     if query:
         total, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
-        unread = store.unseen_count(r, g.user, store.INBOX)
+        unread = store.unseen_count(r, g.user, fields.INBOX)
     else:
         # The inbox count comes with the page: one round trip for the whole list view.
         total, rows, unread = store.list_page(r, g.user, folder, start, PAGE_SIZE)
@@ -89,7 +89,7 @@ def _folder_view(folder: str) -> Any:
     return render_template(
         "folder.html", folder=folder, rows=display_rows(rows), total=total, page=page, pages=pages,
         query=query,
-        unread=unread, folders=store.FOLDERS,
+        unread=unread, folders=fields.FOLDERS,
     )
 
 
@@ -100,7 +100,7 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     for m in rows:
         flags = m["flags"].split()
         out.append({
-            "id": m["id"], "unread": store.SEEN not in flags, "flagged": store.FLAGGED in flags,
+            "id": m["id"], "unread": fields.SEEN not in flags, "flagged": fields.FLAGGED in flags,
             "who": filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"]),
             "subject": m["subject"] or "(no subject)", "attach": m["attach"] == "1",
             "date": filters.short_date(m["ts"], now), "size": filters.human_size(m["size"]),
@@ -115,15 +115,15 @@ def message(msg_id: str) -> Any:
     raw = raw_or_404(msg_id)
     r = state().r
     flags = meta.get("flags", "").split()
-    if store.SEEN not in flags:
-        store.set_flags(r, g.user, msg_id, add=(store.SEEN,))
-        flags.append(store.SEEN)
+    if fields.SEEN not in flags:
+        store.set_flags(r, g.user, msg_id, add=(fields.SEEN,))
+        flags.append(fields.SEEN)
     remote = request.args.get("remote") == "1"
     shown = render.render(raw, remote=remote)
     delivery = _delivery_status(msg_id, meta) if meta.get("kind") == "sent" else []
     return render_template(
         "message.html", msg_id=msg_id, meta=meta, flags=flags, m=shown, remote=remote,
-        delivery=delivery, folder=meta.get("folder", store.INBOX), sent=request.args.get("sent"),
+        delivery=delivery, folder=meta.get("folder", fields.INBOX), sent=request.args.get("sent"),
         now=time.time(),
     )
 
@@ -192,8 +192,8 @@ def flags(msg_id: str) -> Any:
     if not is_id(msg_id):
         abort(404)
     changes = {
-        "read": ((store.SEEN,), ()), "unread": ((), (store.SEEN,)),
-        "flag": ((store.FLAGGED,), ()), "unflag": ((), (store.FLAGGED,)),
+        "read": ((fields.SEEN,), ()), "unread": ((), (fields.SEEN,)),
+        "flag": ((fields.FLAGGED,), ()), "unflag": ((), (fields.FLAGGED,)),
     }
     action = request.form.get("action", "")
     if action not in changes:
@@ -208,8 +208,8 @@ def flags(msg_id: str) -> Any:
 @login_required
 def delete(msg_id: str) -> Any:
     meta = _meta_or_404(msg_id)
-    store.move(state().r, g.user, msg_id, store.TRASH)
-    source_folder = meta.get("folder", store.INBOX)
+    store.move(state().r, g.user, msg_id, fields.TRASH)
+    source_folder = meta.get("folder", fields.INBOX)
     return redirect(_back(_folder_url(source_folder)))
 
 
@@ -217,11 +217,11 @@ def delete(msg_id: str) -> Any:
 @login_required
 def restore(msg_id: str) -> Any:
     meta = _meta_or_404(msg_id)
-    target = store.SENT if meta.get("kind") == "sent" else store.INBOX
+    target = fields.SENT if meta.get("kind") == "sent" else fields.INBOX
     store.move(state().r, g.user, msg_id, target)
-    return redirect(_back(_folder_url(store.TRASH)))
+    return redirect(_back(_folder_url(fields.TRASH)))
 
 
 def _folder_url(folder: str) -> str:
-    return url_for("mailbox.inbox") if folder == store.INBOX else url_for(
+    return url_for("mailbox.inbox") if folder == fields.INBOX else url_for(
         "mailbox.folder", name=folder.lower())

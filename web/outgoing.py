@@ -2,7 +2,7 @@
 
 Sending files exactly one copy in the sender's Sent folder: through
 outbound.submit (Sent copy and durable queue entry in one MULTI/EXEC) when
-there are remote recipients, or through store.deliver when all recipients
+there are remote recipients, or through delivery.deliver when all recipients
 have a mailbox here.  Local recipients get the message in their INBOX at
 once, one mailbox per transaction (no command touches two mailboxes).  Our
 first header is a `Received: from webmail ... id <ID>` line so reconcile can
@@ -23,7 +23,7 @@ import redis
 from fallback import keys
 from fallback.errors import InputError
 from fallback.ids import new_id
-from fallback.mailbox import directory, store
+from fallback.mailbox import delivery, directory, fields, received, store
 from fallback.maillog import MailLog
 from fallback.queues import outbound
 
@@ -128,7 +128,7 @@ def build(draft: Draft, msg_id: str, domain: str) -> bytes:
 
 
 def received_line(msg_id: str, hostname: str, client_ip: str) -> bytes:
-    return store.received_header(msg_id, hostname, "webmail", client_ip, None, "HTTP", None)
+    return received.received_header(msg_id, hostname, "webmail", client_ip, None, "HTTP", None)
 
 
 @dataclass
@@ -162,7 +162,7 @@ def send(r: redis.Redis, d: directory.Directory, draft: Draft, msg_id: str, host
             outbound.submit(r, sender=sender, mailstore=mailstore, recipients=remote, raw=raw,
                             msg_id=msg_id)
         else:
-            store.deliver(r, [store.Delivery(sender, mailstore, store.SENT, (store.SEEN,), "sent")],
+            delivery.deliver(r, [delivery.Delivery(sender, mailstore, fields.SENT, (fields.SEEN,), "sent")],
                           msg_id, raw)
     except BaseException:
         r.delete(keys.compose_once(sender, msg_id))  # nothing was filed: the user may try again
@@ -177,7 +177,7 @@ def send(r: redis.Redis, d: directory.Directory, draft: Draft, msg_id: str, host
             copy_id = new_id()
             copy_raw = received_line(copy_id, hostname, client_ip) + body
         try:
-            store.deliver(r, [store.Delivery(addr, rcpt_store)], copy_id, copy_raw)
+            delivery.deliver(r, [delivery.Delivery(addr, rcpt_store)], copy_id, copy_raw)
             log.event("received", id=copy_id, sender=sender, rcpt=addr, via="webmail")
         except redis.RedisError as exc:
             out.failed_local.append(addr)

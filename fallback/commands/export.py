@@ -9,7 +9,8 @@ from typing import Any
 from fallback.cli import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox.directory import normalize_address
-from fallback.mailbox.store import FOLDERS, MailboxReader
+from fallback.mailbox.fields import FOLDERS
+from fallback.mailbox.store import MailboxReader
 from fallback.ops.export import write_maildir, write_mbox
 
 

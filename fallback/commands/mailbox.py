@@ -11,7 +11,8 @@ from fallback.cli import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox import passwords
 from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address
-from fallback.mailbox.store import FOLDERS, MailboxReader
+from fallback.mailbox.fields import FOLDERS
+from fallback.mailbox.store import MailboxReader
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -3,7 +3,7 @@
 Only messages in reconcile state `done` with nothing pending (no webmail
 change since) and no outbound delivery left are deleted; `--older-than`
 keeps those reconciled within the last DAYS days.  The deletion itself
-re-checks each message atomically (store.delete_reconciled), so a message
+re-checks each message atomically (purge.delete_reconciled), so a message
 changed between the count and the deletion stays.  A purge that deletes is
 written to the audit log.
 """
@@ -19,7 +19,8 @@ from typing import Any
 from fallback import keys
 from fallback.cli import Context
 from fallback.errors import InputError
-from fallback.mailbox.store import FOLDERS, delete_reconciled
+from fallback.mailbox.fields import FOLDERS
+from fallback.mailbox.purge import delete_reconciled
 from fallback.ops import audit
 
 _BATCH = 500

@@ -4,7 +4,7 @@ It refuses at the perimeter only (RCPT time: unknown user, foreign domain,
 too many recipients; SIZE), and answers 250 to DATA only after the message
 is written for every recipient in one durable atomic step.  Each recipient
 goes where the failover scope says: users of failed-over mailstores get it
-in their fallback mailbox (`store.deliver_async`), everyone else's mail goes
+in their fallback mailbox (`delivery.deliver_async`), everyone else's mail goes
 to the forward queue for the main system (`forward.accept_async`, which
 writes both kinds in one MULTI/EXEC when a message has both).
 aiosmtpd's unsafe defaults are overridden: exceptions answer 451 4.3.0
@@ -40,7 +40,7 @@ from fallback.errors import (
 )
 from fallback.ids import new_id
 from fallback.intake.smtpsyntax import read_data, simple_path
-from fallback.mailbox import directory, store
+from fallback.mailbox import delivery, directory, received
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.ops import failover
@@ -218,7 +218,7 @@ class Receiver:
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
-        self.batcher = store.DeliveryBatcher(r)
+        self.batcher = delivery.DeliveryBatcher(r)
         self.scope = failover.ScopeCache(settings.failover_cache_ttl)
         self.replicas: ReplicaAcks | None = None
         self.clustered = is_cluster(r)
@@ -284,7 +284,7 @@ class Receiver:
             size = len(raw)
             # One read of the scope for the whole message: every recipient is judged alike.
             scope = await self.scope.get_async(self.r)
-            deliveries = [store.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos
+            deliveries = [delivery.Delivery(a, envelope.mailstores[a]) for a in envelope.rcpt_tos
                           if scope.covers(envelope.mailstores[a])]
             forwards = [a for a in envelope.rcpt_tos if not scope.covers(envelope.mailstores[a])]
             digest = self._digest(envelope) if self.clustered and len(envelope.rcpt_tos) > 1 else None
@@ -294,7 +294,7 @@ class Receiver:
                 await forward.accept_async(self.r, deliveries, forwards, msg_id, raw, sender or "",
                                            self.replicas, digest)
             else:
-                await store.deliver_async(self.r, deliveries, msg_id, raw, batcher=self.batcher,
+                await delivery.deliver_async(self.r, deliveries, msg_id, raw, batcher=self.batcher,
                                           digest=digest)
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
@@ -330,7 +330,7 @@ class Receiver:
         body, fixed = normalize_line_ends(envelope.original_content or b"")
         protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        header = store.received_header(msg_id, self.hostname, session.host_name or "",
+        header = received.received_header(msg_id, self.hostname, session.host_name or "",
                                        server.peer_ip, None, protocol, single)
         return header + body, fixed
 

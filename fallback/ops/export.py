@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fallback.mailbox.store import ANSWERED, FLAGGED, FOLDERS, INBOX, SEEN, TRASH, MailboxReader
+from fallback.mailbox.fields import ANSWERED, FLAGGED, FOLDERS, INBOX, SEEN, TRASH
+from fallback.mailbox.store import MailboxReader
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _MAILDIR_FLAGS = {SEEN: "S", FLAGGED: "F", ANSWERED: "R"}

@@ -35,7 +35,7 @@ import redis
 from fallback import ids, keys
 from fallback.config import Settings
 from fallback.errors import InputError
-from fallback.mailbox import store
+from fallback.mailbox import received
 from fallback.mailbox.directory import Directory, Mailbox, normalize_address
 from fallback.ops import failover
 from fallback.queues import outbound
@@ -127,7 +127,7 @@ def notify(r: redis.Redis, settings: Settings, directory: Directory, kind: str,
             tally.already += 1
             continue
         msg_id = ids.new_id()
-        raw = store.received_header(msg_id, hostname, "notices", "127.0.0.1", None, "local", None)
+        raw = received.received_header(msg_id, hostname, "notices", "127.0.0.1", None, "local", None)
         raw += compose(kind, mailbox, sender, settings)
         try:
             outbound.submit(r, sender=sender, mailstore=sender_store, recipients=[mailbox.alternate],

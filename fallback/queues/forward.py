@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 
 from fallback import keys
 from fallback.config import Settings
-from fallback.mailbox import store
+from fallback.mailbox import delivery, headers
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.queues import reliable
@@ -98,35 +98,35 @@ return 1
 """
 
 
-async def accept_async(r: aioredis.Redis, deliveries: list[store.Delivery], forwards: list[str],
+async def accept_async(r: aioredis.Redis, deliveries: list[delivery.Delivery], forwards: list[str],
                        msg_id: str, raw: bytes, sender: str, replicas: ReplicaAcks | None = None,
                        digest: str | None = None) -> None:
     """The receiver's write when some recipients are forwarded: mailbox copies and forward
-    records with their stream entries, as one write (store.run_atomic).
+    records with their stream entries, as one write (delivery.run_atomic).
 
     On a Redis Cluster the parts sit in different slots and are written one
     per slot; each is guarded by `digest` (keys.dedupe), so the sender's
     retry after a partial failure completes the message without doubles.
     """
     now = time.time()
-    meta = store.summarize(raw) if deliveries else {}
+    meta = headers.summarize(raw) if deliveries else {}
     clustered = is_cluster(r)
-    units = len(store.slot_groups(deliveries)) + len(forwards) if clustered else 1
+    units = len(delivery.slot_groups(deliveries)) + len(forwards) if clustered else 1
     guard = digest if units > 1 else None
-    calls = store.delivery_calls(r, deliveries, msg_id, raw, meta, int(now * 1000), guard)
+    calls = delivery.delivery_calls(r, deliveries, msg_id, raw, meta, int(now * 1000), guard)
     for rcpt in forwards:
         keys_ = [keys.forward_record(rcpt, msg_id), keys.forward_stream(rcpt)]
         if guard is not None:
             keys_.insert(0, keys.forward_dedupe(rcpt, guard))
         calls.append((_FORWARD_LUA, keys_, [str(keys.DEDUPE_TTL_MS) if guard else "", msg_id, rcpt,
                                             sender, raw, repr(now), keys.SCHEMA_VERSION]))
-    results = await store.run_atomic(r, calls, replicas)
+    results = await delivery.run_atomic(r, calls, replicas)
     if clustered and deliveries:
         # The mailbox calls come first, one per slot group; 0 means already stored (a retry).
-        groups = store.slot_groups(deliveries)
+        groups = delivery.slot_groups(deliveries)
         stored = [d for group, result in zip(groups, results, strict=False) if result for d in group]
         if stored:
-            await store.count_stored_async(r, stored, len(raw))
+            await delivery.count_stored_async(r, stored, len(raw))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import redis
 
 from fallback import ids, keys
 from fallback.errors import InputError, NotFound
-from fallback.mailbox import store
+from fallback.mailbox import delivery, fields, headers
 from fallback.queues import dsn
 from fallback.redisconn import is_cluster
 
@@ -73,7 +73,7 @@ def ensure_headers(raw: bytes, sender: str, msg_id: str, when: float) -> bytes:
 
 
 def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str], raw: bytes,
-           msg_id: str, flags: tuple[str, ...] = (store.SEEN,)) -> None:
+           msg_id: str, flags: tuple[str, ...] = (fields.SEEN,)) -> None:
     """Put a composed message in the sender's Sent folder and on the outbound queue.
 
     The Sent copy gets Message-ID and Date first when it lacks them, so what
@@ -96,9 +96,9 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
         # no record yet looks again for SUBMIT_GRACE, so a crash in between leaves an
         # entry that is dropped, never a queued message without one.
         r.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
-    sent = store.Delivery(sender, mailstore, store.SENT, flags, "sent")
+    sent = delivery.Delivery(sender, mailstore, fields.SENT, flags, "sent")
     with r.pipeline(transaction=True) as pipe:
-        store.queue_delivery(pipe, sent, msg_id, raw, store.summarize(raw), int(now * 1000),
+        delivery.queue_delivery(pipe, sent, msg_id, raw, headers.summarize(raw), int(now * 1000),
                              stats=not clustered)
         pipe.hset(keys.outbound_record(sender, msg_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(keys.outbox(sender), msg_id)
@@ -106,7 +106,7 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
             pipe.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
         pipe.execute()
     if clustered:
-        store.count_stored(r, [sent], len(raw))
+        delivery.count_stored(r, [sent], len(raw))
 
 
 SUBMIT_GRACE = 60.0  # seconds a queue entry may wait for its record (see submit)
@@ -216,8 +216,8 @@ def queue_outcome(pipe: Any, rec: Record, updates: dict[str, dict[str, Any]], no
         pipe.srem(keys.outbox(rec.sender), rec.msg_id)
     if notice is not None:
         notice_id, raw = notice
-        store.queue_delivery(pipe, store.Delivery(rec.sender, rec.mailstore, store.INBOX),
-                             notice_id, raw, store.summarize(raw), int(now * 1000), stats)
+        delivery.queue_delivery(pipe, delivery.Delivery(rec.sender, rec.mailstore, fields.INBOX),
+                             notice_id, raw, headers.summarize(raw), int(now * 1000), stats)
     return finished
 
 
@@ -263,9 +263,9 @@ def _stream_items(r: redis.Redis, n: int) -> Iterable[QueueItem]:
     except redis.ResponseError:
         pass  # no group yet: no worker ever ran, nothing is in flight
     entries: Any = r.xrange(stream)
-    for entry_id, fields in entries:
+    for entry_id, entry in entries:
         eid = _text(entry_id)
-        f = {_text(k): _text(v) for k, v in fields.items()}
+        f = {_text(k): _text(v) for k, v in entry.items()}
         yield QueueItem(f.get("id", ""), f.get("a", ""), "in flight" if eid in inflight else "waiting",
                         n, None, entry_ids=[eid])
 
@@ -379,7 +379,7 @@ def delete(r: redis.Redis, msg_id: str, hostname: str, lease_ttl: float) -> Queu
                 pipe.hset(keys.outbound_record(item.sender, msg_id), "deleted", now)
                 pipe.execute()
             if notice is not None and clustered:
-                store.count_stored(r, [store.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
+                delivery.count_stored(r, [delivery.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
         else:
             r.delete(keys.outbound_record(item.sender, msg_id))
         n = item.shard

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from fallback import ids, keys
 from fallback.config import Settings
 from fallback.errors import FallbackError
-from fallback.mailbox import store
+from fallback.mailbox import delivery
 from fallback.maillog import MailLog
 from fallback.queues import dsn, outbound, reliable
 from fallback.queues.dkim import Signer
@@ -178,8 +178,8 @@ class Worker(reliable.StreamWorker):
             finished = outbound.queue_outcome(pipe, rec, updates, now, notice, stats=not clustered)
             await pipe.execute()
         if notice is not None and clustered:
-            await store.count_stored_async(
-                self.r, [store.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
+            await delivery.count_stored_async(
+                self.r, [delivery.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
         if notice is not None:
             self.mail.event("failed", id=msg_id, sender=sender, rcpts=",".join(failed),
                             notice=notice[0])

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from fallback import keys
 from fallback.config import Settings
 from fallback.errors import ReconcileError
-from fallback.mailbox.store import INBOX, SENT, TRASH
+from fallback.mailbox.fields import INBOX, SENT, TRASH
 from fallback.maillog import MailLog
 from fallback.reconcile.imap import (
     ConnectionLost,

@@ -1,0 +1,40 @@
+"""The message record: its hash fields, the folders and the flags, declared once.
+
+A message is one hash, `mbx:{addr}:m:<id>` (keys.message).  Every module that
+reads or writes one (the write path, the webmail's reads, reconcile, purge,
+the outbound queue) names its fields through these constants, so a field is
+renamed or added in one place.  The Lua scripts spell the same names inside
+their source (grep the constant's value); tests/test_headers.py checks that
+every name a script writes is declared here.
+"""
+
+from __future__ import annotations
+
+# Written once, at delivery.
+RAW = "raw"            # the exact bytes, our Received: line first
+VERSION = "v"          # schema version of the record (keys.SCHEMA_VERSION)
+TS = "ts"              # received (or sent) time, ms
+SIZE = "size"          # len(raw)
+KIND = "kind"          # received, sent, notice, ...
+# Display metadata, parsed from the header when the message is stored (headers.summarize).
+FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH = "from", "to", "cc", "subject", "date", "msgid", "attach"
+DISPLAY = (FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH)
+# Changed by the user.
+FOLDER = "folder"
+FLAGS = "flags"        # space separated IMAP flags
+LOCAL = "local"        # sent mail: the recipients that had a mailbox here (display only)
+# Reconcile's state (docs/reconcile.md): pending -> appending -> done with the main store's UID.
+RSTATE = "rstate"
+RBOX, RFOLDER, RFLAGS = "rbox", "rfolder", "rflags"
+RUIDVALIDITY, RUID = "ruidvalidity", "ruid"
+RTS, RERROR = "rts", "rerror"
+PENDING, APPENDING, DONE = "pending", "appending", "done"
+
+ALL = (RAW, VERSION, TS, SIZE, KIND, *DISPLAY, FOLDER, FLAGS, LOCAL, RSTATE, RBOX, RFOLDER, RFLAGS,
+       RUIDVALIDITY, RUID, RTS, RERROR)
+# What a folder page shows of each message.
+LIST = (FLAGS, TS, SIZE, FROM, TO, SUBJECT, ATTACH, KIND, FOLDER)
+
+INBOX, SENT, TRASH = "INBOX", "Sent", "Trash"
+FOLDERS = (INBOX, SENT, TRASH)
+SEEN, FLAGGED, ANSWERED, FORWARDED = "\\Seen", "\\Flagged", "\\Answered", "$Forwarded"

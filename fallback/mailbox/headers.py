@@ -1,0 +1,126 @@
+"""Reading a message's header fields, for display and for the few checks that need them.
+
+Every caller that looks into a message's header block uses this module:
+the receiver's display metadata (`summarize`), the outbound queue's
+Message-ID/Date check (`names`), the DSN's copy of the original header
+(`block`), DKIM's list of fields to sign (`names`).  They therefore agree on
+where the header ends and which lines belong to it.
+
+The rules are the standard library parser's (`email.parser.BytesHeaderParser`):
+lines end at CRLF, CR or LF; a line starting with space or tab continues the
+field before it; a line that is neither that nor `name:` ends the header (so
+does the first empty line).  This is a hand-written scan and not the email
+package because the receiver runs `summarize` for every message on its
+event loop, where the email package's parser and header registry cost about
+a millisecond a message; tests/test_headers.py checks the scan against the
+stdlib parser on real messages and on random ones.  The raw bytes are never
+rewritten: what is read here is only for display and checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.header
+import re
+
+from fallback.mailbox import fields as F
+
+DISPLAY_LIMIT = 512  # display metadata is truncated: the raw bytes keep everything
+
+# A field name as the stdlib parser accepts it: printable ASCII except the colon, then a colon.
+_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
+_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+def _lines(raw: bytes) -> list[tuple[bytes, int]]:
+    """The header's lines without their line ends, each with the offset just past its end;
+    stops after the line that ends the header (empty, or not a field)."""
+    out: list[tuple[bytes, int]] = []
+    pos = 0
+    while pos < len(raw):
+        m = _LINE.search(raw, pos)
+        line, nxt = (raw[pos:], len(raw)) if m is None else (raw[pos:m.start()], m.end())
+        if not line:
+            out.append((line, nxt))
+            break
+        if line[:1] not in (b" ", b"\t") and not _NAME.match(line):
+            out.append((b"", pos))  # not a field: the body starts here, as the stdlib parser says
+            break
+        out.append((line, nxt))
+        pos = nxt
+    return out
+
+
+def block(raw: bytes) -> bytes:
+    """The header block as it came, without the empty line that ends it."""
+    end = 0
+    for line, nxt in _lines(raw):
+        if not line:
+            break
+        end = nxt
+    return raw[:end].rstrip(b"\r\n")
+
+
+def fields(raw: bytes, wanted: frozenset[bytes] | None = None) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, value with its continuation lines joined by CRLF) for each field, in order;
+    only the names in `wanted` when given."""
+    out: list[tuple[bytes, bytes]] = []
+    current: list[bytes] | None = None
+    name = b""
+    for line, _ in _lines(raw):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        if current is not None:
+            out.append((name, b"\r\n".join(current)))
+        key, _, value = line.partition(b":")
+        name = key.strip().lower()
+        current = [value.lstrip(b" \t")] if wanted is None or name in wanted else None
+    if current is not None:
+        out.append((name, b"\r\n".join(current)))
+    return out
+
+
+def names(raw: bytes) -> set[str]:
+    """Lower-case names of the header fields."""
+    return {name.decode("ascii", "replace") for name, _ in fields(raw)}
+
+
+def first(raw: bytes, wanted: frozenset[bytes]) -> dict[bytes, bytes]:
+    """The first value of each wanted field (lower-case names)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in fields(raw, wanted):
+        found.setdefault(name, value)
+    return found
+
+
+def display(value: bytes | None) -> str:
+    """Unfolded, RFC 2047 decoded, whitespace collapsed, bounded; never raises."""
+    if not value:
+        return ""
+    text = " ".join(value.decode("utf-8", "replace").split())
+    if "=?" in text:
+        # A malformed encoded word is shown as it came.
+        with contextlib.suppress(Exception):
+            text = " ".join(str(email.header.make_header(email.header.decode_header(text))).split())
+    return text[:DISPLAY_LIMIT]
+
+
+# Display metadata kept on each message hash: field -> header name.
+_SUMMARY = {F.FROM: b"from", F.TO: b"to", F.CC: b"cc", F.SUBJECT: b"subject", F.DATE: b"date",
+            F.MSGID: b"message-id"}
+_SUMMARY_NAMES = frozenset((*_SUMMARY.values(), b"content-type"))
+
+
+def summarize(raw: bytes) -> dict[str, str]:
+    """Display metadata parsed from the headers (fields.DISPLAY); never raises on malformed input."""
+    found = first(raw, _SUMMARY_NAMES)
+    # NUL never reaches display metadata (it also separates the scripted write's fields).
+    out = {key: display(found.get(name)).replace("\0", "") for key, name in _SUMMARY.items()}
+    ctype = display(found.get(b"content-type")).lower()
+    has_attach = ctype.startswith("multipart/mixed") or b"attachment;" in raw[:1_000_000].lower()
+    out[F.ATTACH] = "1" if has_attach else "0"
+    return out

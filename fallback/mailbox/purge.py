@@ -1,0 +1,58 @@
+"""Deleting from the fallback what reconcile finished with (`fallback purge --reconciled`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from fallback import keys
+from fallback.mailbox.fields import FOLDERS
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+
+# KEYS: message, pending, outbox, the three folder zsets, unseen, info.  ARGV: id, cutoff (ms).
+# Deletes only a message that reconcile finished (done, nothing pending, no outbound delivery
+# left) at or before the cutoff; returns its size, or -1 when it must stay.
+_PURGE_LUA = """
+if redis.call('HGET', KEYS[1], 'rstate') ~= 'done' then return -1 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return -1 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return -1 end
+local when = tonumber(redis.call('HGET', KEYS[1], 'rts') or redis.call('HGET', KEYS[1], 'ts') or '0')
+if when > tonumber(ARGV[2]) then return -1 end
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+redis.call('DEL', KEYS[1])
+for i = 4, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('HINCRBY', KEYS[8], 'messages', -1)
+redis.call('HINCRBY', KEYS[8], 'bytes', -size)
+return size
+"""
+
+
+def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_ms: int) -> tuple[int, int]:
+    """Delete messages reconcile has finished with (see _PURGE_LUA); (count, bytes) deleted.
+
+    The per-mailbox keys change atomically per message; the sharded stats
+    counters (another slot) follow in a second step.
+    """
+    mbx_keys = [keys.pending(address), keys.outbox(address),
+                *(keys.folder(address, f) for f in FOLDERS), keys.unseen(address), keys.info(address)]
+    pipe = r.pipeline(transaction=False)
+    for msg_id in msg_ids:
+        # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
+        pipe.execute_command("EVAL", _PURGE_LUA, 1 + len(mbx_keys), keys.message(address, msg_id),
+                             *mbx_keys, msg_id, cutoff_ms)
+    sizes = [int(x) for x in pipe.execute() if int(x) >= 0]
+    if sizes:
+        stored: Any = r.hget(keys.info(address), "mailstore")
+        mailstore = _text(stored or b"default")
+        pipe = r.pipeline(transaction=False)
+        pipe.hincrby(keys.stats_shard(address), f"{mailstore}\tmessages", -len(sizes))
+        pipe.hincrby(keys.stats_shard(address), f"{mailstore}\tbytes", -sum(sizes))
+        pipe.execute()
+    return len(sizes), sum(sizes)

@@ -1,0 +1,34 @@
+"""Our `Received:` line: the trace header every stored message starts with.
+
+It carries the message's unique id (`id <ULID>`), which reconcile searches
+for in the main store after a crash, so it is the one header we write into
+the raw bytes.  Client-supplied names are sanitised: printable ASCII only.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+
+def received_header(msg_id: str, hostname: str, helo: str, peer_ip: str, rdns: str | None,
+                    protocol: str, recipient: str | None) -> bytes:
+    """Our trace line; carries the unique id that reconcile searches for after a crash."""
+    helo = _sanitize(helo) or "unknown"
+    client = f"{helo} ({_sanitize(rdns) + ' ' if rdns else ''}[{_sanitize(peer_ip)}])"
+    line = f"Received: from {client}\r\n\tby {_sanitize(hostname)} (fallback) with {protocol} id {msg_id}"
+    if recipient:
+        line += f"\r\n\tfor <{_sanitize(recipient)}>"
+    line += f"; {email.utils.formatdate(localtime=False)}\r\n"
+    return line.encode("ascii")
+
+
+_UNSAFE_IN_TRACE = re.compile(r"[^\x21-\x7e]|[()<>;]")
+
+
+def _sanitize(text: str | None) -> str:
+    """Client-supplied names go into a header: printable ASCII only, no CR/LF, bounded."""
+    if not text:
+        return ""
+    return _UNSAFE_IN_TRACE.sub("?", text[:200])
+
