@@ -1,10 +1,19 @@
-"""The mail log: one greppable line per event with the message id and outcome.
+"""The mail log: one greppable line per event of a message's life, in one vocabulary.
 
 Lines are logfmt (`key=value`, values quoted when they hold spaces) on the
-`fallback.mail` logger, so operators can grep a message id across every
-process.  Events: received, rejected, queued, sent, deferred, bounced,
-reconciled, failed, alert (needs an operator; the mail is kept).  Forwarded
-mail carries route=forward (queued at intake, sent to the main system).
+`fallback.mail` logger, so operators can grep a message id, a sender or a
+recipient across every process.  The vocabulary is fixed here: each event
+has a typed method, and every process writes the same keys
+(docs/architecture.md, "The mail log"):
+
+    event  id  from  to  size  outcome  peer  route  via  reply  reason  took ...
+
+`from=` is always the envelope sender and `to=` always one recipient (or the
+mailbox a line is about), so `grep to=alice@example.com` finds every line of
+every message for Alice, whichever process wrote it.  Events: received,
+rejected, queued, sent, deferred, bounced, forwarded, reconciled, failed,
+alert (needs an operator; the mail is kept), login, login-failed,
+login-refused.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ from typing import Any, Protocol
 
 LOGGER_NAME = "fallback.mail"
 
+# Every key a line may carry, in the order they are written.
+FIELDS = ("id", "from", "to", "size", "outcome", "peer", "route", "via", "reply", "stage", "reason",
+          "took", "uid", "folder", "user", "ip", "age", "attempts", "fixed_line_ends")
 
 _ESCAPED = re.compile(r'[\\"\r\n]')
 _QUOTED = re.compile(r"[\s=]")  # \s: exactly what str.isspace() calls whitespace
@@ -43,13 +55,97 @@ class EventSink(Protocol):
     def event(self, event: str, fields: Mapping[str, Any]) -> None: ...
 
 
+def _sender(value: str | None) -> str | None:
+    # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the log spells it the same everywhere.
+    return "<>" if value == "" else value
+
+
 class MailLog:
+    """The typed events.  `sender` is written as `from=`, `rcpt` as `to=`, in every process."""
+
     def __init__(self, logger: logging.Logger | None = None, counters: EventSink | None = None) -> None:
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.counters = counters
 
-    def event(self, event: str, **fields: Any) -> None:
+    def _emit(self, event: str, msg_id: str | None, sender: str | None, rcpt: str | None,
+              **extra: Any) -> None:
+        fields: dict[str, Any] = {"id": msg_id, "from": _sender(sender), "to": rcpt, **extra}
         if self.counters is not None:
             self.counters.event(event, fields)
         if self.logger.isEnabledFor(logging.INFO):  # the receiver calls this per recipient
+            self.logger.info(format_event(event, **fields))
+
+    # --- intake ---------------------------------------------------------------------------
+
+    def received(self, msg_id: str, sender: str | None, rcpt: str, *, size: int | None = None,
+                 peer: str | None = None, via: str | None = None, took: str | None = None,
+                 fixed_line_ends: bool = False) -> None:
+        """Stored in a fallback mailbox (outcome 250 for SMTP)."""
+        self._emit("received", msg_id, sender, rcpt, size=size, outcome="250" if via is None else None,
+                   peer=peer, route="mailbox", via=via, took=took,
+                   fixed_line_ends="yes" if fixed_line_ends else None)
+
+    def queued(self, msg_id: str, sender: str | None, rcpt: str, *, route: str,
+               size: int | None = None, peer: str | None = None, via: str | None = None,
+               took: str | None = None, fixed_line_ends: bool = False) -> None:
+        """Accepted for a queue: route=forward (the main system) or route=outbound (the smarthost)."""
+        self._emit("queued", msg_id, sender, rcpt, size=size, outcome="250" if via is None else None,
+                   peer=peer, route=route, via=via, took=took,
+                   fixed_line_ends="yes" if fixed_line_ends else None)
+
+    def rejected(self, msg_id: str | None, sender: str | None, rcpt: str, *, outcome: str,
+                 reason: str, peer: str | None = None) -> None:
+        """Refused at the perimeter with `outcome` ("550 5.1.1"); nothing was accepted."""
+        self._emit("rejected", msg_id, sender, rcpt, outcome=outcome, peer=peer, reason=reason)
+
+    # --- delivery -------------------------------------------------------------------------
+
+    def sent(self, msg_id: str, sender: str | None, rcpt: str, *, route: str, reply: str,
+             attempts: int | None = None) -> None:
+        """The next hop (route=forward) or the smarthost (route=outbound) took it with 2xx."""
+        self._emit("sent", msg_id, sender, rcpt, route=route, reply=reply, attempts=attempts)
+
+    def deferred(self, msg_id: str, sender: str | None, rcpt: str, *, reason: str,
+                 outcome: str | None = None, route: str | None = None, reply: str | None = None,
+                 size: int | None = None, peer: str | None = None, attempts: int | None = None) -> None:
+        """Not done yet, will be retried (a 451 to an SMTP client, or a retry scheduled)."""
+        self._emit("deferred", msg_id, sender, rcpt, size=size, outcome=outcome, peer=peer, route=route,
+                   reply=reply, reason=reason, attempts=attempts)
+
+    def bounced(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str) -> None:
+        """The smarthost refused it for good; the sender gets a notice (DSN)."""
+        self._emit("bounced", msg_id, sender, rcpt, route="outbound", reply=reply)
+
+    def forwarded(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str,
+                  attempts: int | None = None) -> None:
+        """Handed on to the main system's next hop (the forward queue's 2xx)."""
+        self._emit("forwarded", msg_id, sender, rcpt, route="forward", reply=reply, attempts=attempts)
+
+    def reconciled(self, msg_id: str, rcpt: str, *, outcome: str, folder: str | None = None,
+                   uid: int | None = None) -> None:
+        """Carried into the main store: outcome appended, updated or already-present."""
+        self._emit("reconciled", msg_id, None, rcpt, outcome=outcome, folder=folder, uid=uid)
+
+    def failed(self, msg_id: str | None, sender: str | None, rcpt: str | None, *, reason: str,
+               stage: str | None = None, via: str | None = None) -> None:
+        """Gave up on this step (a dead letter, a reconcile failure); the mail itself is kept."""
+        self._emit("failed", msg_id, sender, rcpt, stage=stage, via=via, reason=reason)
+
+    def alert(self, msg_id: str | None, rcpt: str | None, *, reason: str, route: str | None = None,
+              reply: str | None = None, age: int | None = None) -> None:
+        """Needs an operator; nothing is dropped."""
+        self._emit("alert", msg_id, None, rcpt, route=route, reply=reply, age=age, reason=reason)
+
+    # --- webmail --------------------------------------------------------------------------
+
+    def login(self, user: str, ip: str, *, outcome: str = "ok", reason: str | None = None) -> None:
+        """A webmail log-in: outcome ok, failed (wrong address or password) or refused."""
+        event = {"ok": "login", "failed": "login-failed"}.get(outcome, "login-refused")
+        self._emit(event, None, None, None, user=user, ip=ip, reason=reason)
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Untyped: being replaced by the typed methods above (issue 12); removed once no caller is left."""
+        if self.counters is not None:
+            self.counters.event(event, fields)
+        if self.logger.isEnabledFor(logging.INFO):
             self.logger.info(format_event(event, **fields))
