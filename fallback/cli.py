@@ -12,82 +12,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import redis
-from rich.console import Console
 
+from fallback.commands import REGISTRY
+from fallback.commands.context import Context, Handler, common_options, server_options
 from fallback.config import Settings, load_settings, redact_url
 from fallback.errors import FallbackError
 
-Handler = Callable[["Context", argparse.Namespace], int]
-
-
-@dataclass
-class Context:
-    """What a subcommand needs: the settings and lazily made clients."""
-
-    settings: Settings
-    console: Console = field(default_factory=lambda: Console(stderr=False, highlight=False))
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
-    _redis: redis.Redis | None = None
-
-    def redis(self) -> redis.Redis:
-        if self._redis is None:
-            from fallback.redisconn import connect
-
-            self._redis = connect(self.settings)
-        return self._redis
-
-    def directory(self) -> Any:
-        from fallback.mailbox.directory import Directory, ensure_buckets
-
-        r = self.redis()
-        return Directory(r, ensure_buckets(r, self.settings.directory_buckets))
-
-
-def common_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("common options")
-    g.add_argument("--config", metavar="FILE", help="TOML settings file (FALLBACK_CONFIG)")
-    g.add_argument("--redis-url", metavar="URL", help="Redis URL (FALLBACK_REDIS_URL); "
-                   "default: the embedded Redis of `fallback up` in --data-dir")
-    g.add_argument("--data-dir", metavar="DIR", help="data directory (FALLBACK_DATA_DIR, "
-                   "default ./fallback-data)")
-    g.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
-    g.add_argument("--debug", action="store_true", default=None,
-                   help="show tracebacks of unexpected errors")
-    return p
-
-
-def server_options() -> argparse.ArgumentParser:
-    """Flags of the long-running processes, named after the Settings fields."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("server options")
-    for name, metavar in (
-        ("hostname", "NAME"), ("smtp-host", "ADDR"), ("smtp-port", "N"), ("http-host", "ADDR"),
-        ("http-port", "N"), ("max-message-size", "SIZE"), ("max-recipients", "N"),
-        ("max-connections", "N"), ("max-connections-per-ip", "N"), ("max-commands", "N"),
-        ("connection-timeout", "SECONDS"), ("idle-timeout", "SECONDS"), ("tls-cert", "PEM"),
-        ("tls-key", "PEM"), ("redis-server", "PATH"), ("redis-maxmemory", "BYTES"),
-        ("mail-log", "FILE"), ("smtp-workers", "N"), ("workers", "N"), ("replica-acks", "N"),
-        ("replica-ack-timeout", "SECONDS"),
-        # The webmail (secret_key itself only by environment or TOML: flags show in `ps`).
-        ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
-        ("max-upload-size", "SIZE"), ("incident-message", "TEXT"), ("web-workers", "N"),
-        ("web-threads", "N"),
-    ):
-        g.add_argument(f"--{name}", metavar=metavar)
-    g.add_argument("--demo", action="store_true", default=None,
-                   help="provision a demo mailbox (demo@example.com / demo)")
-    return p
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from fallback.commands import REGISTRY
-
     parser = argparse.ArgumentParser(
         prog="fallback",
         description="Emergency fallback mailbox service: durable SMTP intake, webmail, reconcile.",

@@ -95,13 +95,6 @@ class NotFound(FallbackError):
     code, enhanced, public = 550, "5.1.1", "Not found"
 
 
-def public_reply(error: BaseException) -> str:
-    """The SMTP reply for any exception: ours say what they are, others are 451 4.3.0."""
-    if isinstance(error, FallbackError):
-        return error.smtp_reply()
-    return FallbackError("unexpected").smtp_reply()
-
-
 class ReconcileError(FallbackError):
     """The main store refused or failed during reconcile: says what, where, and the server's words."""
 

@@ -48,7 +48,7 @@ def mbx(address: str) -> str:
 
 
 def message(address: str, msg_id: str) -> str:
-    """hash: raw bytes and metadata of one message (see store.MESSAGE_FIELDS)."""
+    """hash: raw bytes and metadata of one message (its fields: fallback/mailbox/fields.py)."""
     return f"{mbx(address)}:m:{msg_id}"
 
 

@@ -27,7 +27,8 @@ LOGGER_NAME = "fallback.mail"
 
 # Every key a line may carry, in the order they are written.
 FIELDS = ("id", "from", "to", "size", "outcome", "peer", "route", "via", "reply", "stage", "reason",
-          "took", "uid", "folder", "user", "ip", "age", "attempts", "fixed_line_ends")
+          "took", "uid", "folder", "user", "ip", "age", "attempts", "retry_in", "notice",
+          "fixed_line_ends")
 
 _ESCAPED = re.compile(r'[\\"\r\n]')
 _QUOTED = re.compile(r"[\s=]")  # \s: exactly what str.isspace() calls whitespace
@@ -100,26 +101,29 @@ class MailLog:
 
     # --- delivery -------------------------------------------------------------------------
 
-    def sent(self, msg_id: str, sender: str | None, rcpt: str, *, route: str, reply: str,
+    def sent(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str, peer: str | None = None,
              attempts: int | None = None) -> None:
-        """The next hop (route=forward) or the smarthost (route=outbound) took it with 2xx."""
-        self._emit("sent", msg_id, sender, rcpt, route=route, reply=reply, attempts=attempts)
+        """The smarthost (`peer`) took mail sent from the webmail with 2xx."""
+        self._emit("sent", msg_id, sender, rcpt, peer=peer, route="outbound", reply=reply,
+                   attempts=attempts)
 
     def deferred(self, msg_id: str, sender: str | None, rcpt: str, *, reason: str,
                  outcome: str | None = None, route: str | None = None, reply: str | None = None,
-                 size: int | None = None, peer: str | None = None, attempts: int | None = None) -> None:
+                 size: int | None = None, peer: str | None = None, attempts: int | None = None,
+                 retry_in: float | None = None) -> None:
         """Not done yet, will be retried (a 451 to an SMTP client, or a retry scheduled)."""
         self._emit("deferred", msg_id, sender, rcpt, size=size, outcome=outcome, peer=peer, route=route,
-                   reply=reply, reason=reason, attempts=attempts)
+                   reply=reply, reason=reason, attempts=attempts, retry_in=retry_in)
 
     def bounced(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str) -> None:
         """The smarthost refused it for good; the sender gets a notice (DSN)."""
         self._emit("bounced", msg_id, sender, rcpt, route="outbound", reply=reply)
 
-    def forwarded(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str,
+    def forwarded(self, msg_id: str, sender: str | None, rcpt: str, *, reply: str, peer: str | None = None,
                   attempts: int | None = None) -> None:
-        """Handed on to the main system's next hop (the forward queue's 2xx)."""
-        self._emit("forwarded", msg_id, sender, rcpt, route="forward", reply=reply, attempts=attempts)
+        """Handed on to the main system's next hop (`peer`; the forward queue's 2xx)."""
+        self._emit("forwarded", msg_id, sender, rcpt, peer=peer, route="forward", reply=reply,
+                   attempts=attempts)
 
     def reconciled(self, msg_id: str, rcpt: str, *, outcome: str, folder: str | None = None,
                    uid: int | None = None) -> None:
@@ -127,9 +131,10 @@ class MailLog:
         self._emit("reconciled", msg_id, None, rcpt, outcome=outcome, folder=folder, uid=uid)
 
     def failed(self, msg_id: str | None, sender: str | None, rcpt: str | None, *, reason: str,
-               stage: str | None = None, via: str | None = None) -> None:
-        """Gave up on this step (a dead letter, a reconcile failure); the mail itself is kept."""
-        self._emit("failed", msg_id, sender, rcpt, stage=stage, via=via, reason=reason)
+               stage: str | None = None, via: str | None = None, notice: str | None = None) -> None:
+        """Gave up on this step (a dead letter, a reconcile failure); the mail itself is kept.
+        `notice`: the id of the DSN put in the sender's INBOX."""
+        self._emit("failed", msg_id, sender, rcpt, stage=stage, via=via, reason=reason, notice=notice)
 
     def alert(self, msg_id: str | None, rcpt: str | None, *, reason: str, route: str | None = None,
               reply: str | None = None, age: int | None = None) -> None:
@@ -143,9 +148,3 @@ class MailLog:
         event = {"ok": "login", "failed": "login-failed"}.get(outcome, "login-refused")
         self._emit(event, None, None, None, user=user, ip=ip, reason=reason)
 
-    def event(self, event: str, **fields: Any) -> None:
-        """Untyped: being replaced by the typed methods above (issue 12); removed once no caller is left."""
-        if self.counters is not None:
-            self.counters.event(event, fields)
-        if self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(format_event(event, **fields))

@@ -1,10 +1,11 @@
-"""Helpers shared by the reconcile tests and the benchmark: stored messages and runs."""
+"""Helpers shared by the reconcile tests and the benchmark: stored messages, runs, and a proxy that cuts."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from fallback.reconcile.reconciler import Reconciler
 from fallback.reconcile.report import Report
 from fallback.redisconn import async_client
 from tests.dovecot import MASTER_PASSWORD, MASTER_USER, DovecotServer
+from tests.servers import free_port
 
 ID_RE = re.compile(rb"\(fallback\) with \S+ id ([0-9A-Z]{26})")
 
@@ -102,3 +104,84 @@ def put_new(r: redis.Redis, address: str, subject: str, folder: str = fields.INB
     """Store a fresh message (see `message`) and return its id."""
     msg_id, raw = message(address, subject)
     return put(r, address, raw, msg_id, folder=folder, flags=flags, kind=kind)
+
+
+class CuttingProxy:
+    """Loopback proxy to Dovecot that breaks the connection once, at the Nth APPEND.
+
+    mode "literal": forwards only the first bytes of that APPEND's message, then closes
+    (the server stores nothing).  mode "reply": forwards the whole APPEND but swallows the
+    server's OK and closes (the server stored it; the client cannot know).
+    """
+
+    def __init__(self, upstream_port: int, nth: int, mode: str) -> None:
+        self.upstream_port = upstream_port
+        self.nth = nth
+        self.mode = mode
+        self.port = free_port()
+        self.appends = 0
+        self.fired = False
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"imap://127.0.0.1:{self.port}"
+
+    def start(self) -> CuttingProxy:
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop)
+        self.server = fut.result(10)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        armed = asyncio.Event()
+        cut = asyncio.Event()
+
+        async def upstream() -> None:   # client -> Dovecot
+            while not cut.is_set():
+                data = await client_r.read(65536)
+                if not data:
+                    break
+                if b" APPEND " in data and not self.fired:
+                    self.appends += 1
+                    if self.appends == self.nth:
+                        self.fired = True
+                        armed.set()
+                        if self.mode == "literal":
+                            # The command line and 100 bytes of the message, then nothing.
+                            end = data.index(b"\r\n", data.index(b" APPEND ")) + 2
+                            up_w.write(data[: end + 100])
+                            await up_w.drain()
+                            await asyncio.sleep(0.2)
+                            cut.set()
+                            break
+                up_w.write(data)
+                await up_w.drain()
+
+        async def downstream() -> None:   # Dovecot -> client
+            while not cut.is_set():
+                data = await up_r.read(65536)
+                if not data:
+                    break
+                if armed.is_set() and self.mode == "reply" and b"APPENDUID" in data:
+                    cut.set()   # the OK is swallowed: the message is stored, the client never hears
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            t.cancel()
+        for w in (client_w, up_w):
+            w.close()

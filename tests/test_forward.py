@@ -257,7 +257,8 @@ def test_next_hop_down_then_up_delivers_once_with_exact_bytes(
     rcpts, payload = sink_payload(dump)
     assert rcpts == [BOB] and payload == raw.replace(b"\r\n", b"\n")
     lines = [rec.getMessage() for rec in caplog.records if rec.name == LOGGER_NAME]
-    assert any(ln.startswith("event=sent") and "route=forward" in ln and f"id={msg_id}" in ln for ln in lines)
+    assert any(ln.startswith("event=forwarded") and "route=forward" in ln and f"id={msg_id}" in ln
+               for ln in lines)
 
 
 class Capture:
@@ -317,8 +318,8 @@ def test_attempts_that_keep_dying_back_off_then_deliver(
     lines = [ln for ln in (rec.getMessage() for rec in caplog.records if rec.name == LOGGER_NAME)
              if f"id={msg_id}" in ln]
     events = [ln.split()[0] for ln in lines]
-    # Put back first (alerted, no attempt made), then sent on its first real attempt.
-    assert events == ["event=queued", "event=alert", "event=sent"], lines
+    # Put back first (alerted, no attempt made), then forwarded on its first real attempt.
+    assert events == ["event=queued", "event=alert", "event=forwarded"], lines
     assert "5 unfinished attempts" in lines[1] and "attempts=1" in lines[2]
 
 

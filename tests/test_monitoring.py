@@ -158,9 +158,9 @@ def test_counters_survive_a_failed_flush_and_flush_at_cancel(r: redis.Redis, red
 def test_maillog_sink_counts_reconcile_events(r: redis.Redis) -> None:
     c = metrics.Counters()
     log = MailLog(counters=metrics.MailCounters(c))
-    log.event("reconciled", id="x", rcpt="a@example.com", outcome="appended")
-    log.event("reconciled", id="y", rcpt="a@example.com", outcome="appended")
-    log.event("failed", id="z", rcpt="a@example.com", stage="reconcile", reason="NO [OVERQUOTA]")
+    log.reconciled("x", "a@example.com", outcome="appended")
+    log.reconciled("y", "a@example.com", outcome="appended")
+    log.failed("z", None, "a@example.com", stage="reconcile", reason="NO [OVERQUOTA]")
     c.flush(r)
     assert metrics.totals(r)[metrics.MAIL_EVENTS] == {
         (("event", "reconciled"), ("outcome", "appended")): 2, (("event", "failed"), ("outcome", "")): 1}

@@ -266,7 +266,7 @@ def test_wrong_master_password_changes_nothing(r, settings, dovecot, tmp_path: P
 
 
 @pytest.mark.parametrize(("change", "expected"), [
-    ({"--master-password-file": "missing"}, "cannot read the master password file"),
+    ({"--master-password-file": "missing"}, "master_password_file: cannot read"),
     ({"--master-password-file": "empty"}, "is empty"),
     ({"--imap-url": "http://127.0.0.1:1"}, "must look like imap://HOST:PORT"),
     ({"--imap-url": "imap://127.0.0.1:1"}, "cannot connect to imap://127.0.0.1:1"),

@@ -1,20 +1,18 @@
 """Reconcile under faults: a connection cut mid-APPEND, SIGKILL part-way, and the full SMTP-to-Dovecot flow.
 
-The cut connection comes from a loopback TCP proxy written here and placed in
-front of the real Dovecot: it is the one fault a real server does not produce
+The cut connection comes from a loopback TCP proxy (reconcile_helpers.CuttingProxy)
+placed in front of the real Dovecot: it is the one fault a real server does not produce
 on demand.  Everything else is the real thing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import smtplib
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -27,6 +25,7 @@ from fallback.cli import main
 from fallback.mailbox import fields
 from tests.dovecot import DovecotServer, MainStoreView
 from tests.reconcile_helpers import (
+    CuttingProxy,
     cli_args,
     ids_on_disk,
     message,
@@ -37,91 +36,10 @@ from tests.reconcile_helpers import (
     run_engine,
     state,
 )
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT
 
 pytestmark = pytest.mark.dovecot
 ALICE, BOB = "alice@example.com", "bob@example.com"
-
-
-class CuttingProxy:
-    """Loopback proxy to Dovecot that breaks the connection once, at the Nth APPEND.
-
-    mode "literal": forwards only the first bytes of that APPEND's message, then closes
-    (the server stores nothing).  mode "reply": forwards the whole APPEND but swallows the
-    server's OK and closes (the server stored it; the client cannot know).
-    """
-
-    def __init__(self, upstream_port: int, nth: int, mode: str) -> None:
-        self.upstream_port = upstream_port
-        self.nth = nth
-        self.mode = mode
-        self.port = free_port()
-        self.appends = 0
-        self.fired = False
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"imap://127.0.0.1:{self.port}"
-
-    def start(self) -> CuttingProxy:
-        self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop)
-        self.server = fut.result(10)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        armed = asyncio.Event()
-        cut = asyncio.Event()
-
-        async def upstream() -> None:   # client -> Dovecot
-            while not cut.is_set():
-                data = await client_r.read(65536)
-                if not data:
-                    break
-                if b" APPEND " in data and not self.fired:
-                    self.appends += 1
-                    if self.appends == self.nth:
-                        self.fired = True
-                        armed.set()
-                        if self.mode == "literal":
-                            # The command line and 100 bytes of the message, then nothing.
-                            end = data.index(b"\r\n", data.index(b" APPEND ")) + 2
-                            up_w.write(data[: end + 100])
-                            await up_w.drain()
-                            await asyncio.sleep(0.2)
-                            cut.set()
-                            break
-                up_w.write(data)
-                await up_w.drain()
-
-        async def downstream() -> None:   # Dovecot -> client
-            while not cut.is_set():
-                data = await up_r.read(65536)
-                if not data:
-                    break
-                if armed.is_set() and self.mode == "reply" and b"APPENDUID" in data:
-                    cut.set()   # the OK is swallowed: the message is stored, the client never hears
-                    break
-                client_w.write(data)
-                await client_w.drain()
-
-        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks:
-            t.cancel()
-        for w in (client_w, up_w):
-            w.close()
 
 
 @pytest.mark.parametrize("mode", ["literal", "reply"])

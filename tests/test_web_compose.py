@@ -247,7 +247,7 @@ def test_local_delivery_failure_is_reported_and_sent_copy_kept(client, r, monkey
             raise redis_lib.ConnectionError("injected: connection lost")
         return real(rr, deliveries, msg_id, raw, meta)
 
-    monkeypatch.setattr(store, "deliver", failing)
+    monkeypatch.setattr(delivery, "deliver", failing)
     log_in_as(client, ALICE)
     resp, msg_id = send(client, to=f"{BOB}, {CAROL}", subject="s", body="b")
     assert resp.headers["Location"].endswith("sent=partial")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -11,13 +12,18 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from fallback import keys
 from fallback.cli import main
 from fallback.config import Settings
 from fallback.errors import ConfigError
+from fallback.mailbox import fields, store
 from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
+from fallback.maillog import LOGGER_NAME
 from fallback.ops import failover
+from fallback.queues import outbound
 from tests.conftest import add_mailbox, cached_hash
 from tests.test_web_auth import login, session_keys
+from tests.test_web_compose import send as compose
 from tests.webutil import log_in_as, make_app
 
 TOKEN = "admin-token-0123456789abcdef"
@@ -83,6 +89,42 @@ def test_everyone_logs_in_before_any_failover(settings: Settings, r: redis.Redis
     add_mailbox(r, settings, "bob@example.com", mailstore="store2")
     client = make_app(settings, r).test_client()
     assert login(client, "bob@example.com").status_code == 302
+
+
+# --- sending: the same routing as mail from SMTP ------------------------------------------
+
+def test_webmail_mail_for_a_healthy_mailstore_goes_to_the_forward_queue(
+        app: Any, r: redis.Redis, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """bob's mailstore is healthy: his copy goes to the main system like SMTP mail, not into a
+    fallback mailbox nobody can log into; carol (store1, failed over) gets hers here."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    add_mailbox(r, settings, "carol@example.com", mailstore="store1")
+    client = app.test_client()
+    log_in_as(client, "alice@example.com")
+    resp, msg_id = compose(client, to="bob@example.com, carol@example.com", cc="x@remote.test",
+                           subject="routing", body="one decision")
+    assert resp.status_code == 302 and resp.headers["Location"].endswith("sent=1")
+    assert r.zrange(keys.folder("alice@example.com", fields.SENT), 0, -1) == [msg_id.encode()]
+    sent = store.MailboxReader(r, "alice@example.com").raw(msg_id)
+    assert sent is not None and sent.startswith(b"Received: from webmail")
+
+    record: Any = r.hgetall(keys.forward_record("bob@example.com", msg_id))
+    assert record[b"raw"] == sent and record[b"sender"] == b"alice@example.com"
+    assert record[b"rcpt"] == b"bob@example.com"
+    entries: Any = r.xrange(keys.forward_stream("bob@example.com"))
+    assert [e for _, e in entries] == [{b"a": b"bob@example.com", b"id": msg_id.encode()}]
+    assert r.zcard(keys.folder("bob@example.com", fields.INBOX)) == 0
+    assert not r.exists(keys.message("bob@example.com", msg_id))
+
+    assert store.MailboxReader(r, "carol@example.com").raw(msg_id) == sent
+    assert not r.exists(keys.forward_record("carol@example.com", msg_id))
+    assert sorted(outbound.recipient_status(r, "alice@example.com", msg_id)) == ["x@remote.test"]
+
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == LOGGER_NAME]
+    assert any(ln.startswith("event=queued") and "to=bob@example.com" in ln and "route=forward" in ln
+               and "via=webmail" in ln for ln in lines), lines
+    assert any(ln.startswith("event=received") and "to=carol@example.com" in ln
+               and "route=mailbox" in ln for ln in lines), lines
 
 
 # --- the admin API ---------------------------------------------------------------------

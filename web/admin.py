@@ -25,12 +25,9 @@ from fallback.errors import InputError
 from fallback.mailbox.directory import Mailbox, check_mailstore
 from fallback.mailbox.store import mailstore_stats
 from fallback.ops import failover, health
-from web import state
+from web.context import state
 
 bp = Blueprint("admin", __name__, url_prefix="/admin/api")
-
-PREFIX = "/admin/api/"
-
 
 def json_error(code: int, text: str, **headers: str) -> Response:
     response = jsonify({"error": text})

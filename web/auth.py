@@ -27,7 +27,7 @@ from fallback.mailbox.directory import normalize_address
 from fallback.maillog import MailLog
 from fallback.ops import failover
 from fallback.ops.metrics import WEBMAIL_LOGINS
-from web import state
+from web.context import state
 from web.sessions import COOKIE, PRE_COOKIE, check_login_token, login_token
 
 bp = Blueprint("auth", __name__)
@@ -111,7 +111,7 @@ def login() -> Any:
     if not ok or address is None or mailbox is None:
         st.throttle.failed(ip, account)
         st.counters.add(WEBMAIL_LOGINS, result="failed")
-        MailLog().event("login-failed", user=account, ip=ip)
+        MailLog().login(account, ip, outcome="failed")
         return _form(username, WRONG, 401)
 
     st.throttle.succeeded(account)
@@ -119,14 +119,14 @@ def login() -> Any:
         # Right password, but this mailbox is not failed over: its mail goes to the main
         # system, so a session here would only show an empty mailbox.  Say so; no session.
         st.counters.add(WEBMAIL_LOGINS, result="not_affected")
-        MailLog().event("login-refused", user=address, ip=ip, reason="mailstore not failed over")
+        MailLog().login(address, ip, outcome="refused", reason="mailstore not failed over")
         return make_response(render_template("working.html", address=address), 200)
     st.counters.add(WEBMAIL_LOGINS, result="ok")
     session = st.sessions.create(address, replaces=request.cookies.get(COOKIE))
     response = redirect(url_for("mailbox.inbox"))
     _set_cookie(response, COOKIE, session.token)
     response.delete_cookie(PRE_COOKIE, path="/")
-    MailLog().event("login", user=address, ip=ip)
+    MailLog().login(address, ip)
     return response
 
 

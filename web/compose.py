@@ -16,11 +16,13 @@ from flask import Blueprint, g, redirect, render_template, request, url_for
 
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
+from fallback.intake.submission import Draft, send
 from fallback.mailbox import fields, store
-from web import render, state
+from web import render
 from web.auth import login_required
+from web.context import state
 from web.mailbox import raw_or_404
-from web.outgoing import MAX_SUBJECT, Draft, check_header_text, parse_addresses, send
+from web.outgoing import MAX_SUBJECT, check_header_text, parse_addresses
 from web.sessions import sign
 
 bp = Blueprint("compose", __name__)
@@ -138,7 +140,7 @@ def send_message() -> Any:
     except InputError as exc:
         return _form(values, exc.public + " Nothing was sent.", 400)
 
-    out = send(st.r, st.directory(), draft, draft_id, st.settings.hostname or "localhost",
+    out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
                request.remote_addr or "unknown")
     if not out.already_sent:
         if values["reply_to"]:

@@ -18,8 +18,9 @@ from flask import Blueprint, Response, abort, g, redirect, render_template, requ
 from fallback.ids import is_id
 from fallback.mailbox import fields, store
 from fallback.queues import outbound
-from web import filters, render, state
+from web import filters, render
 from web.auth import login_required
+from web.context import state
 from web.security import frame_csp, frameable
 
 bp = Blueprint("mailbox", __name__)
@@ -111,8 +112,10 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
 @bp.get("/message/<msg_id>")
 @login_required
 def message(msg_id: str) -> Any:
-    meta = _meta_or_404(msg_id)
-    raw = raw_or_404(msg_id)
+    found = store.MailboxReader(state().r, g.user).message(msg_id) if is_id(msg_id) else None
+    if found is None:
+        abort(404)
+    meta, raw = found
     r = state().r
     flags = meta.get("flags", "").split()
     if fields.SEEN not in flags:

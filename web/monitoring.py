@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response
 
 from fallback import keys
 from fallback.ops import metrics
-from web import state
+from web.context import state
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, render_template
 
-from web import state
+from web.context import state
 
 bp = Blueprint("pages", __name__)
 

@@ -156,11 +156,6 @@ def attachments(msg: Message) -> list[tuple[Attachment, Message]]:
     return out
 
 
-def part_by_index(msg: Message, index: int) -> Message | None:
-    parts = leaves(msg)
-    return parts[index] if 0 <= index < len(parts) else None
-
-
 def _cid_map(msg: Message) -> dict[str, str]:
     """Content-ID -> data: URL of inline images, within INLINE_LIMIT."""
     out: dict[str, str] = {}

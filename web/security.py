@@ -23,7 +23,7 @@ import redis
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from web import state
+from web.context import state
 from web.sessions import COOKIE, PRE_COOKIE, check_csrf, check_login_token
 
 log = logging.getLogger(__name__)

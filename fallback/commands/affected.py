@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.mailbox.directory import Mailbox, check_mailstore
 from fallback.ops import failover
 

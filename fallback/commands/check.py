@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import redis
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.config import redact_url
 from fallback.errors import ConfigError, FallbackError
 from fallback.ops import health

@@ -14,7 +14,7 @@ from typing import Any
 
 import dns.message
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import FallbackError
 from fallback.ops import audit, dnsupdate
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox.directory import normalize_address
 from fallback.mailbox.fields import FOLDERS

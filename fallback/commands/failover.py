@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.mailbox.directory import check_mailstore
 from fallback.ops import audit, failover, notices

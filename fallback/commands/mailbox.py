@@ -7,7 +7,7 @@ import getpass
 import sys
 from typing import Any
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox import passwords
 from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address

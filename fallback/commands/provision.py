@@ -9,7 +9,7 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.mailbox.provision import Provisioner, Report
 

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from fallback import keys
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError
+from fallback.mailbox import fields
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.purge import delete_reconciled
 from fallback.ops import audit
@@ -50,7 +51,7 @@ def candidates(r: Any, address: str, cutoff_ms: int) -> Iterator[tuple[list[str]
             chunk = [i for i in ids[start : start + _BATCH] if i not in pending]
             pipe = r.pipeline(transaction=False)
             for msg_id in chunk:
-                pipe.hmget(keys.message(address, msg_id), ["rstate", "rts", "ts", "size"])
+                pipe.hmget(keys.message(address, msg_id), [fields.RSTATE, fields.RTS, fields.TS, fields.SIZE])
             ready, size = [], 0
             for msg_id, (state, rts, ts, sz) in zip(chunk, pipe.execute(), strict=True):
                 when = int(rts or ts or 0)

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.ops import audit
 from fallback.queues import outbound

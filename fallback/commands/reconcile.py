@@ -1,4 +1,4 @@
-"""`fallback reconcile`: merge the fallback's messages into the main store (see fallback/reconcile.py).
+"""`fallback reconcile`: merge the fallback's messages into the main store (see fallback/reconcile/).
 
 fallback reconcile --imap-url imap://HOST:PORT|imaps://HOST:PORT --master-user NAME
     --master-password-file FILE [--user ADDR ... | --mailstore NAME | --all]
@@ -31,12 +31,13 @@ from rich.table import Table
 from rich.text import Text
 
 from fallback import keys
-from fallback.cli import Context
-from fallback.errors import InputError
+from fallback.commands.context import Context
+from fallback.config import read_secret_file
+from fallback.errors import ConfigError, InputError
 from fallback.mailbox.directory import check_mailstore, normalize_address
 from fallback.maillog import MailLog
 from fallback.ops import metrics
-from fallback.reconcile.reconciler import Reconciler, read_password
+from fallback.reconcile.reconciler import Reconciler
 from fallback.reconcile.report import MailboxReport, Report
 from fallback.redisconn import async_client, resolve_url
 
@@ -198,6 +199,15 @@ async def _reconcile(ctx: Context, password: str, dry_run: bool, work: dict[str,
         await r.aclose()
 
 
+def master_password(path: Path) -> str:
+    """The file's first line, spaces kept: a password may begin or end with one."""
+    text = read_secret_file("master_password_file", path, keep_spaces=True)
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ConfigError(f"master_password_file: {path} is empty")
+    return password
+
+
 def run(ctx: Context, args: argparse.Namespace) -> int:
     s = ctx.settings
     if not s.imap_url:
@@ -206,7 +216,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         raise InputError("give --master-user NAME")
     if s.master_password_file is None:
         raise InputError("give --master-password-file FILE")
-    password = read_password(s.master_password_file)
+    password = master_password(s.master_password_file)
     work = select_mailboxes(ctx, args)
     if not work:
         ctx.console.print("nothing to reconcile")

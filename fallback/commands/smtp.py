@@ -16,8 +16,8 @@ import signal
 from dataclasses import replace
 from typing import Any
 
-from fallback.cli import Context
 from fallback.commands import forward
+from fallback.commands.context import Context
 from fallback.redisconn import resolve_url
 from fallback.service import PARENT_ENV, Service
 

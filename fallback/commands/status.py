@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.mailbox.store import mailstore_stats
 from fallback.ops.health import redis_health
 

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from fallback.cli import Context
 from fallback.commands import forward, worker
+from fallback.commands.context import Context
 from fallback.service import Service
 
 

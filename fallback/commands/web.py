@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import Any
 
-from fallback.cli import Context
+from fallback.commands.context import Context
 from fallback.redisconn import resolve_url
 from fallback.webserver import WebComponent
 

@@ -10,8 +10,8 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from fallback.cli import Context
 from fallback.commands import forward
+from fallback.commands.context import Context
 from fallback.config import SMARTHOST_TLS
 from fallback.errors import ConfigError
 from fallback.redisconn import async_client, resolve_url

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fallback.addresses import normalize_address
 from fallback.config.redisurl import parse_topology, redact_url
-from fallback.config.schema import Settings
+from fallback.config.schema import HASHABLE_SCHEMES, Settings
 from fallback.errors import ConfigError, FallbackError
 
 _PORT_FIELDS = ("smtp_port", "http_port")
@@ -24,8 +25,6 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def validate(s: Settings) -> None:
     """Fail fast on combinations no process could run with."""
-    from fallback.mailbox.passwords import HASHABLE_SCHEMES  # local: passwords imports heavy libraries
-
     for name in _PORT_FIELDS:
         port = getattr(s, name)
         if not 0 <= port <= 65535:
@@ -116,8 +115,6 @@ def validate_operations(s: Settings) -> None:
     if s.webmail_url is not None and not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", s.webmail_url):
         raise ConfigError(f"webmail_url: {s.webmail_url!r} must look like https://HOST/...")
     if s.notice_sender is not None:
-        from fallback.mailbox.directory import normalize_address  # local: directory imports redis
-
         try:
             normalize_address(s.notice_sender)
         except FallbackError as exc:

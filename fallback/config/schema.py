@@ -14,6 +14,10 @@ ENV_PREFIX = "FALLBACK_"
 KIB = 1024
 MIB = 1024 * KIB
 
+# Schemes `password_scheme` may name: what provisioning can hash a plain-text password with
+# (fallback.mailbox.passwords verifies many more).
+HASHABLE_SCHEMES = ("ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT")
+
 
 def setting(default: Any, doc: str, unit: str | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"doc": doc, "unit": unit, "secret": secret})

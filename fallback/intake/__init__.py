@@ -1,1 +1,2 @@
-"""Intake: the SMTP receiver, what it reads off the wire, and where each recipient goes."""
+"""Intake: the SMTP receiver (with its aiosmtpd adapter) and what it reads off the wire, mail
+composed in the webmail, and where each recipient goes (routing)."""

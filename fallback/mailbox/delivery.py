@@ -53,8 +53,8 @@ def queue_delivery(pipe: Any, d: Delivery, msg_id: str, raw: bytes, meta: dict[s
     the caller then adds the counts afterwards (`count_stored`).
     """
     fields: dict[str, Any] = {
-        "v": keys.SCHEMA_VERSION, "raw": raw, "folder": d.folder, "flags": " ".join(d.flags),
-        "ts": now_ms, "size": len(raw), "kind": d.kind, "rstate": "pending", **meta,
+        F.VERSION: keys.SCHEMA_VERSION, F.RAW: raw, F.FOLDER: d.folder, F.FLAGS: " ".join(d.flags),
+        F.TS: now_ms, F.SIZE: len(raw), F.KIND: d.kind, F.RSTATE: F.PENDING, **meta,
     }
     pipe.hset(keys.message(d.address, msg_id), mapping=fields)
     pipe.zadd(keys.folder(d.address, d.folder), {msg_id: now_ms})
@@ -157,7 +157,7 @@ def _deliver_call(deliveries: list[Delivery], msg_id: str, raw: bytes, meta: dic
     """KEYS and ARGV of one scripted delivery (see _DELIVER_LUA)."""
     # The small fields travel as one NUL-joined argument (split again in the script):
     # packing forty short arguments was most of redis-py's cost per message.
-    common = ["v", keys.SCHEMA_VERSION, "ts", str(now_ms), "size", str(len(raw)), "rstate", "pending"]
+    common = [F.VERSION, keys.SCHEMA_VERSION, F.TS, str(now_ms), F.SIZE, str(len(raw)), F.RSTATE, F.PENDING]
     for name, value in meta.items():
         common += [name, value.replace("\0", "")]
     packed = "\0".join(common)

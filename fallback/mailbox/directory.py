@@ -19,37 +19,14 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
+from fallback.addresses import normalize_address
 from fallback.errors import InputError
 
-_ADDRESS_RE = re.compile(r"^[^@\s{}<>\"(),;:\\\[\]]{1,64}@[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
 
+__all__ = ["normalize_address"]  # callers name it here too: a mailbox is looked up by it
 
-_CANONICAL_RE = re.compile(r"[a-z0-9._+-]{1,64}@[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+")
-
-
-def normalize_address(text: str) -> str:
-    """Canonical form of an address (lower case, IDNA domain); InputError when it is not one."""
-    if _CANONICAL_RE.fullmatch(text) and ".." not in text:
-        return text  # already canonical: the common case of a large import
-    addr = text.strip().strip("<>").strip()
-    local, sep, domain = addr.rpartition("@")
-    if not sep or not local or not domain:
-        raise InputError(f"not an email address: {text!r}")
-    if domain.isascii():
-        # The common case, and the hot path of a million-line import: no IDNA codec.
-        if any(not label or len(label) > 63 for label in domain.split(".")):
-            raise InputError(f"not a valid domain: {domain!r}")
-    else:
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise InputError(f"not a valid domain: {domain!r}") from None
-    addr = f"{local.lower()}@{domain.lower()}"
-    if not _ADDRESS_RE.match(addr):
-        raise InputError(f"not an email address: {text!r}")
-    return addr
 
 
 def check_mailstore(name: str) -> str:

@@ -28,7 +28,7 @@ RSTATE = "rstate"
 RBOX, RFOLDER, RFLAGS = "rbox", "rfolder", "rflags"
 RUIDVALIDITY, RUID = "ruidvalidity", "ruid"
 RTS, RERROR = "rts", "rerror"
-PENDING, APPENDING, DONE = "pending", "appending", "done"
+PENDING, APPENDING, DONE, FAILED = "pending", "appending", "done", "failed"
 
 ALL = (RAW, VERSION, TS, SIZE, KIND, *DISPLAY, FOLDER, FLAGS, LOCAL, RSTATE, RBOX, RFOLDER, RFLAGS,
        RUIDVALIDITY, RUID, RTS, RERROR)

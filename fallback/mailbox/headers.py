@@ -9,7 +9,8 @@ where the header ends and which lines belong to it.
 The rules are the standard library parser's (`email.parser.BytesHeaderParser`):
 lines end at CRLF, CR or LF; a line starting with space or tab continues the
 field before it; a line that is neither that nor `name:` ends the header (so
-does the first empty line).  This is a hand-written scan and not the email
+does the first empty line), except an mbox `From ` line or one starting with
+a colon, which are skipped.  This is a hand-written scan and not the email
 package because the receiver runs `summarize` for every message on its
 event loop, where the email package's parser and header registry cost about
 a millisecond a message; tests/test_headers.py checks the scan against the
@@ -30,35 +31,42 @@ DISPLAY_LIMIT = 512  # display metadata is truncated: the raw bytes keep everyth
 # A field name as the stdlib parser accepts it: printable ASCII except the colon, then a colon.
 _NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
 _LINE = re.compile(rb"\r\n|\r|\n")
+# An empty line: a line end right after a line end (a CR is a line end of its own only when
+# no LF follows it).
+_EMPTY_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 
 
-def _lines(raw: bytes) -> list[tuple[bytes, int]]:
-    """The header's lines without their line ends, each with the offset just past its end;
-    stops after the line that ends the header (empty, or not a field)."""
-    out: list[tuple[bytes, int]] = []
-    pos = 0
-    while pos < len(raw):
-        m = _LINE.search(raw, pos)
-        line, nxt = (raw[pos:], len(raw)) if m is None else (raw[pos:m.start()], m.end())
-        if not line:
-            out.append((line, nxt))
+def _lines(raw: bytes) -> list[bytes]:
+    """The header's lines, without their line ends.
+
+    The search for the empty line and the split run in C; only the header's
+    own lines are looked at in Python (this runs for every message received).
+    """
+    if raw[:1] in (b"\r", b"\n"):
+        return []
+    m = _EMPTY_LINE.search(raw)
+    lines = (raw if m is None else raw[: m.start()]).splitlines()
+    for n, line in enumerate(lines):
+        if line[:1] not in (b" ", b"\t") and not _NAME.match(line) and not line.startswith(b"From "):
+            del lines[n:]  # not a field: the body starts here, as the stdlib parser says
             break
-        if line[:1] not in (b" ", b"\t") and not _NAME.match(line):
-            out.append((b"", pos))  # not a field: the body starts here, as the stdlib parser says
-            break
-        out.append((line, nxt))
-        pos = nxt
-    return out
+    if len(lines) > 1 and lines[-1].startswith(b"From "):
+        lines.pop()  # a `From ` line last in the header is taken for the body's first line
+    return lines
 
 
 def block(raw: bytes) -> bytes:
-    """The header block as it came, without the empty line that ends it."""
+    """The header block as it came, without the line end after its last line."""
+    count = len(_lines(raw))
     end = 0
-    for line, nxt in _lines(raw):
-        if not line:
+    for m in _LINE.finditer(raw):
+        if count == 0:
             break
-        end = nxt
-    return raw[:end].rstrip(b"\r\n")
+        end, count = m.start(), count - 1
+    else:
+        if count:
+            end = len(raw)  # the header runs to the end: no line end after it
+    return raw[:end]
 
 
 def fields(raw: bytes, wanted: frozenset[bytes] | None = None) -> list[tuple[bytes, bytes]]:
@@ -67,15 +75,16 @@ def fields(raw: bytes, wanted: frozenset[bytes] | None = None) -> list[tuple[byt
     out: list[tuple[bytes, bytes]] = []
     current: list[bytes] | None = None
     name = b""
-    for line, _ in _lines(raw):
-        if not line:
-            break
+    for line in _lines(raw):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
                 current.append(line)
             continue
         if current is not None:
             out.append((name, b"\r\n".join(current)))
+            current = None
+        if line.startswith((b"From ", b":")):
+            continue  # an mbox separator or a field without a name: skipped, as by the stdlib
         key, _, value = line.partition(b":")
         name = key.strip().lower()
         current = [value.lstrip(b" \t")] if wanted is None or name in wanted else None

@@ -38,7 +38,6 @@ _HANDLERS: dict[str, Any] = {
 }
 _SSHA_DIGEST = {"SSHA512": (hashlib.sha512, 64), "SSHA256": (hashlib.sha256, 32)}
 SCHEMES = (*_HANDLERS, "PLAIN")
-HASHABLE_SCHEMES = ("ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT")
 
 _SCHEME_RE = re.compile(r"^\{([A-Za-z0-9._-]+)\}(.*)$", re.DOTALL)
 # The exact shape of each crypt-style hash.  Import checks every line with these

@@ -19,7 +19,7 @@ from fallback.mailbox.fields import FOLDERS, INBOX, SEEN
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 class MailboxReader:
@@ -39,14 +39,23 @@ class MailboxReader:
         return [i.decode() for i in raw]  # type: ignore[union-attr]
 
     def raw(self, msg_id: str) -> bytes | None:
-        return self.r.hget(keys.message(self.address, msg_id), "raw")  # type: ignore[return-value]
+        return self.r.hget(keys.message(self.address, msg_id), F.RAW)  # type: ignore[return-value]
 
     def meta(self, msg_id: str) -> dict[str, str] | None:
-        fields = self.r.hgetall(keys.message(self.address, msg_id))
-        if not fields:
+        """The record without its bytes (which may be megabytes): the declared fields only."""
+        names = [f for f in F.ALL if f != F.RAW]
+        values: Any = self.r.hmget(keys.message(self.address, msg_id), names)
+        if values[names.index(F.TS)] is None:
             return None
-        return {k.decode(): v.decode("utf-8", "replace")  # type: ignore[union-attr]
-                for k, v in fields.items() if k != b"raw"}
+        return {name: _text(v) for name, v in zip(names, values, strict=True) if v is not None}
+
+    def message(self, msg_id: str) -> tuple[dict[str, str], bytes] | None:
+        """(metadata, raw bytes) in one read, for the message page."""
+        record: Any = self.r.hgetall(keys.message(self.address, msg_id))
+        if not record:
+            return None
+        raw = bytes(record.pop(F.RAW.encode(), b""))
+        return {_text(k): _text(v) for k, v in record.items()}, raw
 
     def iter_messages(self, folders: tuple[str, ...] = FOLDERS,
                       batch: int = 100) -> Iterator[tuple[str, dict[str, str], bytes]]:
@@ -61,7 +70,7 @@ class MailboxReader:
                 for msg_id, fields in zip(chunk, pipe.execute(), strict=True):
                     if not fields:
                         continue  # deleted between the index read and now
-                    raw = fields.pop(b"raw", b"")
+                    raw = fields.pop(F.RAW.encode(), b"")
                     meta = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
                     yield msg_id, meta, raw
 
@@ -112,7 +121,7 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
     def change(pipe: Any, values: list[str]) -> None:
         flags = [f for f in values[0].split() if f not in remove]
         flags += [f for f in add if f not in flags]
-        pipe.hset(keys.message(address, msg_id), "flags", " ".join(flags))
+        pipe.hset(keys.message(address, msg_id), F.FLAGS, " ".join(flags))
         if SEEN in flags:
             pipe.srem(keys.unseen(address), msg_id)
         else:
@@ -120,7 +129,7 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
         # Reconcile carries flag changes made after a message was appended.
         pipe.sadd(keys.pending(address), msg_id)
 
-    return _change_watched(r, keys.message(address, msg_id), ("flags",), change)
+    return _change_watched(r, keys.message(address, msg_id), (F.FLAGS,), change)
 
 
 def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
@@ -130,12 +139,12 @@ def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
 
     def change(pipe: Any, values: list[str]) -> None:
         old, ts = values
-        pipe.hset(keys.message(address, msg_id), "folder", folder)
+        pipe.hset(keys.message(address, msg_id), F.FOLDER, folder)
         pipe.zrem(keys.folder(address, old), msg_id)
         pipe.zadd(keys.folder(address, folder), {msg_id: int(ts or 0)})
         pipe.sadd(keys.pending(address), msg_id)
 
-    return _change_watched(r, keys.message(address, msg_id), ("folder", "ts"), change)
+    return _change_watched(r, keys.message(address, msg_id), (F.FOLDER, F.TS), change)
 
 
 # The webmail's folder views: one page of summaries in two round trips, whatever the folder's size.
@@ -212,7 +221,7 @@ def search(r: redis.Redis, address: str, folder: str, query: str, start: int, co
         chunk = ids[pos : pos + batch]
         with r.pipeline(transaction=False) as pipe:
             for msg_id in chunk:
-                pipe.hmget(keys.message(address, msg_id), ("from", "subject"))
+                pipe.hmget(keys.message(address, msg_id), (F.FROM, F.SUBJECT))
             for msg_id, (sender, subject) in zip(chunk, pipe.execute(), strict=True):
                 if sender is None and subject is None:
                     continue
@@ -231,5 +240,5 @@ def unseen_count(r: redis.Redis, address: str, folder: str, limit: int = 1000) -
 def note_local_recipients(r: redis.Redis, address: str, msg_id: str, recipients: list[str]) -> None:
     """Record, on a sent message, which recipients had a mailbox here (display only)."""
     if recipients:
-        r.hset(keys.message(address, msg_id), "local", " ".join(recipients))
+        r.hset(keys.message(address, msg_id), F.LOCAL, " ".join(recipients))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import dkim
 
 from fallback.errors import ConfigError
+from fallback.mailbox import headers
 
 # Headers a signature covers when the message has them (RFC 6376 5.4.1's recommendation).
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
@@ -45,7 +46,8 @@ class Signer:
         key = self.key_for(domain)
         if key is None:
             return raw
-        present = [h for h in SIGNED_HEADERS if _has_header(raw, h)]
+        names = headers.names(raw)
+        present = [h for h in SIGNED_HEADERS if h.decode() in names]
         try:
             signature = dkim.sign(raw, self.selector.encode("ascii"), domain.encode("ascii"), key,
                                   include_headers=present or [b"from"])
@@ -54,8 +56,3 @@ class Signer:
                               f"{exc}") from None
         return bytes(signature) + raw
 
-
-def _has_header(raw: bytes, name: bytes) -> bool:
-    end = raw.find(b"\r\n\r\n")
-    head = (raw if end < 0 else raw[:end]).lower()
-    return head.startswith(name + b":") or (b"\n" + name + b":") in head

@@ -15,10 +15,9 @@ import re
 import time
 import uuid
 from email.message import Message
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # outbound imports this module at run time
-    from fallback.queues.outbound import Record
+from fallback.mailbox import headers
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 HEADERS_LIMIT = 64 * 1024
@@ -32,12 +31,17 @@ def status_of(reply: str, code: int) -> str:
     return "5.0.0" if 500 <= code < 600 else "4.0.0"
 
 
+class Record(Protocol):
+    """What a notice is built from: the delivery record (fallback.queues.outbound.Record)."""
+
+    sender: str
+    msg_id: str
+    created: float
+    rcpts: dict[str, dict[str, Any]]
+
+
 def original_headers(raw: bytes) -> bytes:
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw if end < 0 else raw[:end]
-    return head[:HEADERS_LIMIT]
+    return headers.block(raw)[:HEADERS_LIMIT]
 
 
 def _date(ts: float) -> str:

@@ -1,7 +1,8 @@
 """The forward queue: mail for users whose mailstore is healthy, handed on to the main system.
 
 Intake (the receiver, in the same atomic write as any mailbox copies of the
-message, see `accept_async`):
+message, see `accept_async`; the webmail, one recipient at a time, see
+`enqueue`), for each recipient routing.decide sends here:
 
 * a record per recipient, `fwdq:{fN}:r:<rcpt>:<id>` (its shard's slot, so the
   record, its stream entry and its retry member change in one transaction
@@ -40,6 +41,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
@@ -56,7 +58,6 @@ from fallback.redisconn import is_cluster
 log = logging.getLogger(__name__)
 
 GROUP = keys.FORWARD_GROUP
-
 
 
 def queue_retry(pipe: Any, recipient: str, msg_id: str, due: float) -> None:
@@ -79,6 +80,20 @@ def queue_forward(pipe: Any, recipient: str, msg_id: str, raw: bytes, sender: st
         "v": keys.SCHEMA_VERSION, "raw": raw, "sender": sender, "rcpt": recipient,
         "created": now, "attempts": 0})
     pipe.xadd(keys.forward_stream(recipient), {"a": recipient, "id": msg_id})
+
+
+def enqueue(r: redis.Redis, recipients: list[str], msg_id: str, raw: bytes, sender: str) -> None:
+    """The webmail's write: each recipient's record and stream entry in one MULTI/EXEC.
+
+    Record and entry share the shard's hash tag, so each transaction stays in
+    one slot on a Redis Cluster too; a second recipient is a second
+    transaction.  Raises on the first failure (the recipients before it are queued).
+    """
+    now = time.time()
+    for rcpt in recipients:
+        with r.pipeline(transaction=True) as pipe:
+            queue_forward(pipe, rcpt, msg_id, raw, sender, now)
+            pipe.execute()
 
 
 # The intake's write of one forward: the record and its stream entry (one slot).  KEYS: the
@@ -194,8 +209,7 @@ class Forwarder(reliable.StreamWorker):
             # Attempts that never finished (crashes): wait the longest interval, not a crash loop.
             log.error("forward: %s for %s was taken up %d times without finishing; next try in %gs",
                       e.msg_id, e.recipient, runs - 1, self.s.forward_retry_max_interval)
-            self.mail.event("alert", id=e.msg_id, to=e.recipient, route="forward",
-                            reason=f"{runs - 1} unfinished attempts")
+            self.mail.alert(e.msg_id, e.recipient, route="forward", reason=f"{runs - 1} unfinished attempts")
             await self.r.hset(rec, "runs", 0)
             await self._finish(e, time.time() + self.s.forward_retry_max_interval)
             return
@@ -208,8 +222,8 @@ class Forwarder(reliable.StreamWorker):
                 pipe.xack(e.stream, GROUP, e.entry_id)
                 pipe.xdel(e.stream, e.entry_id)
                 await pipe.execute()
-            self.mail.event("sent", id=e.msg_id, **{"from": sender}, to=e.recipient, route="forward",
-                            relay=self.hop.name, attempts=attempts + 1, reply=reply.text)
+            self.mail.forwarded(e.msg_id, sender, e.recipient, reply=reply.text, peer=self.hop.name,
+                                attempts=attempts + 1)
             return
         await self._defer(e, rec, sender, created, attempts + 1, reply, now, f)
 
@@ -227,19 +241,20 @@ class Forwarder(reliable.StreamWorker):
             pipe.xack(e.stream, GROUP, e.entry_id)
             pipe.xdel(e.stream, e.entry_id)
             await pipe.execute()
-        self.mail.event("deferred", id=e.msg_id, **{"from": sender}, to=e.recipient, route="forward",
-                        attempts=attempts, retry_in=round(delay, 1), reply=reply.text)
+        self.mail.deferred(e.msg_id, sender, e.recipient, route="forward", reply=reply.text,
+                           peer=self.hop.name, attempts=attempts, retry_in=round(delay, 1),
+                           reason="temporary failure, retried")
         if reply.permanent:
             # Never bounced: the recipient is a provisioned user, so the main system refusing
             # them is a configuration problem for the operator, and the mail waits for the fix.
             log.error("forward: next hop %s refused %s for %s permanently (%s); kept and retried",
                       self.hop.name, e.msg_id, e.recipient, reply.text)
-            self.mail.event("alert", id=e.msg_id, to=e.recipient, route="forward", reply=reply.text,
+            self.mail.alert(e.msg_id, e.recipient, route="forward", reply=reply.text,
                             reason="permanent refusal, kept and retried")
         if alert_age:
             log.warning("forward: %s for %s has waited %.0fs (over forward_alert_age); still trying",
                         e.msg_id, e.recipient, age)
-            self.mail.event("alert", id=e.msg_id, to=e.recipient, route="forward", age=round(age),
+            self.mail.alert(e.msg_id, e.recipient, route="forward", age=round(age),
                             reason="waiting longer than forward_alert_age")
 
     async def _finish(self, e: Entry, retry_at: float | None) -> None:
@@ -250,7 +265,6 @@ class Forwarder(reliable.StreamWorker):
             pipe.xack(e.stream, GROUP, e.entry_id)
             pipe.xdel(e.stream, e.entry_id)
             await pipe.execute()
-
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import email.utils
 import json
 import random
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from fallback.redisconn import is_cluster
 
 QUEUED, DEFERRED, DELIVERED, FAILED = "queued", "deferred", "delivered", "failed"
 FINAL = (DELIVERED, FAILED)
-RETRY_BASE = 60.0
 RCPT_PREFIX = "rcpt:"
 
 
@@ -43,25 +41,13 @@ def _text(value: Any) -> str:
 
 # --- the bytes that are sent -------------------------------------------------------------
 
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
-
-
-def header_names(raw: bytes) -> set[str]:
-    """Lower-case names of the header fields (up to the first empty line)."""
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw if end < 0 else raw[:end + 1]
-    return {m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(head)}
-
-
 def ensure_headers(raw: bytes, sender: str, msg_id: str, when: float) -> bytes:
     """Prepend Message-ID and Date when the message lacks them (RFC 5322 3.6 wants both).
 
     Deterministic for one message (the id and the submit time), so a retry or
     the worker's belt-and-braces call produce the same bytes as the Sent copy.
     """
-    names = header_names(raw)
+    names = headers.names(raw)
     eol = b"\r\n" if b"\r\n" in raw[:4096] or not raw else b"\n"
     add = b""
     if "message-id" not in names:
@@ -371,8 +357,8 @@ def delete(r: redis.Redis, msg_id: str, hostname: str, lease_ttl: float) -> Queu
             notice = None
             rec.rcpts.update(updates)
             if updates:
-                raw = r.hget(keys.message(item.sender, msg_id), "raw") or b""
-                notice = (ids.new_id(), dsn.build(hostname, rec, list(updates), raw, None))  # type: ignore[arg-type]
+                raw: Any = r.hget(keys.message(item.sender, msg_id), fields.RAW) or b""
+                notice = (ids.new_id(), dsn.build(hostname, rec, list(updates), bytes(raw), None))
             clustered = is_cluster(r)
             with r.pipeline(transaction=True) as pipe:
                 queue_outcome(pipe, rec, updates, now, notice, stats=not clustered)

@@ -155,18 +155,18 @@ class Worker(reliable.StreamWorker):
                 new = {**st, "attempts": attempts, "reply": reply.text, "code": reply.code, "last": now}
                 if reply.accepted:
                     new.update(state=DELIVERED, next=0)
-                    self.mail.event("sent", id=msg_id, sender=sender, rcpt=address,
-                                    relay=self.smarthost.name, reply=reply.text)
+                    self.mail.sent(msg_id, sender, address, reply=reply.text, peer=self.smarthost.name,
+                                   attempts=attempts)
                 elif reply.permanent:
                     new.update(state=FAILED, next=0)
                     failed.append(address)
-                    self.mail.event("bounced", id=msg_id, sender=sender, rcpt=address, reply=reply.text)
+                    self.mail.bounced(msg_id, sender, address, reply=reply.text)
                 else:
                     delay = outbound.backoff(attempts, self.s.retry_base, self.s.retry_max_interval)
                     new.update(state=DEFERRED, next=min(now + delay, deadline))
-                    self.mail.event("deferred", id=msg_id, sender=sender, rcpt=address,
-                                    attempts=attempts, retry_in=round(new["next"] - now, 1),
-                                    reply=reply.text)
+                    self.mail.deferred(msg_id, sender, address, reason="temporary failure, retried",
+                                       route="outbound", reply=reply.text, attempts=attempts,
+                                       retry_in=round(new["next"] - now, 1))
                 updates[address] = new
         notice = None
         if failed:
@@ -181,8 +181,9 @@ class Worker(reliable.StreamWorker):
             await delivery.count_stored_async(
                 self.r, [delivery.Delivery(rec.sender, rec.mailstore)], len(notice[1]))
         if notice is not None:
-            self.mail.event("failed", id=msg_id, sender=sender, rcpts=",".join(failed),
-                            notice=notice[0])
+            for address in failed:
+                self.mail.failed(msg_id, sender, address, reason="refused by the smarthost; the sender "
+                                 "was sent a notice", stage="outbound", notice=notice[0])
         await self._ack(stream, entry_id, sender, msg_id, None if finished else rec.next_due())
 
     async def _send(self, rec: Record, due: list[str], raw: bytes) -> dict[str, Reply]:
@@ -218,7 +219,7 @@ class Worker(reliable.StreamWorker):
             pipe.xack(stream, keys.OUTBOUND_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
-        self.mail.event("failed", id=msg_id, sender=sender, reason=f"parked as dead letter: {reason}")
+        self.mail.failed(msg_id, sender, None, reason=f"parked as dead letter: {reason}", stage="outbound")
 
 
 

@@ -6,7 +6,8 @@ SPECIAL-USE discovery, APPEND with flags and INTERNALDATE (reading APPENDUID),
 UID SEARCH / STORE / MOVE.  Two kinds of failure are kept apart because
 exactly-once depends on it: `ServerRefused` means the server answered NO/BAD
 (the command certainly did nothing), `ConnectionLost` means the outcome is
-unknown (an APPEND may or may not have been stored).
+unknown (an APPEND may or may not have been stored).  It uses aioimaplib's
+public client only; what reaches under it is in imap_adapter.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 import aioimaplib
 
 from fallback.errors import ConfigError, ReconcileError
+from fallback.reconcile import imap_adapter as adapter
 
 T = TypeVar("T")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
@@ -164,13 +166,8 @@ class Session:
             # aioimaplib leaves commands waiting (until their timeout) when the socket dies:
             # fail them now, so an APPEND in flight ends at once as "outcome unknown".
             lost.set()
-            proto = holder[0].protocol if holder else None
-            if proto is None:
-                return
-            for cmd in [proto.pending_sync_command, *proto.pending_async_commands.values()]:
-                if cmd is not None and not cmd._event.is_set():
-                    cmd._exception = ConnectionLost("connection closed")
-                    cmd.close(b"connection closed", "BYE")
+            if holder:
+                adapter.fail_pending(holder[0], lambda: ConnectionLost("connection closed"))
 
         ctx: ssl.SSLContext | None = None
         if target.tls:
@@ -180,8 +177,7 @@ class Session:
                   aioimaplib.IMAP4(target.host, target.port, timeout=target.timeout, conn_lost_cb=on_lost))
         holder.append(client)
         if target.tls:
-            # IMAP4_SSL takes no callback argument; the protocol has the same hook.
-            client.protocol.conn_lost_cb = on_lost
+            adapter.set_lost_callback(client, on_lost)
         session = cls(target, client, lost)
         try:
             await session._call(client.wait_hello_from_server(), "connect")
@@ -191,25 +187,25 @@ class Session:
         return session
 
     async def _login(self, user: str, master: str, password: str, separator: str) -> None:
-        proto = self.client.protocol
+        # Our own LOGIN: aioimaplib's login() would quote the password but not the user.
         if separator:
             who = f"{user}{separator}{master}"
-            cmd = aioimaplib.Command("LOGIN", proto.new_tag(), quote(who), quote(password), loop=proto.loop)
+            cmd = adapter.command(self.client, "LOGIN", quote(who), quote(password))
         else:
             # SASL PLAIN: authorization id = the user, authentication id = the master.
             who = f"{master} as {user}"
             blob = base64.b64encode(f"{user}\0{master}\0{password}".encode()).decode()
-            cmd = aioimaplib.Command("AUTHENTICATE", proto.new_tag(), "PLAIN", blob, loop=proto.loop)
-        response = await self._call(proto.execute(cmd, scrub=password), "login")
+            cmd = adapter.command(self.client, "AUTHENTICATE", "PLAIN", blob)
+        response = await self._call(adapter.execute(self.client, cmd, scrub=password), "login")
         if response.result != "OK":
             raise ServerRefused(f"login as {who} refused by {self.target}: {_text(response)}")
-        proto.state = aioimaplib.AUTH
+        adapter.mark_authenticated(self.client)
         # Dovecot (and most servers) list the capabilities in the LOGIN reply: no round trip.
         m = re.search(rb"\[CAPABILITY ([^\]]+)\]", b" ".join(bytes(x) for x in response.lines))
         if m:
-            proto.capabilities = set(m.group(1).decode("ascii", "replace").split())
+            adapter.set_capabilities(self.client, set(m.group(1).decode("ascii", "replace").split()))
         else:
-            await self._call(proto.capability(), "CAPABILITY")
+            await self._call(adapter.refresh_capabilities(self.client), "CAPABILITY")
 
     async def _call(self, aw: Awaitable[T], what: str, timed: bool = True) -> T:
         """Run one command; a dead or silent connection becomes ConnectionLost.
@@ -233,7 +229,7 @@ class Session:
             raise ConnectionLost(f"{what}: {exc} ({self.target})") from None
 
     def has(self, capability: str) -> bool:
-        return capability.upper() in {c.upper() for c in self.client.protocol.capabilities}
+        return capability.upper() in {c.upper() for c in adapter.capabilities(self.client)}
 
     async def folders(self) -> list[Folder]:
         pattern = '"*" RETURN (SPECIAL-USE)' if self.has("SPECIAL-USE") else '"*"'
@@ -257,14 +253,14 @@ class Session:
         """SELECT (or EXAMINE) a mailbox; returns its UIDVALIDITY."""
         if self.selected == name and self.readonly == readonly and self.uidvalidity is not None:
             return self.uidvalidity
-        proto = self.client.protocol
         verb = "EXAMINE" if readonly else "SELECT"
-        cmd = aioimaplib.Command(verb, proto.new_tag(), quote(name), loop=proto.loop)
-        response = await self._call(proto.execute(cmd), verb)
+        # Our own command: aioimaplib's examine() would not change the state to SELECTED.
+        cmd = adapter.command(self.client, verb, quote(name))
+        response = await self._call(adapter.execute(self.client, cmd), verb)
         if response.result != "OK":
             self.selected = None
             raise ServerRefused(f"{verb} {decode_mailbox(name)!r} refused: {_text(response)}")
-        proto.state = aioimaplib.SELECTED
+        adapter.mark_selected(self.client)
         validity = None
         for line in response.lines:
             m = _UIDVALIDITY.search(bytes(line))
@@ -280,11 +276,12 @@ class Session:
         """APPEND; returns (UIDVALIDITY, UID) from APPENDUID, or (None, None) without UIDPLUS."""
         when = dt.datetime.fromtimestamp(ts_ms // 1000, dt.UTC)
         flag_text = "(" + " ".join(imap_flags(flags)) + ")"
-        proto = self.client.protocol
-        if self.has("LITERAL+") and proto.pending_sync_command is None and not proto.pending_async_commands:
-            aw = self._append_literal_plus(quote(folder), flag_text, aioimaplib.time2internaldate(when), raw)
+        if self.has("LITERAL+") and adapter.no_command_pending(self.client):
+            # Saves the wait for the server's "+" on every message (RFC 7888).
+            aw = adapter.append_literal_plus(self.client, quote(folder), flag_text,
+                                             aioimaplib.time2internaldate(when), raw, self.target.timeout)
         else:
-            aw = proto.append(raw, quote(folder), flag_text, when, timeout=self.target.timeout)
+            aw = self.client.append(raw, quote(folder), flag_text, when)
         response = await self._call(aw, "APPEND", timed=False)
         if response.result != "OK":
             raise ServerRefused(_text(response))
@@ -293,24 +290,6 @@ class Session:
             if m:
                 return int(m.group(1)), int(m.group(2))
         return None, None
-
-    async def _append_literal_plus(self, box: str, flags: str, date: str, raw: bytes) -> Any:
-        """APPEND with a non-synchronizing literal (RFC 7888): command and message in one write.
-
-        Saves the wait for the server's "+" on every message.  aioimaplib has no LITERAL+, so
-        this does what its `execute` does for a sync command, with the literal sent at once.
-        """
-        proto = self.client.protocol
-        cmd = aioimaplib.Command("APPEND", proto.new_tag(), box, flags, date, f"{{{len(raw)}+}}",
-                                 loop=proto.loop, timeout=self.target.timeout)
-        proto.pending_sync_command = cmd
-        proto.transport.write(str(cmd).encode() + b"\r\n" + raw + b"\r\n")
-        try:
-            await cmd.wait()
-        except aioimaplib.CommandTimeout:
-            proto.pending_sync_command = None
-            raise
-        return cmd.response
 
     async def find(self, folder: str, msg_id: str, ts_ms: int) -> list[int]:
         """UIDs in `folder` whose Received: header carries our unique id (never sender data)."""
@@ -330,22 +309,22 @@ class Session:
             if not flags:
                 continue
             response = await self._call(
-                self.client.protocol.store(str(uid), op, "(" + " ".join(flags) + ")", by_uid=True),
-                "UID STORE")
+                self.client.uid("STORE", str(uid), op, "(" + " ".join(flags) + ")"), "UID STORE")
             if response.result != "OK":
                 raise ServerRefused(f"UID STORE refused: {_text(response)}")
 
     async def move(self, uid: int, dest: str) -> int | None:
         """Move one message of the selected folder; returns its new UID when the server says (COPYUID)."""
-        proto = self.client.protocol
         if self.has("MOVE"):
-            response = await self._call(proto.move(str(uid), quote(dest), by_uid=True), "UID MOVE")
+            response = await self._call(self.client.uid("MOVE", str(uid), quote(dest)), "UID MOVE")
         else:
-            response = await self._call(proto.copy(str(uid), quote(dest), by_uid=True), "UID COPY")
+            response = await self._call(self.client.uid("COPY", str(uid), quote(dest)), "UID COPY")
             if response.result == "OK":
                 await self.store_flags(uid, ["\\Deleted"], [])
                 if self.has("UIDPLUS"):
-                    await self._call(proto.expunge(str(uid), by_uid=True), "UID EXPUNGE")
+                    # Our own command: aioimaplib's uid("EXPUNGE") matches UIDPLUS case-sensitively.
+                    expunge = adapter.command(self.client, "EXPUNGE", str(uid), prefix="UID")
+                    await self._call(adapter.execute(self.client, expunge), "UID EXPUNGE")
         if response.result != "OK":
             raise ServerRefused(f"moving to {decode_mailbox(dest)!r} refused: {_text(response)}")
         for line in response.lines:
@@ -356,12 +335,10 @@ class Session:
 
     async def close(self) -> None:
         """LOGOUT without waiting for the goodbye: nothing we need comes back."""
-        transport = self.client.protocol.transport
-        if transport is not None and not self._lost.is_set():
+        if not self._lost.is_set():
             with contextlib.suppress(Exception):
-                transport.write(f"{self.client.protocol.new_tag()} LOGOUT\r\n".encode())
-        if transport is not None:
-            transport.close()
+                adapter.write_raw(self.client, f"{adapter.new_tag(self.client)} LOGOUT\r\n".encode())
+        adapter.drop_connection(self.client)
 
     async def __aenter__(self) -> Session:
         return self

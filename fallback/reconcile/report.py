@@ -1,6 +1,6 @@
 """What a reconcile run reports: per mailbox and in total, as a table, JSON and progress.
 
-The engine (fallback/reconcile.py) fills these in; `fallback reconcile` prints
+The engine (fallback/reconcile/reconciler.py and job.py) fills these in; `fallback reconcile` prints
 the summary, writes the JSON report, and feeds the progress bar through a
 `ProgressSink`.
 """

@@ -1,0 +1,293 @@
+"""One mailbox's reconcile run: its IMAP session, its folder names, and each message's step.
+
+A chunk of pending ids is read, then each message is appended (pending), looked
+up (appending: the last run may have stored it), or brought up to date (done:
+moved, flags changed).  `appending` is written (durably) before the APPEND is
+sent, and `done` after the server's OK.  A message still `appending` at the
+start of a run may or may not be in the main store (the last run died, or its
+connection broke, between the two): it is looked up with UID SEARCH HEADER
+Received <id> -- our own unique id, never a sender-controlled string -- and
+appended only if absent.  The Redis side is fallback/reconcile/state.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from fallback.mailbox.fields import (
+    APPENDING,
+    DONE,
+    FAILED,
+    INBOX,
+    RBOX,
+    RERROR,
+    RFLAGS,
+    RFOLDER,
+    RSTATE,
+    RTS,
+    RUID,
+    RUIDVALIDITY,
+    SENT,
+    TRASH,
+)
+from fallback.maillog import MailLog
+from fallback.reconcile.imap import ConnectionLost, ServerRefused, Session, decode_mailbox, encode_mailbox
+from fallback.reconcile.report import Failure, MailboxReport
+from fallback.reconcile.state import NEVER, Item, Record, size_batches
+
+if TYPE_CHECKING:
+    from fallback.reconcile.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+RAW_BATCH_BYTES = 8 * 1024 * 1024  # raw bytes fetched from Redis at once
+_ROLES = {SENT: "\\sent", TRASH: "\\trash"}
+
+
+class MailboxJob:
+    """The state of one mailbox's run: its session, folder names and pending outcomes."""
+
+    def __init__(self, rec: Reconciler, session: Session, address: str, report: MailboxReport) -> None:
+        self.rec = rec
+        self.states = rec.states
+        self.s = session
+        self.address = address
+        self.report = report
+        self.boxes: dict[str, str] = {INBOX: "INBOX"}
+        self.existing: set[str] = set()
+        self.resolved = False
+        self.outcomes: list[Record] = []
+        self.writing: asyncio.Future[None] | None = None
+
+    @property
+    def maillog(self) -> MailLog:
+        return self.rec.maillog
+
+    # -- folders --------------------------------------------------------------------------
+
+    async def resolve_folders(self) -> None:
+        """Sent/Trash: the server's SPECIAL-USE mailboxes, else the configured names.
+
+        Done on the first need only: a mailbox with nothing but INBOX mail costs no LIST.
+        """
+        self.resolved = True
+        folders = await self.s.folders()
+        self.existing = {f.name for f in folders}
+        for folder, role in _ROLES.items():
+            found = next((f.name for f in folders if role in f.attributes), None)
+            configured = (self.rec.settings.reconcile_sent_folder if folder == SENT
+                          else self.rec.settings.reconcile_trash_folder)
+            self.boxes[folder] = found or encode_mailbox(configured)
+
+    async def box(self, folder: str) -> str:
+        """The main-store mailbox of a fallback folder, created on first use."""
+        if folder != INBOX and not self.resolved:
+            await self.resolve_folders()
+        name = self.boxes.get(folder, "INBOX")
+        if name.upper() != "INBOX" and name not in self.existing:
+            self.report.folders_created.append(decode_mailbox(name))
+            if not self.rec.dry_run:
+                await self.s.create(name)
+            self.existing.add(name)
+        return name
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    async def chunk(self, ids: list[str]) -> None:
+        items: list[Item] = []
+        for msg_id, item in zip(ids, await self.states.items(self.address, ids), strict=True):
+            if item is None:
+                if not self.rec.dry_run:
+                    await self.states.forget(self.address, msg_id)
+            else:
+                items.append(item)
+
+        to_append: list[Item] = []
+        to_update: list[Item] = []
+        for item in items:
+            if item.rstate == APPENDING:
+                if await self._recover(item):
+                    to_update.append(item)
+                else:
+                    to_append.append(item)
+            elif item.rstate == DONE:
+                to_update.append(item)
+            else:
+                to_append.append(item)
+
+        if self.rec.dry_run:
+            self.report.would_append += len(to_append)
+            for item in to_update:
+                if await self._changed(item):
+                    self.report.would_update += 1
+            for item in to_append:
+                await self.box(item.folder)
+            self.rec.progress.messages(len(items))
+            return
+
+        try:
+            await self._append_all(to_append)
+            for item in to_update:
+                await self._update(item)
+        finally:
+            await self._flush()
+
+    async def _recover(self, item: Item) -> bool:
+        """A message left `appending`: is it already in the main store?  True when found."""
+        box = item.rbox or await self.box(item.folder)
+        if box.upper() != "INBOX" and not self.resolved:
+            await self.resolve_folders()
+        if box not in self.existing and box.upper() != "INBOX":
+            return False
+        uids = await self.s.find(box, item.id, item.ts)
+        if not uids:
+            return False
+        if len(uids) > 1:
+            log.warning("%s: id %s found %d times in %s", self.address, item.id, len(uids), box)
+        self.report.already_present += 1
+        # What was appended: the box and flags written with the `appending` mark.
+        item.rstate, item.rbox, item.ruidvalidity, item.ruid = DONE, box, self.s.uidvalidity, uids[0]
+        item.rfolder = item.rfolder or item.folder
+        self.maillog.reconciled(item.id, self.address, outcome="already-present", folder=decode_mailbox(box))
+        return True
+
+    async def _changed(self, item: Item) -> bool:
+        if item.rfolder != item.folder or set(item.rflags.split()) != set(item.flag_list):
+            return True
+        return item.rbox != await self.box(item.folder)
+
+    def _done(self, item: Item) -> None:
+        """Queue the `done` record of what the main store now holds for this message."""
+        self.outcomes.append(Record(item.id, item.rfolder, item.rflags, {
+            RSTATE: DONE, RBOX: item.rbox, RFOLDER: item.rfolder, RFLAGS: item.rflags,
+            RUIDVALIDITY: "" if item.ruidvalidity is None else item.ruidvalidity,
+            RUID: "" if item.ruid is None else item.ruid,
+            RTS: int(time.time() * 1000), RERROR: "",
+        }))
+
+    def _fail(self, item: Item, reason: str, state: str) -> None:
+        self.report.failed.append(Failure(item.id, item.folder, reason))
+        self.outcomes.append(Record(item.id, NEVER, "", {RSTATE: state, RERROR: reason}))
+        self.maillog.failed(item.id, None, self.address, reason=reason, stage="reconcile")
+
+    async def _flush(self) -> None:
+        """Write the chunk's outcomes in the background while the next chunk goes on.
+
+        Safe to overlap: until it lands, those messages read as `appending`, which a
+        later run resolves by looking them up.
+        """
+        await self.settle()
+        if self.outcomes:
+            self.writing = asyncio.ensure_future(self.states.record(self.address, self.outcomes))
+            self.outcomes = []
+
+    async def settle(self) -> None:
+        """Wait for the background write; also writes anything still queued."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            await writing
+        if self.outcomes:
+            outcomes, self.outcomes = self.outcomes, []
+            await self.states.record(self.address, outcomes)
+
+    # -- APPEND ------------------------------------------------------------------------------
+
+    async def _append_all(self, items: list[Item]) -> None:
+        if not items:
+            return
+        # Durable `appending` marks (with the box and flags about to be written) before any APPEND.
+        marks = []
+        for item in items:
+            item.rbox = await self.box(item.folder)
+            item.rfolder, item.rflags = item.folder, item.flags
+            marks.append(Record(item.id, NEVER, "", {RSTATE: APPENDING, RBOX: item.rbox,
+                                                     RFOLDER: item.rfolder, RFLAGS: item.rflags}))
+        await self.states.record(self.address, marks)
+        attempted = 0
+        try:
+            for batch in size_batches(items, RAW_BATCH_BYTES):
+                raws = await self.states.raws(self.address, batch)
+                for item, raw in zip(batch, raws, strict=True):
+                    attempted += 1
+                    if raw is None:
+                        continue  # deleted meanwhile: the record script drops it from pending
+                    await self._append(item, raw)
+        except ConnectionLost:
+            # Sent-but-unanswered stays `appending` (looked up next run); never-sent goes back.
+            await self.states.unmark(self.address, items[attempted:])
+            raise
+
+    async def _append(self, item: Item, raw: bytes) -> None:
+        try:
+            validity, uid = await self.s.append(item.rbox, raw, item.flag_list, item.ts)
+        except ServerRefused as exc:
+            self._fail(item, exc.reason, FAILED)
+            self.rec.progress.messages(1)
+            return
+        except ConnectionLost as exc:
+            reason = (f"connection lost during APPEND ({exc.reason}): outcome unknown, the next run "
+                      "looks it up by id before appending again")
+            self.report.failed.append(Failure(item.id, item.folder, reason))
+            self.outcomes.append(Record(item.id, NEVER, "", {RERROR: reason}))
+            raise
+        item.rstate, item.ruidvalidity, item.ruid = DONE, validity, uid
+        self.report.appended += 1
+        self._done(item)
+        if self.rec.log_on:   # the hot path: skip formatting a line nobody will see
+            self.maillog.reconciled(item.id, self.address, outcome="appended",
+                                    folder=decode_mailbox(item.rbox), uid=uid)
+        self.rec.progress.messages(1)
+
+    # -- changes after a message was reconciled ------------------------------------------------
+
+    async def _update(self, item: Item) -> None:
+        if not await self._changed(item):
+            self._done(item)   # nothing to do: takes the id off the pending list
+            self.rec.progress.messages(1)
+            return
+        target = await self.box(item.folder)
+        try:
+            uid = await self._locate(item)
+            if uid is None:
+                # Gone from where we put it (mailbox re-created, restored from a backup):
+                # the fallback copy is the only one left, so it goes in again.
+                await self._append_all([item])
+                return
+            if item.rbox != target:
+                new_uid = await self.s.move(uid, target)
+                item.rbox = target
+                uid = new_uid
+                validity = await self.s.select(target)
+                if uid is None:
+                    found = await self.s.find(target, item.id, item.ts)
+                    uid = found[0] if found else None
+                item.ruidvalidity, item.ruid = validity, uid
+            add = [f for f in item.flag_list if f not in item.rflags.split()]
+            remove = [f for f in item.rflags.split() if f not in item.flag_list]
+            if uid is not None and (add or remove):
+                await self.s.select(item.rbox)
+                await self.s.store_flags(uid, add, remove)
+        except ServerRefused as exc:
+            self._fail(item, exc.reason, DONE)
+            self.rec.progress.messages(1)
+            return
+        item.rfolder, item.rflags = item.folder, item.flags
+        self.report.updated += 1
+        self._done(item)
+        self.maillog.reconciled(item.id, self.address, outcome="updated", folder=decode_mailbox(item.rbox),
+                                uid=item.ruid)
+        self.rec.progress.messages(1)
+
+    async def _locate(self, item: Item) -> int | None:
+        """The message's UID in rbox: the recorded one while UIDVALIDITY holds, else by id."""
+        validity = await self.s.select(item.rbox)
+        if item.ruid is not None and item.ruidvalidity == validity:
+            return item.ruid
+        found = await self.s.find(item.rbox, item.id, item.ts)
+        if not found:
+            return None
+        item.ruidvalidity, item.ruid = validity, found[0]
+        return found[0]

@@ -1,0 +1,71 @@
+"""The mail log's one vocabulary: every typed event writes the same keys in every process."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fallback.maillog import FIELDS, LOGGER_NAME, MailLog
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def keys_of(line: str) -> list[str]:
+    return re.findall(r'(?:^| )(\w+)=(?:"(?:[^"\\]|\\.)*"|\S*)', line)
+
+
+def test_every_event_uses_from_and_to_and_only_the_declared_keys():
+    logger = logging.getLogger(LOGGER_NAME + ".test")
+    logger.setLevel(logging.INFO)
+    sink = Lines()
+    logger.addHandler(sink)
+    log = MailLog(logger)
+    a, b = "s@remote.test", "alice@example.com"
+    log.received("I1", a, b, size=10, peer="192.0.2.1", took="1.0ms")
+    log.queued("I2", a, b, route="forward", size=10, peer="192.0.2.1")
+    log.queued("I3", b, "x@remote.test", route="outbound", via="webmail")
+    log.rejected("I4", a, b, outcome="550 5.1.1", reason="not provisioned", peer="192.0.2.1")
+    log.sent("I5", b, "x@remote.test", reply="250 ok", peer="smarthost:25")
+    log.deferred("I6", a, b, reason="temporary failure, retried", route="forward", retry_in=60.0)
+    log.bounced("I7", b, "x@remote.test", reply="550 no such user")
+    log.forwarded("I8", a, b, reply="250 ok", peer="mx:25")
+    log.reconciled("I9", b, outcome="appended", folder="INBOX", uid=7)
+    log.failed("I10", b, "x@remote.test", reason="refused", stage="outbound", notice="N1")
+    log.alert("I11", b, reason="old", route="forward", age=3600)
+    log.login(b, "192.0.2.9")
+    log.login(b, "192.0.2.9", outcome="failed")
+    logger.removeHandler(sink)
+    assert len(sink.lines) == 13
+    for line in sink.lines:
+        names = keys_of(line)
+        assert names[0] == "event"
+        assert set(names[1:]) <= set(FIELDS), line
+        assert "sender" not in names and "rcpt" not in names, line
+    by_event: dict[str, str] = {}
+    for line in sink.lines:
+        by_event.setdefault(line.split()[0], line)
+    # Every message event names its recipient as to=, so one grep finds a message's whole life.
+    for event in ("received", "queued", "rejected", "deferred", "forwarded", "reconciled"):
+        assert f"to={b}" in by_event[f"event={event}"], event
+    assert f"from={a}" in by_event["event=forwarded"] and f"from={b}" in by_event["event=sent"]
+    assert by_event["event=login"].startswith("event=login user=alice@example.com ip=192.0.2.9")
+    assert "event=login-failed" in by_event
+
+
+def test_the_null_sender_is_written_the_same_everywhere():
+    logger = logging.getLogger(LOGGER_NAME + ".null")
+    logger.setLevel(logging.INFO)
+    sink = Lines()
+    logger.addHandler(sink)
+    log = MailLog(logger)
+    log.received("I1", "", "alice@example.com")
+    log.forwarded("I2", "<>", "alice@example.com", reply="250 ok")
+    logger.removeHandler(sink)
+    assert all(" from=<> " in line for line in sink.lines), sink.lines

@@ -1,0 +1,62 @@
+"""What a request of the webmail needs: the one `WebState` of the app, and `state()` to get it.
+
+Made by `create_app` from the settings and kept in the app's extensions, so
+no module holds a global.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+from flask import current_app
+
+from fallback.config import Settings
+from fallback.mailbox import directory, passwords
+from fallback.ops import failover, metrics
+from web.sessions import SessionStore
+from web.throttle import LoginThrottle
+
+
+@dataclass
+class WebState:
+    settings: Settings
+    r: redis.Redis
+    secret: str
+    sessions: SessionStore
+    throttle: LoginThrottle
+    # Password hashing is slow on purpose: a small pool bounds how much CPU a
+    # burst of log-ins can take from people reading their mail.
+    hasher: ThreadPoolExecutor
+    # The failover scope, re-read at most every failover_cache_ttl seconds.
+    scope: failover.ScopeCache = field(default_factory=lambda: failover.ScopeCache(2.0))
+    # Log-in counts, added to the shared ones in Redis now and then (web.monitoring).
+    counters: metrics.Counters = field(default_factory=metrics.Counters)
+    # The admin API's bearer token; None: the API is off.
+    admin_token: str | None = None
+    _buckets: int | None = None
+    _dummy: dict[str, str] = field(default_factory=dict)
+    # The stored hash of the last real account checked: unknown addresses are checked
+    # against it (result ignored), so they cost exactly what real ones cost, scheme
+    # and rounds included (Dovecot's SHA512-CRYPT uses 5,000 rounds, passlib's 656,000).
+    timing_hash: str | None = None
+
+    def directory(self) -> directory.Directory:
+        if self._buckets is None:
+            self._buckets = directory.ensure_buckets(self.r, self.settings.directory_buckets)
+        return directory.Directory(self.r, self._buckets)
+
+    def hash_for_unknown(self) -> str:
+        return self.timing_hash or self.dummy_hash()
+
+    def dummy_hash(self) -> str:
+        scheme = self.settings.password_scheme
+        if scheme not in self._dummy:
+            self._dummy[scheme] = passwords.dummy_hash(scheme)
+        return self._dummy[scheme]
+
+
+def state() -> WebState:
+    st: WebState = current_app.extensions["fallback"]
+    return st
