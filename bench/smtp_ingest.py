@@ -11,7 +11,7 @@ messages to each server, all started in this same run:
 - no-op: plain aiosmtpd whose handle_DATA answers 250 and stores nothing;
 - lean: the same with its DATA step answering 250 and storing (and logging)
   nothing.  The receiver reads SMTP with less work than stock aiosmtpd
-  (fallback/smtpsyntax.py), so this, not the no-op, shows what storing costs;
+  (fallback/intake/smtpsyntax.py), so this, not the no-op, shows what storing costs;
 - smtp-sink: Postfix's sink, the ceiling of an SMTP server that stores nothing.
 
 Each server runs in its own process (`--serve KIND PORT`).  Prints messages/s,

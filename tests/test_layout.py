@@ -8,6 +8,7 @@ so an import that would turn the layering around fails here first.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +90,13 @@ def test_every_module_says_what_it_owns():
     missing = [m for m, p in modules()
                if p.stat().st_size and ast.get_docstring(ast.parse(p.read_text())) is None]
     assert not missing, missing
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Layout"):readme.index("## Documentation")]
+    missing = [m for m, p in modules()
+               if m.startswith("fallback.") and p.stem != "__init__" and p.parent.name != "commands"
+               and p.stem != "__main__" and not re.search(rf"\b{p.stem}\b", block)]
+    assert not missing, missing
+

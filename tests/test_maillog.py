@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 
 from fallback.maillog import FIELDS, LOGGER_NAME, MailLog
 
@@ -17,16 +19,45 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def captured(name: str) -> Iterator[tuple[MailLog, list[str]]]:
+    """A MailLog on its own logger, and the lines it wrote."""
+    logger = logging.getLogger(f"{LOGGER_NAME}.{name}")
+    logger.setLevel(logging.INFO)
+    sink = Lines()
+    logger.addHandler(sink)
+    try:
+        yield MailLog(logger), sink.lines
+    finally:
+        logger.removeHandler(sink)
+
+
 def keys_of(line: str) -> list[str]:
     return re.findall(r'(?:^| )(\w+)=(?:"(?:[^"\\]|\\.)*"|\S*)', line)
 
 
 def test_every_event_uses_from_and_to_and_only_the_declared_keys():
-    logger = logging.getLogger(LOGGER_NAME + ".test")
-    logger.setLevel(logging.INFO)
-    sink = Lines()
-    logger.addHandler(sink)
-    log = MailLog(logger)
+    with captured("test") as (log, lines):
+        _every_event(log)
+    assert len(lines) == 13
+    a, b = "s@remote.test", "alice@example.com"
+    for line in lines:
+        names = keys_of(line)
+        assert names[0] == "event"
+        assert set(names[1:]) <= set(FIELDS), line
+        assert "sender" not in names and "rcpt" not in names, line
+    by_event: dict[str, str] = {}
+    for line in lines:
+        by_event.setdefault(line.split()[0], line)
+    # Every message event names its recipient as to=, so one grep finds a message's whole life.
+    for event in ("received", "queued", "rejected", "deferred", "forwarded", "reconciled"):
+        assert f"to={b}" in by_event[f"event={event}"], event
+    assert f"from={a}" in by_event["event=forwarded"] and f"from={b}" in by_event["event=sent"]
+    assert by_event["event=login"].startswith("event=login user=alice@example.com ip=192.0.2.9")
+    assert "event=login-failed" in by_event
+
+
+def _every_event(log: MailLog) -> None:
     a, b = "s@remote.test", "alice@example.com"
     log.received("I1", a, b, size=10, peer="192.0.2.1", took="1.0ms")
     log.queued("I2", a, b, route="forward", size=10, peer="192.0.2.1")
@@ -41,31 +72,10 @@ def test_every_event_uses_from_and_to_and_only_the_declared_keys():
     log.alert("I11", b, reason="old", route="forward", age=3600)
     log.login(b, "192.0.2.9")
     log.login(b, "192.0.2.9", outcome="failed")
-    logger.removeHandler(sink)
-    assert len(sink.lines) == 13
-    for line in sink.lines:
-        names = keys_of(line)
-        assert names[0] == "event"
-        assert set(names[1:]) <= set(FIELDS), line
-        assert "sender" not in names and "rcpt" not in names, line
-    by_event: dict[str, str] = {}
-    for line in sink.lines:
-        by_event.setdefault(line.split()[0], line)
-    # Every message event names its recipient as to=, so one grep finds a message's whole life.
-    for event in ("received", "queued", "rejected", "deferred", "forwarded", "reconciled"):
-        assert f"to={b}" in by_event[f"event={event}"], event
-    assert f"from={a}" in by_event["event=forwarded"] and f"from={b}" in by_event["event=sent"]
-    assert by_event["event=login"].startswith("event=login user=alice@example.com ip=192.0.2.9")
-    assert "event=login-failed" in by_event
 
 
 def test_the_null_sender_is_written_the_same_everywhere():
-    logger = logging.getLogger(LOGGER_NAME + ".null")
-    logger.setLevel(logging.INFO)
-    sink = Lines()
-    logger.addHandler(sink)
-    log = MailLog(logger)
-    log.received("I1", "", "alice@example.com")
-    log.forwarded("I2", "<>", "alice@example.com", reply="250 ok")
-    logger.removeHandler(sink)
-    assert all(" from=<> " in line for line in sink.lines), sink.lines
+    with captured("null") as (log, lines):
+        log.received("I1", "", "alice@example.com")
+        log.forwarded("I2", "<>", "alice@example.com", reply="250 ok")
+    assert len(lines) == 2 and all(" from=<> " in line for line in lines), lines

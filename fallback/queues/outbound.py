@@ -6,7 +6,7 @@ queued, or neither.  This module owns the queue's data: the delivery record
 (one hash per sent message, one `rcpt:<addr>` field per recipient), where a
 message waits (its stream shard, the shard's retry zset or dead-letter zset),
 the back-off schedule, and the operator's view and actions (`fallback queue`).
-The worker that drains it is fallback/worker.py.
+The worker that drains it is fallback/queues/worker.py.
 
 Per-recipient states: queued -> (deferred ->)* delivered | failed.  A
 recipient in a final state is never attempted again.

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from fallback.config import Settings
 from fallback.mailbox.fields import (
     APPENDING,
     DONE,
@@ -35,11 +36,19 @@ from fallback.mailbox.fields import (
 )
 from fallback.maillog import MailLog
 from fallback.reconcile.imap import ConnectionLost, ServerRefused, Session, decode_mailbox, encode_mailbox
-from fallback.reconcile.report import Failure, MailboxReport
-from fallback.reconcile.state import NEVER, Item, Record, size_batches
+from fallback.reconcile.report import Failure, MailboxReport, ProgressSink
+from fallback.reconcile.state import NEVER, Item, MessageStates, Record, size_batches
 
-if TYPE_CHECKING:
-    from fallback.reconcile.reconciler import Reconciler
+
+class Run(Protocol):
+    """What a mailbox's job needs of the run it belongs to (fallback.reconcile.reconciler.Reconciler)."""
+
+    settings: Settings
+    states: MessageStates
+    dry_run: bool
+    progress: ProgressSink
+    maillog: MailLog
+    log_on: bool
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,7 @@ _ROLES = {SENT: "\\sent", TRASH: "\\trash"}
 class MailboxJob:
     """The state of one mailbox's run: its session, folder names and pending outcomes."""
 
-    def __init__(self, rec: Reconciler, session: Session, address: str, report: MailboxReport) -> None:
+    def __init__(self, rec: Run, session: Session, address: str, report: MailboxReport) -> None:
         self.rec = rec
         self.states = rec.states
         self.s = session
