@@ -21,9 +21,9 @@ from typing import Any
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
+from fallback.addresses import normalize_address
 from fallback.errors import InputError
 from fallback.mailbox import passwords
-from fallback.mailbox.directory import normalize_address
 from fallback.maillog import MailLog
 from fallback.ops import failover
 from fallback.ops.metrics import WEBMAIL_LOGINS

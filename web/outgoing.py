@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import email.utils
 
+from fallback.addresses import normalize_address
 from fallback.errors import InputError
-from fallback.mailbox import directory
 
 MAX_SUBJECT = 998
 
@@ -32,7 +32,7 @@ def parse_addresses(name: str, value: str) -> list[tuple[str, str]]:
         try:
             if not addr or "@" not in addr:
                 raise InputError("no address")
-            normal = directory.normalize_address(addr)
+            normal = normalize_address(addr)
         except InputError:
             raise InputError(f"bad address in {name}", public=f"{name}: {piece.strip()!r} "
                              "is not an email address.") from None

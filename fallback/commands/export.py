@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
-from fallback.mailbox.directory import normalize_address
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
 from fallback.ops.export import write_maildir, write_mbox

@@ -7,10 +7,11 @@ import getpass
 import sys
 from typing import Any
 
+from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox import passwords
-from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore, normalize_address
+from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
 

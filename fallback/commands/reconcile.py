@@ -31,10 +31,11 @@ from rich.table import Table
 from rich.text import Text
 
 from fallback import keys
+from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.config import read_secret_file
 from fallback.errors import ConfigError, InputError
-from fallback.mailbox.directory import check_mailstore, normalize_address
+from fallback.mailbox.directory import check_mailstore
 from fallback.maillog import MailLog
 from fallback.ops import metrics
 from fallback.reconcile.reconciler import Reconciler

@@ -24,6 +24,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from fallback.addresses import normalize_address
 from fallback.config import Settings
 from fallback.errors import (
     DirectoryUnavailable,
@@ -108,7 +109,7 @@ class Receiver:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             raise TooManyRecipients(f"more than {self.settings.max_recipients} recipients")
         try:
-            addr = directory.normalize_address(address)
+            addr = normalize_address(address)
         except InputError as exc:
             raise InputError(str(exc), code=553, enhanced="5.1.3",
                              public="Bad recipient address syntax") from None

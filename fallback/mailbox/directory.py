@@ -19,13 +19,11 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
-from fallback.addresses import normalize_address
 from fallback.errors import InputError
 
 _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
 
-__all__ = ["normalize_address"]  # callers name it here too: a mailbox is looked up by it
 
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fallback.addresses import normalize_address
 from fallback.errors import InputError
 from fallback.mailbox import passwords
 from fallback.mailbox.directory import (
@@ -25,7 +26,6 @@ from fallback.mailbox.directory import (
     Directory,
     Mailbox,
     check_mailstore,
-    normalize_address,
 )
 
 CSV_COLUMNS = ("address", "password", "mailstore")

@@ -33,10 +33,11 @@ from email.message import EmailMessage
 import redis
 
 from fallback import ids, keys
+from fallback.addresses import normalize_address
 from fallback.config import Settings
 from fallback.errors import InputError
 from fallback.mailbox import received
-from fallback.mailbox.directory import Directory, Mailbox, normalize_address
+from fallback.mailbox.directory import Directory, Mailbox
 from fallback.ops import failover
 from fallback.queues import outbound
 
