@@ -69,6 +69,12 @@ def server_options() -> argparse.ArgumentParser:
         ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
         ("max-upload-size", "SIZE"), ("incident-message", "TEXT"), ("web-workers", "N"),
         ("web-threads", "N"),
+        # Limits against a hostile Internet.
+        ("mailbox-quota", "SIZE"), ("memory-reserve", "PERCENT|SIZE"), ("trusted-relays", "CIDR,..."),
+        ("max-messages-per-ip-per-minute", "N"), ("login-source-failures", "N"),
+        ("login-account-failures", "N"), ("max-password-length", "N"), ("password-check-queue", "N"),
+        ("password-check-timeout", "SECONDS"), ("session-max-age", "SECONDS"),
+        ("send-limit-per-hour", "N"), ("send-limit-per-day", "N"), ("metrics-token-file", "FILE"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,

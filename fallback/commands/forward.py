@@ -14,5 +14,6 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--forward-to", metavar="URL",
                    help="main system's next hop: smtp://HOST:PORT or lmtp://HOST:PORT "
                    "(FALLBACK_FORWARD_TO); unset: that mail waits in the forward queue")
-    for name in ("forward-alert-age", "forward-retry-base", "forward-retry-max-interval", "forward-timeout"):
+    for name in ("forward-alert-age", "forward-retry-base", "forward-retry-max-interval", "forward-timeout",
+                 "forward-dead-letter-after"):
         g.add_argument(f"--{name}", metavar="SECONDS")

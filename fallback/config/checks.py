@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from fallback.addresses import normalize_address
+from fallback.config.limits import validate_limits
 from fallback.config.redisurl import parse_topology, redact_url
 from fallback.config.schema import HASHABLE_SCHEMES, Settings
 from fallback.errors import ConfigError, FallbackError
@@ -57,6 +58,7 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"imap_url: {s.imap_url!r} must look like imap://HOST:PORT or imaps://HOST:PORT")
     validate_outbound(s)
     validate_operations(s)
+    validate_limits(s)
 
 
 SMARTHOST_TLS = ("none", "starttls", "tls")

@@ -18,26 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fallback.config.checks import validate
-from fallback.config.schema import ENV_PREFIX, KIB, MIB, Settings
+from fallback.config.schema import ENV_PREFIX, MIB, Settings
+from fallback.config.units import parse_duration, parse_size
 from fallback.errors import ConfigError
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB,
-               "g": 1024 * MIB, "gb": 1024 * MIB, "gib": 1024 * MIB}
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 52428800, 50MiB, 512KiB)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-
-
-def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
-    if not m or m.group(2) not in _DURATION_UNITS:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 60, 90s, 10m, 5d)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 def _base_type(annotation: Any) -> type:
@@ -164,7 +147,10 @@ def settings_table(flags: set[str] | None = None) -> str:
         default = f.default
         shown = "unset" if default is None else str(default)
         if f.metadata.get("unit") == "bytes" and isinstance(default, int):
-            shown = f"{default // MIB} MiB" if default % MIB == 0 else str(default)
+            if default and default % (1024 * MIB) == 0:
+                shown = f"{default // (1024 * MIB)} GiB"
+            else:
+                shown = f"{default // MIB} MiB" if default % MIB == 0 else str(default)
         flag = "--" + f.name.replace("_", "-")
         shown_flag = f"`{flag}`" if flags is None or flag in flags else "—"
         rows.append(

@@ -13,6 +13,7 @@ from typing import Any
 ENV_PREFIX = "FALLBACK_"
 KIB = 1024
 MIB = 1024 * KIB
+GIB = 1024 * MIB
 
 # Schemes `password_scheme` may name: what provisioning can hash a plain-text password with
 # (fallback.mailbox.passwords verifies many more).
@@ -178,3 +179,43 @@ class Settings:
         None, "The webmail's public URL, as users should type it (https://...), for the notices")
     check_warn_memory: float = setting(80.0, "fallback check: WARNING at this % of Redis maxmemory")
     check_crit_memory: float = setting(90.0, "fallback check: CRITICAL at this % of Redis maxmemory")
+    # Limits against a hostile Internet (docs/runbook.md "Limits").
+    mailbox_quota: int = setting(
+        2 * GIB, "Message bytes (as received) one mailbox may hold; at or over it new mail gets "
+        "452 4.2.2; 0: no quota", unit="bytes")
+    memory_reserve: str = setting(
+        "90%", "Redis used_memory at which the receiver answers 452 4.3.1 to new mail, keeping the "
+        "rest for the webmail: a share of maxmemory (90%) or a size (3GiB)")
+    trusted_relays: str | None = setting(
+        None, "CIDRs of the perimeter MTAs (e.g. 192.0.2.0/28,2001:db8::/64), exempt from the "
+        "per-client limits")
+    max_messages_per_ip_per_minute: int = setting(
+        120, "Messages one client (/32, /64 for IPv6) may send per minute before 451 4.7.1; "
+        "its /24 may send 4 times that; 0: no limit")
+    login_source_failures: int = setting(
+        5, "Failed webmail logins from one client (address and /24 or /64) before its attempts "
+        "are slowed down")
+    login_account_failures: int = setting(
+        50, "Failed logins to one account, from all clients together, before every attempt on "
+        "it is slowed down")
+    max_password_length: int = setting(1024, "Longest password the webmail hashes; longer is refused")
+    password_check_queue: int = setting(
+        8, "Password checks one webmail process lets wait for the hashing pool; more get 503")
+    password_check_timeout: float = setting(
+        5.0, "A password check that takes longer counts as a failed login, seconds", unit="seconds")
+    session_max_age: float = setting(
+        12 * 3600.0, "Webmail sessions end this long after login whatever the activity, seconds",
+        unit="seconds")
+    send_limit_per_hour: int = setting(
+        100, "Recipients one webmail user may send to per hour; more get HTTP 429; 0: no limit")
+    send_limit_per_day: int = setting(
+        500, "Recipients one webmail user may send to per day; more get HTTP 429; 0: no limit")
+    metrics_token_file: Path | None = setting(
+        None, "File holding a bearer token that non-loopback clients of /metrics and /readyz "
+        "must send; unset: loopback only")
+    default_scheme: str | None = setting(
+        None, "Scheme of passwd-file hashes without a {SCHEME} prefix (Dovecot's "
+        "default_pass_scheme); unset: such lines are refused")
+    forward_dead_letter_after: float = setting(
+        86400.0, "A forward the next hop keeps refusing with 5xx is parked as a dead letter this "
+        "long after it first arrived, seconds", unit="seconds")
