@@ -41,6 +41,7 @@ class DovecotServer:
     port: int = 0
     tls: tuple[Path, Path] | None = None   # (cert, key) PEM: serve imaps:// on `port` instead
     users: dict[str, str] = field(default_factory=dict)   # address -> quota rule ("" = none)
+    capabilities: str = ""             # after login, announce only these (imap_capability); "": all
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -175,6 +176,7 @@ service auth {{
 }}
 login_trusted_networks =
 log_timestamp = "%Y-%m-%d %H:%M:%S "
+{f"imap_capability = {self.capabilities}" if self.capabilities else ""}
 """
 
     def start(self) -> DovecotServer:

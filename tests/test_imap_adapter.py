@@ -92,6 +92,31 @@ def test_adapter_declares_every_aioimaplib_name_it_uses() -> None:
     assert used - declared == set(), f"used but not in RELIES_ON: {sorted(used - declared)}"
 
 
+def test_continuation_sends_literal_data_for_an_append_whatever_its_marker() -> None:
+    """What adapter.append_literal8 relies on: on "+", a pending APPEND gets `literal_data` and CRLF.
+
+    (The round trip through Dovecot is tests/test_reconcile_binary.py, literal8-sync.)
+    """
+    class Wire:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def write(self, data: bytes) -> None:
+            self.data.extend(data)
+
+    async def go() -> bytes:
+        loop = asyncio.get_running_loop()
+        proto = aioimaplib.IMAP4ClientProtocol(loop)
+        wire = Wire()
+        proto.transport = wire  # type: ignore[assignment]
+        proto.pending_sync_command = aioimaplib.Command("APPEND", "A1", '"INBOX"', "~{3}", loop=loop)
+        proto.literal_data = b"a\0b"
+        proto._continuation(b"+ OK")
+        return bytes(wire.data)
+
+    assert asyncio.run(go()) == b"a\0b\r\n", HINT
+
+
 def test_a_missing_name_is_reported_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     """What an upgrade that drops Command._event would print."""
     samples = asyncio.run(_samples())

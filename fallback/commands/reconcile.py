@@ -143,7 +143,8 @@ def summary_table(report: Report) -> Table:
         rows += [("would append", t["would_append"]), ("would update", t["would_update"])]
     else:
         rows += [("appended", t["appended"]), ("already present", t["already_present"]),
-                 ("updated (flags, folder)", t["updated"]), ("failed", t["failed"])]
+                 ("updated (flags, folder)", t["updated"]), ("failed", t["failed"]),
+                 ("stored changed by the server", t["changed"])]
     rows += [("mailboxes with errors", t["mailbox_errors"]), ("left to do", t["left"])]
     for name, value in rows:
         table.add_row(name, str(value))
@@ -155,7 +156,7 @@ def problems_table(report: Report, limit: int = 20) -> Table | None:
     for address, m in sorted(report.mailboxes.items()):
         if m.error:
             rows.append((address, "-", m.error))
-        for f in m.failed:
+        for f in (*m.failed, *m.changed):
             rows.append((address, f.id, f.reason))
     if not rows:
         return None

@@ -2,8 +2,10 @@
 
 It owns the wire details: the master-user login (`user*master`, or SASL
 PLAIN with an authorization id), quoting, modified UTF-7 mailbox names,
-SPECIAL-USE discovery, APPEND with flags and INTERNALDATE (reading APPENDUID),
-UID SEARCH / STORE / MOVE.  Two kinds of failure are kept apart because
+SPECIAL-USE discovery, APPEND with flags and INTERNALDATE (reading APPENDUID;
+a literal8 for a message with NUL bytes where the server speaks BINARY), UID
+SEARCH / FETCH / STORE / MOVE, and what IMAP lets a client see of the bytes a
+server stored (`byte_changes`).  Two kinds of failure are kept apart because
 exactly-once depends on it: `ServerRefused` means the server answered NO/BAD
 (the command certainly did nothing), `ConnectionLost` means the outcome is
 unknown (an APPEND may or may not have been stored).  It uses aioimaplib's
@@ -139,6 +141,41 @@ def _text(response: Any) -> str:
     return text.strip() or "no reason given"
 
 
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Offset of the first byte where `a` and `b` differ (they do), compared a block at a time."""
+    step = 65536
+    start = 0
+    while a[start:start + step] == b[start:start + step]:
+        start += step
+    return next(i for i in range(start, start + step) if a[i:i + 1] != b[i:i + 1])
+
+
+def byte_changes(sent: bytes, stored: bytes, binary: bool) -> str | None:
+    """Why `stored` (the server's FETCH BODY[] of what we APPENDed) differs from `sent`; None if not.
+
+    BODY[] cannot carry NUL even from a server that took the message as binary
+    (RFC 3516 section 4.3), so after a BINARY APPEND the server's stand-in byte at a NUL
+    counts as the NUL.  Without BINARY nothing can: a NUL given back as another byte is
+    what every IMAP client of that server sees, and is reported.
+    """
+    if stored == sent:
+        return None
+    if len(stored) != len(sent):
+        return (f"the main store gives back {len(stored)} bytes for the {len(sent)} sent "
+                "(it re-encoded or altered the message)")
+    nuls = [m.start() for m in re.finditer(b"\0", sent)]
+    masked = bytearray(stored)
+    for i in nuls:
+        masked[i] = 0
+    if masked == sent:
+        if binary:
+            return None
+        return (f"{len(nuls)} NUL byte(s) come back as other bytes: the main store does not announce "
+                "BINARY (RFC 3516), and a plain IMAP literal cannot carry NUL")
+    at = _first_difference(sent, bytes(masked))
+    return f"the main store changed the message's bytes (first difference at byte {at})"
+
+
 @dataclass(frozen=True)
 class Folder:
     name: str          # on the wire (modified UTF-7)
@@ -271,15 +308,28 @@ class Session:
         self.selected, self.uidvalidity, self.readonly = name, validity, readonly
         return validity
 
+    def wants_binary(self, raw: bytes) -> bool:
+        """NUL bytes go in a literal8 (RFC 3516) where the server announces BINARY.
+
+        A plain literal may not carry NUL (RFC 3501 section 4.3); every other message
+        keeps the plain literal, which servers store byte for byte.
+        """
+        return b"\0" in raw and self.has("BINARY")
+
     async def append(self, folder: str, raw: bytes, flags: list[str],
                      ts_ms: int) -> tuple[int | None, int | None]:
         """APPEND; returns (UIDVALIDITY, UID) from APPENDUID, or (None, None) without UIDPLUS."""
         when = dt.datetime.fromtimestamp(ts_ms // 1000, dt.UTC)
         flag_text = "(" + " ".join(imap_flags(flags)) + ")"
+        binary = self.wants_binary(raw)
         if self.has("LITERAL+") and adapter.no_command_pending(self.client):
             # Saves the wait for the server's "+" on every message (RFC 7888).
             aw = adapter.append_literal_plus(self.client, quote(folder), flag_text,
-                                             aioimaplib.time2internaldate(when), raw, self.target.timeout)
+                                             aioimaplib.time2internaldate(when), raw, self.target.timeout,
+                                             binary=binary)
+        elif binary:
+            aw = adapter.append_literal8(self.client, quote(folder), flag_text,
+                                         aioimaplib.time2internaldate(when), raw, self.target.timeout)
         else:
             aw = self.client.append(raw, quote(folder), flag_text, when)
         response = await self._call(aw, "APPEND", timed=False)
@@ -303,6 +353,18 @@ class Session:
         for line in response.lines[:-1]:
             uids += [int(u) for u in bytes(line).decode("ascii", "replace").split() if u.isdigit()]
         return uids
+
+    async def fetch_message(self, folder: str, uid: int) -> bytes:
+        """The message as the server gives it back (UID FETCH BODY.PEEK[]: \\Seen stays as it is)."""
+        await self.select(folder, readonly=self.readonly)
+        response = await self._call(self.client.uid("FETCH", str(uid), "(BODY.PEEK[])"), "UID FETCH")
+        if response.result != "OK":
+            raise ServerRefused(f"UID FETCH refused: {_text(response)}")
+        # aioimaplib hands over the literal as the one bytearray among the reply's lines.
+        for line in response.lines:
+            if isinstance(line, bytearray):
+                return bytes(line)
+        raise ServerRefused(f"UID FETCH {uid} in {decode_mailbox(folder)!r}: the server sent no message")
 
     async def store_flags(self, uid: int, add: list[str], remove: list[str]) -> None:
         for op, flags in (("+FLAGS.SILENT", imap_flags(add)), ("-FLAGS.SILENT", imap_flags(remove))):

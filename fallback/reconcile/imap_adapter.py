@@ -17,6 +17,11 @@ this module reaches under it, into `IMAP4ClientProtocol` and `Command`:
   speak: the command and the message go out in one write, registered as the
   pending sync command the way `execute` registers one; LOGOUT without
   waiting for the goodbye.  Needs `transport.write()` / `close()`.
+- APPEND with a literal8 (`~{N}`, RFC 3516 BINARY) for a message holding NUL
+  bytes: in the LITERAL+ write above, or, without LITERAL+, as a synchronizing
+  literal that aioimaplib's continuation handler sends on the server's "+"
+  (it sends the protocol's `literal_data` for any pending APPEND, whatever
+  marker the command line carries).  Needs `literal_data` and `_continuation`.
 
 `RELIES_ON` names each of these; tests/test_imap_adapter.py checks them
 against the installed aioimaplib, so an upgrade that moves one fails there,
@@ -64,6 +69,8 @@ RELIES_ON: tuple[Reliance, ...] = (
     Reliance("IMAP4ClientProtocol", "new_tag", "method"),
     Reliance("IMAP4ClientProtocol", "execute", "method", ("command", "scrub")),
     Reliance("IMAP4ClientProtocol", "capability", "method"),
+    Reliance("IMAP4ClientProtocol", "literal_data", "attribute"),
+    Reliance("IMAP4ClientProtocol", "_continuation", "method", ("line",)),
     Reliance("Command", "__init__", "method", ("name", "tag", "args", "prefix", "loop", "timeout")),
     Reliance("Command", "_event", "attribute"),
     Reliance("Command", "_exception", "attribute"),
@@ -158,15 +165,21 @@ def mark_selected(client: aioimaplib.IMAP4) -> None:
     client.protocol.state = aioimaplib.SELECTED
 
 
+def _literal(raw: bytes, binary: bool, sync: bool) -> str:
+    """`{N}` / `{N+}` (RFC 7888), or their literal8 forms `~{N}` / `~{N+}` (RFC 3516)."""
+    return f"{'~' if binary else ''}{{{len(raw)}{'' if sync else '+'}}}"
+
+
 async def append_literal_plus(client: aioimaplib.IMAP4, mailbox: str, flags: str, date: str, raw: bytes,
-                              timeout: float | None) -> Any:
+                              timeout: float | None, binary: bool = False) -> Any:
     """APPEND with a non-synchronizing literal: command line and message in one write.
 
     What `execute` does for a sync command, except that the literal goes at once
     instead of after the server's "+".  Only when `no_command_pending(client)`.
+    `binary`: a literal8, which may carry NUL bytes (only if the server announces BINARY).
     """
     proto = client.protocol
-    cmd = aioimaplib.Command("APPEND", proto.new_tag(), mailbox, flags, date, f"{{{len(raw)}+}}",
+    cmd = aioimaplib.Command("APPEND", proto.new_tag(), mailbox, flags, date, _literal(raw, binary, False),
                              loop=proto.loop, timeout=timeout)
     proto.pending_sync_command = cmd
     proto.transport.write(str(cmd).encode() + b"\r\n" + raw + b"\r\n")
@@ -176,3 +189,18 @@ async def append_literal_plus(client: aioimaplib.IMAP4, mailbox: str, flags: str
         proto.pending_sync_command = None
         raise
     return cmd.response
+
+
+async def append_literal8(client: aioimaplib.IMAP4, mailbox: str, flags: str, date: str, raw: bytes,
+                          timeout: float | None) -> Any:
+    """APPEND with a synchronizing literal8 (`~{N}`), for a server with BINARY but no LITERAL+.
+
+    aioimaplib's own append() can only write `{N}`; its continuation handler sends
+    `literal_data` when the server answers "+" to a pending APPEND, so the command is
+    executed the ordinary way with our marker and our bytes.
+    """
+    proto = client.protocol
+    cmd = aioimaplib.Command("APPEND", proto.new_tag(), mailbox, flags, date, _literal(raw, True, True),
+                             loop=proto.loop, timeout=timeout)
+    proto.literal_data = raw
+    return await proto.execute(cmd)

@@ -35,7 +35,14 @@ from fallback.mailbox.fields import (
     TRASH,
 )
 from fallback.maillog import MailLog
-from fallback.reconcile.imap import ConnectionLost, ServerRefused, Session, decode_mailbox, encode_mailbox
+from fallback.reconcile.imap import (
+    ConnectionLost,
+    ServerRefused,
+    Session,
+    byte_changes,
+    decode_mailbox,
+    encode_mailbox,
+)
 from fallback.reconcile.report import Failure, MailboxReport, ProgressSink
 from fallback.reconcile.state import NEVER, Item, MessageStates, Record, size_batches
 
@@ -249,6 +256,38 @@ class MailboxJob:
             self.maillog.reconciled(item.id, self.address, outcome="appended",
                                     folder=decode_mailbox(item.rbox), uid=uid)
         self.rec.progress.messages(1)
+        if b"\0" in raw:
+            await self._check_stored(item, raw)
+
+    async def _check_stored(self, item: Item, raw: bytes) -> None:
+        """A message with NUL bytes: fetch it back and report it when the server changed it.
+
+        Only these messages (IMAP's one byte a server may not take as sent) cost the extra
+        download; it is `done` either way -- appending it again would not change the
+        outcome -- and the fallback keeps the bytes as received.
+        """
+        try:
+            uid = item.ruid
+            if uid is None:   # no UIDPLUS: find it by our id
+                found = await self.s.find(item.rbox, item.id, item.ts)
+                uid = found[0] if found else None
+            if uid is None:
+                change: str | None = "not found after its APPEND"
+            else:
+                stored = await self.s.fetch_message(item.rbox, uid)
+                change = byte_changes(raw, stored, binary=self.s.wants_binary(raw))
+        except ServerRefused as exc:
+            change = f"its bytes could not be checked: {exc.reason}"
+        except ConnectionLost as exc:
+            self._changed_bytes(item, f"its bytes could not be checked: {exc.reason}")
+            raise
+        if change is not None:
+            self._changed_bytes(item, change)
+
+    def _changed_bytes(self, item: Item, change: str) -> None:
+        reason = f"NUL bytes: stored, but {change}"
+        self.report.changed.append(Failure(item.id, item.folder, reason))
+        self.maillog.alert(item.id, self.address, reason=f"reconcile: {reason}")
 
     # -- changes after a message was reconciled ------------------------------------------------
 

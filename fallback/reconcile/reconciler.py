@@ -4,8 +4,9 @@ The `Reconciler` owns a run: the settings and the main store's address, the
 check that the master login works before anything changes, and the pool of
 mailboxes worked on `concurrency` at a time.  One mailbox's work is a
 `MailboxJob` (fallback/reconcile/job.py: the per-message state machine);
-the states live in Redis (fallback/reconcile/state.py); the wire is
-fallback/reconcile/imap.py.
+the states live in Redis (fallback/reconcile/state.py), read and written
+through `RetryingStates`, which repeats a call whose Redis connection broke
+under it; the wire is fallback/reconcile/imap.py.
 """
 
 from __future__ import annotations
@@ -13,22 +14,102 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from fallback.config import Settings
-from fallback.errors import ReconcileError
+from fallback.errors import ReconcileError, StorageError
 from fallback.maillog import MailLog
 from fallback.reconcile.imap import ConnectionLost, ImapTarget, ServerRefused, Session
 from fallback.reconcile.job import MailboxJob
 from fallback.reconcile.report import MailboxReport, NoProgress, ProgressSink, Report
-from fallback.reconcile.state import MessageStates
+from fallback.reconcile.state import Item, MessageStates, Record
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK = 100                      # messages read and marked per Redis round trip
+REDIS_TRIES = 4                  # a Redis call whose connection broke: tried this often in all
+REDIS_BACKOFF = 0.1              # seconds before the 2nd try, doubling after
+
+
+def broken_redis_connection(exc: BaseException) -> bool:
+    """A Redis call failed because its connection broke: the same call on a new one may work.
+
+    Besides redis-py's own ConnectionError / TimeoutError (not a refused password), the
+    asyncio client can leak the transport's AttributeError when a connection is closed
+    under a command (redis-py issue #4287: `'NoneType' object has no attribute
+    'writelines'`, or '_add_writer' on Python 3.13).  Only that signature, raised inside
+    redis-py, counts: any other AttributeError is a bug and stays one.
+    """
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return False
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    if not (isinstance(exc, AttributeError) and exc.obj is None
+            and exc.name in ("writelines", "_add_writer")):
+        return False
+    inside = os.path.dirname(redis.exceptions.__file__) + os.sep
+    return any(frame.filename.startswith(inside) for frame in traceback.extract_tb(exc.__traceback__))
+
+
+class RetryingStates(MessageStates):
+    """MessageStates whose calls are repeated, a few times with a short backoff, on a broken connection.
+
+    Safe because every one of them can run twice: reads; writes that set fields; and
+    scripts that take an id off the pending list or put `appending` back to `pending`
+    only under a condition that the first run leaves as it found it.
+    """
+
+    async def _again(self, what: str, address: str, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not broken_redis_connection(exc):
+                    raise
+                if attempt >= REDIS_TRIES:
+                    raise StorageError(f"Redis: {what} failed {REDIS_TRIES} times, the connection broke "
+                                       f"each time ({type(exc).__name__}: {exc})") from exc
+                log.warning("reconcile of %s: Redis connection broke during %s (%s: %s); try %d of %d",
+                            address, what, type(exc).__name__, exc, attempt + 1, REDIS_TRIES)
+                await asyncio.sleep(REDIS_BACKOFF * 2 ** (attempt - 1))
+                attempt += 1
+
+    async def pending(self, address: str) -> list[str]:
+        return await self._again("reading the pending list", address,
+                                 lambda: MessageStates.pending(self, address))
+
+    async def left(self, address: str) -> int:
+        return await self._again("counting what is left", address, lambda: MessageStates.left(self, address))
+
+    async def items(self, address: str, ids: list[str]) -> list[Item | None]:
+        return await self._again("reading message states", address,
+                                 lambda: MessageStates.items(self, address, ids))
+
+    async def forget(self, address: str, msg_id: str) -> None:
+        await self._again("dropping a deleted message", address,
+                          lambda: MessageStates.forget(self, address, msg_id))
+
+    async def raws(self, address: str, items: list[Item]) -> list[bytes | None]:
+        return await self._again("reading messages", address,
+                                 lambda: MessageStates.raws(self, address, items))
+
+    async def record(self, address: str, entries: Iterable[Record]) -> None:
+        entries = list(entries)   # a generator could not be sent twice
+        await self._again("recording states", address, lambda: MessageStates.record(self, address, entries))
+
+    async def unmark(self, address: str, items: Iterable[Item]) -> None:
+        items = list(items)
+        await self._again("putting unsent messages back", address,
+                          lambda: MessageStates.unmark(self, address, items))
 
 
 class Reconciler:
@@ -43,7 +124,7 @@ class Reconciler:
         self.settings = settings
         self.target = ImapTarget.from_url(settings.imap_url, settings.imap_timeout, settings.imap_ca_file)
         self.r = r
-        self.states = MessageStates(r)
+        self.states: MessageStates = RetryingStates(r)
         self.password = password
         self.dry_run = dry_run
         self.progress = progress or NoProgress()
@@ -122,7 +203,7 @@ class Reconciler:
                     await job.chunk(ids[start : start + CHUNK])
             finally:
                 await asyncio.gather(job.settle(), session.close())
-        except ReconcileError as exc:
+        except (ReconcileError, StorageError) as exc:
             report.error = exc.reason
         except Exception as exc:  # one mailbox's surprise never stops the others
             log.exception("reconcile of %s failed", address)

@@ -40,6 +40,7 @@ class MailboxReport:
     already_present: int = 0
     updated: int = 0
     failed: list[Failure] = field(default_factory=list)
+    changed: list[Failure] = field(default_factory=list)   # stored, but not byte for byte (NUL bytes)
     error: str | None = None
     left: int = 0
     would_append: int = 0
@@ -51,6 +52,7 @@ class MailboxReport:
             "appended": self.appended, "already_present": self.already_present,
             "updated": self.updated,
             "failed": [{"id": f.id, "folder": f.folder, "reason": f.reason} for f in self.failed],
+            "changed": [{"id": f.id, "folder": f.folder, "reason": f.reason} for f in self.changed],
             "error": self.error, "left": self.left,
             ("folders_to_create" if dry_run else "folders_created"): self.folders_created,
         }
@@ -76,6 +78,7 @@ class Report:
             "already_present": sum(x.already_present for x in m),
             "updated": sum(x.updated for x in m),
             "failed": sum(len(x.failed) for x in m),
+            "changed": sum(len(x.changed) for x in m),
             "mailbox_errors": sum(1 for x in m if x.error),
             "left": sum(x.left for x in m),
             "would_append": sum(x.would_append for x in m),
@@ -84,6 +87,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Nothing left to do.  Messages in `changed` are done: another run would store them the same way."""
         t = self.totals()
         if self.dry_run:
             return t["mailbox_errors"] == 0
