@@ -1,7 +1,7 @@
 """The webmail in a real headless Chromium (Debian's package), served by gunicorn as `fallback up` runs it.
 
 Mail comes in through the real SMTP receiver.  Hostile HTML mails are opened
-with a small HTTP listener on 127.0.0.1 standing in for a remote host: it
+with a small HTTP listener on 127.0.0.2 standing in for a remote host: it
 must not see a single request, and no script may run.  Screenshots of the
 inbox and a message, desktop and phone, go to test-artifacts/.
 """
@@ -64,8 +64,9 @@ class Listener:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        # Not the webmail's host (127.0.0.1): URLs naming that are dropped as the webmail's own.
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> Listener:
@@ -182,7 +183,8 @@ def test_hostile_mails_run_no_script_and_load_nothing_remote(webmail, receiver, 
         # so the silence above is real.  Even then no script runs.
         page.goto(f"{base}/")
         last = page.get_by_role("link", name=f"hostile {len(mails) - 1}").get_attribute("href")
-        page.goto(f"{base}{last}?remote=1")
+        page.goto(f"{base}{last}")
+        page.get_by_role("button", name="Show remote content").click()
         page.wait_for_load_state("networkidle")
         assert "/r/plain-img" in listener.hits
         assert not [h for h in listener.hits if h.startswith("/s/")]

@@ -9,7 +9,7 @@ import re
 from fallback import keys
 from fallback.ids import new_id
 from fallback.mailbox import fields, store
-from tests.webutil import log_in_as, put_message, simple
+from tests.webutil import csrf, log_in_as, put_message, simple
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 
@@ -105,10 +105,13 @@ def test_html_message_in_sandboxed_frame(client, r) -> None:
     expected = base64.b64encode(b"\x89PNG fake image bytes").decode()
     assert f'src="data:image/png;base64,{expected}"' in body.text
     assert "tracker.test" not in body.text
-    shown = client.get(f"/message/{msg_id}/body?remote=1")
+    # Remote content only after the button on the message page (a POST with the CSRF token).
+    assert "tracker.test" not in client.get(f"/message/{msg_id}/body?remote=1").text
+    assert client.post(f"/message/{msg_id}/remote", data={"csrf_token": csrf(page)}).status_code == 302
+    shown = client.get(f"/message/{msg_id}/body")
     assert "https://tracker.test/p.gif" in shown.text
     assert "img-src data: http: https:" in shown.headers["Content-Security-Policy"]
-    assert "remote=1" in client.get(f"/message/{msg_id}?remote=1").text
+    assert "Show remote content" not in client.get(f"/message/{msg_id}").text
 
 
 def test_attachment_download_headers(client, r) -> None:

@@ -4,6 +4,11 @@ Every lookup goes through the logged-in user's own keys (`mbx:{user}:...`),
 so another user's message id simply is not found: 404, never a leak.  Flag
 and folder changes go through store.set_flags / store.move, which also mark
 the message for reconcile.
+
+Remote images load only after the user pressed "Show remote content" on the
+message page: a POST with the session's CSRF token, recorded in the message's
+own record (fields.REMOTE), so nothing inside a mail (a link, a query string
+such as `?remote=1`) can turn them on.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import io
 import re
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
 
+from fallback import keys
 from fallback.ids import is_id
 from fallback.mailbox import fields, store
 from fallback.queues import outbound
@@ -28,6 +35,9 @@ bp = Blueprint("mailbox", __name__)
 PAGE_SIZE = 50
 FOLDER_NAMES = {"inbox": fields.INBOX, "sent": fields.SENT, "trash": fields.TRASH}
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$")
+# Only on a message that exists: a HSET alone would make a record of a deleted one.
+_ALLOW_REMOTE = "if redis.call('EXISTS', KEYS[1]) == 1 then " \
+                "return redis.call('HSET', KEYS[1], ARGV[1], '1') + 1 end return 0"
 
 
 def folder_of(name: str) -> str:
@@ -121,8 +131,8 @@ def message(msg_id: str) -> Any:
     if fields.SEEN not in flags:
         store.set_flags(r, g.user, msg_id, add=(fields.SEEN,))
         flags.append(fields.SEEN)
-    remote = request.args.get("remote") == "1"
-    shown = render.render(raw, remote=remote)
+    remote = meta.get(fields.REMOTE) == "1"
+    shown = render.render(raw, remote=remote, own_hosts=own_hosts())
     delivery = _delivery_status(msg_id, meta) if meta.get("kind") == "sent" else []
     return render_template(
         "message.html", msg_id=msg_id, meta=meta, flags=flags, m=shown, remote=remote,
@@ -147,14 +157,36 @@ def _delivery_status(msg_id: str, meta: dict[str, str]) -> list[dict[str, Any]]:
 @frameable
 def body(msg_id: str) -> Any:
     """The sanitised HTML part, shown in the message page's sandboxed frame."""
-    raw = raw_or_404(msg_id)
-    remote = request.args.get("remote") == "1"
-    shown = render.render(raw, remote=remote)
+    found = store.MailboxReader(state().r, g.user).message(msg_id) if is_id(msg_id) else None
+    if found is None:
+        abort(404)
+    meta, raw = found
+    remote = meta.get(fields.REMOTE) == "1"
+    shown = render.render(raw, remote=remote, own_hosts=own_hosts())
     if shown.html is None:
         abort(404)
     response = Response(render_template("frame.html", html=shown.html), mimetype="text/html")
     response.headers["Content-Security-Policy"] = frame_csp(remote)
     return response
+
+
+def own_hosts() -> frozenset[str]:
+    """The webmail's host names, as this request reached it and as users are told to type it:
+    a URL in a mail that names one of them would act inside the webmail."""
+    names = {request.host, urlsplit(state().settings.webmail_url or "").netloc}
+    return frozenset(h for h in (render.url_host(n) for n in names if n) if h)
+
+
+@bp.post("/message/<msg_id>/remote")
+@login_required
+def remote(msg_id: str) -> Any:
+    """Load this message's remote images from now on: the user's own choice on the message
+    page (the POST carries the session's CSRF token, checked in web.security)."""
+    if not is_id(msg_id):
+        abort(404)
+    if not state().r.eval(_ALLOW_REMOTE, 1, keys.message(g.user, msg_id), fields.REMOTE):
+        abort(404)
+    return redirect(url_for("mailbox.message", msg_id=msg_id))
 
 
 @bp.get("/message/<msg_id>/source")

@@ -9,17 +9,27 @@ secret key was already checked when the app was made.
 every instance.  The log-in counts of this process are added to the shared
 ones in Redis after a request once `metrics_flush_interval` has passed, and
 before /metrics answers, so a scrape sees its own process's latest counts.
+
+Both answer only loopback clients and holders of the token in
+`metrics_token_file` (`Authorization: Bearer TOKEN`); anyone else gets 403.
+The client is the socket's peer (no header is trusted for it), and a loopback
+request that carries a proxy's forwarding header came through a reverse proxy
+on this machine from somewhere else, so it needs the token too.  /healthz and
+/status (web.pages) stay open.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 from typing import Any
 
 import redis
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Flask, Response, current_app, request
 
 from fallback import keys
+from fallback.config import metrics_token
 from fallback.ops import metrics
 from web.context import state
 
@@ -28,6 +38,40 @@ log = logging.getLogger(__name__)
 bp = Blueprint("monitoring", __name__)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+EXTENSION = "fallback.metrics"  # app.extensions: the metrics token, read once at start
+# Set by reverse proxies (nginx, HAProxy, Apache, Caddy, Traefik) on what they pass on.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host", "X-Client-IP")
+FORBIDDEN = ("Forbidden: /metrics and /readyz answer this machine (loopback) and holders of the "
+             "metrics token (Authorization: Bearer, see metrics_token_file).\n")
+
+
+def _loopback_peer() -> bool:
+    try:
+        peer = ipaddress.ip_address((request.remote_addr or "").split("%", 1)[0])
+    except ValueError:  # a Unix socket or nothing: not known to be this machine
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    if not peer.is_loopback:
+        return False
+    return not any(request.headers.get(name) for name in PROXY_HEADERS)
+
+
+def _has_token() -> bool:
+    expected: str | None = current_app.extensions.get(EXTENSION)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if expected is None or scheme.lower() != "bearer" or not given.strip():
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+@bp.before_request
+def _only_operators() -> Response | None:
+    if _loopback_peer() or _has_token():
+        return None
+    log.warning("monitoring: refused %s to %s (not loopback, no valid token)", request.path,
+                request.remote_addr)
+    return Response(FORBIDDEN, status=403, mimetype="text/plain")
 
 
 def not_ready_reason(r: redis.Redis) -> str | None:
@@ -86,4 +130,5 @@ def _flush_when_due(response: Response) -> Response:
 
 
 def install(app: Flask) -> None:
+    app.extensions[EXTENSION] = metrics_token(app.extensions["fallback"].settings)
     app.after_request(_flush_when_due)

@@ -6,8 +6,11 @@ here with nh3 (an allow-list: no scripts, no forms, no SVG/MathML, no
 `<base>`/`<meta>`, no `srcset`, CSS properties that cannot load anything);
 remote images are dropped unless the user asked for them, and `cid:` images
 become `data:` URLs taken from the message itself, so the sandboxed frame
-never needs a cookie or the network.  The frame's own CSP (web/security.py)
-is the second wall behind this one.
+never needs a cookie or the network.  No URL in the mail may lead back into
+the webmail: a link or image that is relative (`?remote=1`, `/compose`),
+protocol-relative (`//host`), or names the webmail's own host loses its URL,
+since the browser would send it with the user's cookie.  The frame's own CSP
+(web/security.py) is the second wall behind this one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import base64
 import email
 import email.policy
 import html
+import ipaddress
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 
@@ -173,25 +179,88 @@ def _cid_map(msg: Message) -> dict[str, str]:
     return out
 
 
-def sanitize(html: str, cids: dict[str, str] | None = None, remote: bool = False) -> tuple[str, bool]:
-    """(safe HTML, whether remote content was blocked)."""
+# What a browser ignores or strips in a URL before reading it (WHATWG URL: C0 controls and
+# spaces at the ends, tab and line breaks anywhere): checked the way the browser will read it.
+_URL_TRIM = "".join(chr(c) for c in range(0x21))
+_URL_DROP = re.compile(r"[\t\n\r]")
+# http(s) with an authority; a backslash counts as a slash in these URLs.  "http:foo" without
+# the slashes is relative to the page in a browser, so it does not match.
+_WEB_URL = re.compile(r"(https?):[/\\]{2}([^/\\?#]*)(.*)", re.IGNORECASE | re.DOTALL)
+# Declarations that could name a resource (or hide a name behind CSS escapes).
+_STYLE_LOADS = re.compile(r"url\s*\(|image(?:-set)?\s*\(|element\s*\(|expression|@import|\\",
+                          re.IGNORECASE)
+
+
+def url_host(host: str) -> str | None:
+    """A URL's host as a browser compares it: lower case, IDNA, IPv4 in any notation made
+    dotted; None when no browser would take it as a host."""
+    host = urllib.parse.unquote(host.rsplit("@", 1)[-1])
+    if host.startswith("["):
+        end = host.find("]")
+        try:
+            return str(ipaddress.ip_address(host[1:end])) if end > 0 else None
+        except ValueError:
+            return None
+    host = host.split(":", 1)[0].rstrip(".")
+    try:
+        host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    if not host:
+        return None
+    if re.fullmatch(r"[0-9a-fx.]+", host) and re.fullmatch(r"[0-9]+|0x[0-9a-f]*", host.split(".")[-1]):
+        try:  # 2130706433, 0x7f.1 and 127.1 are all 127.0.0.1 to a browser
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    return host
+
+
+def outside_url(value: str, own_hosts: frozenset[str]) -> str | None:
+    """The URL as the browser will read it when it is absolute http(s) or mailto and not on
+    the webmail's own host; None for anything that would come back to the webmail."""
+    url = _URL_DROP.sub("", value.strip(_URL_TRIM))
+    if url[:7].lower() == "mailto:":
+        return url
+    m = _WEB_URL.fullmatch(url)
+    if not m:
+        return None  # relative, protocol-relative, or a scheme the allow-list refuses anyway
+    host = url_host(m.group(2))
+    if host is None or host in own_hosts:
+        return None
+    return f"{m.group(1).lower()}://{m.group(2)}{m.group(3)}"
+
+
+def _safe_style(value: str) -> str | None:
+    kept = [d for d in value.split(";") if d.strip() and not _STYLE_LOADS.search(d)]
+    return ";".join(kept) or None
+
+
+def sanitize(html: str, cids: dict[str, str] | None = None, remote: bool = False,
+             own_hosts: frozenset[str] = frozenset()) -> tuple[str, bool]:
+    """(safe HTML, whether remote content was blocked).
+
+    `own_hosts` are the webmail's host names (url_host form): URLs to them are dropped like
+    relative ones."""
     cids = cids or {}
     blocked = False
 
     def keep(tag: str, attr: str, value: str) -> str | None:
         nonlocal blocked
+        if attr == "style":
+            return _safe_style(value)
         if tag == "img" and attr == "src":
-            low = value.strip().lower()
-            if low.startswith("cid:"):
-                return cids.get(value.strip()[4:].strip("<>"))
-            if low.startswith(("http:", "https:", "//")):
-                if not remote:
-                    blocked = True
-                    return None
-                return value
-            return None  # relative URLs would hit this webmail
-        if attr == "href" and value.strip().lower().startswith("cid:"):
-            return None
+            if value.strip(_URL_TRIM).lower().startswith("cid:"):
+                return cids.get(value.strip(_URL_TRIM)[4:].strip("<>"))
+            url = outside_url(value, own_hosts)
+            if url is None or url.lower().startswith("mailto:"):
+                return None  # would hit this webmail, or is no image at all
+            if not remote:
+                blocked = True
+                return None
+            return url
+        if tag == "a" and attr == "href":
+            return outside_url(value, own_hosts)
         return value
 
     clean = nh3.clean(
@@ -202,7 +271,7 @@ def sanitize(html: str, cids: dict[str, str] | None = None, remote: bool = False
     return clean, blocked
 
 
-def render(raw: bytes, remote: bool = False) -> Rendered:
+def render(raw: bytes, remote: bool = False, own_hosts: frozenset[str] = frozenset()) -> Rendered:
     """Everything the message page shows; malformed MIME becomes plain text, never an error."""
     msg = parse(raw)
     if msg is None:
@@ -220,7 +289,8 @@ def render(raw: bytes, remote: bool = False) -> Rendered:
             elif ctype == "text/plain" and text_part is None:
                 text_part = part
         if html_part is not None:
-            out.html, out.has_remote = sanitize(part_text(html_part), _cid_map(msg), remote)
+            out.html, out.has_remote = sanitize(part_text(html_part), _cid_map(msg), remote,
+                                                  own_hosts)
         if text_part is not None:
             out.text = part_text(text_part)
         elif html_part is None:

@@ -4,6 +4,12 @@ Output is streamed row by row (there may be millions of mailboxes), in the
 directory's bucket order, so memory stays flat; `--format json` still writes
 one valid JSON array.  The scope is read once at the start, so one listing is
 one consistent answer even if an operator changes the scope meanwhile.
+
+The CSV is made to be opened in a spreadsheet, so a cell that a spreadsheet
+would run as a formula (one starting with = + - @, a tab or a CR: an address
+such as `=1+2@example.com` or `-bob@example.com` is valid) gets a leading `'`,
+as OWASP recommends.  No cell of ours is a number, so nothing numeric changes;
+JSON (for programs) carries the values unchanged.
 """
 
 from __future__ import annotations
@@ -34,12 +40,20 @@ def _row(m: Mailbox) -> dict[str, str]:
     return {"address": m.address, "domain": m.domain, "mailstore": m.mailstore, "alternate": m.alternate}
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: str) -> str:
+    """`value` as a spreadsheet shows it as text, never runs it as a formula."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 def write_csv(rows: Any, out: TextIO) -> int:
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     n = 0
     for m in rows:
-        writer.writerow(_row(m))
+        writer.writerow({k: spreadsheet_cell(v) for k, v in _row(m).items()})
         n += 1
     return n
 

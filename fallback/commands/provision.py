@@ -27,6 +27,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--strict", action="store_true", help="load nothing if any line is invalid")
     p.add_argument("--mailstore", default="default",
                    help="mailstore for passwd-file lines without mailstore=NAME (default: default)")
+    p.add_argument("--default-scheme", metavar="SCHEME",
+                   help="scheme of passwd-file hashes without a {SCHEME} prefix, as Dovecot's "
+                   "default_pass_scheme (e.g. SHA512-CRYPT; FALLBACK_DEFAULT_SCHEME); "
+                   "unset: such lines are refused")
     p.set_defaults(handler=run)
 
 
@@ -34,7 +38,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     path: Path = args.file
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    provisioner = Provisioner(ctx.directory(), ctx.settings.password_scheme, args.mailstore)
+    provisioner = Provisioner(ctx.directory(), ctx.settings.password_scheme, args.mailstore,
+                              ctx.settings.default_scheme)
     total = path.stat().st_size
     with Progress(TextColumn("provisioning"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=ctx.err, disable=not ctx.err.is_terminal, transient=True) as progress:

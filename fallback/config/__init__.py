@@ -18,11 +18,17 @@ from fallback.config.load import (
 )
 from fallback.config.redisurl import redact_url
 from fallback.config.schema import ENV_PREFIX, KIB, MIB, Settings, setting
-from fallback.config.secretfiles import admin_token, cookie_secure, read_secret_file, webmail_secret
+from fallback.config.secretfiles import (
+    admin_token,
+    cookie_secure,
+    metrics_token,
+    read_secret_file,
+    webmail_secret,
+)
 
 __all__ = [
     "ENV_PREFIX", "KIB", "MIB", "SMARTHOST_TLS", "Settings", "admin_token", "cookie_secure",
-    "load_settings", "parse_duration", "parse_forward_to", "parse_hostport", "parse_size",
+    "load_settings", "metrics_token", "parse_duration", "parse_forward_to", "parse_hostport", "parse_size",
     "read_secret_file", "redact_url", "setting", "settings_env", "settings_table", "validate",
     "webmail_secret",
 ]

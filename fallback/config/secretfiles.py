@@ -1,5 +1,5 @@
-"""Secrets read from settings or files: the webmail's key, the admin token, and the one
-reader for secret files (keys, tokens, passwords) that every setting ending in _file uses."""
+"""Secrets read from settings or files: the webmail's key, the admin and metrics tokens, and
+the one reader for secret files (keys, tokens, passwords) that every setting ending in _file uses."""
 
 from __future__ import annotations
 
@@ -55,3 +55,15 @@ def admin_token(s: Settings) -> str | None:
     if value is not None and len(value) < 16:
         raise ConfigError(f"admin_token: too short ({len(value)} characters, need 16)")
     return value or None
+
+
+def metrics_token(s: Settings) -> str | None:
+    """The bearer token of metrics_token_file for non-loopback /metrics and /readyz clients;
+    None when unset (loopback only)."""
+    if s.metrics_token_file is None:
+        return None
+    value = read_secret_file("metrics_token_file", s.metrics_token_file)
+    if len(value) < 16:
+        raise ConfigError(f"metrics_token_file: the token in {s.metrics_token_file} is too short "
+                          f"({len(value)} characters, need 16)")
+    return value

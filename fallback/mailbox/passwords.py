@@ -3,6 +3,10 @@
 Stored form is Dovecot's `{SCHEME}hash`, so the hashes the main store already
 has work unchanged.  Verification is deliberately slow (that is the point of
 these schemes): callers on an event loop or a request path run it in a thread.
+
+Plain text is hashed only where it is marked as such: `{PLAIN}` / `{CLEARTEXT}`
+(Dovecot's names), or a CSV password without a prefix (the CSV format says so),
+and never when it has the exact shape of a crypt hash that lost its prefix.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from passlib.hash import (
     sha512_crypt,
 )
 
-from fallback.errors import InputError
+from fallback.errors import ConfigError, InputError
 
 # Scheme name -> passlib handler.  SSHA* have a hashlib fallback (below) because
 # passlib only takes salts of 4-16 bytes and Dovecot allows any length.
@@ -38,6 +42,8 @@ _HANDLERS: dict[str, Any] = {
 }
 _SSHA_DIGEST = {"SSHA512": (hashlib.sha512, 64), "SSHA256": (hashlib.sha256, 32)}
 SCHEMES = (*_HANDLERS, "PLAIN")
+# Dovecot's names for plain text: CLEARTEXT is PLAIN (split_scheme spells both PLAIN).
+_PLAIN_ALIASES = ("PLAIN", "CLEARTEXT")
 
 _SCHEME_RE = re.compile(r"^\{([A-Za-z0-9._-]+)\}(.*)$", re.DOTALL)
 # The exact shape of each crypt-style hash.  Import checks every line with these
@@ -58,7 +64,42 @@ def split_scheme(stored: str) -> tuple[str | None, str]:
     m = _SCHEME_RE.match(stored)
     if not m:
         return None, stored
-    return m.group(1).upper(), m.group(2)
+    scheme = m.group(1).upper()
+    return ("PLAIN" if scheme in _PLAIN_ALIASES else scheme), m.group(2)
+
+
+def check_scheme_name(setting: str, name: str) -> str:
+    """A scheme named in the settings (default_scheme), upper case; ConfigError when it is not
+    one this service can verify."""
+    scheme = name.strip().strip("{}").upper()
+    if scheme in _PLAIN_ALIASES:
+        return "PLAIN"
+    if scheme not in _HANDLERS:
+        raise ConfigError(f"{setting}: unknown password scheme {name!r} "
+                          f"(known: {', '.join((*_HANDLERS, *_PLAIN_ALIASES))})")
+    return scheme
+
+
+def looks_like(text: str) -> str | None:
+    """The crypt scheme whose exact shape `text` has ($6$..., $2y$..., $argon2id$...), if any."""
+    for scheme, shape in _SHAPES.items():
+        if shape.fullmatch(text):
+            return scheme
+    return None
+
+
+def plain_text(password: str) -> str:
+    """The plain text of a password field to hash ({PLAIN}/{CLEARTEXT} or no prefix); refuses an
+    empty one, and one that is really a crypt hash without its {SCHEME} prefix."""
+    scheme, body = split_scheme(password)
+    if not body:
+        raise InputError("empty password")
+    shape = looks_like(body) if scheme is None else None
+    if shape is not None:
+        raise InputError(f"the password looks like a {shape} hash without its {{SCHEME}} prefix; "
+                         f"write {{{shape}}} before the hash (or {{PLAIN}} before the text, if that "
+                         "really is the password)")
+    return body
 
 
 def hash_password(plain: str, scheme: str = "ARGON2ID") -> str:
@@ -94,13 +135,9 @@ def prepare_for_import(password: str, scheme_for_plain: str) -> str:
     """The directory's stored form of a provisioning password field."""
     if not password:
         raise InputError("empty password")
-    scheme, body = split_scheme(password)
-    if scheme == "PLAIN":
-        if not body:
-            raise InputError("empty password")
-        return hash_password(body, scheme_for_plain)
-    if scheme is None:
-        return hash_password(password, scheme_for_plain)
+    scheme, _ = split_scheme(password)
+    if scheme in (None, "PLAIN"):
+        return hash_password(plain_text(password), scheme_for_plain)
     return check_stored(password)
 
 
