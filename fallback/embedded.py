@@ -4,6 +4,13 @@ It is configured for the 250-means-durable rule (AOF, fsync on every write,
 no eviction), listens on loopback only with a random password, and keeps its
 data under the data dir.  A small state file in the data dir lets the other
 subcommands (`status`, `export`, ...) find it.
+
+Its maxmemory defaults to half of the machine's memory: MemTotal, or the
+cgroup's memory limit when that is lower (a container), so that the
+receiver's memory reserve (452 4.3.1 before Redis is full) has something to
+be a share of, and Redis refuses writes with an error rather than being
+killed by the kernel.  The other half is for the webmail, the receivers and
+the page cache.
 """
 
 from __future__ import annotations
@@ -24,6 +31,71 @@ import redis
 from fallback.errors import ConfigError, StorageError
 
 STATE_FILE = "embedded-redis.json"
+MEMORY_SHARE = 0.5  # of the machine's (or the cgroup's) memory, when redis_maxmemory is unset
+NO_CGROUP_LIMIT = 1 << 60  # cgroup v1 spells "no limit" as a huge number
+
+
+def _cgroup_limits(cgroup_root: Path, self_cgroup: Path) -> list[int]:
+    """Memory limits of this process's cgroup (v2 memory.max, v1 memory.limit_in_bytes), at the
+    mount root (what a container sees as its own) and at the path /proc/self/cgroup names."""
+    paths = [cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"]
+    try:
+        for line in self_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            rel = path.lstrip("/")
+            if controllers == "":
+                paths.append(cgroup_root / rel / "memory.max")
+            elif "memory" in controllers.split(","):
+                paths.append(cgroup_root / "memory" / rel / "memory.limit_in_bytes")
+    except (OSError, ValueError):
+        pass
+    limits = []
+    for candidate in paths:
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < NO_CGROUP_LIMIT:
+            limits.append(int(value))
+    return limits
+
+
+def machine_memory(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = Path("/sys/fs/cgroup"),
+                   self_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, str] | None:
+    """(bytes, "RAM" or "the cgroup memory limit") this process may use; None when unknown."""
+    total = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        total = None
+    limits = _cgroup_limits(cgroup_root, self_cgroup)
+    if limits and (total is None or min(limits) < total):
+        return min(limits), "the cgroup memory limit"
+    return (total, "RAM") if total else None
+
+
+def human_bytes(n: int) -> str:
+    """1.5 GiB, 300.0 MiB, 12.0 KiB, 100 bytes: how the banner and `fallback check` show sizes."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def choose_maxmemory(configured: str | None, memory: tuple[int, str] | None) -> tuple[str, str]:
+    """(maxmemory for redis.conf, the words the banner says about it)."""
+    if configured is not None and configured.strip():
+        value = configured.strip()
+        if value == "0":
+            return "0", "0 (no limit, redis_maxmemory 0)"
+        return value, f"{value} (redis_maxmemory)"
+    if memory is None:
+        return "0", "0 (no limit: the machine's memory is unknown; set --redis-maxmemory)"
+    total, source = memory
+    share = int(total * MEMORY_SHARE)
+    return str(share), f"{human_bytes(share)} ({MEMORY_SHARE * 100:.0f} % of {source})"
 
 
 def _state_path(data_dir: Path) -> Path:
@@ -62,7 +134,7 @@ class EmbeddedRedis:
                  maxmemory: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.binary = binary
-        self.maxmemory = maxmemory
+        self.maxmemory, self.maxmemory_text = choose_maxmemory(maxmemory, machine_memory())
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -101,8 +173,7 @@ class EmbeddedRedis:
             f"requirepass {password}",
             'save ""',
         ]
-        if self.maxmemory:
-            lines.append(f"maxmemory {self.maxmemory}")
+        lines.append(f"maxmemory {self.maxmemory}")
         conf.write_text("\n".join(lines) + "\n")
         conf.chmod(0o600)
         self.process = subprocess.Popen(
@@ -115,6 +186,11 @@ class EmbeddedRedis:
         state.write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
         state.chmod(0o600)
         return self.url
+
+    def summary(self) -> str:
+        """The banner line: what protects accepted mail in this Redis."""
+        return (f"embedded Redis: maxmemory {self.maxmemory_text}, noeviction, appendfsync always, "
+                f"data in {self.data_dir / 'redis'}")
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None

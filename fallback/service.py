@@ -5,26 +5,36 @@ so no component ever loses its store while it still holds a transaction.
 Components are small objects with async `start` (returning a line for the
 banner) and `stop`; the webmail and the outbound worker plug in the same way
 as the SMTP receiver.
+
+The demo mailbox (demo@example.com / demo) lives here too, with the rules
+that keep it off real systems: `--demo` runs only with a Redis and listen
+addresses on this machine, and a real start refuses while the demo mailbox
+exists in its Redis (`demo_refusal`, `demo_mailbox_refusal`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from fallback.config import Settings, settings_env
+from fallback import keys
+from fallback.config import Settings, redact_url, settings_env
+from fallback.config.redisurl import parse_topology
 from fallback.embedded import EmbeddedRedis
+from fallback.errors import ConfigError
 from fallback.intake.receiver import ReceiverServer
 from fallback.mailbox import directory, passwords
 from fallback.maillog import MailLog
@@ -38,6 +48,71 @@ log = logging.getLogger(__name__)
 DEMO_ADDRESS = "demo@example.com"
 DEMO_PASSWORD = "demo"  # noqa: S105 - the demo mailbox's documented password
 PARENT_ENV = "FALLBACK_INTERNAL_PARENT_PID"  # set for the receivers a receiver starts (smtp_workers)
+
+
+def _loopback(host: str) -> bool:
+    """Literal loopback addresses and localhost only: no DNS lookup (it can hang in an outage)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def redis_is_local(url: str) -> bool:
+    """A unix socket, or every host the URL names is a loopback address."""
+    if url.partition("://")[0] == "unix":
+        return True
+    topology = parse_topology(url)
+    if topology is not None:
+        return all(_loopback(host) for host, _ in topology.nodes)
+    host = urllib.parse.urlsplit(url).hostname
+    return host is None or _loopback(host)  # no host: redis-py connects to localhost
+
+
+def demo_refusal(s: Settings) -> str | None:
+    """Why --demo must not run with these settings (one line), or None.  The demo mailbox has a
+    published password: it must neither land in a real Redis nor be reachable from elsewhere."""
+    if s.redis_url and not redis_is_local(s.redis_url):
+        return (f"--demo: redis_url {redact_url(s.redis_url)} is not on this machine; the demo mailbox "
+                f"({DEMO_ADDRESS} / {DEMO_PASSWORD}) must never exist on a real Redis")
+    for name in ("smtp_host", "http_host"):
+        host = str(getattr(s, name))
+        if not _loopback(host):
+            every = host.strip() in ("", "0.0.0.0", "::", "[::]")  # noqa: S104 - named, not bound
+            why = "listens on every interface" if every else "is not a loopback address"
+            return (f"--demo: {name} {host or repr(host)} {why}; the demo mailbox ({DEMO_ADDRESS} / "
+                    f"{DEMO_PASSWORD}) must only be reachable from this machine: use 127.0.0.1")
+    return None
+
+
+def demo_mailbox_refusal(url: str) -> str | None:
+    """Why a real (non-demo) start must not run on this Redis: the demo mailbox is in it."""
+    r = sync_client(url)
+    try:
+        buckets = int(r.hget(keys.DIR_META, "buckets") or 0)
+        found = bool(buckets) and directory.Directory(r, buckets).get(DEMO_ADDRESS) is not None
+    finally:
+        r.close()
+    if not found:
+        return None
+    return (f"the demo mailbox {DEMO_ADDRESS} (password {DEMO_PASSWORD}) exists in this Redis; "
+            f"remove it before a real start: fallback mailbox remove {DEMO_ADDRESS} --force "
+            "(or run with --demo, on this machine only)")
+
+
+def check_demo_settings(s: Settings) -> None:
+    """Refuse (ConfigError, one line) to run --demo off this machine."""
+    if s.demo and (why := demo_refusal(s)):
+        raise ConfigError(why)
+
+
+def check_no_demo_mailbox(s: Settings, url: str) -> None:
+    """Refuse (ConfigError, one line) a real start on a Redis that holds the demo mailbox."""
+    if not s.demo and (why := demo_mailbox_refusal(url)):
+        raise ConfigError(why)
 
 
 class Component(Protocol):
@@ -73,7 +148,7 @@ class SmtpComponent:
         if processes > 1:
             # The children bind the port this process got (even when it asked for port 0).
             child = replace(self.settings, smtp_port=port, smtp_workers=1, smtp_reuse_port=True,
-                            redis_url=self.url or self.settings.redis_url, demo=False)
+                            redis_url=self.url or self.settings.redis_url)
             env = {**os.environ, **settings_env(child), PARENT_ENV: str(os.getpid())}
             for _ in range(processes - 1):
                 self.children.append(subprocess.Popen(
@@ -141,20 +216,34 @@ class Service:
 
     def provision_demo(self, url: str) -> None:
         r = sync_client(url)
-        d = directory.Directory(r, directory.ensure_buckets(r, self.settings.directory_buckets))
-        if d.get(DEMO_ADDRESS) is None:
-            stored = passwords.hash_password(DEMO_PASSWORD, self.settings.password_scheme)
-            d.put(directory.Mailbox(DEMO_ADDRESS, directory.DEFAULT_MAILSTORE, stored))
-        r.close()
+        try:
+            d = directory.Directory(r, directory.ensure_buckets(r, self.settings.directory_buckets))
+            found = d.get(DEMO_ADDRESS) is not None
+            others = d.count() - (1 if found else 0)
+            if others > 0:  # real users: a real Redis, even on this machine
+                raise ConfigError(
+                    f"--demo: this Redis already holds {others} other provisioned mailbox(es), so it is "
+                    f"a real one; the demo mailbox ({DEMO_ADDRESS} / {DEMO_PASSWORD}) must never exist "
+                    "on a real Redis: use another --data-dir")
+            if not found:
+                stored = passwords.hash_password(DEMO_PASSWORD, self.settings.password_scheme)
+                d.put(directory.Mailbox(DEMO_ADDRESS, directory.DEFAULT_MAILSTORE, stored))
+        finally:
+            r.close()
 
     async def run(self, stop_event: asyncio.Event | None = None) -> None:
         if self.settings.hostname is None:
             # gethostname, not getfqdn: a DNS lookup can hang during the very outage we serve.
             self.settings = replace(self.settings, hostname=socket.gethostname())
+        check_demo_settings(self.settings)
         url = self._redis_url()
         try:
+            if self.embedded is not None:
+                print(f"fallback: {self.embedded.summary()}", flush=True)
             if self.settings.demo:
                 self.provision_demo(url)
+            elif {"smtp", "web"} & set(self.roles):  # they take mail and logins; a worker does not
+                check_no_demo_mailbox(self.settings, url)
             r = async_client(url)
             buckets = await directory.ensure_buckets_async(r, self.settings.directory_buckets)
             makers: dict[str, Callable[[], Component]] = {

@@ -31,9 +31,12 @@ def add_old(r: redis.Redis, key: str, age_seconds: float) -> None:
     r.xadd(key, {"a": "alice@example.com", "id": "x"}, id=f"{now_ms - int(age_seconds * 1000)}-0")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def memory_limit(r: redis.Redis) -> Iterator[None]:
+    """A Redis with a maxmemory, as `fallback up` runs it (maxmemory 0 is a WARNING of its own:
+    tests/test_memory_policy.py)."""
     old = r.config_get("maxmemory")["maxmemory"]
+    r.config_set("maxmemory", 1 << 30)
     yield
     r.config_set("maxmemory", old)
 

@@ -149,8 +149,9 @@ def test_up_embedded_redis_demo_status_export_and_sigterm(data_dir: Path, tmp_pa
     finally:
         up.stop(signal.SIGKILL)
 
-    # Everything that got 250 is there after a restart (the AOF was fsynced).
-    again = Up(data_dir)
+    # Everything that got 250 is there after a restart (the AOF was fsynced).  Still --demo:
+    # a real start refuses while the demo mailbox is in its Redis (tests/test_demo_safety.py).
+    again = Up(data_dir, "--demo")
     try:
         out = tmp_path / "again.mbox"
         exp = cli("export", "demo@example.com", "--output", str(out), "--data-dir", str(data_dir))

@@ -9,7 +9,13 @@ itself cannot judge: bad thresholds or configuration, or an unexpected error
 shared `fallback` parser).
 
 Checked: Redis answers; memory used vs maxmemory (the machine's RAM when no
-maxmemory is set); AOF on, last write and last rewrite ok (250 means durable
+maxmemory is set), with CRITICAL never later than the receiver's memory
+reserve (memory_reserve: from there on it answers 452 4.3.1 to new mail, so
+a reserve below --crit-memory moves both thresholds down) and CRITICAL
+"intake refusing new mail" once it is reached; how every primary keeps
+accepted mail (maxmemory-policy other than noeviction CRITICAL, appendfsync
+everysec WARNING unless replica_acks, maxmemory 0 with a percentage reserve
+WARNING; see fallback.ops.health.policy_problems); AOF on, last write and last rewrite ok (250 means durable
 only with a healthy AOF; `--allow-no-aof` for deployments that rely on
 replication instead); the age of the oldest unfinished message of the outbound
 queue and of the forward queue (stream, retry set; the forward queue warns
@@ -31,6 +37,7 @@ import redis
 
 from fallback.commands.context import Context
 from fallback.config import redact_url
+from fallback.embedded import human_bytes
 from fallback.errors import ConfigError, FallbackError
 from fallback.ops import health
 
@@ -94,17 +101,37 @@ def _age_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
+def memory_thresholds(warn: float, crit: float, reserve_percent: float | None) -> tuple[float, float]:
+    """CRITICAL at or below the receiver's reserve, WARNING the same distance before it."""
+    if reserve_percent is None or reserve_percent >= crit:
+        return warn, crit
+    return max(0.0, min(warn, reserve_percent - (crit - warn))), reserve_percent
+
+
+def _memory(v: Verdict, r: redis.Redis, ctx: Context) -> None:
     s = ctx.settings
-    v = Verdict()
-    mem = health.memory(r)
+    mem, reserve = health.memory_reserve(r, s.memory_reserve)
+    if reserve is not None and mem.used >= reserve:
+        v.add(CRITICAL, f"intake refusing new mail (452 4.3.1): used_memory {human_bytes(mem.used)} "
+                        f"of reserve {human_bytes(reserve)}")
     if mem.limit:
-        level = _level(mem.percent, s.check_warn_memory, s.check_crit_memory)
-        v.add(level, f"memory {mem.percent:.1f}% of {mem.limit_source}")
-        v.perf.append(f"memory={mem.percent:.1f}%;{s.check_warn_memory:g};{s.check_crit_memory:g};0;100")
+        share = 100.0 * reserve / mem.limit if reserve is not None else None
+        warn, crit = memory_thresholds(s.check_warn_memory, s.check_crit_memory, share)
+        lowered = f" (reserve at {share:.1f}%)" if share is not None and crit == share else ""
+        v.add(_level(mem.percent, warn, crit), f"memory {mem.percent:.1f}% of {mem.limit_source}{lowered}")
+        v.perf.append(f"memory={mem.percent:.1f}%;{round(warn, 1):g};{round(crit, 1):g};0;100")
     else:
         v.add(OK, "memory limit unknown")
     v.perf.append(f"memory_used={mem.used}B;;;0;{mem.limit or ''}")
+    levels = {"critical": CRITICAL, "warning": WARNING, "note": OK}
+    for problem in health.policy_problems(health.policies(r), s.memory_reserve, s.replica_acks):
+        v.add(levels[problem.severity], problem.text)
+
+
+def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
+    s = ctx.settings
+    v = Verdict()
+    _memory(v, r, ctx)
     a = health.aof(r)
     if not a.enabled:
         v.add(OK if allow_no_aof else CRITICAL, "AOF off" + (" (allowed)" if allow_no_aof else
@@ -126,8 +153,10 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
         v.perf.append(f"{b.name}_age={age:.0f}s;{warn:g};{s.check_crit_queue_age:g};0")
         v.perf.append(f"{b.name}_depth={b.depth};;;0")
         if b.dead:
-            # Parked after crashing workers: never dropped, so someone must look (fallback queue list).
-            v.add(WARNING, f"{b.name} queue {b.dead} dead letter(s)")
+            # Parked (outbound: crashing workers; forward: only 5xx for forward_dead_letter_after):
+            # kept, never dropped, and nothing retries them, so someone must look.
+            where = "fallback queue forward-dead" if b.name == "forward" else "fallback queue list"
+            v.add(WARNING, f"{b.name} queue {b.dead} dead letter(s) ({where})")
         if b.refused:
             # Never bounced (forward queue): the main system refusing its own users needs a person.
             v.add(WARNING, f"{b.name} queue {b.refused} refused by the next hop (5xx), kept and retried")

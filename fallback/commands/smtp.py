@@ -19,7 +19,7 @@ from typing import Any
 from fallback.commands import forward
 from fallback.commands.context import Context
 from fallback.redisconn import resolve_url
-from fallback.service import PARENT_ENV, Service
+from fallback.service import PARENT_ENV, Service, check_demo_settings
 
 
 def follow_parent(pid: int) -> None:
@@ -47,6 +47,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     if parent is not None:
         follow_parent(int(parent))
     # resolve_url refuses (one line) when there is no Redis to join, instead of starting one.
-    settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings), demo=False)
+    check_demo_settings(ctx.settings)  # before looking for a Redis: the reason is the setting
+    settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings))
     asyncio.run(Service(settings, roles=("smtp", "forward") if settings.forward_to else ("smtp",)).run())
     return 0

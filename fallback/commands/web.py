@@ -9,6 +9,7 @@ from typing import Any
 
 from fallback.commands.context import Context
 from fallback.redisconn import resolve_url
+from fallback.service import check_demo_settings, check_no_demo_mailbox
 from fallback.webserver import WebComponent
 
 
@@ -19,7 +20,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    component = WebComponent(ctx.settings, resolve_url(ctx.settings))
+    check_demo_settings(ctx.settings)
+    url = resolve_url(ctx.settings)
+    check_no_demo_mailbox(ctx.settings, url)
+    component = WebComponent(ctx.settings, url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

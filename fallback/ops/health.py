@@ -1,4 +1,15 @@
-"""What the service's health is made of: Redis memory and AOF, and how old the queues' oldest work is.
+"""What the service's health is made of: Redis memory, AOF and durability policy, and how old the
+queues' oldest work is.
+
+The durability policy (`policies`, `policy_problems`) is judged on every
+primary: `maxmemory-policy` other than noeviction can evict accepted mail
+(critical); `appendfsync everysec` loses up to a second of it on power loss
+(warning, or fine when replica_acks makes a replica hold it), `no` more
+(critical, warning with replica_acks); maxmemory 0 leaves a percentage
+memory reserve nothing to be a share of (warning).  appendfsync is read with
+CONFIG GET; a managed Redis that renames or forbids CONFIG reads as
+"unknown" (a note, not an error: INFO persistence still says whether the
+AOF is on).
 
 `fallback check` turns these readings into a Nagios verdict; /metrics can
 export the same numbers.  Queue age is read from the stream entry ids (their
@@ -20,6 +31,7 @@ from typing import Any
 import redis
 
 from fallback import ids, keys
+from fallback.config.limits import memory_reserve_bytes
 from fallback.redisconn import is_cluster
 
 SCAN_LIMIT = 10_000  # entries read per stream shard; beyond that the queue is in trouble anyway
@@ -172,14 +184,104 @@ def aof(r: redis.Redis) -> Aof:
                last_rewrite_ok=all(i.get("aof_last_bgrewrite_status", "ok") == "ok" for i in infos))
 
 
+@dataclass(frozen=True)
+class Policy:
+    """How one primary keeps accepted mail."""
+
+    node: str
+    maxmemory: int
+    maxmemory_policy: str
+    aof_enabled: bool
+    appendfsync: str  # always | everysec | no | unknown (CONFIG refused)
+
+
+def _appendfsync(r: redis.Redis, **target: Any) -> str:
+    try:
+        reply: Any = r.config_get("appendfsync", **target)
+    except redis.ResponseError:  # CONFIG renamed, disabled or not allowed (NOPERM)
+        return "unknown"
+    if isinstance(reply, dict) and reply and all(isinstance(v, dict) for v in reply.values()):
+        reply = next(iter(reply.values()))  # a cluster answers per node
+    value = reply.get("appendfsync") if isinstance(reply, dict) else None
+    return _text(value) if value else "unknown"
+
+
+def _policy(node: str, mem: dict[str, Any], persistence: dict[str, Any], appendfsync: str) -> Policy:
+    return Policy(node, int(mem.get("maxmemory", 0)), str(mem.get("maxmemory_policy", "unknown")),
+                  bool(int(persistence.get("aof_enabled", 0))), appendfsync)
+
+
+def policies(r: redis.Redis) -> list[Policy]:
+    """The durability settings of every primary (one on a single Redis or behind Sentinel)."""
+    if not is_cluster(r):
+        kwargs = r.connection_pool.connection_kwargs
+        node = f"{kwargs.get('host', kwargs.get('path', 'redis'))}:{kwargs.get('port', '')}".rstrip(":")
+        return [_policy(node, dict(r.info("memory")), dict(r.info("persistence")), _appendfsync(r))]
+    out = []
+    for n in r.get_primaries():  # type: ignore[attr-defined]
+        mem: Any = r.info("memory", target_nodes=n)
+        pers: Any = r.info("persistence", target_nodes=n)
+        out.append(_policy(n.name, dict(mem), dict(pers), _appendfsync(r, target_nodes=n)))
+    return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "critical", "warning", or "note" (worth saying, nothing to fix)
+    text: str
+
+
+def policy_problems(found: list[Policy], memory_reserve: str, replica_acks: int) -> list[Problem]:
+    """What is wrong with how Redis keeps accepted mail; one line per problem, naming the
+    primaries it applies to when not all of them."""
+    seen: dict[tuple[str, str], list[str]] = {}
+
+    def add(severity: str, text: str, node: str) -> None:
+        seen.setdefault((severity, text), []).append(node)
+
+    for p in found:
+        if p.maxmemory_policy != "noeviction":
+            add("critical", f"maxmemory-policy {p.maxmemory_policy}: eviction can delete accepted mail "
+                "(set noeviction)", p.node)
+        if p.maxmemory == 0 and memory_reserve_bytes(memory_reserve, 0) is None:
+            add("warning", f"maxmemory 0 (no limit): the memory reserve ({memory_reserve}) needs a "
+                "maxmemory, or give --memory-reserve a size", p.node)
+        if not p.aof_enabled:
+            continue  # the AOF check says so already
+        if p.appendfsync == "everysec":
+            if replica_acks > 0:
+                add("note", f"appendfsync everysec (replica_acks {replica_acks})", p.node)
+            else:
+                add("warning", "appendfsync everysec: up to 1 s of accepted mail is lost on power "
+                    "loss (set always, or replica_acks)", p.node)
+        elif p.appendfsync == "no":
+            add("warning" if replica_acks > 0 else "critical",
+                "appendfsync no: accepted mail may wait seconds for the disk (set always)", p.node)
+        elif p.appendfsync == "unknown":
+            add("note", "appendfsync unknown (CONFIG refused)", p.node)
+    out = []
+    for (severity, text), nodes in seen.items():
+        where = "" if len(nodes) == len(found) else f" on {', '.join(nodes)}"
+        out.append(Problem(severity, f"Redis{where} {text}"))
+    return out
+
+
+def memory_reserve(r: redis.Redis, reserve: str) -> tuple[Memory, int | None]:
+    """The fullest primary and the used_memory at which the receiver refuses new mail there
+    (fallback.config.limits.memory_reserve_bytes of its maxmemory; None: no reserve)."""
+    mem = memory(r)
+    return mem, memory_reserve_bytes(reserve, mem.limit if mem.limit_source == "maxmemory" else 0)
+
+
 def redis_now_ms(r: redis.Redis) -> int:
     """Redis's own clock: stream ids come from it, so ages are measured against it too."""
     seconds, micros = r.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def redis_health(r: redis.Redis) -> dict[str, Any]:
-    """Ping time, memory and persistence, as `fallback status` and the admin API show them."""
+def redis_health(r: redis.Redis, memory_reserve: str = "90%", replica_acks: int = 0) -> dict[str, Any]:
+    """Ping time, memory, persistence and what is wrong with the durability policy, as
+    `fallback status` and the admin API show them."""
     started = time.monotonic()
     r.ping()
     latency = (time.monotonic() - started) * 1000
@@ -196,8 +298,8 @@ def redis_health(r: redis.Redis) -> dict[str, Any]:
         "aof_enabled": a.enabled,
         "aof_last_write_status": "ok" if a.last_write_ok else "err",
     }
-    try:
-        health["appendfsync"] = r.config_get("appendfsync").get("appendfsync", "unknown")
-    except Exception:  # CONFIG may be renamed or forbidden on a managed Redis
-        health["appendfsync"] = "unknown"
+    found = policies(r)
+    health["appendfsync"] = ",".join(sorted({p.appendfsync for p in found}))  # "always" when all agree
+    health["problems"] = [{"severity": p.severity, "text": p.text}
+                          for p in policy_problems(found, memory_reserve, replica_acks)]
     return health

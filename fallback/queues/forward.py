@@ -23,13 +23,19 @@ one (fallback.queues.reliable.StreamWorker):
 * Reclaiming: entries a silent (crashed) worker held longer than
   claim_timeout are taken over with XAUTOCLAIM.
 * Retrying: back-off with jitter from forward_retry_base, capped at
-  forward_retry_max_interval.  It never gives up, never bounces and never
-  drops: the recipient is a real user of the main system.  A 5xx is retried
-  too and logged as an alert (the main system refusing its own user is an
-  operator's problem); mail older than forward_alert_age is alerted once and
-  `fallback check` warns on the queue's age.  A record whose attempts keep
-  dying (max_crashes) is put back at the longest interval instead of
-  crash-looping the workers.
+  forward_retry_max_interval.  It never bounces and never drops: the
+  recipient is a real user of the main system.  A 5xx is retried too and
+  logged as an alert (the main system refusing its own user is an operator's
+  problem); mail older than forward_alert_age is alerted once and `fallback
+  check` warns on the queue's age.  A record whose attempts keep dying
+  (max_crashes) is put back at the longest interval instead of crash-looping
+  the workers.
+* Parking: a record the next hop has answered only with 5xx for
+  forward_dead_letter_after (counted from the first 5xx of the run; a 4xx or
+  a connection failure ends the run) is parked in the shard's dead-letter
+  zset `fwdq:{fN}:dead` with its bytes and last reply, so it stops costing
+  attempts; `fallback queue forward-retry` (fallback.queues.forward_dead)
+  puts it back.
 """
 
 from __future__ import annotations
@@ -72,6 +78,11 @@ def queue_refused(pipe: Any, recipient: str, msg_id: str, at: float | None) -> N
         pipe.zrem(key, item)
     else:
         pipe.zadd(key, {item: at})
+
+
+def queue_dead(pipe: Any, recipient: str, msg_id: str, at: float) -> None:
+    """Park a record in its shard's dead-letter zset (member "<id>\\t<rcpt>", score = when)."""
+    pipe.zadd(keys.forward_dead_n(keys.forward_shard(recipient)), {f"{msg_id}\t{recipient}": at})
 
 
 def queue_forward(pipe: Any, recipient: str, msg_id: str, raw: bytes, sender: str, now: float) -> None:
@@ -201,6 +212,9 @@ class Forwarder(reliable.StreamWorker):
             await self._finish(e, None)  # already delivered (a duplicate entry)
             return
         f = {reliable.text(k): v for k, v in fields.items()}
+        if f.get("parked"):
+            await self._finish(e, None)  # a stale entry of a dead letter: it waits for an operator
+            return
         sender, raw = reliable.text(f.get("sender", b"")), bytes(f.get("raw", b""))
         created = float(reliable.text(f.get("created", "0")))
         attempts = int(reliable.text(f.get("attempts", "0")))
@@ -229,13 +243,21 @@ class Forwarder(reliable.StreamWorker):
 
     async def _defer(self, e: Entry, rec: str, sender: str, created: float, attempts: int, reply: Reply,
                      now: float, f: dict[str, Any]) -> None:
+        # The run of 5xx answers starts at the first one; anything else (4xx, no connection) ends it.
+        since = float(reliable.text(f.get("refused_since") or b"0")) or now
+        if reply.permanent and now - since >= self.s.forward_dead_letter_after:
+            await self._park(e, rec, sender, attempts, reply, now, since)
+            return
         delay = backoff(attempts, self.s.forward_retry_base, self.s.forward_retry_max_interval)
         age = now - created
         alert_age = age >= self.s.forward_alert_age and not f.get("alerted")
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(rec, mapping={"attempts": attempts, "reply": reply.text, "code": reply.code,
                                     "last": now, "next": now + delay, "runs": 0,
-                                    **({"alerted": now} if alert_age else {})})
+                                    **({"alerted": now} if alert_age else {}),
+                                    **({"refused_since": since} if reply.permanent else {})})
+            if not reply.permanent:
+                pipe.hdel(rec, "refused_since")
             queue_retry(pipe, e.recipient, e.msg_id, now + delay)
             queue_refused(pipe, e.recipient, e.msg_id, now if reply.permanent else None)
             pipe.xack(e.stream, GROUP, e.entry_id)
@@ -256,6 +278,27 @@ class Forwarder(reliable.StreamWorker):
                         e.msg_id, e.recipient, age)
             self.mail.alert(e.msg_id, e.recipient, route="forward", age=round(age),
                             reason="waiting longer than forward_alert_age")
+
+    async def _park(self, e: Entry, rec: str, sender: str, attempts: int, reply: Reply, now: float,
+                    since: float) -> None:
+        """Only 5xx for forward_dead_letter_after: kept (bytes and all) in the dead-letter set,
+        out of the retry loop, until an operator puts it back (fallback queue forward-retry)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(rec, mapping={"attempts": attempts, "reply": reply.text, "code": reply.code,
+                                    "last": now, "runs": 0, "refused_since": since,
+                                    "dead": reply.text, "parked": now})
+            pipe.hdel(rec, "next")
+            queue_dead(pipe, e.recipient, e.msg_id, now)
+            queue_refused(pipe, e.recipient, e.msg_id, None)
+            pipe.xack(e.stream, GROUP, e.entry_id)
+            pipe.xdel(e.stream, e.entry_id)
+            await pipe.execute()
+        refused_for = round(now - since)
+        log.error("forward: next hop %s refused %s for %s with 5xx for %ds (%s); parked as a dead letter",
+                  self.hop.name, e.msg_id, e.recipient, refused_for, reply.text)
+        self.mail.failed(e.msg_id, sender, e.recipient, stage="forward",
+                         reason=f"parked as dead letter: next hop refused with 5xx for {refused_for}s: "
+                                f"{reply.text}")
 
     async def _finish(self, e: Entry, retry_at: float | None) -> None:
         """Done with an entry: acknowledged and deleted; if it must come back, scheduled."""
