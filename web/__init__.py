@@ -10,8 +10,6 @@ made here from the settings: no module globals.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import redis
 from flask import Flask
 
@@ -20,6 +18,7 @@ from fallback.ops import failover, metrics
 from fallback.redisconn import resolve_url, sync_client
 from web import admin, auth, compose, filters, mailbox, monitoring, pages, security
 from web.context import WebState, state
+from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
 
@@ -45,9 +44,9 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
     )
     app.extensions["fallback"] = WebState(
         settings=settings, r=r, secret=secret,
-        sessions=SessionStore(r, settings.session_idle_timeout),
-        throttle=LoginThrottle(r),
-        hasher=ThreadPoolExecutor(max_workers=2, thread_name_prefix="password"),
+        sessions=SessionStore(r, settings.session_idle_timeout, settings.session_max_age),
+        throttle=LoginThrottle(r, settings.login_source_failures, settings.login_account_failures),
+        password_checks=PasswordChecks(settings.password_check_queue, settings.password_check_timeout),
         scope=failover.ScopeCache(settings.failover_cache_ttl),
         counters=metrics.Counters(settings.metrics_flush_interval),
         admin_token=admin_token(settings),

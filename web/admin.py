@@ -66,7 +66,8 @@ def status() -> Any:
     queues = {b.name: {"depth": b.depth, "oldest_age_seconds": round(b.age(now_ms), 3), "dead": b.dead}
               for b in health.backlogs(r)}
     return jsonify({"scope": scope.as_dict(), "affected": failover.affected_count(scope, provisioned),
-                    "mailstores": mailstores, "queues": queues, "redis": health.redis_health(r)})
+                    "mailstores": mailstores, "queues": queues, "redis": health.redis_health(
+                        r, state().settings.memory_reserve, state().settings.replica_acks)})
 
 
 def _row(m: Mailbox) -> str:

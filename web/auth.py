@@ -1,14 +1,19 @@
 """Logging in and out, and the `login_required` guard of every mailbox page.
 
 The password is checked against the provisioned Dovecot-style hash on a
-small thread pool (see WebState.hasher).  Unknown addresses are checked
-against the hash of the last real account tried (or, before any, a dummy hash
-of the configured scheme), with the result ignored, and both failures answer
-with the same words, so neither the text nor the time says which one it was.
+small thread pool with a bounded queue (web/passwordcheck.py).  Unknown
+addresses are checked against the hash of the last real account tried (or,
+before any, a dummy hash of the configured scheme), with the result ignored,
+and both failures answer with the same words, so neither the text nor the
+time says which one it was.
 
-Only users whose mailstore is failed over (fallback.ops.failover) get a session;
-the others, after a correct password, see "your mailbox is working normally".
-Every attempt is counted for /metrics (ok, failed, throttled, not_affected).
+Every attempt is counted by the throttle (web/throttle.py) before its check,
+on the normalised address, and only a right password takes it back; a
+password longer than `max_password_length`, and a check that times out,
+count as failures.  Only users whose mailstore is failed over
+(fallback.ops.failover) get a session; the others, after a correct password,
+see "your mailbox is working normally".  Every attempt is counted for
+/metrics (ok, failed, throttled, busy, not_affected) and written to the mail log.
 """
 
 from __future__ import annotations
@@ -16,25 +21,26 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
 from fallback.addresses import normalize_address
 from fallback.errors import InputError
-from fallback.mailbox import passwords
 from fallback.maillog import MailLog
 from fallback.ops import failover
 from fallback.ops.metrics import WEBMAIL_LOGINS
 from web.context import state
+from web.passwordcheck import Outcome
 from web.sessions import COOKIE, PRE_COOKIE, check_login_token, login_token
 
 bp = Blueprint("auth", __name__)
 
 WRONG = "Wrong address or password."
-MAX_PASSWORD = 1024  # longer input is not a password, and would only cost hashing time
-VERIFY_TIMEOUT = 30.0
+BUSY = "The webmail is busy, try again in a moment."
+TIMED_OUT = "Checking your password took too long. Please try again in a minute."
+BUSY_RETRY = 5       # seconds, for Retry-After: the queue empties within a few checks
+TIMED_OUT_RETRY = 60
 
 
 def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +64,7 @@ def _secure() -> bool:
 
 
 def _form(username: str = "", error: str | None = None, status: int = 200,
-          notice: str | None = None) -> Response:
+          notice: str | None = None, retry_after: int | None = None) -> Response:
     pre = request.cookies.get(PRE_COOKIE)
     if not pre or len(pre) > 100:
         pre = secrets.token_urlsafe(32)
@@ -66,7 +72,13 @@ def _form(username: str = "", error: str | None = None, status: int = 200,
                            login_token=login_token(state().secret, pre))
     response = make_response(html, status)
     _set_cookie(response, PRE_COOKIE, pre)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
+
+
+def wait_text(seconds: int) -> str:
+    return f"Too many attempts. Try again in {seconds} second{'' if seconds == 1 else 's'}."
 
 
 @bp.get("/login")
@@ -87,34 +99,48 @@ def login() -> Any:
     if not username or not password:
         return _form(username, "Enter your email address and your password.", 400)
     ip = request.remote_addr or "unknown"
-    account = username.lower()
-    wait = st.throttle.wait(ip, account)
-    if wait:
-        st.counters.add(WEBMAIL_LOGINS, result="throttled")
-        return _form(username, f"Too many failed log-ins. Wait {wait} seconds, then try again.", 429)
-
     try:
         address: str | None = normalize_address(username)
     except InputError:
-        address = None
+        address = None  # not an address: throttled by client only, and answered like a wrong one
+    who = address or username
+    attempt = st.throttle.attempt(ip, address)
+    if attempt.wait:
+        st.counters.add(WEBMAIL_LOGINS, result="throttled")
+        MailLog().login(who, ip, outcome="throttled",
+                        reason=f"{'account' if attempt.account_wide else 'client'} waits {attempt.wait}s")
+        return _form(username, wait_text(attempt.wait), 429, retry_after=attempt.wait)
+
+    def failed(reason: str) -> None:
+        # The attempt stays counted by the throttle: that is what makes it a failure.
+        st.counters.add(WEBMAIL_LOGINS, result="failed")
+        MailLog().login(who, ip, outcome="failed", reason=reason)
+
+    limit = st.settings.max_password_length
+    if len(password) > limit:
+        # Not hashed (that is the point) and not truncated (that would test another password).
+        failed("password too long")
+        return _form(username, f"That password is longer than {limit} characters; no password "
+                     "here is that long. Check what was pasted and try again.", 400)
     mailbox = st.directory().get(address) if address else None
     if mailbox is not None:
         stored = st.timing_hash = mailbox.password_hash
     else:
         stored = st.hash_for_unknown()
-    try:
-        ok = st.hasher.submit(passwords.verify_password, password[:MAX_PASSWORD], stored) \
-            .result(timeout=VERIFY_TIMEOUT)
-    except FutureTimeout:
-        return _form(username, "The server is very busy. Please try again in a minute.", 503)
-    ok = ok and mailbox is not None and len(password) <= MAX_PASSWORD
-    if not ok or address is None or mailbox is None:
-        st.throttle.failed(ip, account)
-        st.counters.add(WEBMAIL_LOGINS, result="failed")
-        MailLog().login(account, ip, outcome="failed")
+    outcome = st.password_checks.check(password, stored)
+    if outcome is Outcome.BUSY:
+        st.throttle.not_checked(attempt)
+        st.counters.add(WEBMAIL_LOGINS, result="busy")
+        MailLog().login(who, ip, outcome="busy", reason="password checks queue full")
+        return _form(username, BUSY, 503, retry_after=BUSY_RETRY)
+    if outcome is Outcome.TIMED_OUT:
+        failed("password check timed out")
+        return _form(username, TIMED_OUT, 503, retry_after=TIMED_OUT_RETRY)
+    if outcome is not Outcome.RIGHT or address is None or mailbox is None:
+        failed("wrong address or password")
         return _form(username, WRONG, 401)
 
-    st.throttle.succeeded(account)
+    st.throttle.succeeded(attempt)
     if not failover.is_affected(st.r, mailbox.mailstore, st.scope):
         # Right password, but this mailbox is not failed over: its mail goes to the main
         # system, so a session here would only show an empty mailbox.  Say so; no session.

@@ -6,7 +6,6 @@ no module holds a global.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
@@ -15,6 +14,7 @@ from flask import current_app
 from fallback.config import Settings
 from fallback.mailbox import directory, passwords
 from fallback.ops import failover, metrics
+from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
 
@@ -26,9 +26,9 @@ class WebState:
     secret: str
     sessions: SessionStore
     throttle: LoginThrottle
-    # Password hashing is slow on purpose: a small pool bounds how much CPU a
-    # burst of log-ins can take from people reading their mail.
-    hasher: ThreadPoolExecutor
+    # Password hashing is slow on purpose: a small pool with a bounded queue bounds how
+    # much CPU and how many request threads a burst of log-ins can take.
+    password_checks: PasswordChecks
     # The failover scope, re-read at most every failover_cache_ttl seconds.
     scope: failover.ScopeCache = field(default_factory=lambda: failover.ScopeCache(2.0))
     # Log-in counts, added to the shared ones in Redis now and then (web.monitoring).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fallback.addresses import normalize_address
 from fallback.errors import InputError
-from fallback.mailbox import passwords
+from fallback.mailbox import logins, passwords
 from fallback.mailbox.directory import (
     DEFAULT_MAILSTORE,
     Directory,
@@ -128,8 +128,30 @@ def _parse_csv(lines: Iterator[tuple[int, str | None, int]],
                     values.get("alternate", "").strip())
 
 
+def _passwd_hash(n: int, user: str, field: str, default_scheme: str | None) -> str | Invalid:
+    """The password field of a passwd-file line as `{SCHEME}hash`.  Without a prefix Dovecot
+    reads it in its default_pass_scheme: so do we when told which (--default-scheme); never
+    as plain text, which would store a hash of the hash and lock the user out."""
+    scheme, _ = passwords.split_scheme(field)
+    if scheme is not None:
+        return field
+    if default_scheme is None:
+        return Invalid(n, f"the password of {user} has no {{SCHEME}} prefix; give --default-scheme "
+                          "SCHEME (Dovecot's default_pass_scheme) if the file relies on one")
+    if default_scheme == "PLAIN":
+        return "{PLAIN}" + field
+    stored = "{" + default_scheme + "}" + field
+    try:
+        passwords.check_stored(stored)
+    except InputError:
+        return Invalid(n, f"the password of {user} does not look like a {default_scheme} hash "
+                          f"(--default-scheme {default_scheme})")
+    return stored
+
+
 def _parse_passwd(lines: Iterator[tuple[int, str | None, int]], mailstore: str,
-                  progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
+                  progress: Callable[[int], None],
+                  default_scheme: str | None = None) -> Iterator[Entry | Invalid]:
     for n, text, done in lines:
         if n % PROGRESS_EVERY == 0:
             progress(done)
@@ -148,7 +170,8 @@ def _parse_passwd(lines: Iterator[tuple[int, str | None, int]], mailstore: str,
                 key, _, value = item.partition("=")
                 if key in ("mailstore", "userdb_mailstore") and value:
                     store = value
-        yield Entry(n, parts[0], parts[1], store)
+        stored = _passwd_hash(n, parts[0].strip(), parts[1], default_scheme)
+        yield stored if isinstance(stored, Invalid) else Entry(n, parts[0], stored, store)
 
 
 def _check(entry: Entry) -> Entry | Invalid:
@@ -169,8 +192,11 @@ def _needs_hashing(password: str) -> bool:
 
 
 def read_entries(path: Path, fmt: str | None, default_mailstore: str,
-                 progress: Callable[[int], None] = lambda done: None) -> Iterator[Entry | Invalid]:
-    """Every line of the file as an Entry (checked) or an Invalid, duplicates included."""
+                 progress: Callable[[int], None] = lambda done: None,
+                 default_scheme: str | None = None) -> Iterator[Entry | Invalid]:
+    """Every line of the file as an Entry (checked) or an Invalid, duplicates included.
+    `default_scheme` (checked with passwords.check_scheme_name) is the scheme of passwd-file
+    hashes without a {SCHEME} prefix."""
     lines: Iterator[tuple[int, str | None, int]] = _decode_lines(path)
     if fmt is None:
         # Guess from the first line that is not blank or a passwd-file comment.
@@ -187,7 +213,7 @@ def read_entries(path: Path, fmt: str | None, default_mailstore: str,
             return
         lines = itertools.chain(head, lines)
     parsed = (_parse_csv(lines, progress) if fmt == "csv"
-              else _parse_passwd(lines, default_mailstore, progress))
+              else _parse_passwd(lines, default_mailstore, progress, default_scheme))
     seen: dict[str, int] = {}
     for item in parsed:
         if isinstance(item, Entry):
@@ -239,10 +265,13 @@ def _without_cycle_collector() -> Iterator[None]:
 
 class Provisioner:
     def __init__(self, directory: Directory, scheme_for_plain: str = "ARGON2ID",
-                 default_mailstore: str = DEFAULT_MAILSTORE) -> None:
+                 default_mailstore: str = DEFAULT_MAILSTORE, default_scheme: str | None = None) -> None:
         self.directory = directory
         self.scheme = scheme_for_plain
         self.default_mailstore = default_mailstore
+        # Refused (ConfigError) before a line is read: a typo must not reject every line.
+        self.default_scheme = (None if default_scheme is None
+                               else passwords.check_scheme_name("default_scheme", default_scheme))
         # Hashing plain text is slow on purpose; argon2/bcrypt release the GIL.
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
 
@@ -251,13 +280,15 @@ class Provisioner:
         report = Report()
         if strict:
             # Validate the whole file first; load nothing if any line is bad.
-            for item in read_entries(path, fmt, self.default_mailstore, progress):
+            for item in read_entries(path, fmt, self.default_mailstore, progress, self.default_scheme):
                 if isinstance(item, Invalid):
                     report.invalid.append(item)
                 else:
                     try:
                         if not _needs_hashing(item.password):
                             passwords.check_stored(item.password)
+                        else:
+                            passwords.plain_text(item.password)
                     except InputError as exc:
                         report.invalid.append(Invalid(item.line, exc.reason))
             if report.invalid:
@@ -265,7 +296,8 @@ class Provisioner:
                 report.invalid.sort(key=lambda item: item.line)
                 return report
         with _without_cycle_collector():
-            for chunk in _chunks(read_entries(path, fmt, self.default_mailstore, progress), CHUNK):
+            entries = read_entries(path, fmt, self.default_mailstore, progress, self.default_scheme)
+            for chunk in _chunks(entries, CHUNK):
                 self._load_chunk(chunk, report)
         progress(path.stat().st_size)
         report.invalid.sort(key=lambda item: item.line)  # hash checks come per chunk, after parsing
@@ -305,14 +337,17 @@ class Provisioner:
                 report.updated += 1
         if writes:
             self.directory.put_many(writes)
+            # A changed password ends the user's webmail sessions at once (it is often the
+            # answer to a stolen one); a re-import that keeps the hash keeps them.
+            changed = [new.address for new, old in writes
+                       if old is not None and old.password_hash != new.password_hash]
+            logins.end_sessions_of(self.directory.r, changed)
 
     def _prepare(self, entry: Entry, old: Mailbox | None) -> str | InputError:
         """The hash to store; a plain password that still matches keeps the old hash."""
         try:
             if _needs_hashing(entry.password):
-                _, plain = passwords.split_scheme(entry.password)
-                if not plain:
-                    raise InputError("empty password")
+                plain = passwords.plain_text(entry.password)
                 if old is not None and passwords.verify_password(plain, old.password_hash):
                     return old.password_hash
             return passwords.prepare_for_import(entry.password, self.scheme)
