@@ -173,14 +173,27 @@ def test_smtp_subcommand_runs_only_the_receiver(redis_url: str, tmp_path: Path) 
 
 
 def runbook_commands() -> list[str]:
-    """Every `fallback ...` line inside the runbook's code blocks (continuations joined)."""
+    """Every `fallback ...` line inside the runbook's shell code blocks (continuations
+    joined); ```text blocks show output, not commands."""
     text = (ROOT / "docs" / "runbook.md").read_text()
     commands = []
-    for block in re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip().removeprefix("$ ")
-            if line.startswith("fallback "):
-                commands.append(line.split(" #")[0].split(" | ")[0].split(" > ")[0].strip())
+    block: list[str] | None = None
+    shell = False
+    for raw in text.splitlines():
+        fence = re.fullmatch(r"\s*```(\w*)\s*", raw)
+        if fence and block is None:
+            block, shell = [], fence.group(1) in ("", "sh", "bash", "console")
+            continue
+        if fence and block is not None:
+            if shell:
+                for line in "\n".join(block).replace("\\\n", " ").splitlines():
+                    line = line.strip().removeprefix("$ ")
+                    if line.startswith("fallback "):
+                        commands.append(line.split(" #")[0].split(" | ")[0].split(" > ")[0].strip())
+            block = None
+            continue
+        if block is not None:
+            block.append(raw)
     return commands
 
 

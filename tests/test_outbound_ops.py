@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import ssl
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.test_outbound import (
     states,
     wait_for,
 )
+from tests.test_web_compose import stream_entries
 
 out_settings, sinks, workers = ob.out_settings, ob.sinks, ob.workers  # the fixtures, shared
 
@@ -348,3 +350,123 @@ def test_sent_view_shows_each_recipients_outcome(r, client, workers) -> None:
         assert data == r.hget(keys.message(SENDER, msg_id), "raw")
     finally:
         ctl.stop()
+
+
+# --- hold and release one sender -----------------------------------------------------------
+
+def retry_members(r) -> list[str]:
+    return sorted(outbound.split_member(m)[0]
+                  for m in r.zrange(keys.outbound_retry_n(keys.outbound_shard(SENDER)), 0, -1))
+
+
+def test_hold_stops_delivery_and_release_delivers_unchanged(r, settings, mailboxes, sinks, workers,
+                                                            capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    sink = sinks()
+    assert cli(settings, "queue", "hold", "--user", "<Alice@Example.COM>", "--reason", "stolen") == 0
+    assert ("alice@example.com: outbound mail held (0 message(s) queued); new mail from this user "
+            "is queued and held too.") in capsys.readouterr().out
+    a = queue_message(r, ["bob@remote.test"], "held one")
+    b = queue_message(r, ["carol@remote.test", "dave@remote.test"], "held two")
+    workers(smarthost=smarthost(sink.port))
+    # The worker looked at both and put them back to wait: no attempt made, none counted.
+    wait_for(lambda: retry_members(r) == sorted([a, b]) and not stream_entries(r),
+             what="both messages back in the retry zset")
+    assert sink.messages() == []
+    for msg_id in (a, b):
+        assert set(states(r, msg_id).values()) == {"queued"}
+        status = outbound.recipient_status(r, SENDER, msg_id)
+        assert all(st["attempts"] == 0 and st.get("held") is True for st in status.values())
+        assert r.hget(keys.outbound_record(SENDER, msg_id), "runs") in (None, b"0")
+    assert cli(settings, "queue", "list") == 0
+    out = capsys.readouterr().out
+    assert "held: all outbound mail from alice@example.com" in out and "stolen" in out
+    assert cli(settings, "queue", "list", "--format", "json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted((m["id"], m["state"]) for m in listed["messages"]) == sorted([(a, "held"), (b, "held")])
+    assert [(h["user"], h["reason"]) for h in listed["held"]] == [(SENDER, "stolen")]
+    assert cli(settings, "queue", "retry", a) == 1
+    assert (f"message {a} is held with all mail from alice@example.com; `fallback queue release "
+            "--user alice@example.com` lets it go") in capsys.readouterr().err
+    assert sink.messages() == []
+
+    assert cli(settings, "queue", "release", "--user", SENDER) == 0
+    assert "alice@example.com: released; 2 message(s) due for delivery now" in capsys.readouterr().out
+    wait_for(lambda: len(sink.messages()) == 2 and queue_is_empty(r), what="both delivered")
+    for dump in sink.messages():
+        _, body = sink_payload(dump)
+        msg_id = a if b"held one" in body else b
+        assert body == (r.hget(keys.message(SENDER, msg_id), "raw") or b"").replace(b"\r\n", b"\n")
+    assert float(r.hget(keys.outbound_record(SENDER, a), "held") or 0) > 0
+    assert [e.action for e in audit_entries(r)][-2:] == ["queue hold", "queue release"]
+
+
+def audit_entries(r):
+    from fallback.ops import audit
+
+    return [audit.Entry.from_fields(f) for _, f in r.xrange(keys.AUDIT_STREAM)]
+
+
+def test_time_held_does_not_count_towards_the_retry_deadline(r, mailboxes, sinks, workers) -> None:
+    import time
+
+    from fallback.queues import hold
+
+    sink = sinks()
+    msg_id = queue_message(r, ["bob@remote.test"], "held for two hours")
+    two_hours_ago = time.time() - 7200
+    r.hset(keys.outbound_record(SENDER, msg_id), "created", two_hours_ago)
+    hold.hold(r, SENDER, "test", now=two_hours_ago)
+    workers(smarthost=smarthost(sink.port), retry_deadline=3600.0)  # past it, but for the hold
+    wait_for(lambda: retry_members(r) == [msg_id], what="the held message back in the retry zset")
+    hold.release(r, SENDER)
+    wait_for(lambda: states(r, msg_id) == {"bob@remote.test": "delivered"}, what="delivery")
+    assert len(sink.messages()) == 1 and inbox(r) == []  # no "gave up" notice
+
+
+def test_webmail_send_while_held_says_so(client, r) -> None:
+    import html
+    import re
+
+    from fallback.queues import hold
+    from tests.test_web_compose import send
+    from tests.webutil import log_in_as
+
+    hold.hold(r, SENDER, "test")
+    log_in_as(client, SENDER)
+    resp, msg_id = send(client, to="x@remote.test", subject="while held", body="b")
+    assert resp.headers["Location"] == f"/message/{msg_id}?sent=held"
+    page = html.unescape(client.get(resp.headers["Location"]).text)
+    assert ("Your message is in Sent and queued, but the operator is holding mail from your "
+            "account: it will not leave until they release it.") in page
+    rows = dict(re.findall(r"<td>([^<]+@remote\.test)</td><td>\s*([^<]*?)\s*</td>", page))
+    assert rows == {"x@remote.test": "Queued, held by the operator (not sent until they release it)"}
+    [item] = outbound.scan(r)
+    assert (item.msg_id, item.where) == (msg_id, "held")
+    hold.release(r, SENDER)
+    page = html.unescape(client.get(f"/message/{msg_id}").text)
+    assert "Queued for delivery" in page
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["queue", "hold", "--user", "not-an-address"], "--user: 'not-an-address' is not an email address"),
+    (["queue", "release", "--user", "alice@example.com"],
+     "the outbound mail of alice@example.com is not held"),
+    (["queue", "hold", "--user", "nobody@example.com"],
+     "no mailbox nobody@example.com is provisioned and it has no queued mail: nothing to hold"),
+])
+def test_hold_bad_input(r, settings, mailboxes, capsys, args, message) -> None:
+    kept = queue_message(r, ["bob@remote.test"], "keep me")
+    r.delete(keys.outbox("nobody@example.com"))
+    assert cli(settings, *args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fallback queue: ") and message in err and err.count("\n") == 1
+    assert [i.msg_id for i in outbound.scan(r)] == [kept] and not r.exists(keys.outbound_hold(SENDER))
+
+
+def test_second_hold_keeps_the_first(r, settings, mailboxes, capsys) -> None:
+    assert cli(settings, "queue", "hold", "--user", SENDER, "--reason", "first") == 0
+    capsys.readouterr()
+    assert cli(settings, "queue", "hold", "--user", SENDER, "--reason", "second") == 0
+    assert "alice@example.com: already held since" in capsys.readouterr().out
+    assert r.hget(keys.outbound_hold(SENDER), "reason") == b"first"

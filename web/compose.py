@@ -4,25 +4,40 @@ The form carries a message id made when it was shown, signed with the secret
 key so that nobody can choose the id another mailbox's message has; sending
 the same form twice sends once.  `From` is always the logged-in address.  A
 form error re-shows everything typed (attachments excepted: browsers cannot
-refill a file field) and sends nothing.
+refill a file field, and the page says so) and sends nothing: 400 for what
+the user must change (a header character mail cannot carry names the field
+and the character), 429 over the per-user send limits (with when sending
+works again; the operator is alerted once per user and window), 409 while
+the same form is still being sent.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from typing import Any
 
 from flask import Blueprint, g, redirect, render_template, request, url_for
 
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
+from fallback.intake import sendlimits
 from fallback.intake.submission import Draft, send
 from fallback.mailbox import fields, store
+from fallback.maillog import MailLog
+from fallback.ops.metrics import MailCounters
 from web import render
 from web.auth import login_required
 from web.context import state
 from web.mailbox import raw_or_404
-from web.outgoing import MAX_SUBJECT, check_header_text, parse_addresses
+from web.outgoing import (
+    MAX_SUBJECT,
+    check_header_text,
+    clean_header_text,
+    parse_addresses,
+    thread_ids,
+)
 from web.sessions import sign
 
 bp = Blueprint("compose", __name__)
@@ -79,6 +94,8 @@ def _forward_values(raw: bytes) -> dict[str, str]:
 
 def _form(values: dict[str, str], error: str | None = None, status: int = 200) -> Any:
     st = state()
+    if error and _chose_files():
+        error += " Attach your files again: a browser cannot keep them."
     draft = values.get("draft") or new_id()
     carried = []
     if values.get("forward_of"):
@@ -137,18 +154,75 @@ def send_message() -> Any:
                              f"{st.settings.max_recipients} in one message.")
         _attach_uploads(draft)
         _apply_reply_or_forward(draft, values)
+        limits = sendlimits.Limits(st.settings.send_limit_per_hour, st.settings.send_limit_per_day)
+        out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
+                   request.remote_addr or "unknown", limits)
     except InputError as exc:
         return _form(values, exc.public + " Nothing was sent.", 400)
-
-    out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
-               request.remote_addr or "unknown")
+    if out.limited is not None:
+        _log_limited(out.limited, draft, draft_id)
+        return _form(values, limit_text(out.limited, time.time()) + " Nothing was sent.", 429)
+    if out.in_progress:
+        return _form(values, "This message is being sent right now, or its last attempt was cut "
+                     "short. Look in Sent in a minute; if it is not there, send it again.", 409)
     if not out.already_sent:
         if values["reply_to"]:
             store.set_flags(st.r, g.user, values["reply_to"], add=(fields.ANSWERED,))
         if values["forward_of"]:
             store.set_flags(st.r, g.user, values["forward_of"], add=(fields.FORWARDED,))
-    status = "again" if out.already_sent else ("partial" if out.failed_local else "1")
+    status = ("again" if out.already_sent else "partial" if out.failed_local
+              else "held" if out.held else "1")
     return redirect(url_for("mailbox.message", msg_id=draft_id, sent=status))
+
+
+def _chose_files() -> bool:
+    return any(u and u.filename for u in request.files.getlist("attachments"))
+
+
+def _log_limited(refusal: sendlimits.Refusal, draft: Draft, msg_id: str) -> None:
+    """Each refused recipient in the mail log (counted in /metrics as rejected, 429); the
+    operator's alert once per user and window, not once per attempt."""
+    log = MailLog(counters=MailCounters(state().counters))
+    reason = (f"send limit: {refusal.used} of {refusal.limit} recipients per {refusal.window} "
+              f"used, {refusal.wanted} more refused")
+    for addr in draft.recipients():
+        log.rejected(msg_id, draft.sender, addr, outcome="429", reason=reason)
+    if refusal.first:
+        until = (f"; sending works again at {_clock(refusal.retry_at)}"
+                 if refusal.retry_at is not None else "")
+        log.alert(None, draft.sender, route="outbound", reason=(
+            f"webmail user reached the send limit of {refusal.limit} recipients per "
+            f"{refusal.window}{until}; if the account is stolen: fallback queue hold --user "
+            f"{draft.sender}"))
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M UTC", time.gmtime(ts))
+
+
+def _wait(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes < 120:
+        return f"in {minutes} minute{'s' if minutes != 1 else ''}"
+    return f"in about {round(minutes / 60)} hours"
+
+
+def limit_text(refusal: sendlimits.Refusal, now: float) -> str:
+    """What the user reads on the 429 page: which limit, and when sending works again."""
+    per = f"per {refusal.window}"
+    last = f"in the last {refusal.window}"
+    if refusal.retry_at is None:
+        return (f"This message has {refusal.wanted} recipients, more than the {refusal.limit} {per} "
+                "this service allows during the outage. Send it to fewer recipients.")
+    when = f"{_clock(refusal.retry_at)} ({_wait(refusal.retry_at - now)})"
+    if refusal.used >= refusal.limit:
+        return (f"You have sent to {refusal.used} recipients {last}, the limit for this service "
+                f"during the outage. You can send again at {when}.")
+    room = refusal.limit - refusal.used
+    return (f"This message has {refusal.wanted} recipients, but you have sent to {refusal.used} "
+            f"{last} and the limit for this service during the outage is {refusal.limit} {per}. "
+            f"You can send it at {when}, or send it now to at most {room} recipient"
+            f"{'s' if room != 1 else ''}.")
 
 
 def _attach_uploads(draft: Draft) -> None:
@@ -171,10 +245,11 @@ def _apply_reply_or_forward(draft: Draft, values: dict[str, str]) -> None:
     if values["reply_to"]:
         raw = _original(values["reply_to"])
         assert raw is not None
-        draft.in_reply_to = render.find_header(raw, "Message-ID")
-        draft.references = render.find_header(raw, "References")
-        check_header_text("References", draft.in_reply_to + draft.references)
+        # From mail anyone can send: only well-formed ids are carried, never refused.
+        draft.in_reply_to = thread_ids(render.find_header(raw, "Message-ID"), keep=1)
+        draft.references = thread_ids(render.find_header(raw, "References"))
     if values["forward_of"]:
         raw = _original(values["forward_of"])
         assert raw is not None
-        draft.attachments.extend(render.original_parts(raw))
+        draft.attachments.extend((clean_header_text(name), ctype, data)
+                                 for name, ctype, data in render.original_parts(raw))

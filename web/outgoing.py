@@ -7,18 +7,59 @@ only what the HTTP side reads out of the form.
 from __future__ import annotations
 
 import email.utils
+import re
 
 from fallback.addresses import normalize_address
 from fallback.errors import InputError
 
 MAX_SUBJECT = 998
+MAX_THREAD_IDS = 20  # References kept from the original: the nearest ones thread the reply
+
+# What a header value cannot carry: a line end of any kind (str.splitlines splits on every one
+# of them, and email's policy refuses them or folds there: a header injection or a half-built
+# message), NUL and the other control characters.  Tab is whitespace and stays.
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMES = {0x00: "NUL", 0x0A: "line feed", 0x0B: "vertical tab", 0x0C: "form feed",
+          0x0D: "carriage return", 0x1C: "file separator", 0x1D: "group separator",
+          0x1E: "record separator", 0x7F: "delete", 0x85: "next line", 0x2028: "line separator",
+          0x2029: "paragraph separator"}
+_LABELS = {"To": "The To field", "Cc": "The Cc field", "Bcc": "The Bcc field",
+           "Subject": "The subject"}
+_MSG_ID = re.compile(r"<[!-;=?-~]{1,250}>")  # printable ASCII without <>: what a msg-id may hold
+
+
+def unsendable(value: str) -> str | None:
+    """The first character of `value` a header cannot carry, named for people: 'NUL U+0000'."""
+    m = _UNSENDABLE.search(value)
+    if m is None:
+        return None
+    code = ord(m.group(0))
+    return f"{_NAMES.get(code, 'control character')} U+{code:04X}"
 
 
 def check_header_text(name: str, value: str) -> None:
-    """CR or LF in a header value would start a new header: refused, never cleaned up."""
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise InputError(f"line break in {name}", public=f"{name} must be on one line "
-                         "(line breaks are not allowed).")
+    """A header value with a character it cannot carry is refused, never cleaned up: the user
+    sees which field and which character, and fixes it."""
+    bad = unsendable(value)
+    if bad is not None:
+        label = _LABELS.get(name, name)
+        raise InputError(f"unsendable character ({bad}) in {name}", public=(
+            f"{label} contains a character that cannot be sent ({bad}). Remove it and try again."))
+
+
+def clean_header_text(value: str) -> str:
+    """For text the user did not type (a forwarded attachment's name): unsendable characters
+    become spaces, since the user could not remove them."""
+    return _UNSENDABLE.sub(" ", value)
+
+
+def thread_ids(value: str, keep: int = MAX_THREAD_IDS) -> str:
+    """The well-formed message ids of an original's Message-ID/References, the last `keep`.
+
+    They come from mail anyone can send: anything else (a line separator, a
+    thousand ids) is left out of the reply rather than refusing the reply.
+    """
+    return " ".join(_MSG_ID.findall(value)[-keep:])
 
 
 def parse_addresses(name: str, value: str) -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""`fallback queue list|show ID|retry ID|delete ID [--yes]`: the operator's view of outbound mail."""
+"""`fallback queue list|show ID|retry ID|delete ID [--yes]|hold --user A|release --user A`: the
+operator's view of outbound mail."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from typing import Any
 
 from rich.table import Table
 
+from fallback import keys
+from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.ops import audit
-from fallback.queues import outbound
+from fallback.queues import hold, outbound
 from fallback.queues.outbound import QueueItem
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("queue", help="list, show, retry or delete outbound messages")
+    p = sub.add_parser("queue", help="list, show, retry, delete or hold outbound messages")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = actions.add_parser("list", parents=[parents["common"]],
                             help="every queued message: age, attempts, next try, last reply")
@@ -40,6 +43,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     delete.set_defaults(handler=delete_item)
+    _register_hold(actions, parents)
+    from fallback.commands import forward_queue  # here: it uses this module's helpers
+
+    forward_queue.register_actions(actions, parents)
 
 
 def _ago(ts: float, now: float) -> str:
@@ -89,8 +96,11 @@ def list_queue(ctx: Context, args: argparse.Namespace) -> int:
     now = time.time()
     items = outbound.scan(ctx.redis())
     rows = [_row(i, now) for i in items[: args.limit]]
+    held = hold.held_senders(ctx.redis())
     if args.format == "json":
-        print(json.dumps({"total": len(items), "messages": rows}, indent=1))
+        print(json.dumps({"total": len(items), "messages": rows,
+                          "held": [{"user": h.user, "since": h.since, "actor": h.actor,
+                                    "reason": h.reason} for h in held]}, indent=1))
         return 0
     table = Table(title=f"outbound queue: {len(items)} message(s)")
     for col, just in (("id", "left"), ("sender", "left"), ("state", "left"), ("age", "right"),
@@ -103,6 +113,10 @@ def list_queue(ctx: Context, args: argparse.Namespace) -> int:
     ctx.console.print(table)
     if len(items) > args.limit:
         ctx.console.print(f"... and {len(items) - args.limit} more (use --limit)")
+    for h in held:
+        ctx.console.print(f"held: all outbound mail from {h.user} (since {_ago(h.since, now)} ago, "
+                          f"by {h.actor or '?'}{': ' + h.reason if h.reason else ''}); "
+                          f"`fallback queue release --user {h.user}` lets it go", markup=False)
     return 0
 
 
@@ -163,5 +177,61 @@ def delete_item(ctx: Context, args: argparse.Namespace) -> int:
     outbound.delete(r, item.msg_id, settings.hostname or socket.gethostname(), settings.claim_timeout)
     _audit(ctx, args, "queue delete", item, f"ok: {pending} recipient(s) marked failed")
     ctx.console.print(f"deleted {item.msg_id} from {item.sender}: {pending} recipient(s) marked failed",
+                      markup=False)
+    return 0
+
+
+# --- hold and release: one sender's outbound mail ----------------------------------------
+
+def _register_hold(actions: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    hold_p = actions.add_parser("hold", parents=[parents["common"]],
+                                help="stop a sender's outbound mail from leaving (it stays queued)")
+    hold_p.add_argument("--user", required=True, metavar="ADDRESS", help="the webmail user")
+    hold_p.add_argument("--reason", default="", metavar="TEXT", help="why, for the listing and audit")
+    hold_p.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
+    hold_p.set_defaults(handler=hold_user)
+    release = actions.add_parser("release", parents=[parents["common"]],
+                                 help="let a held sender's outbound mail leave again, at once")
+    release.add_argument("--user", required=True, metavar="ADDRESS", help="the webmail user")
+    release.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
+    release.set_defaults(handler=release_user)
+
+
+def _user(text: str) -> str:
+    try:
+        return normalize_address(text)
+    except InputError:
+        raise InputError(f"--user: {text!r} is not an email address") from None
+
+
+def _audit_user(ctx: Context, args: argparse.Namespace, action: str, user: str, outcome: str) -> None:
+    entry = audit.Entry(action=action, actor=audit.actor_name(args.actor),
+                        args={"user": user, "reason": getattr(args, "reason", "")}, outcome=outcome)
+    for problem in audit.record(ctx.redis(), entry, ctx.settings.audit_log):
+        print(f"fallback queue: warning: {problem}", file=sys.stderr)
+
+
+def hold_user(ctx: Context, args: argparse.Namespace) -> int:
+    user = _user(args.user)
+    r = ctx.redis()
+    if ctx.directory().get(user) is None and not r.scard(keys.outbox(user)):
+        raise InputError(f"no mailbox {user} is provisioned and it has no queued mail: nothing to hold")
+    held = hold.hold(r, user, audit.actor_name(args.actor), args.reason)
+    if not held.new:
+        ctx.console.print(f"{user}: already held since {_ago(held.since, time.time())} ago "
+                          f"({held.queued} message(s) queued)", markup=False)
+        return 0
+    _audit_user(ctx, args, "queue hold", user, f"ok: {held.queued} message(s) held")
+    ctx.console.print(f"{user}: outbound mail held ({held.queued} message(s) queued); new mail "
+                      f"from this user is queued and held too. `fallback queue release --user "
+                      f"{user}` lets it go.", markup=False)
+    return 0
+
+
+def release_user(ctx: Context, args: argparse.Namespace) -> int:
+    user = _user(args.user)
+    released = hold.release(ctx.redis(), user)
+    _audit_user(ctx, args, "queue release", user, f"ok: {released.queued} message(s) released")
+    ctx.console.print(f"{user}: released; {released.queued} message(s) due for delivery now",
                       markup=False)
     return 0

@@ -8,30 +8,48 @@ come in over SMTP: users of failed-over mailstores get it in their fallback
 INBOX at once, users of healthy mailstores through the forward queue to the
 main system; one recipient per transaction (no command touches two
 mailboxes).  Our first header is a `Received: from webmail ... id <ID>` line
-so reconcile can find the message by its id after a crash.  A per-message
-"sent once" key makes a resubmitted form (double click, reload) harmless.
+so reconcile can find the message by its id after a crash.
+
+A per-message "sent once" key makes a resubmitted form (double click, reload)
+harmless.  It is claimed ("sending", CLAIM_TTL) before anything is written and
+becomes "sent" only once the message is filed; any failure before that (a
+send limit, a message that cannot be built, Redis trouble) gives the claim
+back, so the corrected form sends normally.  The per-user send limits
+(sendlimits) are counted in the same attempt and given back on failure too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import email.utils
 import mimetypes
+import re
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
 import redis
 
 from fallback import keys
+from fallback.errors import InputError
 from fallback.ids import new_id
-from fallback.intake import routing
+from fallback.intake import routing, sendlimits
 from fallback.mailbox import delivery, directory, fields, received, store
 from fallback.maillog import MailLog
 from fallback.ops.failover import ScopeCache
 from fallback.queues import forward, outbound
 
 ONCE_TTL = 7 * 86400
+CLAIM_TTL = 120  # seconds: a send interrupted by a crash frees its form after this
+SENT = b"sent"
+IN_PROGRESS_POLLS, IN_PROGRESS_POLL = 30, 0.1  # how long a second submit waits for the first
 VIA = "webmail"
+NO_LIMITS = sendlimits.Limits(0, 0)
+_CTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+# In a text body, what SMTP may not carry raw (NUL, RFC 5321 4.1.4) or a reader's tools would
+# take for line ends: such a body goes quoted-printable, which keeps every character.
+_RAW_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -69,17 +87,19 @@ def build(draft: Draft, msg_id: str, domain: str) -> bytes:
     msg["Message-ID"] = f"<{msg_id}@{domain}>"
     if draft.in_reply_to:
         msg["In-Reply-To"] = draft.in_reply_to
-        msg["References"] = (draft.references + " " + draft.in_reply_to).strip()
+    references = (draft.references + " " + draft.in_reply_to).strip()
+    if references:
+        msg["References"] = references
     msg["User-Agent"] = "fallback webmail"
     body = draft.body.replace("\r\n", "\n")
     if body and not body.endswith("\n"):
         body += "\n"
-    msg.set_content(body, charset="utf-8")
+    msg.set_content(body, charset="utf-8", cte="quoted-printable" if _RAW_UNSAFE.search(body) else None)
     for filename, ctype, data in draft.attachments:
         ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
         maintype, _, subtype = ctype.partition("/")
-        if not subtype:
-            maintype, subtype = "application", "octet-stream"
+        if not (_CTYPE.fullmatch(maintype) and _CTYPE.fullmatch(subtype)):
+            maintype, subtype = "application", "octet-stream"  # a browser's (or a sender's) odd type
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
     return msg.as_bytes(policy=email.policy.SMTP)
 
@@ -96,31 +116,64 @@ class Outcome:
     forwarded: list[str] = field(default_factory=list)  # forward queue: their mailstore is healthy
     remote: list[str] = field(default_factory=list)  # outbound queue
     failed_local: list[str] = field(default_factory=list)  # local or forward: not written, try again
+    in_progress: bool = False  # another submit of this form is being sent (or was cut short)
+    limited: sendlimits.Refusal | None = None  # over a send limit: nothing was sent
+    held: bool = False  # the operator holds the sender's outbound mail: queued, not leaving yet
 
 
 def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draft, msg_id: str,
-         hostname: str, client_ip: str) -> Outcome:
-    """File the Sent copy, queue remote recipients, then each of the others; at most once per msg_id."""
+         hostname: str, client_ip: str, limits: sendlimits.Limits = NO_LIMITS) -> Outcome:
+    """File the Sent copy, queue remote recipients, then each of the others; at most once per msg_id.
+
+    Over a send limit nothing is written and `limited` says why.  InputError:
+    the message cannot be built as typed (nothing written either).
+    """
     sender = draft.sender
-    if not r.set(keys.compose_once(sender, msg_id), "1", nx=True, ex=ONCE_TTL):
-        return Outcome(msg_id, already_sent=True)
-    mailbox = d.get(sender)
-    mailstore = mailbox.mailstore if mailbox else directory.DEFAULT_MAILSTORE
-    body = build(draft, msg_id, sender.rpartition("@")[2])
-    raw = received_line(msg_id, hostname, client_ip) + body
-    routes = routing.route(d, scopes, draft.recipients())
-    out = Outcome(msg_id, local=[m.address for m in routes.mailboxes], forwarded=list(routes.forward),
-                  remote=list(routes.outbound))
+    once = keys.compose_once(sender, msg_id)
+    if not r.set(once, "sending", nx=True, ex=CLAIM_TTL):
+        # A double click: the first submit is usually done a moment later.
+        for _ in range(IN_PROGRESS_POLLS):
+            if r.get(once) == SENT:
+                return Outcome(msg_id, already_sent=True)
+            time.sleep(IN_PROGRESS_POLL)
+        return Outcome(msg_id, in_progress=True)
+    recipients = draft.recipients()
+    counted = False
     try:
+        try:
+            body = build(draft, msg_id, sender.rpartition("@")[2])
+        except ValueError as exc:  # what the form's checks did not catch: refused, not half-sent
+            raise InputError(f"message not built: {exc}", public=(
+                "This message cannot be sent as it is: a field holds a character mail cannot "
+                "carry. Check To, Cc, Bcc, the subject and the attachments' names.")) from None
+        refusal = sendlimits.reserve(r, sender, msg_id, len(recipients), limits)
+        if refusal is not None:
+            r.delete(once)
+            return Outcome(msg_id, limited=refusal)
+        counted = True
+        mailbox = d.get(sender)
+        mailstore = mailbox.mailstore if mailbox else directory.DEFAULT_MAILSTORE
+        raw = received_line(msg_id, hostname, client_ip) + body
+        routes = routing.route(d, scopes, recipients)
+        out = Outcome(msg_id, local=[m.address for m in routes.mailboxes], forwarded=list(routes.forward),
+                      remote=list(routes.outbound))
         if routes.outbound:
+            out.held = outbound.is_held(r, sender)
             outbound.submit(r, sender=sender, mailstore=mailstore, recipients=routes.outbound, raw=raw,
                             msg_id=msg_id)
         else:
             delivery.deliver(r, [delivery.Delivery(sender, mailstore, fields.SENT, (fields.SEEN,), "sent")],
                              msg_id, raw)
     except BaseException:
-        r.delete(keys.compose_once(sender, msg_id))  # nothing was filed: the user may try again
+        # Nothing was filed: the user may try again with the same form.  If Redis is what
+        # failed, the claim runs out after CLAIM_TTL instead.
+        with contextlib.suppress(redis.RedisError):
+            r.delete(once)
+            if counted:
+                sendlimits.refund(r, sender, msg_id, len(recipients))
         raise
+    with contextlib.suppress(redis.RedisError):  # filed: a lost marker only shortens the guard
+        r.set(once, SENT, ex=ONCE_TTL)
     log = MailLog()
     for addr in routes.outbound:
         log.queued(msg_id, sender, addr, route="outbound", via=VIA)

@@ -6,7 +6,8 @@ queued, or neither.  This module owns the queue's data: the delivery record
 (one hash per sent message, one `rcpt:<addr>` field per recipient), where a
 message waits (its stream shard, the shard's retry zset or dead-letter zset),
 the back-off schedule, and the operator's view and actions (`fallback queue`).
-The worker that drains it is fallback/queues/worker.py.
+The worker that drains it is fallback/queues/worker.py; the operator's hold on
+one sender (`fallback queue hold --user`) is fallback/queues/hold.py.
 
 Per-recipient states: queued -> (deferred ->)* delivered | failed.  A
 recipient in a final state is never attempted again.
@@ -119,7 +120,16 @@ def recipient_status(r: redis.Redis, sender: str, msg_id: str) -> dict[str, dict
         name = _text(key)
         if name.startswith(RCPT_PREFIX):
             out[name[len(RCPT_PREFIX):]] = json.loads(value)
+    if out and is_held(r, sender):
+        for st in out.values():
+            if st.get("state") not in FINAL:
+                st["held"] = True  # not sent until the operator releases the sender
     return out
+
+
+def is_held(r: redis.Redis, sender: str) -> bool:
+    """The operator holds this sender's outbound mail (fallback/queues/hold.py)."""
+    return bool(r.exists(keys.outbound_hold(sender)))
 
 
 # --- the delivery record -----------------------------------------------------------------
@@ -139,6 +149,7 @@ class Record:
     rcpts: dict[str, dict[str, Any]]
     runs: int = 0
     dead: str = ""
+    held: float = 0.0  # seconds spent on hold: they do not count towards the retry deadline
     extra: dict[str, str] = field(default_factory=dict)
 
     def pending(self) -> list[str]:
@@ -167,7 +178,7 @@ def parse_record(msg_id: str, fields: dict[Any, Any]) -> Record:
     return Record(
         sender=_text(f["sender"]), msg_id=msg_id, created=float(f["created"]),
         mailstore=_text(f.get("mailstore", b"default")), rcpts=rcpts,
-        runs=int(f.get("runs", 0)), dead=_text(f.get("dead", b"")),
+        runs=int(f.get("runs", 0)), dead=_text(f.get("dead", b"")), held=float(f.get("held") or 0),
         extra={k: _text(v) for k, v in f.items()
                if k in ("done", "parked", "deleted") and v is not None},
     )
@@ -223,7 +234,7 @@ def split_member(value: bytes | str) -> tuple[str, str]:
 class QueueItem:
     msg_id: str
     sender: str
-    where: str                 # waiting | in flight | retry | dead
+    where: str                 # waiting | in flight | retry | dead | held
     shard: int
     record: Record | None      # None: the record is gone or damaged
     error: str = ""
@@ -277,8 +288,15 @@ def scan(r: redis.Redis, only: str | None = None) -> list[QueueItem]:
                 if item.where in ("dead", "in flight"):
                     seen.where = item.where
     out = list(items.values())
+    senders = sorted({item.sender for item in out})
+    with r.pipeline(transaction=False) as pipe:
+        for sender in senders:
+            pipe.exists(keys.outbound_hold(sender))
+        held = {s for s, n in zip(senders, pipe.execute(), strict=True) if n}
     with r.pipeline(transaction=False) as pipe:
         for item in out:
+            if item.sender in held and item.where in ("waiting", "retry"):
+                item.where = "held"
             pipe.hgetall(keys.outbound_record(item.sender, item.msg_id))
         for item, fields in zip(out, pipe.execute(), strict=True):
             if not fields:
@@ -319,6 +337,9 @@ def retry_now(r: redis.Redis, msg_id: str) -> QueueItem:
     item = find(r, msg_id)
     if item.record is None:
         raise InputError(f"message {msg_id} cannot be retried: {item.error}; delete it instead")
+    if is_held(r, item.sender):
+        raise InputError(f"message {msg_id} is held with all mail from {item.sender}; "
+                         f"`fallback queue release --user {item.sender}` lets it go")
     now = time.time()
     rec = item.record
     updates = {a: {**rec.rcpts[a], "next": now} for a in rec.pending()}

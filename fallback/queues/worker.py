@@ -17,6 +17,10 @@ How work moves (every step is atomic in Redis; see docs/outbound.md):
   max_crashes the message is parked in the shard's dead-letter zset.
 * Retrying: due members of the retry zsets go back onto their stream (Lua,
   one shard at a time).
+* Holding: a sender the operator holds (fallback/queues/hold.py) is seen by
+  the take script before the lease or the attempt count: the entry goes back
+  to the retry zset for hold.RECHECK seconds, no attempt is made or counted,
+  and time held is added to the retry deadline.
 
 The taking, reclaiming, retrying and leasing loop is fallback.queues.reliable.StreamWorker,
 shared with the forward queue; this module is what one outbound message means.
@@ -38,7 +42,7 @@ from fallback.config import Settings
 from fallback.errors import FallbackError
 from fallback.mailbox import delivery
 from fallback.maillog import MailLog
-from fallback.queues import dsn, outbound, reliable
+from fallback.queues import dsn, hold, outbound, reliable
 from fallback.queues.dkim import Signer
 from fallback.queues.outbound import DEFERRED, DELIVERED, FAILED, Record
 from fallback.queues.smarthost import Reply, Smarthost
@@ -47,8 +51,10 @@ from fallback.redisconn import is_cluster
 log = logging.getLogger(__name__)
 
 # Taking a message: lease, attempt count and what to send in one round trip (one slot:
-# every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw}.
+# every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw};
+# {3}: the operator holds the sender's mail.
 _TAKE = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {3} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
 local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
@@ -98,8 +104,13 @@ class Worker(reliable.StreamWorker):
         lease = keys.outbound_lease(sender, msg_id)
         token = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
         ttl = int(self.s.claim_timeout * 1000)
-        taken: Any = await self.r.eval(_TAKE, 3, lease, keys.outbound_record(sender, msg_id),
-                                       keys.message(sender, msg_id), token, ttl)
+        taken: Any = await self.r.eval(_TAKE, 4, lease, keys.outbound_record(sender, msg_id),
+                                       keys.message(sender, msg_id), keys.outbound_hold(sender),
+                                       token, ttl)
+        if taken[0] == 3:
+            # Held by the operator: not an attempt, nothing counted; release makes it due again.
+            await self._ack(stream, entry_id, sender, msg_id, time.time() + hold.RECHECK)
+            return
         if taken[0] == 0:
             # Another worker has it right now (a duplicate entry): look again later.
             await self._ack(stream, entry_id, sender, msg_id, time.time() + self.s.claim_timeout)
@@ -130,7 +141,7 @@ class Worker(reliable.StreamWorker):
             return
         rec = outbound.parse_record(msg_id, record)
         now = time.time()
-        deadline = rec.created + self.s.retry_deadline
+        deadline = rec.created + rec.held + self.s.retry_deadline
         updates: dict[str, dict[str, Any]] = {}
         failed: list[str] = []
         for address in rec.pending():
