@@ -50,6 +50,7 @@ from fallback.mailbox import (  # noqa: E402
     delivery,
     directory,
 )
+from fallback.mailbox.batcher import DeliveryBatcher  # noqa: E402
 from tests.servers import RedisClusterServers, RedisServer, free_port, stop_pid, wait_port  # noqa: E402
 
 SIZE = 4096
@@ -118,7 +119,8 @@ def measure(port: int, conns: int, messages: int, pids: list[int],
 def durable(redis_url: str, redis_pids: list[int], workers: int, conns: int, messages: int) -> Point:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), FALLBACK_LOG_LEVEL="WARNING",
-               FALLBACK_MAX_CONNECTIONS_PER_IP="1000", FALLBACK_MAX_COMMANDS="1000000")
+               FALLBACK_MAX_CONNECTIONS_PER_IP="1000", FALLBACK_MAX_COMMANDS="1000000",
+               FALLBACK_MAX_MESSAGES_PER_IP_PER_MINUTE="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fallback", "smtp", "--redis-url", redis_url, "--smtp-port", str(port),
          "--smtp-workers", str(workers), "--hostname", "bench.test"],
@@ -157,7 +159,7 @@ async def _store_loop(redis_url: str, messages: int, concurrency: int) -> tuple[
     """(messages/s, client CPU ms per message) of delivery.deliver_async with the receiver's batcher."""
 
     r = redisconn.async_client(redis_url)
-    batcher = delivery.DeliveryBatcher(r)
+    batcher = DeliveryBatcher(r)
     raw = b"From: a@remote.test\r\nTo: " + smtp_ingest.RCPT.encode() + b"\r\nSubject: x\r\n\r\n" + b"x" * 4000
     gate = asyncio.Semaphore(concurrency)
 

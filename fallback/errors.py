@@ -79,8 +79,31 @@ class MessageTooBig(FallbackError):
     code, enhanced, public = 552, "5.3.4", "Message size exceeds fixed maximum message size"
 
 
+class MailboxFull(FallbackError):
+    """A fallback mailbox at its quota (RFC 3463 4.2.2): temporary, the sender retries and after
+    reconcile and purge the mailbox (or the real one) takes it."""
+
+    code, enhanced, public = 452, "4.2.2", "Mailbox full, try again later"
+
+    def __init__(self, reason: str, *, address: str = "") -> None:
+        super().__init__(reason)
+        self.address = address  # the mailbox at its quota
+
+
+class InsufficientStorage(FallbackError):
+    """Redis past the memory reserve (RFC 3463 4.3.1): new mail waits, the webmail keeps the rest."""
+
+    code, enhanced, public = 452, "4.3.1", "Insufficient system storage, try again later"
+
+
 class TooManyConnections(FallbackError):
     code, enhanced, public = 421, "4.7.0", "Too many connections, try again later"
+
+
+class TooManyMessages(FallbackError):
+    """A client prefix over its message rate (intake.clientlimits): the sender retries later."""
+
+    code, enhanced, public = 451, "4.7.1", "Too many messages from your network, try again later"
 
 
 class InputError(FallbackError):

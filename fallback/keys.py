@@ -63,8 +63,22 @@ def unseen(address: str) -> str:
 
 
 def info(address: str) -> str:
-    """hash: messages, bytes, mailstore of one mailbox."""
+    """hash: messages, bytes, mailstore of one mailbox; `bytes` (the sizes of the messages it
+    holds, as stored) is what the mailbox quota counts (mailbox/quota.py)."""
     return f"{mbx(address)}:info"
+
+
+QUOTA_SHARDS = 16
+
+
+def quota_refused_n(n: int) -> str:
+    """zset: address -> when the receiver last refused mail for it at its quota (mailbox/quota.py),
+    sharded; entries older than a day are trimmed when one is added."""
+    return f"quota:{{r{n}}}:refused"
+
+
+def quota_refused(address: str) -> str:
+    return quota_refused_n(zlib.crc32(address.encode()) % QUOTA_SHARDS)
 
 
 def dedupe(address: str, digest: str) -> str:
@@ -113,18 +127,58 @@ def outbound_stream_n(n: int) -> str:
 
 
 def web_session(token_hash: str) -> str:
-    """hash: one webmail session (user, csrf, created), keyed by a hash of the cookie; TTL = idle timeout."""
+    """hash: one webmail session (user, csrf, created), keyed by a hash of the cookie;
+    TTL = idle timeout, never past created + session max age."""
     return f"websess:{{{token_hash}}}"
 
 
+def web_sessions_of(address: str) -> str:
+    """zset: digests of the user's webmail sessions -> created (s), so they can all be ended
+    at once; may hold digests of sessions already expired (pruned when read)."""
+    return f"{mbx(address)}:websess"
+
+
 def login_throttle(kind: str, subject: str) -> str:
-    """hash: failed log-ins (fails, until) of one client IP (kind "ip") or account ("acct")."""
+    """hash: log-in attempts not known to be right, of one client prefix (kind "src":
+    fails, until) or of one account (kind "acct": fails, until for the account, and
+    f:<prefix>, u:<prefix> for each client network trying it)."""
     return f"throttle:{{{kind}:{subject}}}"
+
+
+def login_known_networks(account: str) -> str:
+    """hash: client networks (/24, /64) that logged in to the account -> time of the last
+    success; these are not held by the account-wide delay.  Same slot as the account's
+    throttle hash (one Lua script reads both)."""
+    return f"throttle:{{acct:{account}}}:known"
+
+
+def smtp_rate(prefix: str, minute: int) -> str:
+    """string: messages (DATA complete) from one SMTP client prefix (a /32, /24 or /64) in one
+    minute since the epoch (intake.clientlimits); expires after two minutes."""
+    return f"smtprate:{{{prefix}}}:{minute}"
 
 
 def compose_once(address: str, msg_id: str) -> str:
     """string: set once when a composed message is sent, so a resubmitted form is not sent twice."""
     return f"{mbx(address)}:sending:{msg_id}"
+
+
+def send_log(address: str) -> str:
+    """zset: "<msg_id>:<recipients>" -> sent at (ms): the webmail sends of the last day (sendlimits)."""
+    return f"{mbx(address)}:sends"
+
+
+def send_limit_alerted(address: str, window: str) -> str:
+    """string with TTL: the operator was alerted that this user hit the hour/day send limit."""
+    return f"{mbx(address)}:sendlimit:{window}"
+
+
+def outbound_hold(address: str) -> str:
+    """hash (since, actor, reason): the operator holds this sender's outbound mail (queues/hold.py)."""
+    return f"{mbx(address)}:outhold"
+
+
+OUTBOUND_HELD = "outq:held"  # set: the senders on hold, for `fallback queue list` (hold.py)
 
 
 OUTBOUND_GROUP = "workers"  # the consumer group every outbound worker reads the streams with
@@ -191,6 +245,12 @@ def forward_retry_n(n: int) -> str:
 def forward_refused_n(n: int) -> str:
     """zset: "<msg_id>\\t<recipient>" -> time of a forward whose last attempt got a 5xx (still retried)."""
     return f"fwdq:{{f{n}}}:refused"
+
+
+def forward_dead_n(n: int) -> str:
+    """zset: "<msg_id>\\t<recipient>" -> time parked: forwards the next hop kept refusing with 5xx
+    for forward_dead_letter_after; kept with their bytes until `fallback queue forward-retry`."""
+    return f"fwdq:{{f{n}}}:dead"
 
 
 def forward_record(recipient: str, msg_id: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fallback.mailbox import delivery, fields, headers, purge
+from fallback.mailbox import deliverscript, fields, headers, purge
 
 MESSAGES = sorted((Path(__file__).parent / "data" / "messages").glob("*.eml"))
 
@@ -112,7 +112,7 @@ def test_summary_is_bounded_and_has_no_nul():
 
 def test_every_field_the_scripts_write_is_declared():
     """The Lua sources spell field names; each must be one of fields.ALL."""
-    sources = delivery._DELIVER_LUA + purge._PURGE_LUA
+    sources = deliverscript.DELIVER_LUA + purge._PURGE_LUA
     named = set(re.findall(r"'H(?:GET|SET|INCRBY)', KEYS\[[^\]]+\], '(\w+)'", sources))
     named |= set(re.findall(r"\b(?:'|\")(\w+)(?:'|\"), ARGV\[a \+ \d\]", sources))
     named -= {"messages", "bytes", "mailstore"}  # the mailbox's info hash, not the message

@@ -8,6 +8,7 @@ import redis
 
 from fallback import keys
 from fallback.mailbox import delivery, fields
+from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.redisconn import async_client
 
 RAW = (b"Received: from x ([127.0.0.1])\r\n\tby h (fallback) with ESMTP id ID; date\r\n"
@@ -52,7 +53,7 @@ def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url
 
     async def both() -> list[object]:
         client = async_client(redis_url)
-        batcher = delivery.DeliveryBatcher(client)
+        batcher = DeliveryBatcher(client)
         results = await asyncio.gather(
             delivery.deliver_async(client, [delivery.Delivery(good, "east")], "02ID", RAW, batcher=batcher),
             delivery.deliver_async(client, [delivery.Delivery(bad, "east")], "02ID", RAW, batcher=batcher),

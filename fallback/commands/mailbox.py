@@ -1,4 +1,4 @@
-"""`fallback mailbox add|remove|show ADDRESS`: one user at a time."""
+"""`fallback mailbox add|remove|show|logout|unthrottle ADDRESS`: one user at a time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
-from fallback.mailbox import passwords
+from fallback.mailbox import logins, passwords, quota
 from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
@@ -36,6 +36,14 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     show = actions.add_parser("show", parents=[parents["common"]], help="show a mailbox")
     show.add_argument("address")
     show.set_defaults(handler=show_mailbox)
+    out = actions.add_parser("logout", parents=[parents["common"]],
+                             help="end every webmail session of a mailbox now")
+    out.add_argument("address")
+    out.set_defaults(handler=logout_mailbox)
+    lift = actions.add_parser("unthrottle", parents=[parents["common"]],
+                              help="forget a mailbox's failed webmail log-ins (lift its delays)")
+    lift.add_argument("address")
+    lift.set_defaults(handler=unthrottle_mailbox)
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -53,10 +61,29 @@ def add_mailbox(ctx: Context, args: argparse.Namespace) -> int:
     address = normalize_address(args.address)
     mailstore = check_mailstore(args.mailstore)
     alternate = normalize_address(args.alternate) if args.alternate else ""
-    stored = passwords.prepare_for_import(_password(args), ctx.settings.password_scheme)
-    new = ctx.directory().put(Mailbox(address, mailstore, stored, alternate))
-    ctx.console.print(f"{'added' if new else 'updated'} {address} (mailstore {mailstore})")
+    given = _password(args)
+    stored = passwords.prepare_for_import(given, ctx.settings.password_scheme)
+    directory = ctx.directory()
+    old = directory.get(address)
+    if old is not None and _same_password(given, old.password_hash):
+        stored = old.password_hash  # the same plain password again: keep its hash (and sessions)
+    directory.put(Mailbox(address, mailstore, stored, alternate))
+    ctx.console.print(f"{'added' if old is None else 'updated'} {address} (mailstore {mailstore})")
+    if old is not None and old.password_hash != stored:
+        # A new password is often the answer to a stolen one: the old sessions end now.
+        ended = logins.end_sessions(ctx.redis(), address)
+        if ended:
+            ctx.console.print(f"password changed: ended {_sessions(ended)} of {address}")
     return 0
+
+
+def _same_password(given: str, old_hash: str) -> bool:
+    scheme, plain = passwords.split_scheme(given)
+    return given == old_hash or (scheme is None and passwords.verify_password(plain, old_hash))
+
+
+def _sessions(n: int) -> str:
+    return f"{n} webmail session{'' if n == 1 else 's'}"
 
 
 def remove_mailbox(ctx: Context, args: argparse.Namespace) -> int:
@@ -70,7 +97,29 @@ def remove_mailbox(ctx: Context, args: argparse.Namespace) -> int:
         raise InputError(f"{address} holds {held} message(s) not yet purged; reconcile or export "
                          "them first, or give --force (the messages stay in Redis)")
     directory.remove(address)
-    ctx.console.print(f"removed {address}" + (f" ({held} message(s) kept in Redis)" if held else ""))
+    ended = logins.end_sessions(ctx.redis(), address)
+    ctx.console.print(f"removed {address}" + (f" ({held} message(s) kept in Redis)" if held else "")
+                      + (f"; ended {_sessions(ended)}" if ended else ""))
+    return 0
+
+
+def logout_mailbox(ctx: Context, args: argparse.Namespace) -> int:
+    address = normalize_address(args.address)
+    if ctx.directory().get(address) is None:
+        raise NotFound(f"{address} is not provisioned")
+    ended = logins.end_sessions(ctx.redis(), address)
+    ctx.console.print(f"ended {_sessions(ended)} of {address}", markup=False)
+    return 0
+
+
+def unthrottle_mailbox(ctx: Context, args: argparse.Namespace) -> int:
+    address = normalize_address(args.address)
+    if ctx.directory().get(address) is None:
+        raise NotFound(f"{address} is not provisioned")
+    if logins.lift_throttle(ctx.redis(), address):
+        ctx.console.print(f"lifted the log-in delays of {address}", markup=False)
+    else:
+        ctx.console.print(f"{address} had no failed log-ins to forget", markup=False)
     return 0
 
 
@@ -88,6 +137,8 @@ def show_mailbox(ctx: Context, args: argparse.Namespace) -> int:
     if mailbox.alternate:
         ctx.console.print(f"alternate:  {mailbox.alternate}", markup=False)
     ctx.console.print(f"messages:   {info.get('messages', 0)} ({info.get('bytes', 0)} bytes)")
+    ctx.console.print(f"quota:      {quota.describe(info.get('bytes', 0), ctx.settings.mailbox_quota)}",
+                      markup=False)
     for name in FOLDERS:
         ctx.console.print(f"  {name}: {reader.count(name)}", markup=False)
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from fallback.commands.context import Context
+from fallback.mailbox import quota
 from fallback.mailbox.store import mailstore_stats
 from fallback.ops.health import redis_health
 
@@ -30,7 +31,12 @@ def collect(ctx: Context) -> dict[str, Any]:
         rows[name] = {"mailboxes": provisioned.get(name, 0),
                       "messages": stored.get(name, {}).get("messages", 0),
                       "bytes": stored.get(name, {}).get("bytes", 0)}
-    return {"mailstores": rows, "domains": len(directory.domains()), "redis": redis_health(r)}
+    s = ctx.settings
+    full = [{"address": f.address, "bytes": f.used, "refused_at": f.refused_at}
+            for f in quota.recently_refused(r)]
+    return {"mailstores": rows, "domains": len(directory.domains()),
+            "quota": {"bytes": s.mailbox_quota, "refused_last_day": full},
+            "redis": redis_health(r, s.memory_reserve, s.replica_acks)}
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
@@ -48,6 +54,13 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         totals = [totals[0] + row["mailboxes"], totals[1] + row["messages"], totals[2] + row["bytes"]]
     table.add_row("[b]total[/b]", *(str(t) for t in totals))
     ctx.console.print(table)
+    q = data["quota"]
+    refused = q["refused_last_day"]
+    ctx.console.print(f"Mailbox quota: {quota.human(q['bytes']) if q['bytes'] else 'none'}; "
+                      f"{len(refused)} mailbox(es) refused mail at the quota in the last day"
+                      + (":" if refused else ""), markup=False)
+    for f in refused:
+        ctx.console.print(f"  {f['address']}: {quota.describe(f['bytes'], q['bytes'])}", markup=False)
     h = data["redis"]
     limit = "no limit" if not h["maxmemory"] else f"{h['maxmemory']} bytes"
     ctx.console.print(
@@ -56,4 +69,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         f"(appendfsync {h['appendfsync']}, last write {h['aof_last_write_status']})",
         markup=False,
     )
+    for problem in h["problems"]:  # how Redis keeps accepted mail (fallback.ops.health.policy_problems)
+        if problem["severity"] != "note":
+            ctx.console.print(f"{problem['severity'].upper()}: {problem['text']}", markup=False,
+                              soft_wrap=True)
     return 0

@@ -10,7 +10,11 @@ which writes both kinds in one MULTI/EXEC when a message has both).
 aiosmtpd's unsafe defaults are overridden: exceptions answer 451 4.3.0
 (never 500 with the exception text), RCPT is checked against the directory
 (never accept-all), and DATA always returns our own reply.  Everything that
-touches aiosmtpd beyond its handler hooks is in smtpd_adapter.
+touches aiosmtpd beyond its handler hooks is in smtpd_adapter.  Storage
+cannot be exhausted: past the Redis memory reserve MAIL gets 452 4.3.1
+(memoryguard); a fallback mailbox at its quota gets 452 4.2.2 at RCPT, and
+a message that would take one over gets it after DATA, checked in the same
+step as the write (mailbox/quota.py, deliverscript.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import re
 import ssl
 import time
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 
@@ -30,6 +35,7 @@ from fallback.errors import (
     DirectoryUnavailable,
     FallbackError,
     InputError,
+    MailboxFull,
     RelayDenied,
     StorageError,
     TooManyRecipients,
@@ -37,8 +43,11 @@ from fallback.errors import (
 )
 from fallback.ids import new_id
 from fallback.intake import routing
+from fallback.intake.clientlimits import ClientLimits
+from fallback.intake.memoryguard import MemoryGuard
 from fallback.intake.smtpd_adapter import ConnectionTracker, FallbackEnvelope, FallbackSMTP, Session
-from fallback.mailbox import delivery, directory, received
+from fallback.mailbox import delivery, directory, quota, received
+from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.ops import failover
@@ -75,7 +84,9 @@ class Receiver:
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
-        self.batcher = delivery.DeliveryBatcher(r)
+        self.batcher = DeliveryBatcher(r)
+        self.guard = MemoryGuard(r, settings.memory_reserve)
+        self.quota = settings.mailbox_quota
         self.scope = failover.ScopeCache(settings.failover_cache_ttl)
         self.replicas: ReplicaAcks | None = None
         self.clustered = is_cluster(r)
@@ -89,9 +100,15 @@ class Receiver:
 
     async def handle_MAIL(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        envelope.msg_id = new_id()
+        # Past the memory reserve no new mail: the room above it is the webmail's (memoryguard).
+        full = await self.guard.refusal()
+        if full is not None:
+            self.maillog.rejected(envelope.msg_id, address, "-", outcome=f"{full.code} {full.enhanced}",
+                                  peer=server.peer_ip, reason=full.reason)
+            return full.smtp_reply()
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        envelope.msg_id = new_id()
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
@@ -126,8 +143,32 @@ class Receiver:
         except Exception as exc:
             raise DirectoryUnavailable(f"directory lookup for {addr}: {exc!r}") from exc
         self.cache.put(mailbox, now)
+        if self.quota and (await self.scope.get_async(self.r)).covers(mailbox.mailstore):
+            await self._check_quota(envelope, addr)
         envelope.mailstores[addr] = mailbox.mailstore
         return addr
+
+    async def _check_quota(self, envelope: FallbackEnvelope, addr: str) -> None:
+        """A fallback mailbox at its quota, or one the declared SIZE would take over, is refused
+        here, for this recipient only; the rest is checked with the write (deliverscript.py)."""
+        declared = next((int(o[5:]) for o in envelope.mail_options
+                         if o[:5].upper() == "SIZE=" and o[5:].isdigit()), None)
+        try:
+            used = await quota.usage_async(self.r, addr)
+        except Exception as exc:
+            # Only the early answer is lost: the write checks the quota again, or fails (451).
+            log.debug("quota of %s not read at RCPT: %r", addr, exc)
+            return
+        if quota.refused_at_rcpt(used, self.quota, declared):
+            await self._note_full(addr)
+            raise MailboxFull(f"{addr} holds {used} bytes of its quota of {self.quota}"
+                              + (f"; declared SIZE {declared}" if declared is not None else ""))
+
+    async def _note_full(self, addr: str) -> None:
+        try:
+            await quota.note_refused(self.r, addr)
+        except Exception as exc:  # only `fallback status`'s list of full mailboxes misses it
+            log.warning("could not note %s as full: %r", addr, exc)
 
     async def handle_DATA(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope) -> str:
         """Store for every recipient in one durable write; only then 250.  Anything else: 451."""
@@ -136,19 +177,31 @@ class Receiver:
         server.storing = True
         started = time.monotonic()
         try:
+            digest = self._digest(envelope) if self.clustered and len(envelope.rcpt_tos) > 1 else None
             raw, fixed = self._with_trace(server, session, envelope, msg_id)
             size = len(raw)
             # One read of the scope for the whole message: every recipient is judged alike.
             routes = routing.decide(envelope.mailstores, await self.scope.get_async(self.r))
-            digest = self._digest(envelope) if self.clustered and len(envelope.rcpt_tos) > 1 else None
+            boxes = ([replace(d, quota=self.quota) for d in routes.mailboxes] if self.quota
+                     else routes.mailboxes)
             if routes.forward:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-                await forward.accept_async(self.r, routes.mailboxes, routes.forward, msg_id, raw,
+                await forward.accept_async(self.r, boxes, routes.forward, msg_id, raw,
                                            sender or "", self.replicas, digest)
             else:
-                await delivery.deliver_async(self.r, routes.mailboxes, msg_id, raw, batcher=self.batcher,
+                await delivery.deliver_async(self.r, boxes, msg_id, raw, batcher=self.batcher,
                                              digest=digest)
+        except MailboxFull as full:
+            # Nothing was stored (on a cluster: the parts stored are guarded, the retry completes
+            # them): the whole message waits, and the sender's retry finds the full mailbox
+            # refused at RCPT when it declares SIZE (as MTAs do), so the others get it then.
+            if full.address:
+                await self._note_full(full.address)
+            for rcpt in envelope.rcpt_tos:
+                self.maillog.rejected(msg_id, envelope.mail_from, rcpt, peer=server.peer_ip,
+                                      outcome=f"{full.code} {full.enhanced}", reason=full.reason)
+            return full.smtp_reply()
         except Exception as exc:
             err = StorageError(f"storing {msg_id}: {exc!r}")
             log.warning("%s", err.reason)
@@ -179,23 +232,30 @@ class Receiver:
 
     def _with_trace(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
                     msg_id: str) -> tuple[bytes, bool]:
-        """Our Received: line, then the message with bare CR/LF made CRLF (see normalize_line_ends)."""
-        body, fixed = normalize_line_ends(envelope.original_content or b"")
+        """Our Received: line, then the message with bare CR/LF made CRLF (see normalize_line_ends).
+
+        The envelope lets go of the message as it is read, so that a large one is held at
+        most twice while the stored bytes are built and once after (docs/performance.md)."""
+        content = envelope.original_content or b""
+        envelope.content = envelope.original_content = None
+        body, fixed = normalize_line_ends(content)
+        del content  # when the line ends were fixed, `body` is a new copy: the old one goes now
         protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         header = received.received_header(msg_id, self.hostname, session.host_name or "",
                                        server.peer_ip, None, protocol, single)
         return header + body, fixed
 
-    def log_limit(self, server: FallbackSMTP, reply: str) -> None:
-        """A message aiosmtpd refused itself (SIZE): one mail-log line per recipient, like ours."""
+    def log_limit(self, server: FallbackSMTP, reply: str, reason: str | None = None) -> None:
+        """A message or connection refused by a limit in smtpd_adapter (SIZE, connection caps,
+        message rate, idle or slow client): one mail-log line per recipient, like ours."""
         envelope = server.envelope
         sender = envelope.mail_from if envelope is not None else None
         rcpts = (envelope.rcpt_tos if envelope is not None else None) or ["-"]
         msg_id = getattr(envelope, "msg_id", "") or "-"
         for rcpt in rcpts:
             self.maillog.rejected(msg_id, sender, rcpt, outcome=reply[:9], peer=server.peer_ip,
-                                  reason=reply[10:])
+                                  reason=reason or reply[10:])
 
     async def handle_exception(self, error: Exception) -> str:
         # Never aiosmtpd's "500 Error: (Type) text": unknown trouble is temporary.
@@ -224,7 +284,7 @@ class ReceiverServer:
                  maillog: MailLog | None = None, reuse_port: bool = False) -> None:
         self.settings = settings
         self.handler = Receiver(settings, r, buckets, maillog)
-        self.tracker = ConnectionTracker(settings.max_connections, settings.max_connections_per_ip)
+        self.tracker = ConnectionTracker(settings.max_connections, ClientLimits(settings, r))
         self.tls = tls_context(settings)
         self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
@@ -262,3 +322,4 @@ class ReceiverServer:
             conn.close_with(b"421 4.3.2 Service shutting down")
         if self.server is not None:
             await self.server.wait_closed()
+        await self.tracker.limits.aclose()  # the message counts of the last moment go to Redis

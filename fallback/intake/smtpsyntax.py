@@ -73,7 +73,16 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> byt
             break
     if over:
         return None
-    data = b"".join(parts)[: -len(_DOT_LINE)]
-    if data.startswith(b"."):
-        data = data[1:]
-    return data.replace(b"\r\n.", b"\r\n")
+    # The final dot line and a leading stuffed dot come off the pieces, so that the one
+    # join is the only copy of the whole message (a large one is held once, not three times).
+    cut = len(_DOT_LINE)
+    while cut:
+        last = parts.pop()
+        if len(last) > cut:
+            parts.append(last[:-cut])
+        cut = max(0, cut - len(last))
+    if parts and parts[0].startswith(b"."):
+        parts[0] = parts[0][1:]
+    data = b"".join(parts)
+    parts.clear()
+    return data.replace(b"\r\n.", b"\r\n")  # the same object when nothing was stuffed

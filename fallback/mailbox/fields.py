@@ -23,6 +23,7 @@ DISPLAY = (FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH)
 FOLDER = "folder"
 FLAGS = "flags"        # space separated IMAP flags
 LOCAL = "local"        # sent mail: the recipients that had a mailbox here (display only)
+REMOTE = "remote"      # "1": the user chose to load this message's remote images (webmail)
 # Reconcile's state (docs/reconcile.md): pending -> appending -> done with the main store's UID.
 RSTATE = "rstate"
 RBOX, RFOLDER, RFLAGS = "rbox", "rfolder", "rflags"
@@ -30,7 +31,7 @@ RUIDVALIDITY, RUID = "ruidvalidity", "ruid"
 RTS, RERROR = "rts", "rerror"
 PENDING, APPENDING, DONE, FAILED = "pending", "appending", "done", "failed"
 
-ALL = (RAW, VERSION, TS, SIZE, KIND, *DISPLAY, FOLDER, FLAGS, LOCAL, RSTATE, RBOX, RFOLDER, RFLAGS,
+ALL = (RAW, VERSION, TS, SIZE, KIND, *DISPLAY, FOLDER, FLAGS, LOCAL, REMOTE, RSTATE, RBOX, RFOLDER, RFLAGS,
        RUIDVALIDITY, RUID, RTS, RERROR)
 # What a folder page shows of each message.
 LIST = (FLAGS, TS, SIZE, FROM, TO, SUBJECT, ATTACH, KIND, FOLDER)
