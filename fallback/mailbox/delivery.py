@@ -157,6 +157,9 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
         return
     groups = slot_groups(deliveries)
     guard = digest if len(groups) > 1 else None
+    if len(groups) > 1:
+        await _precheck_cluster(r, [(keys.info(d.address), d.quota, len(raw))
+                                    for d in deliveries if d.quota > 0])
 
     async def one(group: list[Delivery]) -> None:
         keys_, args = deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=guard)
@@ -209,6 +212,9 @@ async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[A
             raise errors[0] if errors else short  # type: ignore[misc]
         return results
 
+    if checks and len(calls) > 1:
+        await _precheck_cluster(r, checks)
+
     async def one(source: str, keys_: list[str], args: list[Any]) -> Any:
         async with r.pipeline(transaction=False) as pipe:
             pipe.execute_command("EVAL", source, len(keys_), *keys_, *args)
@@ -232,6 +238,24 @@ async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[A
             address = refused_address(keys_, call_args, result)
             raise MailboxFull(f"{address} is at its quota", address=address)
     return out
+
+
+async def _precheck_cluster(r: aioredis.Redis, checks: list[tuple[str, int, int]]) -> None:
+    """Before the per-slot writes of one message on a Redis Cluster: refuse it as a whole
+    (MailboxFull, nothing written) when a recipient is already too full for it.  Each
+    slot's script checks again atomically; this read only keeps the usual case (one
+    full recipient among several) from storing the message for the others and then
+    again on the sender's retry."""
+    if not checks:
+        return
+    async with r.pipeline(transaction=False) as pipe:
+        for key, _, _ in checks:
+            pipe.hget(key, "bytes")
+        used = [int(v or 0) for v in await pipe.execute()]
+    for (key, quota, size), now in zip(checks, used, strict=True):
+        if now + size > quota:
+            address = address_of_info(key)
+            raise MailboxFull(f"{address} holds {now} bytes, at its quota", address=address)
 
 
 WATCH_TRIES = 50  # concurrent deliveries to the same mailbox make a watched write start again
