@@ -54,7 +54,8 @@ async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = 
 
     settings = load_settings({"redis_url": redis_url, "smtp_port": port, "hostname": "bench.test",
                               "smtp_workers": 1, "mail_log": mail_log,
-                              "max_connections_per_ip": 1000, "max_commands": 1_000_000}, env={})
+                              "max_connections_per_ip": 1000, "max_commands": 1_000_000,
+                              "max_messages_per_ip_per_minute": 0}, env={})
     setup_logging(settings)
     r = async_client(redis_url)
     buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)

@@ -230,7 +230,9 @@ def test_primary_killed_mid_run_acknowledged_mail_survives(tmp_path: Path) -> No
     try:
         settings = load_settings({"redis_url": c.url, "data_dir": str(tmp_path / "data"),
                                   "hostname": "fallback.test", "smtp_port": 0, "replica_acks": 1,
-                                  "replica_ack_timeout": "1"}, env={})
+                                  "replica_ack_timeout": "1",
+                                  # 8 clients on one address send up to 480 messages: no rate limit
+                                  "max_messages_per_ip_per_minute": 0}, env={})
         r = sync_client(c.url)
         for a in USERS:
             add_mailbox(r, settings, a)
@@ -318,3 +320,14 @@ def test_primary_killed_mid_run_acknowledged_mail_survives(tmp_path: Path) -> No
             rt.stop()
         c.stop()
 
+
+
+def test_one_full_recipient_among_several_slots_is_refused_whole(r: redis.Redis, settings: Any,
+                                                                  mailboxes: list[str],
+                                                                  receiver_factory: Any) -> None:
+    """tests/test_quota.py's case on the cluster, where alice and bob are in different slots:
+    the message waits for both (nothing stored twice on the retry)."""
+    from tests.test_quota import ALICE, BOB, test_several_recipients_one_full
+
+    assert key_slot(keys.mbx(ALICE).encode()) != key_slot(keys.mbx(BOB).encode())
+    test_several_recipients_one_full(r, settings, mailboxes, receiver_factory)

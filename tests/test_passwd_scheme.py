@@ -7,27 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import redis
 from passlib.hash import bcrypt, sha512_crypt
 
-from fallback.cli import main
-from fallback.mailbox.directory import Directory, ensure_buckets
 from fallback.mailbox.passwords import verify_password
+from tests.test_provision import directory, run
 
 SHA512 = sha512_crypt.using(rounds=5000).hash("right horse")
 BLF = bcrypt.using(rounds=4, ident="2y").hash("blf pass")
 NO_PREFIX = ("the password of {user} has no {{SCHEME}} prefix; give --default-scheme SCHEME "
              "(Dovecot's default_pass_scheme) if the file relies on one")
-
-
-def run(argv: list[str], url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main([*argv, "--redis-url", url])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def directory(r: redis.Redis) -> Directory:
-    return Directory(r, ensure_buckets(r, 65536))
 
 
 def passwd(path: Path, lines: list[str]) -> Path:

@@ -71,7 +71,8 @@ def server_options() -> argparse.ArgumentParser:
         ("web-threads", "N"),
         # Limits against a hostile Internet.
         ("mailbox-quota", "SIZE"), ("memory-reserve", "PERCENT|SIZE"), ("trusted-relays", "CIDR,..."),
-        ("max-messages-per-ip-per-minute", "N"), ("login-source-failures", "N"),
+        ("max-messages-per-ip-per-minute", "N"), ("stress-idle-timeout", "SECONDS"),
+        ("min-data-rate", "BYTES"), ("login-source-failures", "N"),
         ("login-account-failures", "N"), ("max-password-length", "N"), ("password-check-queue", "N"),
         ("password-check-timeout", "SECONDS"), ("session-max-age", "SECONDS"),
         ("send-limit-per-hour", "N"), ("send-limit-per-day", "N"), ("metrics-token-file", "FILE"),

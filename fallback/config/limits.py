@@ -7,6 +7,7 @@ import ipaddress
 import re
 
 from fallback.config.schema import Settings
+from fallback.config.secretfiles import metrics_token
 from fallback.config.units import parse_size
 from fallback.errors import ConfigError
 
@@ -50,12 +51,12 @@ def validate_limits(s: Settings) -> None:
             parse_size(s.memory_reserve)
         except ValueError as exc:
             raise ConfigError(f"memory_reserve: {exc}; or a share of maxmemory such as 90%") from None
-    for name in ("mailbox_quota", "max_messages_per_ip_per_minute", "send_limit_per_hour",
+    for name in ("mailbox_quota", "max_messages_per_ip_per_minute", "min_data_rate", "send_limit_per_hour",
                  "send_limit_per_day"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: must be 0 (no limit) or more")
     for name in ("login_source_failures", "login_account_failures", "max_password_length",
-                 "password_check_queue", "password_check_timeout", "session_max_age",
+                 "password_check_queue", "password_check_timeout", "session_max_age", "stress_idle_timeout",
                  "forward_dead_letter_after"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
@@ -63,3 +64,4 @@ def validate_limits(s: Settings) -> None:
         raise ConfigError("login_source_failures: must not be above login_account_failures")
     if s.metrics_token_file is not None and not s.metrics_token_file.is_file():
         raise ConfigError(f"metrics_token_file: {s.metrics_token_file} is not a readable file")
+    metrics_token(s)  # readable and long enough: a bad one stops every process at start

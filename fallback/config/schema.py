@@ -37,8 +37,9 @@ class Settings:
         secret=True,
     )
     redis_server: str = setting("redis-server", "redis-server binary for the embedded Redis")
-    redis_maxmemory: str | None = setting(None,
-                                          "maxmemory of the embedded Redis (e.g. 4gb); unset: no limit")
+    redis_maxmemory: str | None = setting(
+        None, "maxmemory of the embedded Redis (e.g. 4gb; 0: no limit); unset: half the machine's RAM "
+        "(or of its cgroup memory limit, if lower)")
     replica_acks: int = setting(
         0, "Replicas that must hold each accepted message before 250 (WAIT, or WAITAOF on Redis 7.2+); "
         "0: the primary's own fsync only")
@@ -52,10 +53,14 @@ class Settings:
         50 * MIB, "Largest message accepted (SIZE and actual), bytes; suffixes KiB/MiB", unit="bytes")
     max_recipients: int = setting(100, "Most RCPT TO per message; more get 452 4.5.3")
     max_connections: int = setting(1000, "Concurrent SMTP connections in total; more get 421 4.7.0")
-    max_connections_per_ip: int = setting(20, "Concurrent SMTP connections from one client IP")
+    max_connections_per_ip: int = setting(
+        20, "Concurrent SMTP connections from one client (/32, /64 for IPv6) to one receiver "
+        "process; its /24 may hold 4 times that; more get 421 4.7.0")
     max_commands: int = setting(1000, "Times one SMTP command may be given on one connection")
     connection_timeout: float = setting(600.0, "Whole-connection time limit, seconds", unit="seconds")
-    idle_timeout: float = setting(300.0, "Idle time allowed between SMTP commands, seconds", unit="seconds")
+    idle_timeout: float = setting(
+        300.0, "Time an SMTP client may go without progress (MAIL, RCPT, DATA; NOOP, RSET and the "
+        "like do not count), seconds", unit="seconds")
     smtp_workers: int = setting(
         1, "SMTP receiver processes sharing the port (SO_REUSEPORT), to use every core; 0: one per CPU")
     workers: int | None = setting(
@@ -192,6 +197,12 @@ class Settings:
     max_messages_per_ip_per_minute: int = setting(
         120, "Messages one client (/32, /64 for IPv6) may send per minute before 451 4.7.1; "
         "its /24 may send 4 times that; 0: no limit")
+    stress_idle_timeout: float = setting(
+        10.0, "Idle time allowed between SMTP commands while the receiver holds 80% of "
+        "max_connections or more (instead of idle_timeout), seconds", unit="seconds")
+    min_data_rate: int = setting(
+        500, "Slowest DATA transfer the receiver waits for, bytes per second, judged over each "
+        "idle period; slower senders get 421 4.4.2; 0: no minimum", unit="bytes")
     login_source_failures: int = setting(
         5, "Failed webmail logins from one client (address and /24 or /64) before its attempts "
         "are slowed down")
@@ -217,5 +228,5 @@ class Settings:
         None, "Scheme of passwd-file hashes without a {SCHEME} prefix (Dovecot's "
         "default_pass_scheme); unset: such lines are refused")
     forward_dead_letter_after: float = setting(
-        86400.0, "A forward the next hop keeps refusing with 5xx is parked as a dead letter this "
-        "long after it first arrived, seconds", unit="seconds")
+        86400.0, "A forward the next hop answers only with 5xx for this long (from the first 5xx; "
+        "a 4xx starts again) is parked as a dead letter, seconds", unit="seconds")

@@ -7,8 +7,15 @@ are given.  What needs more than that lives here, and `RELIES_ON` names all
 of it, so that an aiosmtpd upgrade fails in tests/test_smtpd_adapter.py
 rather than in production:
 
-* the connection caps and the whole-connection deadline (connection_made,
-  connection_lost, transport, loop);
+* the connection caps per client prefix (clientlimits) and the whole-connection
+  deadline (connection_made, connection_lost, transport, loop);
+* the idle timer (_reset_timeout, _timeout_cb, _timeout_handle), which aiosmtpd
+  restarts before every command it knows: here only a command that moves a
+  transaction forward restarts it, it is shorter while the receiver is under
+  stress, and during DATA the client must keep up `min_data_rate` (data_received
+  counts the bytes);
+* the per-prefix message rate, judged when aiosmtpd hands MAIL FROM to the
+  handler and counted when it hands over the message (_call_handler_hook);
 * the short path for `<local@domain>` in MAIL/RCPT (_getaddr, local_part_limit);
 * DATA read in large pieces (smtpsyntax.read_data) instead of line by line:
   smtp_DATA replaced, with the pieces of the original it needs (_reader,
@@ -24,14 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
+import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from fallback.errors import MessageTooBig, TooManyConnections
+from fallback.errors import MessageTooBig, TooManyConnections, TooManyMessages
+from fallback.intake.clientlimits import STRESS_SHARE, Client, ClientLimits
 from fallback.intake.smtpsyntax import read_data, simple_path
 
 __all__ = ["RELIES_ON", "SIZE_REPLY", "ConnectionTracker", "FallbackEnvelope", "FallbackSMTP", "Session"]
@@ -48,7 +57,8 @@ RELIES_ON: tuple[str, ...] = (
     "SMTP.line_length_limit", "SMTP.local_part_limit",
     "SMTP._getaddr", "SMTP._create_envelope", "SMTP._call_handler_hook", "SMTP._set_post_data_state",
     "SMTP.check_helo_needed", "SMTP.check_auth_needed", "SMTP.push", "SMTP.smtp_DATA",
-    "SMTP.connection_made", "SMTP.connection_lost",
+    "SMTP.connection_made", "SMTP.connection_lost", "SMTP.data_received",
+    "SMTP._reset_timeout", "SMTP._timeout_cb", "SMTP()._timeout_handle",
     "SMTP()._reader", "SMTP()._writer", "SMTP().transport", "SMTP().loop", "SMTP().event_handler",
     "SMTP().data_size_limit", "SMTP().envelope", "SMTP().session",
     "Envelope().mail_from", "Envelope().mail_options", "Envelope().rcpt_tos", "Envelope().content",
@@ -64,29 +74,71 @@ _REPLY_REWRITES = {
 }
 
 
-class ConnectionTracker:
-    """Counts live connections, in total and per client IP, for the 421 caps and shutdown."""
+# Commands whose 2xx reply moves a transaction forward, and so restarts the idle timer.
+# NOOP, RSET, HELP, VRFY, EXPN and EHLO/HELO again do not: a client that sends only those
+# is idle, and must not hold a connection slot for the whole connection_timeout.
+_PROGRESS = frozenset({"MAIL", "RCPT", "DATA"})
+IDLE_REPLY = "421 4.4.2 Idle time limit exceeded, closing"
+SLOW_DATA_REPLY = "421 4.4.2 Data too slow, closing"
 
-    def __init__(self, total: int, per_ip: int) -> None:
+
+class ConnectionTracker:
+    """Counts live connections, in total and per client prefix (clientlimits: the /32 and its
+    /24, or the /64), for the 421 caps, the stress-dependent idle timeout, and shutdown."""
+
+    def __init__(self, total: int, limits: ClientLimits) -> None:
         self.total = total
-        self.per_ip = per_ip
-        self.by_ip: Counter[str] = Counter()
+        self.limits = limits
+        self.by_prefix: Counter[str] = Counter()
         self.connections: set[FallbackSMTP] = set()
         self.shutting_down = False
+        self.stress_at = max(1, math.ceil(total * STRESS_SHARE))
+        self._rearmed_at = -math.inf
 
-    def admit(self, conn: FallbackSMTP, ip: str) -> bool:
-        if self.shutting_down or len(self.connections) >= self.total or self.by_ip[ip] >= self.per_ip:
+    @property
+    def stressed(self) -> bool:
+        return len(self.connections) >= self.stress_at
+
+    @property
+    def idle_timeout(self) -> float:
+        """Postfix's stress-dependent behaviour: near the total cap, idle clients get a short
+        time, so that slow or silent ones cannot keep the slots from senders with mail."""
+        return self.limits.stress_idle_timeout if self.stressed else self.limits.idle_timeout
+
+    def admit(self, conn: FallbackSMTP, client: Client) -> bool:
+        if self.shutting_down or len(self.connections) >= self.total:
             return False
+        if not client.trusted:
+            allowed = client.allowances(self.limits.connections_per_client)
+            if any(self.by_prefix[p] >= n for p, n in zip(client.prefixes, allowed, strict=True)):
+                return False
+            self.by_prefix.update(client.prefixes)
+        calm = not self.stressed
         self.connections.add(conn)
-        self.by_ip[ip] += 1
+        if calm and self.stressed:
+            self._stress_begins(conn)
         return True
 
-    def release(self, conn: FallbackSMTP, ip: str) -> None:
+    def _stress_begins(self, conn: FallbackSMTP) -> None:
+        """The shorter idle time holds for the connections already in, too.  At most once per
+        stress_idle_timeout: a count that hovers at the threshold must not cost a pass over
+        every connection per new one (those let in meanwhile wait one stress timeout more)."""
+        now = time.monotonic()
+        if now - self._rearmed_at < self.limits.stress_idle_timeout:
+            return
+        self._rearmed_at = now
+        for other in self.connections:
+            if other is not conn:  # conn's own timer starts once aiosmtpd has set it up
+                other.rearm()
+
+    def release(self, conn: FallbackSMTP, client: Client) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            self.by_ip[ip] -= 1
-            if self.by_ip[ip] <= 0:
-                del self.by_ip[ip]
+            if not client.trusted:
+                self.by_prefix.subtract(client.prefixes)
+                for p in client.prefixes:
+                    if self.by_prefix[p] <= 0:
+                        del self.by_prefix[p]
 
 
 class FallbackEnvelope(Envelope):
@@ -98,8 +150,11 @@ class FallbackEnvelope(Envelope):
         self.msg_id = ""
 
 
-# Told about a message aiosmtpd (or our DATA reader) refused for its size: (connection, reply).
-LimitLog = Callable[["FallbackSMTP", str], None]
+class LimitLog(Protocol):
+    """Told about a connection or message refused by a limit here (size, connection caps, message
+    rate, idle or slow clients): the reply, and the reason for the log when it says more."""
+
+    def __call__(self, conn: FallbackSMTP, reply: str, /, reason: str | None = None) -> None: ...
 
 
 class FallbackSMTP(SMTP):
@@ -118,9 +173,17 @@ class FallbackSMTP(SMTP):
         self.on_limit = on_limit
         self.connection_timeout = connection_timeout
         self.peer_ip = ""
+        self.client = Client("", ())
         self.admitted = False
         self.storing = False
         self._deadline: asyncio.TimerHandle | None = None
+        # The idle timer runs from the last progress (connection, TLS handshake, accepted MAIL,
+        # RCPT, DATA); in DATA, bytes keep it going if they come at min_data_rate or faster.
+        self._progress_at = 0.0
+        self._progress_bytes = 0
+        self._bytes_in = 0
+        self._in_data = False
+        self._in_hook = False
 
     def _create_envelope(self) -> FallbackEnvelope:
         return FallbackEnvelope()
@@ -129,26 +192,116 @@ class FallbackSMTP(SMTP):
         if self.transport is None and not self.admitted:
             peer = transport.get_extra_info("peername")
             self.peer_ip = str(peer[0]) if peer else "unknown"
-            if not self.tracker.admit(self, self.peer_ip):
+            self.client = self.tracker.limits.client(self.peer_ip)
+            if not self.tracker.admit(self, self.client):
                 reply = TooManyConnections("connection cap").smtp_reply()
                 transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
                 transport.close()
-                log.info("refused connection from %s: %s", self.peer_ip, reply)
+                self.on_limit(self, reply, reason=self._cap_reason())
                 return
             self.admitted = True
             self._deadline = self.loop.call_later(self.connection_timeout, self._time_is_up)
+        # A new connection, or (called again by STARTTLS) the TLS handshake done.
+        self._progress_at, self._progress_bytes = self.loop.time(), self._bytes_in
         super().connection_made(transport)
+
+    def _cap_reason(self) -> str:
+        t = self.tracker
+        if t.shutting_down:
+            return "shutting down"
+        if len(t.connections) >= t.total:
+            return f"{t.total} connections in total"
+        allowed = self.client.allowances(t.limits.connections_per_client)
+        return ", ".join(f"{p} holds {t.by_prefix[p]} of {n} connections"
+                         for p, n in zip(self.client.prefixes, allowed, strict=True))
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self.admitted:
             return
         if self._deadline is not None:
             self._deadline.cancel()
-        self.tracker.release(self, self.peer_ip)
+        self.tracker.release(self, self.client)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        self._bytes_in += len(data)
+        super().data_received(data)
+
+    # --- the idle timer ---------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this before every command it recognises, to restart its timer.  Ours
+        # runs from the last progress instead, so NOOP and the like do not keep a connection
+        # alive; and it is not restarted per command: when it fires it looks at the time of
+        # the last progress and, if that is recent enough, waits for the rest.
+        if self._timeout_handle is None or self._timeout_handle.cancelled():
+            self.rearm()
+
+    def rearm(self) -> None:
+        """(Re)start the idle timer for what is left of the idle time since the last progress
+        (at once when the idle time just got shorter: stress)."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        left = self._progress_at + self.tracker.idle_timeout - self.loop.time()
+        self._timeout_handle = self.loop.call_later(max(0.0, left), self._timeout_cb)
+
+    def _progress(self) -> None:
+        self._progress_at, self._progress_bytes = self.loop.time(), self._bytes_in
+
+    def _timeout_cb(self) -> None:
+        now = self.loop.time()
+        if now < self._progress_at + self.tracker.idle_timeout:  # progress since it was set
+            self.rearm()
+            return
+        if self._in_hook:
+            # The handler (directory, storage) is the slow one, not the client: wait for it.
+            self._progress()
+            self.rearm()
+            return
+        if self._in_data:
+            got = self._bytes_in - self._progress_bytes
+            rate = self.tracker.limits.min_data_rate
+            if got > 0 and got >= rate * (now - self._progress_at):
+                self._progress()
+                self.rearm()
+                return
+            reply = SLOW_DATA_REPLY
+            reason = f"{got} bytes in {now - self._progress_at:.0f}s of DATA, under {rate} bytes/s"
+        else:
+            reply = IDLE_REPLY
+            reason = f"no progress for {now - self._progress_at:.0f}s"
+        self.on_limit(self, reply, reason=reason)
+        self.close_with(reply.encode())
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        self._in_hook = True
+        try:
+            status = await self._over_message_rate() if command == "MAIL" else None
+            if status is None:
+                if command == "DATA":  # the message counts against its client's rate once it is in
+                    self.tracker.limits.count_message(self.client)
+                status = await super()._call_handler_hook(command, *args)
+        finally:
+            self._in_hook = False
+        if command in _PROGRESS and isinstance(status, str) and status[:1] == "2":
+            self._progress()
+        return status
+
+    async def _over_message_rate(self) -> str | None:
+        """451 4.7.1 (logged) when this MAIL FROM is one message too many for the client's prefix."""
+        limits = self.tracker.limits
+        over = await limits.over_message_rate(self.client)
+        if over is None:
+            return None
+        allowed = self.client.allowances(limits.messages_per_minute)[self.client.prefixes.index(over)]
+        err = TooManyMessages(f"{over} over {allowed} messages a minute")
+        self.on_limit(self, err.smtp_reply(), reason=err.reason)
+        return err.smtp_reply()
+
     def _time_is_up(self) -> None:
-        self.close_with(b"421 4.4.2 Connection time limit exceeded, closing")
+        reply = "421 4.4.2 Connection time limit exceeded, closing"
+        self.on_limit(self, reply, reason=f"connected for {self.connection_timeout:.0f}s")
+        self.close_with(reply.encode())
 
     def close_with(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -180,12 +333,16 @@ class FallbackSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._progress()
+        self._in_data = True
         try:
             content = await read_data(self._reader, self.data_size_limit)
         except asyncio.CancelledError:
             log.info("connection from %s lost during DATA", self.peer_ip)
             self._writer.close()
             raise
+        finally:
+            self._in_data = False
         if content is None:
             reply = MessageTooBig("DATA over the limit").smtp_reply()
             self.on_limit(self, reply)
@@ -193,6 +350,7 @@ class FallbackSMTP(SMTP):
             await self.push(reply)
             return
         self.envelope.content = self.envelope.original_content = content
+        del content  # the handler lets go of the envelope's reference: one copy held, not two
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)

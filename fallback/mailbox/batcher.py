@@ -12,7 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
-from fallback.mailbox.deliverscript import DELIVER_LUA, DELIVER_SHA, pack_call
+from fallback.mailbox.deliverscript import DELIVER_LUA, DELIVER_SHA, pack_call, read_replies
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.redisconn import is_cluster
 
@@ -126,12 +126,7 @@ class DeliveryBatcher:
         conn = await pool.get_connection()
         try:
             await _write(conn, [piece for c in commands for piece in pack_call(c)])
-            results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await conn.read_response())
-                except redis.ResponseError as exc:  # that command's own error reply
-                    results.append(exc)
+            results = await read_replies(conn, len(commands))
         except BaseException:
             # A reply may be left unread: this connection must not be reused as it is.
             await conn.disconnect()

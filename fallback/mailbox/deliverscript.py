@@ -12,6 +12,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 import hiredis
+import redis
 
 from fallback import keys
 from fallback.errors import MailboxFull
@@ -166,3 +167,15 @@ def pack_call(command: tuple[Any, ...]) -> list[bytes | memoryview]:
     view = memoryview(last)
     return [head + b"$%d\r\n" % len(last),
             *(view[i : i + PIECE] for i in range(0, len(last), PIECE)), b"\r\n"]
+
+
+async def read_replies(conn: Any, n: int) -> list[Any]:
+    """The next n replies on a raw connection, a command's own error reply (a Lua error, a
+    refused write) kept in its place rather than raised."""
+    replies: list[Any] = []
+    for _ in range(n):
+        try:
+            replies.append(await conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies

@@ -40,6 +40,7 @@ from fallback.mailbox.deliverscript import (
     deliver_call,
     pack_call,
     quota_checks,
+    read_replies,
     refused_address,
 )
 from fallback.mailbox.durability import ReplicaAcks
@@ -287,12 +288,7 @@ async def _run_watched(r: aioredis.Redis, calls: list[tuple[str, list[str], list
                 if replicas is not None:
                     commands.append(replicas.command())
                 await conn.send_packed_command([p for c in commands for p in pack_call(c)])
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except redis.ResponseError as exc:  # that command's own error reply
-                        replies.append(exc)
+                replies = await read_replies(conn, len(commands))
         except BaseException:
             await conn.disconnect()  # a reply may be left unread
             raise

@@ -170,9 +170,11 @@ def totals(r: redis.Redis) -> dict[str, dict[tuple[tuple[str, str], ...], int]]:
 _COUNTER_DOCS = {
     MAIL_EVENTS: ("fallback_mail_events", "Mail-log events counted by the processes that count them "
                   "(SMTP receiver: received/queued with outcome 250, rejected/deferred with the reply "
-                  "code; reconcile: reconciled/failed when run with counters)", ("event", "outcome")),
+                  "code; reconcile: reconciled/failed when run with counters; webmail: rejected "
+                  "with 429 and alert at the per-user send limits)", ("event", "outcome")),
     WEBMAIL_LOGINS: ("fallback_webmail_logins", "Webmail log-in attempts by result: ok, failed (wrong "
-                     "address or password), throttled, not_affected (right password, mailbox not "
+                     "address or password, password too long, check timed out), throttled, busy (the "
+                     "password-check queue was full), not_affected (right password, mailbox not "
                      "failed over)", ("result",)),
 }
 
