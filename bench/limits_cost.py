@@ -112,7 +112,8 @@ def main() -> int:
         for kind, server in redises.items():
             r = redis.Redis.from_url(server.url)
             stored = r.zcard("mbx:{" + RCPT + "}:f:INBOX")
-            print(f"limits {kind}: {stored} messages stored, used_memory {r.info('memory')['used_memory_human']}")
+            used = r.info("memory")["used_memory_human"]
+            print(f"limits {kind}: {stored} messages stored, used_memory {used}")
             r.close()
     finally:
         for proc in procs.values():
