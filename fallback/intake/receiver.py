@@ -25,7 +25,6 @@ import logging
 import re
 import ssl
 import time
-from dataclasses import replace
 
 import redis.asyncio as aioredis
 
@@ -87,6 +86,7 @@ class Receiver:
         self.batcher = DeliveryBatcher(r)
         self.guard = MemoryGuard(r, settings.memory_reserve)
         self.quota = settings.mailbox_quota
+        self.usage = quota.UsageCache()
         self.scope = failover.ScopeCache(settings.failover_cache_ttl)
         self.replicas: ReplicaAcks | None = None
         self.clustered = is_cluster(r)
@@ -154,7 +154,7 @@ class Receiver:
         declared = next((int(o[5:]) for o in envelope.mail_options
                          if o[:5].upper() == "SIZE=" and o[5:].isdigit()), None)
         try:
-            used = await quota.usage_async(self.r, addr)
+            used = await self.usage.usage(self.r, addr, time.monotonic())
         except Exception as exc:
             # Only the early answer is lost: the write checks the quota again, or fails (451).
             log.debug("quota of %s not read at RCPT: %r", addr, exc)
@@ -181,9 +181,8 @@ class Receiver:
             raw, fixed = self._with_trace(server, session, envelope, msg_id)
             size = len(raw)
             # One read of the scope for the whole message: every recipient is judged alike.
-            routes = routing.decide(envelope.mailstores, await self.scope.get_async(self.r))
-            boxes = ([replace(d, quota=self.quota) for d in routes.mailboxes] if self.quota
-                     else routes.mailboxes)
+            routes = routing.decide(envelope.mailstores, await self.scope.get_async(self.r), self.quota)
+            boxes = routes.mailboxes
             if routes.forward:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
@@ -213,7 +212,8 @@ class Receiver:
         finally:
             server.storing = False
         took = f"{(time.monotonic() - started) * 1000:.1f}ms"
-        for d in routes.mailboxes:
+        for d in boxes:
+            self.usage.stored(d.address, size)
             self.maillog.received(msg_id, envelope.mail_from, d.address, size=size, peer=server.peer_ip,
                                   took=took, fixed_line_ends=fixed)
         for rcpt in routes.forward:

@@ -35,8 +35,9 @@ class Routes:
     outbound: list[str]
 
 
-def decide(mailstores: Mapping[str, str | None], scope: Scope) -> Routes:
-    """Each recipient -> its mailstore (None: not provisioned here), judged against one scope."""
+def decide(mailstores: Mapping[str, str | None], scope: Scope, quota: int = 0) -> Routes:
+    """Each recipient -> its mailstore (None: not provisioned here), judged against one scope.
+    `quota`: what each fallback mailbox may hold with the message (the receiver's; 0: none)."""
     mailboxes: list[Delivery] = []
     forward: list[str] = []
     outbound: list[str] = []
@@ -44,7 +45,7 @@ def decide(mailstores: Mapping[str, str | None], scope: Scope) -> Routes:
         if mailstore is None:
             outbound.append(address)
         elif scope.covers(mailstore):
-            mailboxes.append(Delivery(address, mailstore))
+            mailboxes.append(Delivery(address, mailstore, quota=quota))
         else:
             forward.append(address)
     return Routes(mailboxes, forward, outbound)

@@ -52,6 +52,39 @@ async def usage_async(r: aioredis.Redis, address: str) -> int:
     return int(value or 0)
 
 
+class UsageCache:
+    """What one receiver process last read of its mailboxes' usage, reused for `ttl` seconds.
+
+    The answer at RCPT is only the early one: the delivery script checks the
+    quota again in the same step as the write.  So a usage a second old costs
+    nothing but where the refusal happens (at DATA instead of RCPT, or a few
+    seconds of 452 after a purge), and a popular mailbox then costs no Redis
+    round trip per message at RCPT, which measured about a fifth of the
+    receiver's throughput (bench/limits_cost.py).
+    """
+
+    def __init__(self, ttl: float = 2.0, max_entries: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.entries: dict[str, tuple[float, int]] = {}
+
+    async def usage(self, r: aioredis.Redis, address: str, now: float) -> int:
+        hit = self.entries.get(address)
+        if hit is not None and hit[0] >= now:
+            return hit[1]
+        used = await usage_async(r, address)
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()  # bounded: a full cache starts over
+        self.entries[address] = (now + self.ttl, used)
+        return used
+
+    def stored(self, address: str, size: int) -> None:
+        """This process stored `size` more bytes for `address`: keep its cached usage close."""
+        hit = self.entries.get(address)
+        if hit is not None:
+            self.entries[address] = (hit[0], hit[1] + size)
+
+
 def refused_at_rcpt(used: int, quota: int, declared: int | None) -> bool:
     """At RCPT: refuse a mailbox at or over its quota, or one the declared SIZE would take over."""
     return quota > 0 and (used >= quota or (declared is not None and used + declared > quota))
