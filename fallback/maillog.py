@@ -30,15 +30,25 @@ FIELDS = ("id", "from", "to", "size", "outcome", "peer", "route", "via", "reply"
           "took", "uid", "folder", "user", "ip", "age", "attempts", "retry_in", "notice",
           "fixed_line_ends")
 
-_ESCAPED = re.compile(r'[\\"\r\n]')
+# What a field may not carry as it is: the quote and backslash, and every character that
+# ends a line for some reader (str.splitlines: \x1c-\x1e, \x85, U+2028/9) or drives an
+# operator's terminal (ESC and the other controls).  Values come from senders and
+# log-in forms: a hostile one must not forge a line or a field.
+_ESCAPED = re.compile(r'[\\"\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_NAMED = {"\\": "\\\\", '"': '\\"', "\r": "\\r", "\n": "\\n", "\t": "\\t"}
 _QUOTED = re.compile(r"[\s=]")  # \s: exactly what str.isspace() calls whitespace
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
 
 
 def _quote(value: Any) -> str:
     text = str(value)
     # The receiver logs several fields per message: the common clean value costs two scans.
     if _ESCAPED.search(text):
-        text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "\\r").replace("\n", "\\n")
+        text = _ESCAPED.sub(_escape, text)
     if not text or _QUOTED.search(text):
         return f'"{text}"'
     return text

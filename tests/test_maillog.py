@@ -79,3 +79,24 @@ def test_the_null_sender_is_written_the_same_everywhere():
         log.received("I1", "", "alice@example.com")
         log.forwarded("I2", "<>", "alice@example.com", reply="250 ok")
     assert len(lines) == 2 and all(" from=<> " in line for line in lines), lines
+
+
+HOSTILE = ["a\nevent=forged", "b\r\n", "c\u2028d", "e\u2029f", "g\x85h", "i\x1cj\x1dk\x1el",
+           "m\x0bn\x0co", "p\x00q", "\x1b[2J\x1b[31mred", 'say "hi"\\ there', "tab\there"]
+
+
+def test_a_hostile_value_cannot_forge_a_line_a_field_or_drive_a_terminal():
+    """Addresses and log-in names come from the Internet: every line separator any reader
+    knows (str.splitlines), every control character and the quote are escaped."""
+    with captured("hostile") as (log, lines):
+        for value in HOSTILE:
+            log.login(value, "192.0.2.7", outcome="failed", reason=value)
+    assert len(lines) == len(HOSTILE)
+    for line, value in zip(lines, HOSTILE, strict=True):
+        assert line.splitlines() == [line]
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in line)
+        assert keys_of(line) == ["event", "user", "ip", "reason"]
+        # The value reads back: escapes undone give the original text.
+        quoted = re.search(r' user=("(?:[^"\\]|\\.)*"|\S*)', line).group(1)
+        inner = quoted[1:-1] if quoted.startswith('"') else quoted
+        assert inner.encode().decode("unicode_escape") == value
