@@ -94,7 +94,7 @@ class ClientLimits:
     through several processes at the same moment may pass its allowance by what they let
     through in one FLUSH_INTERVAL before each hears of the others."""
 
-    FLUSH_INTERVAL = 0.1
+    FLUSH_INTERVAL = 0.5  # each flush is a Redis write, so an fsync with appendfsync always
     # Prefixes remembered at most (a few tens of MB); past it those of earlier minutes go,
     # and if that is not enough all (they are read from Redis again when they come back).
     MAX_SEEN = 100_000
