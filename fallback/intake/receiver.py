@@ -152,7 +152,7 @@ class Receiver:
         """A fallback mailbox at its quota, or one the declared SIZE would take over, is refused
         here, for this recipient only; the rest is checked with the write (deliverscript.py)."""
         declared = next((int(o[5:]) for o in envelope.mail_options
-                         if o[:5].upper() == "SIZE=" and o[5:].isdigit()), None)
+                         if o[:5].upper() == "SIZE=" and o[5:].isascii() and o[5:].isdigit()), None)
         try:
             used = await self.usage.usage(self.r, addr, time.monotonic())
         except Exception as exc:

@@ -16,7 +16,8 @@ rather than in production:
   counts the bytes);
 * the per-prefix message rate, judged when aiosmtpd hands MAIL FROM to the
   handler and counted when it hands over the message (_call_handler_hook);
-* the short path for `<local@domain>` in MAIL/RCPT (_getaddr, local_part_limit);
+* the short path for `<local@domain>` in MAIL/RCPT (_getaddr, local_part_limit), and
+  MAIL's parameters (_getparams) refusing a SIZE in other than ASCII digits;
 * DATA read in large pieces (smtpsyntax.read_data) instead of line by line:
   smtp_DATA replaced, with the pieces of the original it needs (_reader,
   _writer, check_helo_needed, check_auth_needed, _call_handler_hook,
@@ -55,7 +56,8 @@ RELIES_ON: tuple[str, ...] = (
     "SMTP(data_size_limit=)", "SMTP(hostname=)", "SMTP(ident=)", "SMTP(tls_context=)",
     "SMTP(timeout=)", "SMTP(command_call_limit=)", "SMTP(enable_SMTPUTF8=)",
     "SMTP.line_length_limit", "SMTP.local_part_limit",
-    "SMTP._getaddr", "SMTP._create_envelope", "SMTP._call_handler_hook", "SMTP._set_post_data_state",
+    "SMTP._getaddr", "SMTP._getparams", "SMTP._create_envelope", "SMTP._call_handler_hook",
+    "SMTP._set_post_data_state",
     "SMTP.check_helo_needed", "SMTP.check_auth_needed", "SMTP.push", "SMTP.smtp_DATA",
     "SMTP.connection_made", "SMTP.connection_lost", "SMTP.data_received",
     "SMTP._reset_timeout", "SMTP._timeout_cb", "SMTP()._timeout_handle",
@@ -318,6 +320,16 @@ class FallbackSMTP(SMTP):
         # the plain `<local@domain>` that nearly every client sends needs none of it.
         found = simple_path(arg, self.local_part_limit)
         return found if found is not None else super()._getaddr(arg)
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        # aiosmtpd checks SIZE with str.isdigit, which is true of "²" and other Unicode
+        # digits that int() refuses: its MAIL then fails with a ValueError (a 451 and a
+        # traceback).  Such a SIZE is a syntax error, as aiosmtpd answers for "SIZE=x".
+        found = super()._getparams(params)
+        size = found.get("SIZE") if found else None
+        if isinstance(size, str) and not size.isascii():
+            return None
+        return found
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
