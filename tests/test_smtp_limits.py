@@ -34,6 +34,7 @@ from fallback.redisconn import async_client
 from tests.conftest import ReceiverThread
 from tests.servers import RedisClusterServers, free_port, wait_for
 from tests.smtpwire import Wire
+from tests.test_smtp_protocol import _greeting
 
 RATE_REPLY = (451, b"4.7.1 Too many messages from your network, try again later")
 CAP_REPLY = b"421 4.7.0 Too many connections, try again later\r\n"
@@ -73,13 +74,7 @@ def mail_log(caplog: pytest.LogCaptureFixture, event: str = "rejected") -> list[
 
 def greeting(port: int, source: str, host: str = "127.0.0.1") -> tuple[socket.socket, bytes]:
     s = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = s.recv(1024)
-        if not chunk:
-            break
-        data += chunk
-    return s, data
+    return s, _greeting(s)
 
 
 # --- who a client is -------------------------------------------------------------------------
@@ -460,20 +455,22 @@ def test_progress_keeps_a_connection_past_the_idle_time(receiver_factory: Any, r
     assert subjects(r) == ["patient"] and subjects(r, "bob@example.com") == ["patient"]
 
 
+def in_data(port: int) -> Wire:
+    """A connection to `port` that has sent MAIL, RCPT (alice) and DATA, and got its 354."""
+    wire = Wire(port)
+    wire.expect("220")
+    for command, reply in (("EHLO client.remote.test", "250"), ("MAIL FROM:<s@remote.test>", "250"),
+                           ("RCPT TO:<alice@example.com>", "250"), ("DATA", "354")):
+        wire.cmd(command)
+        wire.expect(reply)
+    return wire
+
+
 def test_data_below_the_minimum_rate_is_cut(receiver_factory: Any, r: redis.Redis, mailboxes: list[str],
                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     rt = receiver_factory(idle_timeout=1.0, min_data_rate=1000, connection_timeout=60)
-    wire = Wire(rt.port)
-    wire.expect("220")
-    wire.cmd("EHLO client.remote.test")
-    wire.expect("250")
-    wire.cmd("MAIL FROM:<s@remote.test>")
-    wire.expect("250")
-    wire.cmd("RCPT TO:<alice@example.com>")
-    wire.expect("250")
-    wire.cmd("DATA")
-    wire.expect("354")
+    wire = in_data(rt.port)
     wire.send(b"Subject: dribble\r\n\r\n")
 
     def step(n: int) -> None:  # one byte every 0.2 s: 5 bytes/s, far below 1000
@@ -503,16 +500,7 @@ def test_data_below_the_minimum_rate_is_cut(receiver_factory: Any, r: redis.Redi
 def test_data_at_the_minimum_rate_may_take_longer_than_the_idle_time(
         receiver_factory: Any, r: redis.Redis, mailboxes: list[str]) -> None:
     rt = receiver_factory(idle_timeout=1.0, min_data_rate=1000, connection_timeout=60)
-    wire = Wire(rt.port)
-    wire.expect("220")
-    wire.cmd("EHLO client.remote.test")
-    wire.expect("250")
-    wire.cmd("MAIL FROM:<s@remote.test>")
-    wire.expect("250")
-    wire.cmd("RCPT TO:<alice@example.com>")
-    wire.expect("250")
-    wire.cmd("DATA")
-    wire.expect("354")
+    wire = in_data(rt.port)
     body = b"Subject: steady\r\n\r\n"
     wire.send(body)
     line = b"y" * 998 + b"\r\n"
