@@ -20,6 +20,8 @@ if [ "$mode" = test ]; then
   want chromium
   want bind9
   want bind9-dnsutils
+  want slapd       # tests/slapd.py: a private OpenLDAP for `provision --ldap-url`
+  want ldap-utils
   want wrk  # HTTP load generator of bench/web_load.py
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -32,7 +34,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     "${need_pkgs[@]}" >/dev/null
   # Debian starts the packaged daemons; the project runs its own instances.
-  for svc in redis-server dovecot named; do
+  for svc in redis-server dovecot named slapd; do
     $SUDO systemctl stop "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

@@ -128,3 +128,10 @@ class DnsError(FallbackError):
     """A DNS query or dynamic update failed or was refused: says which server and why."""
 
     code, enhanced, public = 451, "4.4.3", "DNS problem"
+
+
+class AliasLoop(FallbackError):
+    """An alias met at delivery time names itself again, or nests deeper than the limit: the
+    sender retries (never a bounce) while the operator fixes the alias (issue 14)."""
+
+    code, enhanced, public = 451, "4.4.6", "Mail loop detected for this address, please try again later"

@@ -33,6 +33,18 @@ def dir_bucket_n(n: int) -> str:
     return f"dir:{{{n}}}"
 
 
+ALIAS_DOMAINS = "alias:domains"  # hash: domain -> number of aliases (a catch-all counts for its domain)
+
+
+def alias_bucket(address: str, buckets: int) -> str:
+    """hash: alias address (or "@domain" for a catch-all) -> its targets joined by ","."""
+    return f"alias:{{{bucket_of(address, buckets)}}}"
+
+
+def alias_bucket_n(n: int) -> str:
+    return f"alias:{{{n}}}"
+
+
 def stats_shard(address: str) -> str:
     """hash: "<mailstore>\\tmessages|bytes" -> counter; sharded to avoid one hot key."""
     return f"stats:{{s{zlib.crc32(address.encode()) % STATS_SHARDS}}}"
@@ -79,6 +91,19 @@ def quota_refused_n(n: int) -> str:
 
 def quota_refused(address: str) -> str:
     return quota_refused_n(zlib.crc32(address.encode()) % QUOTA_SHARDS)
+
+
+REMOVED_SHARDS = 16
+
+
+def removed_n(n: int) -> str:
+    """hash: address -> mailstore of mailboxes a directory sync removed while they still held
+    mail (mailbox/removed.py), so reconcile --all, purge and status still find them; sharded."""
+    return f"dir:{{r{n}}}:removed"
+
+
+def removed(address: str) -> str:
+    return removed_n(zlib.crc32(address.encode()) % REMOVED_SHARDS)
 
 
 def dedupe(address: str, digest: str) -> str:

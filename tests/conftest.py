@@ -27,6 +27,7 @@ from fallback.mailbox import directory, passwords
 from fallback.redisconn import async_client, sync_client
 from tests.dovecot import dovecot, dovecot_factory  # noqa: F401 - fixtures
 from tests.servers import RedisClusterServers, RedisServer, free_port
+from tests.slapd import slapd_factory  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="session")

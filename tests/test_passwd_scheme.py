@@ -101,14 +101,15 @@ def test_a_hash_not_of_the_default_scheme_is_refused(r, redis_url, tmp_path, cap
     assert all(d.get(u) is None for u in ("kim@example.com", "lea@example.com", "max@example.com"))
 
 
-@pytest.mark.parametrize("name", ["MD5-CRYPT", "CRYPT", "sha999", "{PLAIN-MD5}"])
+@pytest.mark.parametrize("name", ["MD5-NOPE", "SHA.HEXX", "sha999", "{PLAIN-MD4}"])
 def test_unknown_default_scheme_is_one_line(r, redis_url, tmp_path, capsys, name) -> None:
     src = passwd(tmp_path / "any.passwd", [f"ned@example.com:{SHA512}::"])
     rc, out, err = run(["provision", "--default-scheme", name, str(src)], redis_url, capsys)
     assert rc == 1 and out == ""
     assert err == (f"fallback provision: default_scheme: unknown password scheme {name!r} (known: "
-                   "SHA512-CRYPT, SHA256-CRYPT, BLF-CRYPT, ARGON2ID, ARGON2I, SSHA512, SSHA256, PLAIN, "
-                   "CLEARTEXT)\n")
+                   "SHA512-CRYPT, SHA256-CRYPT, BLF-CRYPT, ARGON2ID, ARGON2I, MD5-CRYPT, DES-CRYPT, "
+                   "CRYPT, PBKDF2, SSHA512, SSHA256, SSHA, SMD5, SHA512, SHA256, SHA, SHA1, PLAIN-MD5, "
+                   "LDAP-MD5, PLAIN, CLEARTEXT)\n")
     assert directory(r).get("ned@example.com") is None
 
 

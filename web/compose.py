@@ -23,6 +23,7 @@ from flask import Blueprint, g, redirect, render_template, request, url_for
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
 from fallback.intake import sendlimits
+from fallback.intake.addressing import Policy
 from fallback.intake.submission import Draft, send
 from fallback.mailbox import fields, store
 from fallback.maillog import MailLog
@@ -156,7 +157,7 @@ def send_message() -> Any:
         _apply_reply_or_forward(draft, values)
         limits = sendlimits.Limits(st.settings.send_limit_per_hour, st.settings.send_limit_per_day)
         out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
-                   request.remote_addr or "unknown", limits)
+                   request.remote_addr or "unknown", limits, Policy.of(st.settings))
     except InputError as exc:
         return _form(values, exc.public + " Nothing was sent.", 400)
     if out.limited is not None:

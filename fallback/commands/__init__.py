@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fallback.commands import (
     affected,
+    alias,
     check,
     dns,
     export,
@@ -22,7 +23,7 @@ from fallback.commands import (
 
 REGISTRY = [
     up.register, smtp.register, web.register, worker.register,          # running the service
-    provision.register, mailbox.register, export.register, status.register,  # mailboxes
+    provision.register, mailbox.register, alias.register, export.register, status.register,  # mailboxes
     queue.register, reconcile.register, purge.register,                 # the queues, after the outage
     failover.register, affected.register, dns.register, check.register,  # outage operations
 ]

@@ -76,6 +76,8 @@ def server_options() -> argparse.ArgumentParser:
         ("login-account-failures", "N"), ("max-password-length", "N"), ("password-check-queue", "N"),
         ("password-check-timeout", "SECONDS"), ("session-max-age", "SECONDS"),
         ("send-limit-per-hour", "N"), ("send-limit-per-day", "N"), ("metrics-token-file", "FILE"),
+        # Issue 14: addresses besides mailboxes.
+        ("recipient-delimiter", "CHARS"), ("postmaster-address", "ADDRESS"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,

@@ -10,7 +10,7 @@ from typing import Any
 from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
-from fallback.mailbox import logins, passwords, quota
+from fallback.mailbox import logins, passwords, quota, removed
 from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
@@ -89,13 +89,16 @@ def _sessions(n: int) -> str:
 def remove_mailbox(ctx: Context, args: argparse.Namespace) -> int:
     address = normalize_address(args.address)
     directory = ctx.directory()
-    if directory.get(address) is None:
+    mailbox = directory.get(address)
+    if mailbox is None:
         raise NotFound(f"{address} is not provisioned")
     reader = MailboxReader(ctx.redis(), address)
     held = sum(reader.count(f) for f in FOLDERS)
     if held and not args.force:
         raise InputError(f"{address} holds {held} message(s) not yet purged; reconcile or export "
                          "them first, or give --force (the messages stay in Redis)")
+    if held:  # the kept messages stay reachable by reconcile --all, purge and status
+        removed.remember(ctx.redis(), [(address, mailbox.mailstore)])
     directory.remove(address)
     ended = logins.end_sessions(ctx.redis(), address)
     ctx.console.print(f"removed {address}" + (f" ({held} message(s) kept in Redis)" if held else "")

@@ -9,9 +9,14 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fallback.commands import provision_ldap, provision_sync
 from fallback.commands.context import Context
 from fallback.errors import InputError
+from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.directory import ensure_buckets
 from fallback.mailbox.provision import Provisioner, Report
+from fallback.mailbox.sync import FileEntries
+from fallback.mailbox.virtualfile import import_file, looks_like_virtual
 
 SHOW_INVALID = 50
 
@@ -22,8 +27,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        description="Import the user directory: CSV with header "
                        "address,password,mailstore[,alternate], or passwd-file lines "
                        "user@domain:{SCHEME}hash:...  Re-runs are idempotent.")
-    p.add_argument("file", type=Path, metavar="FILE")
-    p.add_argument("--format", choices=("csv", "passwd"), help="default: guessed from the content")
+    p.add_argument("file", type=Path, metavar="FILE", nargs="?", help="omit with --ldap-url")
+    p.add_argument("--format", choices=("csv", "passwd", "virtual"),
+                   help="default: guessed from the content; virtual: Postfix virtual(5) aliases")
     p.add_argument("--strict", action="store_true", help="load nothing if any line is invalid")
     p.add_argument("--mailstore", default="default",
                    help="mailstore for passwd-file lines without mailstore=NAME (default: default)")
@@ -31,15 +37,32 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="scheme of passwd-file hashes without a {SCHEME} prefix, as Dovecot's "
                    "default_pass_scheme (e.g. SHA512-CRYPT; FALLBACK_DEFAULT_SCHEME); "
                    "unset: such lines are refused")
+    provision_sync.add_arguments(p)
+    provision_ldap.add_options(p)
+    p.set_defaults(usage_error=p.error)
     p.set_defaults(handler=run)
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.ldap_url is None):
+        args.usage_error("give either FILE or --ldap-url")   # exits 2 with the usage
+    if args.ldap_url is not None:
+        return provision_ldap.run(ctx, args)
     path: Path = args.file
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if args.format == "virtual" or (args.format is None and looks_like_virtual(path)):
+        if provision_sync.wanted(args):
+            # Until the sync covers aliases, say so rather than import without removing anything.
+            raise InputError("--sync and --dry-run do not take virtual files yet: import the file "
+                             "without them and remove aliases with `fallback alias remove`")
+        return run_virtual(ctx, path, args.strict)
+    provision_sync.check_arguments(args)
     provisioner = Provisioner(ctx.directory(), ctx.settings.password_scheme, args.mailstore,
                               ctx.settings.default_scheme)
+    if provision_sync.wanted(args):
+        entries = FileEntries(path, args.format, args.mailstore, provisioner.default_scheme)
+        return provision_sync.run_sync(ctx, args, provisioner, entries, str(path))
     total = path.stat().st_size
     with Progress(TextColumn("provisioning"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=ctx.err, disable=not ctx.err.is_terminal, transient=True) as progress:
@@ -51,6 +74,24 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         ctx.err.print(f"fallback provision: {len(report.invalid)} invalid line(s); "
                       + ("nothing was loaded (--strict)" if not report.loaded
                          else "the other lines were loaded"))
+        return 1
+    return 0
+
+
+def run_virtual(ctx: Context, path: Path, strict: bool) -> int:
+    """Aliases from a Postfix virtual(5) file (mailbox/virtualfile.py), reported like mailboxes."""
+    r = ctx.redis()
+    aliases = Aliases(r, ensure_buckets(r, ctx.settings.directory_buckets))
+    with Progress(TextColumn("importing aliases"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=ctx.err, disable=not ctx.err.is_terminal, transient=True) as progress:
+        task = progress.add_task("aliases", total=path.stat().st_size)
+        report = import_file(aliases, ctx.directory(), path, strict,
+                             progress=lambda done: progress.update(task, completed=done))
+    print_report(ctx, path, report)
+    if report.invalid:
+        ctx.err.print(f"fallback provision: {len(report.invalid)} invalid line(s); "
+                      + ("nothing was loaded (--strict)" if not report.loaded
+                         else "the other aliases were loaded"))
         return 1
     return 0
 

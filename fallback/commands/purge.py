@@ -19,7 +19,7 @@ from typing import Any
 from fallback import keys
 from fallback.commands.context import Context
 from fallback.errors import InputError
-from fallback.mailbox import fields
+from fallback.mailbox import fields, removed
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.purge import delete_reconciled
 from fallback.ops import audit
@@ -67,7 +67,10 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         raise InputError(f"--older-than: {args.older_than:g} is negative (give a number of days)")
     r = ctx.redis()
     cutoff_ms = int((time.time() - args.older_than * 86400) * 1000)
-    addresses = [m.address for m in ctx.directory().iter_mailboxes()]
+    directory = ctx.directory()
+    # With those a directory sync removed while they held mail (mailbox/removed.py).
+    addresses = list(dict.fromkeys([*(m.address for m in directory.iter_mailboxes()),
+                                    *removed.addresses(r)]))
     count = size = boxes = 0
     for address in addresses:
         found = False
@@ -93,6 +96,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         for ids, _ in list(candidates(r, address, cutoff_ms)):
             n, b = delete_reconciled(r, address, ids, cutoff_ms)
             deleted, freed = deleted + n, freed + b
+    removed.prune(r, directory)  # those left empty need no finding any more
     entry = audit.Entry(action="purge", actor=audit.actor_name(args.actor),
                         args={"reconciled": True, "older_than_days": args.older_than},
                         outcome=f"ok: deleted {deleted} message(s), {freed} bytes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from fallback.addresses import normalize_address
 from fallback.commands.context import Context
 from fallback.config import read_secret_file
 from fallback.errors import ConfigError, InputError
+from fallback.mailbox import removed
 from fallback.mailbox.directory import check_mailstore
 from fallback.maillog import MailLog
 from fallback.ops import metrics
@@ -105,11 +107,15 @@ def select_mailboxes(ctx: Context, args: argparse.Namespace) -> dict[str, int]:
     directory = ctx.directory()
     if args.mailstore:
         name = check_mailstore(args.mailstore)
-        if name not in directory.mailstores():
+        gone = list(removed.addresses(ctx.redis(), name))  # removed by a sync, mail kept
+        if name not in directory.mailstores() and not gone:
             raise InputError(f"no mailstore {name!r} in the directory "
                              f"(known: {', '.join(sorted(directory.mailstores())) or 'none'})")
-        return _pending_counts(ctx, (m.address for m in directory.iter_mailboxes() if m.mailstore == name))
-    return _pending_counts(ctx, (m.address for m in directory.iter_mailboxes()))
+        return _pending_counts(ctx, itertools.chain(
+            (m.address for m in directory.iter_mailboxes() if m.mailstore == name), gone))
+    # Mailboxes a directory sync removed still hold mail to reconcile (mailbox/removed.py).
+    return _pending_counts(ctx, itertools.chain((m.address for m in directory.iter_mailboxes()),
+                                                removed.addresses(ctx.redis())))
 
 
 class RateColumn(ProgressColumn):

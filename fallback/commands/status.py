@@ -9,9 +9,11 @@ from typing import Any
 from rich.table import Table
 
 from fallback.commands.context import Context
-from fallback.mailbox import quota
+from fallback.mailbox import quota, removed
 from fallback.mailbox.store import mailstore_stats
 from fallback.ops.health import redis_health
+
+SHOW_REMOVED = 20
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -34,7 +36,11 @@ def collect(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     full = [{"address": f.address, "bytes": f.used, "refused_at": f.refused_at}
             for f in quota.recently_refused(r)]
+    # Removed by a directory sync while holding mail: kept until reconcile --all and purge.
+    kept = [{"address": h.address, "mailstore": h.mailstore, "messages": h.messages, "bytes": h.bytes}
+            for h in removed.held(r, directory)]
     return {"mailstores": rows, "domains": len(directory.domains()),
+            "removed_with_mail": kept,
             "quota": {"bytes": s.mailbox_quota, "refused_last_day": full},
             "redis": redis_health(r, s.memory_reserve, s.replica_acks)}
 
@@ -61,6 +67,15 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
                       + (":" if refused else ""), markup=False)
     for f in refused:
         ctx.console.print(f"  {f['address']}: {quota.describe(f['bytes'], q['bytes'])}", markup=False)
+    kept = data["removed_with_mail"]
+    if kept:
+        ctx.console.print(f"{len(kept)} mailbox(es) removed from the directory still hold mail, kept "
+                          "until reconcile --all and purge:", markup=False, soft_wrap=True)
+        for k in kept[:SHOW_REMOVED]:
+            ctx.console.print(f"  {k['address']} (mailstore {k['mailstore']}): {k['messages']} "
+                              f"message(s), {quota.human(k['bytes'])}", markup=False, soft_wrap=True)
+        if len(kept) > SHOW_REMOVED:
+            ctx.console.print(f"  ... and {len(kept) - SHOW_REMOVED} more (all in --format json)")
     h = data["redis"]
     limit = "no limit" if not h["maxmemory"] else f"{h['maxmemory']} bytes"
     ctx.console.print(

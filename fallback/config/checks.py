@@ -121,6 +121,14 @@ def validate_operations(s: Settings) -> None:
             normalize_address(s.notice_sender)
         except FallbackError as exc:
             raise ConfigError(f"notice_sender: {exc.reason}") from None
+    if s.postmaster_address is not None:  # Issue 14
+        try:
+            normalize_address(s.postmaster_address)
+        except FallbackError as exc:
+            raise ConfigError(f"postmaster_address: {exc.reason}") from None
+    if any(c in s.recipient_delimiter for c in "@\"<>,;: \t"):  # Issue 14
+        raise ConfigError(f"recipient_delimiter: {s.recipient_delimiter!r} holds a character "
+                          "that cannot separate a subaddress")
     if s.check_warn_queue_age > s.check_crit_queue_age:
         raise ConfigError("check_warn_queue_age: must not be above check_crit_queue_age")
     for name in ("check_warn_memory", "check_crit_memory"):

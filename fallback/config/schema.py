@@ -230,3 +230,11 @@ class Settings:
     forward_dead_letter_after: float = setting(
         86400.0, "A forward the next hop answers only with 5xx for this long (from the first 5xx; "
         "a 4xx starts again) is parked as a dead letter, seconds", unit="seconds")
+    # Issue 14: addresses the main system accepts besides mailboxes (fallback/intake/addressing.py).
+    recipient_delimiter: str = setting(
+        "+", "Separates a subaddress (alice+news@) from the user, as Postfix's recipient_delimiter; "
+        "each character is a delimiter; empty: no subaddresses")
+    postmaster_address: str | None = setting(
+        None, "Where postmaster@ and abuse@ of every served domain go when no alias names them "
+        "(a mailbox here is stored, another address forwarded); unset: forwarded as addressed "
+        "to the main system")

@@ -14,7 +14,10 @@ touches aiosmtpd beyond its handler hooks is in smtpd_adapter.  Storage
 cannot be exhausted: past the Redis memory reserve MAIL gets 452 4.3.1
 (memoryguard); a fallback mailbox at its quota gets 452 4.2.2 at RCPT, and
 a message that would take one over gets it after DATA, checked in the same
-step as the write (mailbox/quota.py, deliverscript.py).
+step as the write (mailbox/quota.py, deliverscript.py).  A recipient that is
+no mailbox (alias, subaddress, catch-all, postmaster@) is resolved at RCPT by
+intake/addressing.py and routed at DATA by routing.plan; an alias that loops
+is 451 4.4.6, never a bounce.
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ from fallback.errors import (
     UnknownUser,
 )
 from fallback.ids import new_id
-from fallback.intake import routing
+from fallback.intake import addressing, routing
 from fallback.intake.clientlimits import ClientLimits
 from fallback.intake.memoryguard import MemoryGuard
 from fallback.intake.smtpd_adapter import ConnectionTracker, FallbackEnvelope, FallbackSMTP, Session
-from fallback.mailbox import delivery, directory, quota, received
+from fallback.mailbox import aliases, delivery, directory, quota, received
 from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
@@ -83,6 +86,8 @@ class Receiver:
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
         self.cache = directory.LookupCache(settings.directory_cache_ttl)
+        self.resolutions = addressing.ResolutionCache(settings.directory_cache_ttl)
+        self.policy = addressing.Policy.of(settings)
         self.batcher = DeliveryBatcher(r)
         self.guard = MemoryGuard(r, settings.memory_reserve)
         self.quota = settings.mailbox_quota
@@ -131,22 +136,45 @@ class Receiver:
             raise InputError(str(exc), code=553, enhanced="5.1.3",
                              public="Bad recipient address syntax") from None
         now = time.monotonic()
+        # A mailbox (the common case) costs one HGET, or nothing when cached; only other
+        # addresses are looked up further (addressing.py: aliases, subaddress, catch-all).
+        mailbox = self.cache.get(addr, now)
+        res = None if mailbox is not None else self.resolutions.get(addr, now)
+        if mailbox is None and res is None:
+            res = await self._resolve(addr)
+            if res.how == addressing.EXACT:
+                mailbox, res = res.mailboxes[0], None
+        if mailbox is not None:
+            self.cache.put(mailbox, now)
+            if self.quota and (await self.scope.get_async(self.r)).covers(mailbox.mailstore):
+                await self._check_quota(envelope, addr)
+            envelope.mailstores[addr] = mailbox.mailstore
+            return addr
+        assert res is not None
+        self.resolutions.put(res, now)
+        if self.quota:
+            scope = await self.scope.get_async(self.r)
+            for target in res.mailboxes:
+                if scope.covers(target.mailstore):
+                    await self._check_quota(envelope, target.address)
+        envelope.resolved[addr] = res
+        return addr
+
+    async def _resolve(self, addr: str) -> addressing.Resolution:
+        """What `addr` reaches; UnknownUser, RelayDenied, AliasLoop, or DirectoryUnavailable."""
         try:
-            mailbox = self.cache.get(addr, now) or await directory.lookup_async(self.r, self.buckets, addr)
-            if mailbox is None:
+            res = await addressing.resolve_async(self.r, self.buckets, addr, self.policy)
+            if res is None:
                 domain = addr.rpartition("@")[2]
-                if await directory.domain_known_async(self.r, domain):
+                if (await directory.domain_known_async(self.r, domain)
+                        or await aliases.domain_known_async(self.r, domain)):
                     raise UnknownUser(f"{addr} is not provisioned")
                 raise RelayDenied(f"{domain} is not a provisioned domain")
         except FallbackError:
             raise
         except Exception as exc:
             raise DirectoryUnavailable(f"directory lookup for {addr}: {exc!r}") from exc
-        self.cache.put(mailbox, now)
-        if self.quota and (await self.scope.get_async(self.r)).covers(mailbox.mailstore):
-            await self._check_quota(envelope, addr)
-        envelope.mailstores[addr] = mailbox.mailstore
-        return addr
+        return res
 
     async def _check_quota(self, envelope: FallbackEnvelope, addr: str) -> None:
         """A fallback mailbox at its quota, or one the declared SIZE would take over, is refused
@@ -181,7 +209,8 @@ class Receiver:
             raw, fixed = self._with_trace(server, session, envelope, msg_id)
             size = len(raw)
             # One read of the scope for the whole message: every recipient is judged alike.
-            routes = routing.decide(envelope.mailstores, await self.scope.get_async(self.r), self.quota)
+            routes = routing.plan(envelope.mailstores, envelope.resolved.values(),
+                                  await self.scope.get_async(self.r), self.quota)
             boxes = routes.mailboxes
             if routes.forward:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
@@ -244,6 +273,10 @@ class Receiver:
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         header = received.received_header(msg_id, self.hostname, session.host_name or "",
                                        server.peer_ip, None, protocol, single)
+        if single is not None and single in envelope.resolved:
+            # Reached through another address (alias, subaddress, ...): the user and reconcile
+            # see which.  With several recipients no copy names them (a Bcc stays hidden).
+            header += received.delivered_to(single)
         return header + body, fixed
 
     def log_limit(self, server: FallbackSMTP, reply: str, reason: str | None = None) -> None:

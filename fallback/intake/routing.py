@@ -11,16 +11,32 @@
 `decide` is the rule itself, a pure function of each recipient's mailstore
 and one read of the scope; `route` and `route_async` read the directory and
 the scope cache first.
+
+A recipient that is not a mailbox (an alias, a subaddress, a catch-all,
+postmaster@: intake/addressing.py) is a Resolution, and `plan` sends what it
+reaches so that every real mailbox gets the message exactly once:
+
+* its mailboxes of failed-over mailstores: a local copy, each mailbox once
+  per message however many recipients name it;
+* its mailboxes of healthy mailstores: forwarded as the mailbox's own
+  address, each once (a subaddress of one: forwarded as given, tag kept);
+* its outside addresses: when it reaches no mailbox here at all, the
+  recipient itself is forwarded as addressed, and the main MTA expands it as
+  it always does; otherwise each outside target is forwarded, once (the
+  alias itself would have the main MTA deliver to the local ones again).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from fallback.errors import AliasLoop, InputError
+from fallback.intake import addressing
+from fallback.intake.addressing import Policy, Resolution
 from fallback.mailbox import directory
 from fallback.mailbox.delivery import Delivery
 from fallback.ops.failover import Scope, ScopeCache
@@ -51,15 +67,55 @@ def decide(mailstores: Mapping[str, str | None], scope: Scope, quota: int = 0) -
     return Routes(mailboxes, forward, outbound)
 
 
+def plan(mailstores: Mapping[str, str | None], resolved: Iterable[Resolution], scope: Scope,
+         quota: int = 0) -> Routes:
+    """`decide` for the recipients that are mailboxes, then the others' reach (see above), each
+    mailbox and each forwarded address once per message."""
+    routes = decide(mailstores, scope, quota)
+    local = {d.address for d in routes.mailboxes}
+    forwarded = dict.fromkeys(routes.forward)
+    for res in resolved:
+        here = [m for m in res.mailboxes if scope.covers(m.mailstore)]
+        for m in here:
+            if m.address not in local:
+                local.add(m.address)
+                routes.mailboxes.append(Delivery(m.address, m.mailstore, quota=quota))
+        for m in res.mailboxes:
+            if not scope.covers(m.mailstore):
+                forwarded.setdefault(res.address if res.how == addressing.SUBADDRESS else m.address)
+        if not res.mailboxes:
+            forwarded.setdefault(res.address)
+        else:
+            for outside in res.outside:
+                forwarded.setdefault(outside)
+    return Routes(routes.mailboxes, list(forwarded), routes.outbound)
+
+
 def mailstores(d: directory.Directory, recipients: list[str]) -> dict[str, str | None]:
     """Each recipient's mailstore from the directory (one HMGET per bucket), None if not provisioned."""
     return {address: None if value is None else directory.Mailbox.decode(address, value).mailstore
             for address, value in zip(recipients, d.get_many(recipients), strict=True)}
 
 
-def route(d: directory.Directory, scopes: ScopeCache, recipients: list[str]) -> Routes:
-    """The webmail's question: the directory, then the (cached) scope."""
-    return decide(mailstores(d, recipients), scopes.get(d.r))
+def route(d: directory.Directory, scopes: ScopeCache, recipients: list[str],
+          policy: Policy | None = None) -> Routes:
+    """The webmail's question: the directory, then, for addresses that are no mailbox, the
+    address resolution (as the receiver's at RCPT), then the (cached) scope.  Recipients that
+    resolve to nothing here go out (outbound).  InputError: a recipient's alias loops."""
+    found = mailstores(d, recipients)
+    resolved: list[Resolution] = []
+    policy = policy or Policy()
+    for address in [a for a, store in found.items() if store is None]:
+        try:
+            res = addressing.resolve(d.r, d.buckets, address, policy)
+        except AliasLoop as exc:
+            raise InputError(exc.reason, public=(
+                f"Mail to {address} cannot be delivered now: that address is an alias that "
+                "loops. Nothing was sent; please tell your mail administrator.")) from None
+        if res is not None:
+            del found[address]
+            resolved.append(res)
+    return plan(found, resolved, scopes.get(d.r))
 
 
 async def mailstores_async(r: aioredis.Redis, buckets: int,

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from fallback.errors import MessageTooBig, TooManyConnections, TooManyMessages
+from fallback.intake.addressing import Resolution
 from fallback.intake.clientlimits import STRESS_SHARE, Client, ClientLimits
 from fallback.intake.smtpsyntax import read_data, simple_path
 
@@ -148,6 +149,8 @@ class FallbackEnvelope(Envelope):
         super().__init__()
         # Every accepted recipient -> its mailstore, in RCPT order (what routing.decide reads).
         self.mailstores: dict[str, str] = {}
+        # Accepted recipients that are no mailbox (aliases, subaddresses, ...): what each reaches.
+        self.resolved: dict[str, Resolution] = {}
         # Given at MAIL FROM, so the mail log ties rejections and the stored message together.
         self.msg_id = ""
 

@@ -35,6 +35,7 @@ from fallback import keys
 from fallback.errors import InputError
 from fallback.ids import new_id
 from fallback.intake import routing, sendlimits
+from fallback.intake.addressing import Policy
 from fallback.mailbox import delivery, directory, fields, received, store
 from fallback.maillog import MailLog
 from fallback.ops.failover import ScopeCache
@@ -122,11 +123,14 @@ class Outcome:
 
 
 def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draft, msg_id: str,
-         hostname: str, client_ip: str, limits: sendlimits.Limits = NO_LIMITS) -> Outcome:
+         hostname: str, client_ip: str, limits: sendlimits.Limits = NO_LIMITS,
+         policy: Policy | None = None) -> Outcome:
     """File the Sent copy, queue remote recipients, then each of the others; at most once per msg_id.
 
     Over a send limit nothing is written and `limited` says why.  InputError:
-    the message cannot be built as typed (nothing written either).
+    the message cannot be built as typed, or a recipient's alias loops (nothing
+    written either).  `policy`: the address resolution's settings (aliases,
+    subaddresses and catch-alls are routed as the receiver routes them).
     """
     sender = draft.sender
     once = keys.compose_once(sender, msg_id)
@@ -154,7 +158,7 @@ def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draf
         mailbox = d.get(sender)
         mailstore = mailbox.mailstore if mailbox else directory.DEFAULT_MAILSTORE
         raw = received_line(msg_id, hostname, client_ip) + body
-        routes = routing.route(d, scopes, recipients)
+        routes = routing.route(d, scopes, recipients, policy)
         out = Outcome(msg_id, local=[m.address for m in routes.mailboxes], forwarded=list(routes.forward),
                       remote=list(routes.outbound))
         if routes.outbound:

@@ -249,8 +249,20 @@ def _check_hash(password: str) -> str | InputError:
         return exc
 
 
+def password_problem(entry: Entry) -> Invalid | None:
+    """Why the entry's password field cannot be stored, checked without hashing anything."""
+    try:
+        if not _needs_hashing(entry.password):
+            passwords.check_stored(entry.password)
+        else:
+            passwords.plain_text(entry.password)
+    except InputError as exc:
+        return Invalid(entry.line, exc.reason)
+    return None
+
+
 @contextlib.contextmanager
-def _without_cycle_collector() -> Iterator[None]:
+def without_cycle_collector() -> Iterator[None]:
     """An import makes and drops millions of small objects, all freed by their reference
     counts; the cycle collector would walk the live ones again and again (about a tenth
     of the run for a million mailboxes) and find nothing."""
@@ -281,21 +293,14 @@ class Provisioner:
         if strict:
             # Validate the whole file first; load nothing if any line is bad.
             for item in read_entries(path, fmt, self.default_mailstore, progress, self.default_scheme):
-                if isinstance(item, Invalid):
-                    report.invalid.append(item)
-                else:
-                    try:
-                        if not _needs_hashing(item.password):
-                            passwords.check_stored(item.password)
-                        else:
-                            passwords.plain_text(item.password)
-                    except InputError as exc:
-                        report.invalid.append(Invalid(item.line, exc.reason))
+                problem = item if isinstance(item, Invalid) else password_problem(item)
+                if problem is not None:
+                    report.invalid.append(problem)
             if report.invalid:
                 report.loaded = False
                 report.invalid.sort(key=lambda item: item.line)
                 return report
-        with _without_cycle_collector():
+        with without_cycle_collector():
             entries = read_entries(path, fmt, self.default_mailstore, progress, self.default_scheme)
             for chunk in _chunks(entries, CHUNK):
                 self._load_chunk(chunk, report)
@@ -304,6 +309,12 @@ class Provisioner:
         return report
 
     def _load_chunk(self, chunk: list[Entry | Invalid], report: Report) -> None:
+        self.write(self.plan_chunk(chunk, report))
+
+    def plan_chunk(self, chunk: list[Entry | Invalid],
+                   report: Report) -> list[tuple[Mailbox, Mailbox | None]]:
+        """The (new, old) records a chunk would write, counted in `report`; nothing is written
+        (a dry run stops here)."""
         entries: list[Entry] = []
         for item in chunk:
             if isinstance(item, Invalid):
@@ -311,7 +322,7 @@ class Provisioner:
             else:
                 entries.append(item)
         if not entries:
-            return
+            return []
         existing = self.directory.get_many([e.address for e in entries])
         olds = [None if v is None else Mailbox.decode(e.address, v)
                 for e, v in zip(entries, existing, strict=True)]
@@ -335,6 +346,9 @@ class Provisioner:
                 report.added += 1
             else:
                 report.updated += 1
+        return writes
+
+    def write(self, writes: list[tuple[Mailbox, Mailbox | None]]) -> None:
         if writes:
             self.directory.put_many(writes)
             # A changed password ends the user's webmail sessions at once (it is often the

@@ -2,7 +2,8 @@
 
 It carries the message's unique id (`id <ULID>`), which reconcile searches
 for in the main store after a crash, so it is the one header we write into
-the raw bytes.  Client-supplied names are sanitised: printable ASCII only.
+the raw bytes, with `Delivered-To:` when the recipient was an alias or a
+subaddress (delivered_to).  Client-supplied names are sanitised: printable ASCII only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def received_header(msg_id: str, hostname: str, helo: str, peer_ip: str, rdns: s
         line += f"\r\n\tfor <{_sanitize(recipient)}>"
     line += f"; {email.utils.formatdate(localtime=False)}\r\n"
     return line.encode("ascii")
+
+
+def delivered_to(recipient: str) -> bytes:
+    """`Delivered-To:` with the address a message was sent to when that is not the mailbox's own
+    (a subaddress, an alias, a catch-all): it follows our Received: line, as Postfix's does."""
+    return f"Delivered-To: {_sanitize(recipient)}\r\n".encode("ascii")
 
 
 _UNSAFE_IN_TRACE = re.compile(r"[^\x21-\x7e]|[()<>;]")

@@ -13,7 +13,10 @@ told; a later outage (a new declared-at) tells them again.  The mark is set
 before the notice is queued (and taken back if queuing fails), so two
 operators running it at once cannot both send.
 
-The sender is `notice_sender`, else postmaster@ the first provisioned domain.
+The sender is `notice_sender`, else postmaster@ the first provisioned domain:
+an address that can receive the users' replies, since the receiver accepts
+postmaster@ of every served domain (its alias, else `postmaster_address`,
+else the main system; intake/addressing.py).
 Its Sent copy (outbound.submit always files one: the worker delivers from it)
 lands in that address's mailbox: when the sender is a provisioned mailbox it
 is an ordinary sent message, reconciled into its real Sent folder; otherwise

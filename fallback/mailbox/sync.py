@@ -1,0 +1,214 @@
+"""Making the directory equal to a source (`fallback provision --sync`): plan, guard, apply.
+
+The source (a file, or LDAP) is read twice: first to check every entry and
+collect the addresses it names, then to write.  Between the two, the
+directory is walked for the mailboxes the source no longer names; if there
+are more of them than `--max-remove` allows, nothing at all is changed (a
+truncated export must not empty the directory in the middle of an outage).
+A dry run plans the writes, hashes included, and writes none.
+
+Removing a mailbox ends its webmail sessions and drops its directory record,
+so new mail to it gets 550 5.1.1 (after at most `directory_cache_ttl` seconds
+in a receiver that had just looked it up).  The mail it already holds stays:
+mailboxes that hold any are remembered first (mailbox/removed.py), so
+reconcile --all and purge still reach them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from fallback.errors import InputError
+from fallback.mailbox import logins, removed
+from fallback.mailbox.directory import Mailbox
+from fallback.mailbox.provision import (
+    CHUNK,
+    Entry,
+    Invalid,
+    Provisioner,
+    Report,
+    password_problem,
+    read_entries,
+    without_cycle_collector,
+)
+
+DEFAULT_MAX_REMOVE = "10%"
+_LIMIT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+
+
+@dataclass(frozen=True)
+class RemovalLimit:
+    """At most `count` mailboxes, or at most `percent` % of the directory, may be removed."""
+
+    count: int | None = None
+    percent: Decimal | None = None
+
+    def allows(self, removing: int, total: int) -> bool:
+        if self.count is not None:
+            return removing <= self.count
+        assert self.percent is not None
+        return removing * 100 <= self.percent * total
+
+    def __str__(self) -> str:
+        return f"{self.count:,}" if self.count is not None else f"{_number(self.percent or 0)} %"
+
+
+def parse_max_remove(text: str) -> RemovalLimit:
+    """`--max-remove N` (mailboxes) or `P%` (of the directory)."""
+    m = _LIMIT_RE.match(text)
+    if m is not None:
+        try:
+            value = Decimal(m.group(1))
+        except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
+            value = Decimal(-1)
+        if m.group(2) and value <= 100:
+            return RemovalLimit(percent=value)
+        if not m.group(2) and value == value.to_integral_value():
+            return RemovalLimit(count=int(value))
+    raise InputError(f"--max-remove: {text!r} is not a number of mailboxes (e.g. 500) "
+                     "or a percentage of the directory up to 100 (e.g. 5%)")
+
+
+def _number(value: Decimal | float) -> str:
+    """23, 23.4: no trailing zeros, at most one decimal."""
+    text = f"{float(value):.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept_mail: list[str] = field(default_factory=list)  # removed, still holding mail (kept)
+    unchanged: int = 0
+    invalid: list[Invalid] = field(default_factory=list)
+    before: int = 0              # mailboxes in the directory before the sync
+    dry_run: bool = False
+    refused: str = ""            # why a dry run's real run would refuse ("" when it would not)
+    sessions_ended: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid and not self.refused
+
+    def as_json(self) -> dict[str, object]:
+        return {"dry_run": self.dry_run, "before": self.before, "added": self.added,
+                "changed": self.changed, "removed": self.removed, "kept_mail": self.kept_mail,
+                "unchanged": self.unchanged, "refused": self.refused,
+                "sessions_ended": self.sessions_ended,
+                "invalid": [{"line": i.line, "reason": i.reason} for i in self.invalid]}
+
+
+class FileEntries:
+    """A provisioning file as a source that can be read more than once."""
+
+    def __init__(self, path: Path, fmt: str | None, default_mailstore: str,
+                 default_scheme: str | None = None,
+                 progress: Callable[[int], None] = lambda done: None) -> None:
+        self.path, self.fmt, self.default_mailstore = path, fmt, default_mailstore
+        self.default_scheme, self.progress = default_scheme, progress
+
+    def __iter__(self) -> Iterator[Entry | Invalid]:
+        return read_entries(self.path, self.fmt, self.default_mailstore, self.progress,
+                            self.default_scheme)
+
+
+def refusal(removing: int, total: int, limit: RemovalLimit) -> str:
+    share = f" ({_number(Decimal(removing * 100) / total)} %)" if total else ""
+    return (f"--sync would remove {removing:,} of {total:,} mailboxes{share}, more than "
+            f"--max-remove {limit}; a truncated export? Check the file, or give --force")
+
+
+def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_run: bool,
+         max_remove: RemovalLimit | int | None, force: bool, remove: bool = True) -> SyncReport:
+    """Make the directory equal to `entries` (Entry or Invalid items, as read_entries yields).
+
+    `entries` is read twice when it can be (a list, FileEntries, any re-iterable); a one-shot
+    iterator is held in memory instead.  Any invalid entry changes nothing (its address
+    might be one that would otherwise be removed).  Over `max_remove` (None: 10 %, an int:
+    that many mailboxes) raises InputError before anything is written, unless `force`; a dry
+    run reports it in `refused` instead.  `remove=False` plans or loads without removing.
+    """
+    if iter(entries) is entries:
+        entries = list(entries)
+    limit = (parse_max_remove(DEFAULT_MAX_REMOVE) if max_remove is None
+             else RemovalLimit(count=max_remove) if isinstance(max_remove, int) else max_remove)
+    report = SyncReport(dry_run=dry_run)
+    directory = provisioner.directory
+    with without_cycle_collector():
+        named: set[str] = set()
+        for item in entries:
+            problem = item if isinstance(item, Invalid) else password_problem(item)
+            if problem is not None:
+                report.invalid.append(problem)
+            else:
+                assert isinstance(item, Entry)
+                named.add(item.address)
+        if report.invalid:
+            report.invalid.sort(key=lambda i: i.line)
+            return report
+        gone = [m for m in directory.iter_mailboxes() if m.address not in named]
+        report.before = directory.count()
+        if not remove:
+            gone = []
+        del named
+        report.removed = sorted(m.address for m in gone)
+        if gone and not force and not limit.allows(len(gone), report.before):
+            message = refusal(len(gone), report.before, limit)
+            if not dry_run:
+                raise InputError(message)
+            report.refused = message
+        _apply(provisioner, entries, report, dry_run)
+    if gone:
+        _remove(provisioner, gone, report, dry_run)
+    return report
+
+
+def _apply(provisioner: Provisioner, entries: Iterable[Entry | Invalid], report: SyncReport,
+           dry_run: bool) -> None:
+    counts = Report()
+    chunk: list[Entry | Invalid] = []
+    was_removed = set(removed.entries(provisioner.directory.r))
+
+    def flush() -> None:
+        writes = provisioner.plan_chunk(chunk, counts)
+        chunk.clear()
+        for new, old in writes:
+            (report.added if old is None else report.changed).append(new.address)
+        if not dry_run:
+            provisioner.write(writes)
+            # Provisioned again: its mail is found through the directory once more.
+            removed.forget(provisioner.directory.r, [n.address for n, o in writes
+                                                     if o is None and n.address in was_removed])
+
+    for item in entries:
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            flush()
+    if chunk:
+        flush()
+    # The source may have changed between the two reads: what is bad now was not written.
+    report.invalid = sorted(counts.invalid, key=lambda i: i.line)
+    report.unchanged = counts.unchanged
+    report.added.sort()
+    report.changed.sort()
+
+
+def _remove(provisioner: Provisioner, gone: list[Mailbox], report: SyncReport, dry_run: bool) -> None:
+    r = provisioner.directory.r
+    holding = removed.message_counts(r, [m.address for m in gone])
+    report.kept_mail = sorted(a for a, n in holding.items() if n)
+    if dry_run:
+        return
+    # Remembered before the records go: a crash in between leaves the mail findable.
+    removed.remember(r, [(m.address, m.mailstore) for m in gone if holding[m.address]])
+    for start in range(0, len(gone), CHUNK):
+        part = gone[start : start + CHUNK]
+        provisioner.directory.remove_many(part)
+        ended = logins.end_sessions_of(r, [m.address for m in part])
+        report.sessions_ended += sum(ended.values())

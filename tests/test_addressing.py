@@ -1,0 +1,244 @@
+"""Every address the main system accepts, accepted here: aliases, subaddresses, catch-alls,
+postmaster@ and abuse@, over SMTP (real receiver, real Redis, smtplib from several loopback
+sources) and from the webmail, each real mailbox getting the message exactly once."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+from typing import Any
+
+import pytest
+import redis
+
+from fallback import keys
+from fallback.config import Settings, load_settings
+from fallback.errors import ConfigError
+from fallback.intake import addressing, routing
+from fallback.intake.addressing import Policy, Resolution
+from fallback.mailbox import store
+from fallback.mailbox.aliases import Aliases, make_alias
+from fallback.mailbox.delivery import Delivery
+from fallback.mailbox.directory import Mailbox, ensure_buckets
+from fallback.maillog import LOGGER_NAME
+from fallback.ops import failover
+from fallback.ops.failover import LISTED, Scope
+from tests.conftest import add_mailbox
+from tests.webutil import log_in_as
+
+ALICE, BOB, DAVE = "alice@example.com", "bob@example.com", "dave@example.com"
+EXT, EXT2 = "ext@remote.test", "ext2@remote.test"
+SENDER = "sender@remote.test"
+BODY = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def served(r: redis.Redis, settings: Settings) -> Aliases:
+    """alice and bob on failed-over store1, dave on healthy store2, and the aliases of the issue."""
+    add_mailbox(r, settings, ALICE, mailstore="store1")
+    add_mailbox(r, settings, BOB, mailstore="store1")
+    add_mailbox(r, settings, DAVE, mailstore="store2")
+    failover.start(r, ["store1"])
+    book = Aliases(r, ensure_buckets(r, settings.directory_buckets))
+    for address, targets in (
+        ("sales@example.com", [ALICE, BOB]),
+        ("info@example.com", ["sales@example.com", ALICE]),   # names alice twice, through sales
+        ("team@example.com", [ALICE, DAVE, EXT]),             # here, healthy and outside
+        ("list@example.com", [EXT, EXT2]),                    # outside only
+        ("@catch.example", [BOB]),
+        ("loop1@example.com", ["loop2@example.com"]),
+        ("loop2@example.com", ["loop1@example.com"]),
+    ):
+        book.put(make_alias(address, targets))
+    return book
+
+
+def transaction(port: int, source: str, rcpts: list[str]) -> tuple[list[tuple[int, bytes]], int, bytes]:
+    """One message from `source`: each RCPT's reply, then DATA's (if a recipient was taken)."""
+    with smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail(SENDER)
+        replies = [s.rcpt(rcpt) for rcpt in rcpts]
+        if not any(code == 250 for code, _ in replies):
+            return replies, 0, b""
+        code, text = s.data(BODY)
+    return replies, code, text
+
+
+def inbox(r: redis.Redis, address: str) -> list[bytes]:
+    reader = store.MailboxReader(r, address)
+    return [reader.raw(i) or b"" for i in reader.ids("INBOX")]
+
+
+def forwards(r: redis.Redis) -> list[str]:
+    """The recipient of every forward record queued (the main MTA's envelope recipients)."""
+    out: list[str] = []
+    for n in range(keys.FORWARD_SHARDS):
+        entries: Any = r.xrange(keys.forward_stream_n(n))
+        out.extend(entry[b"a"].decode() for _, entry in entries)
+    return sorted(out)
+
+
+def test_aliases_and_subaddress_reach_each_mailbox_once(r: redis.Redis, served: Aliases,
+                                                        receiver_factory: Any) -> None:
+    rt = receiver_factory()
+    replies, code, _ = transaction(rt.port, "127.0.0.2",
+                                   ["sales@example.com", "info@example.com", "alice+news@example.com",
+                                    "someone@catch.example"])
+    assert [c for c, _ in replies] == [250, 250, 250, 250] and code == 250
+    assert len(inbox(r, ALICE)) == 1 and len(inbox(r, BOB)) == 1
+    assert forwards(r) == []
+    # Several recipients: no copy names them (a Bcc stays hidden).
+    assert b"Delivered-To" not in inbox(r, ALICE)[0]
+
+
+def test_subaddress_keeps_the_original_recipient(r: redis.Redis, served: Aliases,
+                                                 receiver_factory: Any) -> None:
+    rt = receiver_factory()
+    _, code, _ = transaction(rt.port, "127.0.0.3", ["Alice+News@Example.com"])
+    assert code == 250
+    (raw,) = inbox(r, ALICE)
+    head = raw.split(b"\r\n\r\n")[0]
+    assert b"for <alice+news@example.com>" in head
+    assert b"\r\nDelivered-To: alice+news@example.com\r\n" in head
+    assert raw.endswith(BODY)
+
+
+def test_mixed_alias_local_copy_and_forwards_of_the_rest(r: redis.Redis, served: Aliases,
+                                                         receiver_factory: Any) -> None:
+    rt = receiver_factory()
+    _, code, _ = transaction(rt.port, "127.0.0.2", ["team@example.com", "list@example.com"])
+    assert code == 250
+    assert len(inbox(r, ALICE)) == 1
+    # dave (healthy) and ext (team's outside target) each once; list@ as addressed, which the
+    # main MTA expands itself; never team@ itself (the main MTA would deliver to alice again).
+    assert forwards(r) == sorted([DAVE, EXT, "list@example.com"])
+    assert inbox(r, DAVE) == []
+
+
+def test_alias_loop_at_run_time_is_451_and_nothing_stored(r: redis.Redis, served: Aliases,
+                                                          receiver_factory: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    rt = receiver_factory()
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        replies, code, _ = transaction(rt.port, "127.0.0.3", ["loop1@example.com"])
+    assert replies == [(451, b"4.4.6 Mail loop detected for this address, please try again later")]
+    assert code == 0 and inbox(r, ALICE) == [] and forwards(r) == []
+    (line,) = [m for m in caplog.messages if "to=loop1@example.com" in m]
+    assert "event=rejected" in line and "451 4.4.6" in line and "loop" in line
+
+
+def test_over_deep_chain_is_451(r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    chain = [f"hop{n}@example.com" for n in range(addressing.MAX_DEPTH + 1)]
+    for here, there in zip(chain, [*chain[1:], ALICE], strict=True):
+        served.put(make_alias(here, [there]))
+    rt = receiver_factory()
+    # At the limit: MAX_DEPTH aliases deep is delivered; one more is refused.
+    replies, code, _ = transaction(rt.port, "127.0.0.2", [chain[1]])
+    assert replies[0][0] == 250 and code == 250 and len(inbox(r, ALICE)) == 1
+    replies, code, _ = transaction(rt.port, "127.0.0.3", [chain[0]])
+    assert replies[0][0] == 451 and code == 0 and len(inbox(r, ALICE)) == 1
+
+
+def test_postmaster_and_abuse_without_alias_go_to_the_main_system(
+        r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    rt = receiver_factory()
+    replies, code, _ = transaction(rt.port, "127.0.0.2", ["postmaster@example.com", "abuse@example.com",
+                                                          "postmaster@catch.example"])
+    assert [c for c, _ in replies] == [250, 250, 250] and code == 250
+    # catch.example's catch-all takes its postmaster; example.com has none: forwarded as addressed.
+    assert forwards(r) == ["abuse@example.com", "postmaster@example.com"]
+    assert len(inbox(r, BOB)) == 1
+    replies, _, _ = transaction(rt.port, "127.0.0.3", ["postmaster@foreign.test"])
+    assert replies == [(550, b"5.7.1 Relaying denied: we do not accept mail for that domain")]
+
+
+def test_postmaster_address_and_alias(r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    rt = receiver_factory(postmaster_address=BOB, directory_cache_ttl=0)  # the alias counts at once
+    _, code, _ = transaction(rt.port, "127.0.0.2", ["postmaster@example.com", "abuse@example.com"])
+    assert code == 250 and len(inbox(r, BOB)) == 1 and forwards(r) == []
+    served.put(make_alias("abuse@example.com", [ALICE]))  # an alias wins over postmaster_address
+    _, code, _ = transaction(rt.port, "127.0.0.3", ["abuse@example.com"])
+    assert code == 250 and len(inbox(r, ALICE)) == 1 and len(inbox(r, BOB)) == 1
+
+
+def test_unknown_and_delimiter_off(r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    rt = receiver_factory(recipient_delimiter="")
+    replies, _, _ = transaction(rt.port, "127.0.0.2", ["alice+news@example.com", "nobody@example.com"])
+    assert replies == [(550, b"5.1.1 No such user here")] * 2
+    replies, code, _ = transaction(rt.port, "127.0.0.3", ["alice@example.com"])
+    assert replies[0][0] == 250 and code == 250 and len(inbox(r, ALICE)) == 1
+
+
+def test_exact_address_beats_subaddress_and_catch_all(r: redis.Redis, settings: Settings,
+                                                      served: Aliases, receiver_factory: Any) -> None:
+    add_mailbox(r, settings, "carol+x@catch.example", mailstore="store1")
+    rt = receiver_factory()
+    _, code, _ = transaction(rt.port, "127.0.0.2", ["carol+x@catch.example"])
+    assert code == 250 and len(inbox(r, "carol+x@catch.example")) == 1 and inbox(r, BOB) == []
+
+
+def test_webmail_send_to_an_alias_routes_as_smtp(r: redis.Redis, settings: Settings,
+                                                 served: Aliases) -> None:
+    from tests.test_web_compose import send
+    from tests.webutil import make_app
+
+    client = make_app(settings, r).test_client()
+    log_in_as(client, DAVE)
+    resp, msg_id = send(client, to="sales@example.com, team@example.com", subject="hi", body="x")
+    assert resp.status_code == 302
+    assert len(inbox(r, ALICE)) == 1 and len(inbox(r, BOB)) == 1
+    assert inbox(r, ALICE)[0] == store.MailboxReader(r, DAVE).raw(msg_id)  # the Sent copy's bytes
+    # team@'s other targets: dave's own mailstore is healthy (forwarded), ext outside.
+    assert forwards(r) == sorted([DAVE, EXT])
+    resp, _ = send(client, to="loop1@example.com", subject="hi", body="x")
+    assert resp.status_code == 400
+    assert ("Mail to loop1@example.com cannot be delivered now: that address is an alias that "
+            "loops. Nothing was sent; please tell your mail administrator.") in resp.text
+    assert len(inbox(r, ALICE)) == 1 and r.zcard(keys.folder(DAVE, "Sent")) == 1
+
+
+# --- the rules as pure functions ----------------------------------------------------------
+
+@pytest.mark.parametrize("address, delimiter, base", [
+    ("alice+news@x.test", "+", "alice@x.test"),
+    ("alice-news+a@x.test", "+-", "alice@x.test"),
+    ("alice@x.test", "+", None),
+    ("+news@x.test", "+", None),  # nothing before the delimiter: no user to deliver to
+    ("alice+news@x.test", "", None),
+])
+def test_base_address(address: str, delimiter: str, base: str | None) -> None:
+    assert addressing.base_address(address, delimiter) == base
+
+
+def test_plan_sends_each_mailbox_once() -> None:
+    a, b, d = Mailbox(ALICE, "store1", ""), Mailbox(BOB, "store1", ""), Mailbox(DAVE, "store2", "")
+    scope = Scope(LISTED, 1.0, {"store1": 1.0})
+    routes = routing.plan({ALICE: "store1"}, [
+        Resolution("sales@example.com", addressing.VIA_ALIAS, (a, b)),
+        Resolution("dave+x@example.com", addressing.SUBADDRESS, (d,)),
+        Resolution("team@example.com", addressing.VIA_ALIAS, (a, d), (EXT,)),
+        Resolution("list@example.com", addressing.VIA_ALIAS, (), (EXT, EXT2)),
+    ], scope)
+    assert routes.mailboxes == [Delivery(ALICE, "store1"), Delivery(BOB, "store1")]
+    assert routes.forward == ["dave+x@example.com", DAVE, EXT, "list@example.com"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a@", "recipient_delimiter: 'a@' holds a character that cannot separate a subaddress"),
+])
+def test_bad_delimiter_is_refused(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings({"recipient_delimiter": value}, env={})
+    assert exc.value.reason == message
+
+
+def test_bad_postmaster_address_is_refused() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings({"postmaster_address": "not an address"}, env={})
+    assert exc.value.reason.startswith("postmaster_address: ")
+
+
+def test_policy_of_settings() -> None:
+    s = load_settings({"postmaster_address": "Ops@Example.com", "recipient_delimiter": "-"}, env={})
+    assert Policy.of(s) == Policy("-", "ops@example.com")

@@ -1,0 +1,208 @@
+"""`fallback provision --ldap-url`: users from a real slapd, paged, mapped, and each error as one line."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from passlib.hash import sha512_crypt
+
+from fallback.cli import main
+from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.directory import Directory, ensure_buckets
+from fallback.mailbox.passwords import verify_password
+from tests.servers import free_port
+from tests.slapd import PEOPLE_DN, READER_DN, READER_PASSWORD, SIZE_LIMIT, LdapUser, SlapdServer, ssha
+
+pytestmark = pytest.mark.ldap
+
+Factory = Callable[[list[LdapUser]], SlapdServer]
+SHA512 = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("pw-sha512")
+CRYPT = "{CRYPT}" + sha512_crypt.using(rounds=5000).hash("pw-crypt")
+
+
+def ssha512(password: str, salt: bytes = b"0123456789") -> str:
+    import base64
+    return "{SSHA512}" + base64.b64encode(hashlib.sha512(password.encode() + salt).digest() + salt).decode()
+
+
+def run(argv: list[str], url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(["provision", *argv, "--redis-url", url])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def directory(r: redis.Redis) -> Directory:
+    return Directory(r, ensure_buckets(r, 65536))
+
+
+def reader_args(server: SlapdServer, tmp_path: Path) -> list[str]:
+    secret = tmp_path / "ldap-password"
+    secret.write_text(READER_PASSWORD + "\n")
+    return ["--ldap-url", server.url, "--ldap-base", PEOPLE_DN, "--ldap-bind-dn", READER_DN,
+            "--ldap-password-file", str(secret)]
+
+
+def test_users_with_their_hashes_log_in(slapd_factory: Factory, r: redis.Redis, redis_url: str,
+                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([
+        LdapUser("alice", "Alice@Example.com", ssha("pw-ssha")),
+        LdapUser("bob", "bob@example.com", SHA512),
+        LdapUser("carol", "carol@example.com", CRYPT),
+        LdapUser("dave", "dave@example.com", ssha512("pw-ssha512")),
+    ])
+    rc, out, err = run(reader_args(server, tmp_path), redis_url, capsys)
+    assert (rc, err) == (0, ""), out + err
+    d = directory(r)
+    for address, plain in (("alice@example.com", "pw-ssha"), ("bob@example.com", "pw-sha512"),
+                           ("carol@example.com", "pw-crypt"), ("dave@example.com", "pw-ssha512")):
+        box = d.get(address)
+        assert box is not None and box.mailstore == "default", address
+        assert verify_password(plain, box.password_hash), address
+        assert not verify_password("wrong", box.password_hash), address
+    assert d.get("bob@example.com").password_hash == SHA512   # kept exactly as LDAP holds it
+    # A re-run changes nothing.
+    rc, out, _ = run(reader_args(server, tmp_path), redis_url, capsys)
+    assert rc == 0 and "(4 entries)" in out
+    assert out.split("\n")[-3].split() == ["│", "0", "│", "0", "│", "4", "│", "0", "│", "0", "│"]
+
+
+def test_more_users_than_the_size_limit_are_read_page_by_page(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    count = SIZE_LIMIT * 2 + 200
+    server = slapd_factory([LdapUser(f"u{i}", f"u{i}@example.com", ssha(f"pw{i}")) for i in range(count)])
+    rc, out, err = run(reader_args(server, tmp_path), redis_url, capsys)
+    assert (rc, err) == (0, ""), out + err
+    assert f"({count} entries)" in out
+    d = directory(r)
+    assert d.count() == count
+    assert verify_password("pw1199", d.get("u1199@example.com").password_hash)
+
+
+def test_anonymous_search_without_hashes_is_refused_per_entry(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([LdapUser("alice", "alice@example.com", ssha("pw"))])
+    rc, out, err = run(["--ldap-url", server.url, "--ldap-base", PEOPLE_DN], redis_url, capsys)
+    assert rc == 1
+    assert (f"uid=alice,{PEOPLE_DN}: no userPassword (the password hash); if the directory has it, "
+            "the bind DN may not read it (give --ldap-bind-dn)") in out.splitlines()
+    assert err == "fallback provision: 1 invalid LDAP entry; the other entries were loaded\n"
+    assert directory(r).count() == 0
+
+
+def test_filter_map_mailstore_and_aliases(slapd_factory: Factory, r: redis.Redis, redis_url: str,
+                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([
+        LdapUser("alice", "alice@example.com", ssha("pw-a"), mailhost="store2",
+                 aliases=["alice@example.com", "sales@example.com", "info@example.com"]),
+        LdapUser("bob", "bob@example.com", ssha("pw-b"), aliases=["sales@example.com"]),
+        LdapUser("old", "old@example.com", ssha("pw-o"), extra_classes=["extensibleObject"]),
+    ])
+    args = [*reader_args(server, tmp_path), "--ldap-filter", "(&(mail=*)(!(uid=old)))",
+            "--ldap-map", "mailstore=mailHost,alias=mailLocalAddress", "--mailstore", "store1"]
+    rc, out, err = run(args, redis_url, capsys)
+    assert (rc, err) == (0, ""), out + err
+    d = directory(r)
+    assert d.get("old@example.com") is None
+    assert d.get("alice@example.com").mailstore == "store2"
+    assert d.get("bob@example.com").mailstore == "store1"
+    aliases = Aliases(r, d.buckets)
+    assert aliases.get("sales@example.com").targets == ("alice@example.com", "bob@example.com")
+    assert aliases.get("info@example.com").targets == ("alice@example.com",)
+    assert aliases.get("alice@example.com") is None
+
+
+def test_bad_entries_are_named_by_dn_and_the_rest_load(slapd_factory: Factory, r: redis.Redis,
+                                                       redis_url: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([
+        LdapUser("good", "good@example.com", ssha("pw")),
+        LdapUser("bare", "bare@example.com", "no-scheme-here"),
+        LdapUser("odd", "odd@example.com", "{NOSUCH}abc"),
+        LdapUser("dup", "good@example.com", ssha("pw2")),
+    ])
+    rc, out, err = run(reader_args(server, tmp_path), redis_url, capsys)
+    assert rc == 1
+    lines = out.splitlines()
+    assert (f"uid=bare,{PEOPLE_DN}: the password of bare@example.com has no {{SCHEME}} prefix; give "
+            "--default-scheme SCHEME (Dovecot's default_pass_scheme) if the directory relies on one"
+            ) in lines
+    odd = f"uid=odd,{PEOPLE_DN}: unknown password scheme {{NOSUCH}}"
+    assert any(line.startswith(odd) for line in lines), out
+    # A search has no order: whichever of the two comes second is the duplicate.
+    dups = [line for line in lines if ": duplicate address good@example.com (also in entry " in line]
+    assert len(dups) == 1 and dups[0].split(",")[0] in ("uid=good", "uid=dup"), out
+    assert err == "fallback provision: 3 invalid LDAP entries; the other entries were loaded\n"
+    d = directory(r)
+    assert d.count() == 1 and d.get("good@example.com") is not None
+    # --strict: nothing at all.
+    r.flushall()
+    rc, out, err = run([*reader_args(server, tmp_path), "--strict"], redis_url, capsys)
+    assert rc == 1 and err.endswith("nothing was loaded (--strict)\n")
+    assert directory(r).count() == 0
+
+
+def test_unreachable_server_is_one_line(redis_url: str, r: redis.Redis,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"ldap://127.0.0.1:{free_port()}"
+    rc, out, err = run(["--ldap-url", url, "--ldap-base", PEOPLE_DN], redis_url, capsys)
+    assert (rc, out) == (1, "")
+    assert err == f"fallback provision: LDAP {url} unreachable: connection refused\n"
+    assert directory(r).count() == 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"password": "wrong"}, "LDAP {url}: bind as " + READER_DN + " refused: invalid credentials "
+                            "(check --ldap-bind-dn and --ldap-password-file)"),
+    ({"base": "ou=nobody,dc=example,dc=com"},
+     "LDAP {url}: base DN 'ou=nobody,dc=example,dc=com' does not exist (noSuchObject)"),
+    ({"filter": "(mail=*"}, "--ldap-filter: not an LDAP filter: '(mail=*'"),
+    ({"password_file": "/nonexistent/secret"}, "--ldap-password-file: cannot read /nonexistent/secret: "
+                                                "[Errno 2] No such file or directory: '/nonexistent/secret'"),
+    ({"map": "adress=mail"}, "--ldap-map: unknown field 'adress' (known: address, password, mailstore, "
+                             "alternate, alias)"),
+])
+def test_bad_options_and_credentials_are_one_line_and_change_nothing(
+        change: dict[str, str], message: str, slapd_factory: Factory, r: redis.Redis, redis_url: str,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([LdapUser("alice", "alice@example.com", ssha("pw"))])
+    secret = tmp_path / "secret"
+    secret.write_text(change.get("password", READER_PASSWORD))
+    args = ["--ldap-url", server.url, "--ldap-base", change.get("base", PEOPLE_DN),
+            "--ldap-bind-dn", READER_DN, "--ldap-password-file", change.get("password_file", str(secret))]
+    if "filter" in change:
+        args += ["--ldap-filter", change["filter"]]
+    if "map" in change:
+        args += ["--ldap-map", change["map"]]
+    rc, out, err = run(args, redis_url, capsys)
+    assert (rc, out) == (1, "")
+    assert err == "fallback provision: " + message.format(url=server.url) + "\n"
+    assert directory(r).count() == 0
+
+
+def test_file_and_ldap_url_are_one_or_the_other(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for argv in (["provision"], ["provision", str(tmp_path / "x.csv"), "--ldap-url", "ldap://127.0.0.1:1"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert "error: give either FILE or --ldap-url" in capsys.readouterr().err
+
+
+def test_sync_from_ldap_removes_who_left(slapd_factory: Factory, r: redis.Redis, redis_url: str,
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    users = [LdapUser(f"u{i}", f"u{i}@example.com", ssha(f"pw{i}")) for i in range(20)]
+    first = slapd_factory(users)
+    assert run(reader_args(first, tmp_path), redis_url, capsys)[0] == 0
+    first.stop()
+    second = slapd_factory(users[1:])
+    rc, out, _ = run([*reader_args(second, tmp_path), "--dry-run", "--sync"], redis_url, capsys)
+    assert rc == 0 and "would be removed (1): u0@example.com" in out
+    assert directory(r).get("u0@example.com") is not None
+    rc, out, _ = run([*reader_args(second, tmp_path), "--sync"], redis_url, capsys)
+    assert rc == 0 and "removed (1): u0@example.com" in out
+    d = directory(r)
+    assert d.get("u0@example.com") is None and d.count() == 19

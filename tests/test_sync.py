@@ -1,0 +1,312 @@
+"""`fallback provision --sync`: the directory made equal to the file, removed users' mail kept,
+their sessions ended and their new mail refused; --dry-run and --max-remove change nothing."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import shutil
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fallback import keys
+from fallback.cli import main
+from fallback.commands.context import Context
+from fallback.commands.reconcile import select_mailboxes
+from fallback.config import Settings
+from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
+from fallback.mailbox.provision import Provisioner
+from fallback.mailbox.sync import sync
+from tests.conftest import cached_hash
+from tests.servers import ROOT
+from tests.webutil import log_in_as, make_app, put_message, simple
+
+HASH = cached_hash("secret", "SHA512-CRYPT")
+OTHER = cached_hash("changed", "SHA512-CRYPT")
+
+
+def run(capsys: pytest.CaptureFixture[str], redis_url: str, *argv: str) -> tuple[int, str, str]:
+    code = main([*argv, "--redis-url", redis_url])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def users_csv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path.write_text("address,password,mailstore\n" + "".join(f"{a},{p},{s}\n" for a, p, s in rows))
+    return path
+
+
+def names(n: int, domain: str = "example.com") -> list[str]:
+    return [f"user{i:06d}@{domain}" for i in range(n)]
+
+
+def directory(r: redis.Redis, settings: Settings) -> Directory:
+    return Directory(r, ensure_buckets(r, settings.directory_buckets))
+
+
+def snapshot(r: redis.Redis) -> dict[bytes, bytes | None]:
+    """Every key with its serialized value: equal snapshots mean Redis is unchanged (but for the
+    audit log, where a refused sync is recorded)."""
+    return {bytes(k): r.dump(k) for k in r.scan_iter(count=10_000)
+            if k != keys.AUDIT_STREAM.encode()}
+
+
+def provision(r: redis.Redis, settings: Settings, addresses: list[str], mailstore: str = "default") -> None:
+    directory(r, settings).put_many([(Mailbox(a, mailstore, HASH), None) for a in addresses])
+
+
+def logged_in(client: Any) -> bool:
+    return bool(client.get("/").status_code == 200)
+
+
+def test_sync_removes_ends_sessions_keeps_mail_and_status_lists_it(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    everyone = ["alice@example.com", "bob@example.com", "carol@example.org", "dave@example.org"]
+    provision(r, settings, everyone)
+    msg_id = put_message(r, "bob@example.com", simple(to="bob@example.com"))
+    client = make_app(settings, r).test_client()
+    log_in_as(client, "bob@example.com")
+    assert logged_in(client)
+    src = users_csv(tmp_path / "users.csv", [(a, HASH, "default") for a in everyone if a != "bob@example.com"]
+                    + [("erin@example.com", HASH, "default")])
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--max-remove", "1")
+    assert code == 0, err
+    assert "added (1): erin@example.com" in out
+    assert "removed (1): bob@example.com" in out
+    assert "kept mail (1) (removed, mail kept until reconcile --all and purge): bob@example.com" in out
+    assert "ended 1 webmail session(s) of removed mailboxes" in out
+    d = directory(r, settings)
+    assert d.get("bob@example.com") is None and d.get("erin@example.com") is not None
+    assert d.count() == 4 and d.domains() == {"example.com": 2, "example.org": 2}
+    # Kept: the message itself, its index and its reconcile state.
+    assert r.hget(keys.message("bob@example.com", msg_id), "raw") == simple(to="bob@example.com")
+    assert r.sismember(keys.pending("bob@example.com"), msg_id)
+    assert not logged_in(client)
+    code, out, err = run(capsys, redis_url, "status", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["removed_with_mail"] == [
+        {"address": "bob@example.com", "mailstore": "default", "messages": 1,
+         "bytes": len(simple(to="bob@example.com"))}]
+    code, out, err = run(capsys, redis_url, "status")
+    assert ("1 mailbox(es) removed from the directory still hold mail, kept until reconcile --all "
+            "and purge:\n  bob@example.com (mailstore default): 1 message(s)") in out
+    # reconcile --all (and --mailstore) still finds the mailbox the directory no longer names.
+    ctx = Context(settings)
+    put_message(r, "alice@example.com", simple())
+    wanted = select_mailboxes(ctx, argparse.Namespace(users=None, mailstore=None, all=True))
+    assert wanted == {"alice@example.com": 1, "bob@example.com": 1}
+    by_store = select_mailboxes(ctx, argparse.Namespace(users=None, mailstore="default", all=False))
+    assert by_store == wanted
+    # Provisioned again: found through the directory, no longer listed as removed.
+    users_csv(src, [(a, HASH, "default") for a in everyone])
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--max-remove", "1")
+    assert code == 0, err
+    assert "added (1): bob@example.com" in out and "removed (1): erin@example.com" in out
+    assert r.keys("dir:{r*}:removed") == []
+    code, out, _ = run(capsys, redis_url, "status", "--format", "json")
+    assert json.loads(out)["removed_with_mail"] == []
+
+
+def test_a_removed_user_gets_550_over_smtp_and_the_others_still_250(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path, receiver_factory: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    provision(r, settings, ["alice@example.com", "bob@example.com"])
+    receiver = receiver_factory(directory_cache_ttl=0.0)
+    src = users_csv(tmp_path / "users.csv", [("alice@example.com", HASH, "default")])
+    code, _, err = run(capsys, redis_url, "provision", str(src), "--sync", "--force")
+    assert code == 0, err
+    for source in ("127.0.0.2", "127.0.0.3"):
+        with smtplib.SMTP("127.0.0.1", receiver.port, source_address=(source, 0), timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("ann@remote.test")
+            code_bob, text = smtp.rcpt("bob@example.com")
+            assert (code_bob, text[:5]) == (550, b"5.1.1"), text
+            assert smtp.rcpt("alice@example.com")[0] == 250
+            assert smtp.data(simple())[0] == 250
+    assert r.zcard(keys.folder("alice@example.com", "INBOX")) == 2
+    assert r.zcard(keys.folder("bob@example.com", "INBOX")) == 0
+
+
+def test_dry_run_prints_everything_and_changes_nothing(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    everyone = names(30)
+    provision(r, settings, everyone)
+    put_message(r, everyone[0], simple(to=everyone[0]))
+    rows = [(a, HASH, "default") for a in everyone[25:]]
+    rows[0] = (rows[0][0], OTHER, "default")          # a new password
+    rows[1] = (rows[1][0], HASH, "store-b")           # a new mailstore
+    rows += [(a, HASH, "default") for a in names(22, "example.net")]
+    src = users_csv(tmp_path / "users.csv", rows)
+    before = snapshot(r)
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--dry-run",
+                         "--report", str(report))
+    assert snapshot(r) == before
+    assert "synced from " + str(src) + " (dry run: nothing was changed)" in out
+    assert "would be changed (2): user000025@example.com, user000026@example.com\n" in out
+    assert ("would be added (22): " + ", ".join(names(20, "example.net"))
+            + ", ... and 2 more (all in --report FILE.json)") in out
+    assert "would be removed (25): user000000@example.com" in out
+    assert "kept mail (1) (removed, mail kept until reconcile --all and purge): user000000@example.com" in out
+    # A real run would refuse: 25 of 30 is past the default 10 %.
+    assert code == 1
+    assert err == ("fallback provision: --sync would remove 25 of 30 mailboxes (83.3 %), more than "
+                   "--max-remove 10 %; a truncated export? Check the file, or give --force\n")
+    data = json.loads(report.read_text())
+    assert data["removed"] == everyone[:25] and len(data["added"]) == 22
+    assert data["kept_mail"] == [everyone[0]]
+    # The same run for real (forced) does what the dry run said.
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--force")
+    assert code == 0, err
+    d = directory(r, settings)
+    assert d.count() == 27 and d.get(everyone[0]) is None
+    changed = d.get("user000025@example.com")
+    assert changed is not None and changed.password_hash == OTHER
+    assert d.mailstores() == {"default": 26, "store-b": 1}
+
+
+@pytest.mark.parametrize(("limit", "at", "past", "shown"), [
+    (None, 2, 3, "10 %"), ("3", 3, 4, "3"), ("15%", 3, 4, "15 %")])
+def test_max_remove_at_the_limit_passes_and_one_past_refuses(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], limit: str | None, at: int, past: int, shown: str) -> None:
+    everyone = names(20)
+    provision(r, settings, everyone)
+    flags = [] if limit is None else ["--max-remove", limit]
+    src = users_csv(tmp_path / "past.csv", [(a, HASH, "default") for a in everyone[past:]])
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
+    share = f"{past * 5} %"
+    assert (code, out, err) == (1, "", f"fallback provision: --sync would remove {past} of 20 mailboxes "
+                                f"({share}), more than --max-remove {shown}; a truncated export? "
+                                "Check the file, or give --force\n")
+    assert snapshot(r) == before
+    audit: Any = r.xrevrange(keys.AUDIT_STREAM, count=1)[0][1]  # type: ignore[index]
+    assert audit[b"action"] == b"provision-sync" and audit[b"outcome"].startswith(b"refused: --sync would")
+    users_csv(src, [(a, HASH, "default") for a in everyone[at:]])
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
+    assert code == 0, err
+    assert directory(r, settings).count() == 20 - at
+
+
+def test_force_removes_past_the_limit(settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    provision(r, settings, names(10))
+    src = users_csv(tmp_path / "one.csv", [(names(10)[9], HASH, "default")])
+    code, _, err = run(capsys, redis_url, "provision", str(src), "--sync", "--force")
+    assert code == 0, err
+    d = directory(r, settings)
+    assert [m.address for m in d.iter_mailboxes()] == [names(10)[9]]
+    assert d.domains() == {"example.com": 1}
+
+
+def test_an_invalid_line_changes_nothing(settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    provision(r, settings, names(5))
+    src = tmp_path / "broken.csv"
+    src.write_text("address,password,mailstore\n" + "".join(f"{a},{HASH},default\n" for a in names(4))
+                   + "not-an-address,{PLAIN}x,default\nnew@example.com,{NOPE}x,default\n")
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--force")
+    assert code == 1
+    assert out.splitlines()[0].startswith(f"{src}:6: ")
+    assert out.splitlines()[1].startswith(f"{src}:7: ") and "NOPE" in out.splitlines()[1]
+    assert err == ("fallback provision: 2 invalid line(s); nothing was changed "
+                   "(a sync needs every line valid)\n")
+    assert snapshot(r) == before
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sync", "--max-remove", "ten"], "fallback provision: --max-remove: 'ten' is not a number of "
+     "mailboxes (e.g. 500) or a percentage of the directory up to 100 (e.g. 5%)\n"),
+    (["--sync", "--max-remove", "150%"], "fallback provision: --max-remove: '150%' is not a number of "
+     "mailboxes (e.g. 500) or a percentage of the directory up to 100 (e.g. 5%)\n"),
+    (["--max-remove", "3"], "fallback provision: --max-remove is only for --sync\n"),
+    (["--force"], "fallback provision: --force is only for --sync\n"),
+])
+def test_bad_sync_flags_get_one_line(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    provision(r, settings, names(3))
+    src = users_csv(tmp_path / "u.csv", [])
+    before = snapshot(r)
+    assert run(capsys, redis_url, "provision", str(src), *argv) == (1, "", message)
+    assert snapshot(r) == before
+
+
+def test_dry_run_without_sync_plans_additions_only(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    provision(r, settings, names(3))
+    src = users_csv(tmp_path / "u.csv", [("new@example.com", HASH, "default")])
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--dry-run")
+    assert (code, err) == (0, "")
+    assert "would be added (1): new@example.com" in out and "removed" not in out
+    assert snapshot(r) == before
+
+
+def test_sync_function_takes_a_one_shot_iterator(settings: Settings, r: redis.Redis) -> None:
+    """What another source (LDAP) hands over: a generator of entries, read once."""
+    provision(r, settings, names(4))
+    from fallback.mailbox.provision import Entry
+
+    gen = (Entry(n, a, HASH, "default") for n, a in enumerate(names(3), 1))
+    report = sync(Provisioner(directory(r, settings)), gen, dry_run=False, max_remove=1, force=False)
+    assert (report.added, report.changed, report.removed, report.unchanged) == ([], [], [names(4)[3]], 3)
+    assert directory(r, settings).count() == 3
+
+
+@pytest.mark.slow
+def test_sync_against_a_directory_of_100000_with_removals(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    everyone = names(100_000)
+    provision(r, settings, everyone)
+    gone = everyone[::20]                                    # 5,000 removed (5 %)
+    for a in gone[:100]:
+        r.hset(keys.info(a), "messages", 1)                  # of which 100 hold mail
+    keep = [a for i, a in enumerate(everyone) if i % 20]
+    src = users_csv(tmp_path / "big.csv", [(a, HASH, "default") for a in keep]
+                    + [(a, HASH, "default") for a in names(1000, "example.net")])
+    started = time.perf_counter()
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync")
+    took = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\nsync of 100,000 (5,000 removed, 1,000 added): {took:.1f} s")
+    assert code == 0, err
+    assert "│ 1,000 │       0 │   5,000 │    95,000 │       100 │" in out
+    d = directory(r, settings)
+    assert d.count() == 96_000 and d.domains() == {"example.com": 95_000, "example.net": 1000}
+    assert all(v is None for v in d.get_many(gone))
+    code, out, _ = run(capsys, redis_url, "status", "--format", "json")
+    assert len(json.loads(out)["removed_with_mail"]) == 100
+
+
+def test_the_sync_timer_runs_a_sync_of_an_existing_service() -> None:
+    unit = ROOT / "deploy" / "systemd" / "fallback-provision.timer"
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.read_string(unit.read_text())
+    assert cp["Timer"]["OnCalendar"] and cp["Timer"]["Persistent"] == "true"
+    assert cp["Timer"].get("Unit", "fallback-provision.service") == "fallback-provision.service"
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string((unit.with_suffix(".service")).read_text())
+    assert service["Service"]["Type"] == "oneshot"
+    assert "--sync" in service["Service"]["ExecStart"].split()
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    problems = [line for line in result.stderr.splitlines()
+                if line.strip() and "/opt/fallback/.venv/bin/fallback" not in line]
+    assert problems == [], problems
