@@ -9,7 +9,9 @@ and exit codes.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,10 +23,10 @@ from fallback.errors import InputError
 from fallback.mailbox import aliases, virtualfile
 from fallback.mailbox.aliases import Alias, Aliases
 from fallback.mailbox.directory import Directory, ensure_buckets
-from fallback.ops import audit
+from fallback.ops import audit, failover
 from fallback.redisconn import async_client, sync_client
 from tests.conftest import add_mailbox
-from tests.servers import RedisClusterServers
+from tests.servers import RedisClusterServers, SmtpSink, sink_payload, wait_for
 
 
 def _aliases(r: redis.Redis, settings: Settings) -> Aliases:
@@ -358,12 +360,33 @@ def test_aliases_on_a_redis_cluster(tmp_path: Path, capsys: pytest.CaptureFixtur
         cluster.stop()
 
 
-def test_sync_of_a_virtual_file_is_refused_until_supported(r: redis.Redis, settings: Settings,
-                                                           tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path, "a@example.com  b@remote.test\n")
-    assert _cli(settings, "provision", str(path), "--sync") == 1
-    assert capsys.readouterr().err == (
-        "fallback provision: --sync and --dry-run do not take virtual files yet: import the file "
-        "without them and remove aliases with `fallback alias remove`\n")
-    assert _stored(r, settings) == {}
+
+def test_alias_with_outside_and_healthy_targets_reaches_smtp_sink(
+        r: redis.Redis, settings: Settings, receiver_factory: Any) -> None:
+    """alias -> a failed-over mailbox (a copy here), a healthy one and an outside address (each
+    forwarded under its own address by the real forward worker), byte for byte."""
+    from tests.test_forward import ForwarderThread, forwarded, in_mailbox, queue_is_empty, send
+    local, healthy, outside = "alice@example.com", "bob@example.com", "partner@remote.test"
+    add_mailbox(r, settings, local, mailstore="store1")
+    add_mailbox(r, settings, healthy, mailstore="store2")
+    _aliases(r, settings).put(Alias("team@example.com", (local, healthy, outside)))
+    failover.start(r, ["store1"])
+    body = b"Subject: to the team\r\n\r\n\xc3\xa9t\xc3\xa9\r\n.leading dot\r\n"
+    msg_id = send(receiver_factory().port, ["team@example.com"], body)
+    assert in_mailbox(r, local, msg_id) is not None
+    raws = {rcpt: forwarded(r, rcpt, msg_id)["raw"] for rcpt in (healthy, outside)}
+    assert all(raws.values()) and not forwarded(r, "team@example.com", msg_id)
+    # The main MTA and the user still see which address the message was sent to.
+    assert all(b"for <team@example.com>" in raw for raw in raws.values()), raws
+    sink = SmtpSink(None).start()
+    worker = ForwarderThread(replace(settings, forward_to=f"smtp://127.0.0.1:{sink.port}",
+                                     forward_timeout=10.0)).start()
+    try:
+        wait_for(lambda: len(sink.messages()) == 2, what="both forwards at the sink")
+        wait_for(lambda: queue_is_empty(r), what="the forward queue to drain")
+        got = {tuple(rcpts): payload for rcpts, payload in map(sink_payload, sink.messages())}
+    finally:
+        worker.stop()
+        sink.cleanup()
+    assert got == {(rcpt,): raw.replace(b"\r\n", b"\n") for rcpt, raw in raws.items()}
+    assert all(b"\xc3\xa9t\xc3\xa9\n.leading dot\n" in payload for payload in got.values())

@@ -21,6 +21,7 @@ from fallback.cli import main
 from fallback.commands.context import Context
 from fallback.commands.reconcile import select_mailboxes
 from fallback.config import Settings
+from fallback.mailbox.aliases import Aliases, make_alias
 from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
 from fallback.mailbox.provision import Provisioner
 from fallback.mailbox.sync import sync
@@ -310,3 +311,135 @@ def test_the_sync_timer_runs_a_sync_of_an_existing_service() -> None:
     problems = [line for line in result.stderr.splitlines()
                 if line.strip() and "/opt/fallback/.venv/bin/fallback" not in line]
     assert problems == [], problems
+
+
+# --- aliases: `provision FILE --format virtual --sync` ---------------------------------------
+
+def alias_store(r: redis.Redis, settings: Settings) -> Aliases:
+    return Aliases(r, ensure_buckets(r, settings.directory_buckets))
+
+
+def stored_aliases(r: redis.Redis, settings: Settings) -> dict[str, tuple[str, ...]]:
+    store = alias_store(r, settings)
+    return {a: alias.targets for a in store.addresses() if (alias := store.get(a)) is not None}
+
+
+def alias_names(n: int) -> list[str]:
+    return [f"list{i:03d}@example.com" for i in range(n)]
+
+
+def virtual_file(path: Path, aliases: dict[str, str]) -> Path:
+    path.write_text("# exported from the main MTA\n" + "".join(f"{a}  {t}\n" for a, t in aliases.items()))
+    return path
+
+
+def test_alias_sync_adds_changes_removes_and_audits(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    store = alias_store(r, settings)
+    store.put_many([make_alias(a, ["x@remote.test"]) for a in alias_names(10)])
+    wanted = {a: "x@remote.test" for a in alias_names(10)[1:]}
+    wanted[alias_names(10)[1]] = "y@remote.test, z@remote.test"   # targets differ: changed
+    wanted["@example.org"] = "catch@remote.test"                   # new catch-all
+    src = virtual_file(tmp_path / "virtual", wanted)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--format", "virtual", "--sync",
+                         "--max-remove", "1")
+    assert (code, err) == (0, "")
+    assert f"synced aliases from {src}\n" in out and "kept mail" not in out
+    assert "added (1): @example.org\n" in out
+    assert "changed (1): list001@example.com\n" in out
+    assert "removed (1): list000@example.com\n" in out
+    expected = {a: tuple(t.replace(",", " ").split()) for a, t in wanted.items()}
+    assert stored_aliases(r, settings) == expected
+    assert alias_store(r, settings).domains() == {"example.com": 9, "example.org": 1}
+    entry: Any = r.xrevrange(keys.AUDIT_STREAM, count=1)[0][1]  # type: ignore[index]
+    assert entry[b"action"] == b"provision-sync" and entry[b"outcome"] == b"ok"
+    assert json.loads(entry[b"args"]) == {"source": str(src), "kind": "aliases", "added": 1,
+                                          "changed": 1, "removed": 1, "kept_mail": 0}
+    # Auto-detected format, re-run: nothing to do.
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync")
+    assert (code, err) == (0, "") and "added" not in out.split("\n", 3)[-1]
+    assert stored_aliases(r, settings) == expected
+
+
+@pytest.mark.parametrize(("flags", "at", "past", "shown"), [
+    (["--max-remove", "3"], 3, 4, "3"), ([], 2, 3, "10 %")])
+def test_alias_sync_at_the_removal_limit_passes_and_one_past_refuses(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], flags: list[str], at: int, past: int, shown: str) -> None:
+    everyone = alias_names(20)
+    alias_store(r, settings).put_many([make_alias(a, ["x@remote.test"]) for a in everyone])
+    provision(r, settings, names(100))  # the limit counts aliases, not mailboxes
+    src = virtual_file(tmp_path / "virtual", {a: "x@remote.test" for a in everyone[past:]})
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
+    assert (code, out, err) == (1, "", f"fallback provision: --sync would remove {past} of 20 aliases "
+                                f"({past * 5} %), more than --max-remove {shown}; a truncated export? "
+                                "Check the file, or give --force\n")
+    assert snapshot(r) == before
+    entry: Any = r.xrevrange(keys.AUDIT_STREAM, count=1)[0][1]  # type: ignore[index]
+    assert entry[b"outcome"].startswith(b"refused: --sync would remove")
+    virtual_file(src, {a: "x@remote.test" for a in everyone[at:]})
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
+    assert (code, err) == (0, "")
+    assert sorted(stored_aliases(r, settings)) == everyone[at:]
+    code, _, err = run(capsys, redis_url, "provision", str(virtual_file(src, {})), "--format", "virtual",
+                       "--sync", "--force")
+    assert (code, err) == (0, "") and stored_aliases(r, settings) == {}
+    assert directory(r, settings).count() == 100
+    assert alias_store(r, settings).domains() == {}
+
+
+def test_alias_dry_run_prints_and_changes_nothing(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    alias_store(r, settings).put_many([make_alias(a, ["x@remote.test"]) for a in alias_names(4)])
+    src = virtual_file(tmp_path / "virtual", {alias_names(4)[0]: "y@remote.test",
+                                              "new@example.com": "x@remote.test"})
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--dry-run")
+    assert snapshot(r) == before
+    assert code == 1
+    assert f"synced aliases from {src} (dry run: nothing was changed)\n" in out
+    assert "would be added (1): new@example.com\n" in out
+    assert "would be changed (1): list000@example.com\n" in out
+    assert "would be removed (3): list001@example.com, list002@example.com, list003@example.com\n" in out
+    assert err == ("fallback provision: --sync would remove 3 of 4 aliases (75 %), more than "
+                   "--max-remove 10 %; a truncated export? Check the file, or give --force\n")
+
+
+def test_alias_sync_with_an_invalid_line_changes_nothing(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    alias_store(r, settings).put_many([make_alias(a, ["x@remote.test"]) for a in alias_names(3)])
+    src = tmp_path / "virtual"
+    src.write_text("list000@example.com  x@remote.test\n"
+                   "loop-a@example.com  loop-b@example.com\n"
+                   "loop-b@example.com  loop-a@example.com\n"
+                   "nobody  x@remote.test\n")
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--force")
+    assert code == 1
+    assert out == (f"{src}:2: alias loop: loop-a@example.com (line 2) -> loop-b@example.com (line 3) "
+                   "-> loop-a@example.com\n"
+                   f"{src}:3: alias loop: loop-b@example.com (line 3) -> loop-a@example.com (line 2) "
+                   "-> loop-b@example.com\n"
+                   f"{src}:4: 'nobody' has no @domain: write user@domain, or @domain for a catch-all "
+                   "(Postfix matches a bare user only in $myorigin's domains)\n")
+    assert err == ("fallback provision: 3 invalid line(s); nothing was changed "
+                   "(a sync needs every line valid)\n")
+    assert snapshot(r) == before
+
+
+def test_alias_sync_checks_chains_among_the_file_only(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Stored b -> a; the file drops b and points a at b's address: no loop once synced.
+    alias_store(r, settings).put_many([make_alias("b@example.com", ["a@example.com"]),
+                                       make_alias("a@example.com", ["x@remote.test"])])
+    src = virtual_file(tmp_path / "virtual", {"a@example.com": "b@example.com",
+                                              "b@example.com": "x@remote.test"})
+    code, _, err = run(capsys, redis_url, "provision", str(src), "--sync")
+    assert (code, err) == (0, "")
+    assert stored_aliases(r, settings) == {"a@example.com": ("b@example.com",),
+                                           "b@example.com": ("x@remote.test",)}

@@ -53,9 +53,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         raise InputError(f"{path}: no such file")
     if args.format == "virtual" or (args.format is None and looks_like_virtual(path)):
         if provision_sync.wanted(args):
-            # Until the sync covers aliases, say so rather than import without removing anything.
-            raise InputError("--sync and --dry-run do not take virtual files yet: import the file "
-                             "without them and remove aliases with `fallback alias remove`")
+            return provision_sync.run_alias_sync(ctx, args, path)
         return run_virtual(ctx, path, args.strict)
     provision_sync.check_arguments(args)
     provisioner = Provisioner(ctx.directory(), ctx.settings.password_scheme, args.mailstore,

@@ -1,6 +1,6 @@
 """`fallback provision ... --sync | --dry-run`: run a directory sync and say what it did.
 
-Shared by every source (a file, LDAP): the caller builds the Provisioner and
+Shared by every source (a file, LDAP, a virtual(5) file of aliases): the caller builds the Provisioner and
 the entries, this module runs mailbox/sync.py, prints the counts and the first
 addresses of each list (all of them with --report FILE.json), records a real
 sync in the audit log, and turns a refusal into the command's one line.
@@ -12,15 +12,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rich.table import Table
 
 from fallback.commands.context import Context
 from fallback.errors import InputError
+from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.directory import ensure_buckets
 from fallback.mailbox.provision import Entry, Invalid, Provisioner
-from fallback.mailbox.sync import SyncReport, parse_max_remove, sync
+from fallback.mailbox.sync import SyncReport, parse_max_remove, sync, sync_aliases
 from fallback.ops import audit
 
 SHOW = 20  # addresses of each kind printed; --report has them all
@@ -58,13 +60,31 @@ def wanted(args: argparse.Namespace) -> bool:
 def run_sync(ctx: Context, args: argparse.Namespace, provisioner: Provisioner,
              entries: Iterable[Entry | Invalid], source: str) -> int:
     limit = None if args.max_remove is None else parse_max_remove(args.max_remove)
+    return _run(ctx, args, source, "mailboxes", lambda: sync(
+        provisioner, entries, dry_run=args.dry_run, max_remove=limit, force=args.force,
+        remove=args.sync))
+
+
+def run_alias_sync(ctx: Context, args: argparse.Namespace, path: Path) -> int:
+    """--sync / --dry-run of a virtual(5) file: the stored aliases made equal to it."""
+    check_arguments(args)
+    limit = None if args.max_remove is None else parse_max_remove(args.max_remove)
+    r = ctx.redis()
+    store = Aliases(r, ensure_buckets(r, ctx.settings.directory_buckets))
+    return _run(ctx, args, str(path), "aliases", lambda: sync_aliases(
+        store, ctx.directory(), path, dry_run=args.dry_run, max_remove=limit, force=args.force,
+        remove=args.sync))
+
+
+def _run(ctx: Context, args: argparse.Namespace, source: str, kind: str,
+         run: Callable[[], SyncReport]) -> int:
+    """Run a sync of `kind` (mailboxes or aliases), print it, audit it, turn refusals into one line."""
     try:
-        report = sync(provisioner, entries, dry_run=args.dry_run, max_remove=limit, force=args.force,
-                      remove=args.sync)
+        report = run()
     except InputError as exc:
-        _audit(ctx, source, None, f"refused: {exc.reason}")
+        _audit(ctx, source, None, f"refused: {exc.reason}", kind)
         raise
-    print_sync_report(ctx, source, report, args.sync)
+    print_sync_report(ctx, source, report, args.sync, kind)
     if args.report:
         _write_json(args.report, report)
     if report.invalid:
@@ -74,7 +94,7 @@ def run_sync(ctx: Context, args: argparse.Namespace, provisioner: Provisioner,
                       markup=False, highlight=False, soft_wrap=True)
         return 1
     if not args.dry_run and args.sync:
-        _audit(ctx, source, report, "ok")
+        _audit(ctx, source, report, "ok", kind)
     if report.refused:
         ctx.err.print(f"fallback provision: {report.refused}", markup=False, highlight=False,
                       soft_wrap=True)
@@ -90,7 +110,8 @@ def _addresses(ctx: Context, verb: str, items: list[str], note: str = "") -> Non
     ctx.console.print(f"{verb} ({len(items):,}){note}: {shown}{more}", markup=False, soft_wrap=True)
 
 
-def print_sync_report(ctx: Context, source: str, report: SyncReport, removing: bool) -> None:
+def print_sync_report(ctx: Context, source: str, report: SyncReport, removing: bool,
+                      kind: str = "mailboxes") -> None:
     if report.invalid and not (report.added or report.changed):
         for item in report.invalid[:SHOW_INVALID]:
             ctx.console.print(f"{source}:{item.line}: {item.reason}", markup=False, soft_wrap=True)
@@ -98,12 +119,15 @@ def print_sync_report(ctx: Context, source: str, report: SyncReport, removing: b
             ctx.console.print(f"... and {len(report.invalid) - SHOW_INVALID} more invalid lines")
         return
     dry = " (dry run: nothing was changed)" if report.dry_run else ""
-    ctx.console.print(f"{'synced' if removing else 'provisioned'} from {source}{dry}", markup=False,
-                      soft_wrap=True)
+    what = " aliases" if kind == "aliases" else ""
+    ctx.console.print(f"{'synced' if removing else 'provisioned'}{what} from {source}{dry}",
+                      markup=False, soft_wrap=True)
     would = "would be " if report.dry_run else ""
     table = Table()
     columns = ["added", "changed", "removed", "unchanged", "kept mail"] if removing else \
         ["added", "changed", "unchanged"]
+    if kind == "aliases":  # an alias holds no mail
+        columns = [c for c in columns if c != "kept mail"]
     for col in columns:
         table.add_column(f"{would}{col}" if col in ("added", "changed", "removed") else col,
                          justify="right")
@@ -133,11 +157,12 @@ def _write_json(path: Path, report: SyncReport) -> None:
         raise InputError(f"cannot write the report {path}: {exc.strerror}") from None
 
 
-def _audit(ctx: Context, source: str, report: SyncReport | None, outcome: str) -> None:
+def _audit(ctx: Context, source: str, report: SyncReport | None, outcome: str,
+           kind: str = "mailboxes") -> None:
     """A sync that removes users (or refused to) is an admin action worth its audit line."""
     counts = {} if report is None else {"added": len(report.added), "changed": len(report.changed),
                                         "removed": len(report.removed), "kept_mail": len(report.kept_mail)}
-    entry = audit.Entry(action="provision-sync", actor=audit.actor_name(), args={"source": source, **counts},
-                        outcome=outcome)
+    entry = audit.Entry(action="provision-sync", actor=audit.actor_name(),
+                        args={"source": source, "kind": kind, **counts}, outcome=outcome)
     for problem in audit.record(ctx.redis(), entry, ctx.settings.audit_log):
         print(f"fallback provision: warning: {problem}", file=sys.stderr)

@@ -12,6 +12,10 @@ so new mail to it gets 550 5.1.1 (after at most `directory_cache_ttl` seconds
 in a receiver that had just looked it up).  The mail it already holds stays:
 mailboxes that hold any are remembered first (mailbox/removed.py), so
 reconcile --all and purge still reach them.
+
+The aliases of a virtual(5) file are synced the same way (sync_aliases): the
+file is parsed and checked once, held in memory (aliases are few next to
+mailboxes), the removals are counted against the stored aliases.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from fallback.errors import InputError
 from fallback.mailbox import logins, removed
-from fallback.mailbox.directory import Mailbox
+from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.directory import Directory, Mailbox
 from fallback.mailbox.provision import (
     CHUNK,
     Entry,
@@ -35,6 +40,7 @@ from fallback.mailbox.provision import (
     read_entries,
     without_cycle_collector,
 )
+from fallback.mailbox.virtualfile import check_chains, parse_file
 
 DEFAULT_MAX_REMOVE = "10%"
 _LIMIT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
@@ -118,9 +124,9 @@ class FileEntries:
                             self.default_scheme)
 
 
-def refusal(removing: int, total: int, limit: RemovalLimit) -> str:
+def refusal(removing: int, total: int, limit: RemovalLimit, noun: str = "mailboxes") -> str:
     share = f" ({_number(Decimal(removing * 100) / total)} %)" if total else ""
-    return (f"--sync would remove {removing:,} of {total:,} mailboxes{share}, more than "
+    return (f"--sync would remove {removing:,} of {total:,} {noun}{share}, more than "
             f"--max-remove {limit}; a truncated export? Check the file, or give --force")
 
 
@@ -166,6 +172,49 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
         _apply(provisioner, entries, report, dry_run)
     if gone:
         _remove(provisioner, gone, report, dry_run)
+    return report
+
+
+def sync_aliases(store: Aliases, directory: Directory, path: Path, *, dry_run: bool,
+                 max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
+    """Make the stored aliases equal to a virtual(5) file, as sync() does for mailboxes.
+
+    Any bad line (syntax, a loop, a chain too deep: checked among the file's aliases
+    only, since the file replaces the stored set) changes nothing.  The limit counts
+    aliases: removing more than `max_remove` (None: 10 %) of the stored ones raises
+    InputError unless `force`; a dry run reports it in `refused`.  An alias holds no
+    mail, so removing one leaves nothing to keep: its address gets 550 5.1.1 (or the
+    catch-all of its domain) from the next RCPT on.
+    """
+    limit = parse_max_remove(DEFAULT_MAX_REMOVE) if max_remove is None else max_remove
+    report = SyncReport(dry_run=dry_run)
+    parsed = parse_file(path)
+    report.invalid = sorted(parsed.invalid + check_chains(parsed, store, directory, stored=False),
+                            key=lambda item: item.line)
+    if report.invalid:
+        return report
+    report.before = store.count()
+    gone = sorted(a for a in store.addresses() if a not in parsed.aliases) if remove else []
+    report.removed = gone
+    if gone and not force and not limit.allows(len(gone), report.before):
+        message = refusal(len(gone), report.before, limit, "aliases")
+        if not dry_run:
+            raise InputError(message)
+        report.refused = message
+    wanted = [alias for _, alias in parsed.aliases.values()]
+    writes = []
+    for alias, old in zip(wanted, store.get_many([a.address for a in wanted]), strict=True):
+        if old == alias:
+            report.unchanged += 1
+            continue
+        writes.append(alias)
+        (report.added if old is None else report.changed).append(alias.address)
+    report.added.sort()
+    report.changed.sort()
+    if not dry_run:
+        store.put_many(writes)
+        for address in gone:
+            store.remove(address)
     return report
 
 

@@ -148,16 +148,17 @@ def looks_like_virtual(path: Path) -> bool:
 class _Graph:
     """The aliases of the file over those already stored: who leads to whom."""
 
-    def __init__(self, parsed: Parsed, store: Aliases, directory: Directory) -> None:
+    def __init__(self, parsed: Parsed, store: Aliases, directory: Directory, stored: bool) -> None:
         self.targets = {a: alias.targets for a, (_, alias) in parsed.aliases.items()}
         self.lines = {a: line for a, (line, _) in parsed.aliases.items()}
-        self._fetch_stored(store, directory)
+        self._fetch_stored(store, directory, stored)
 
-    def _fetch_stored(self, store: Aliases, directory: Directory) -> None:
+    def _fetch_stored(self, store: Aliases, directory: Directory, stored: bool) -> None:
         asked: set[str] = set(self.targets)
         frontier = list(self.targets)
         # Rounds enough to see past MAX_DEPTH: deeper chains are refused whatever lies beyond.
-        for _ in range(MAX_DEPTH + 1):
+        # A sync replaces every stored alias by the file's: then only the file's count.
+        for _ in range(MAX_DEPTH + 1 if stored else 0):
             wanted = sorted({t for a in frontier for t in self.targets[a] if t not in asked})
             if not wanted:
                 break
@@ -190,9 +191,11 @@ def _chain(graph: _Graph, depth: dict[str, int], start: str) -> str:
     return " -> ".join(names) + (" -> ..." if depth[start] > len(names) else "")
 
 
-def check_chains(parsed: Parsed, store: Aliases, directory: Directory) -> list[Invalid]:
-    """Loops and over-deep chains among the file's aliases (and the stored ones they reach)."""
-    graph = _Graph(parsed, store, directory)
+def check_chains(parsed: Parsed, store: Aliases, directory: Directory,
+                 stored: bool = True) -> list[Invalid]:
+    """Loops and over-deep chains among the file's aliases (and the stored ones they reach,
+    unless not `stored`: a sync's file is the whole set)."""
+    graph = _Graph(parsed, store, directory, stored)
     depth: dict[str, int] = {}
     loops: dict[str, list[str]] = {}  # alias -> the loop it is in or leads into
     for root in parsed.aliases:
