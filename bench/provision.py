@@ -14,15 +14,29 @@ cluster / single-server ratios are printed.  Memory on the cluster is the sum of
 used_memory over the primaries; the replicas hold the same data again, so the
 total RAM of the cluster is about twice that (measured and printed too).
 
+Issue 14 (single server, after the mailboxes, in the same redis-server):
+M aliases (default 200,000) in a Postfix virtual(5) file are imported with
+`fallback provision FILE --format virtual` (60 % one target that is a
+mailbox, 10 % one outside address, 25 % three targets: two mailboxes and an
+outside address, a fifth of those also naming another alias; 1 % catch-alls
+`@domain` of domains of their own; some continuation lines), with seconds and
+bytes per alias.  Then the mailbox file with 1 % changes (0.5 % removed,
+0.25 % added, 0.25 % new password) is run with `--sync --dry-run` (seconds;
+nothing changes) and `--sync` (seconds and the counts it reports), and, where
+the virtual format takes --sync, the same for the aliases with 1 % changes.
+
     .venv/bin/python bench/provision.py                  # 1,000,000 mailboxes, single redis-server
     .venv/bin/python bench/provision.py --cluster        # single server, then the cluster
     .venv/bin/python bench/provision.py --cluster-only   # only the cluster
     .venv/bin/python bench/provision.py -n 100000        # a quick run
+    .venv/bin/python bench/provision.py --mailboxes 100000 --aliases 20000   # quick, with issue 14
+    .venv/bin/python bench/provision.py --aliases 0      # mailboxes only, as before issue 14
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -152,15 +166,166 @@ def run_import(label: str, url: str, csv_path: Path, n: int, primaries: list[red
     return Result(seconds, per, rerun, rep_per)
 
 
-def single(work: Path, csv_path: Path, n: int) -> Result | None:
+def mailbox_address(i: int, domains: int = 100) -> str:
+    """The address of line i of write_csv's file."""
+    return f"user{i:07d}@d{i % domains}.example.com"
+
+
+def write_changed_csv(path: Path, n: int, source: Path) -> tuple[int, int, int]:
+    """`source` (write_csv's file of n) with 1 % changes: every 200th mailbox removed (0.5 %),
+    every 400th (offset 1) a new password (0.25 %), n/400 new mailboxes appended (0.25 %).
+
+    Returns (removed, changed, added) as the sync should report them.
+    """
+    added = n // 400
+    fresh = iter(fake_bcrypt_hashes(n // 400 + 1 + added))
+    removed = changed = 0
+    with open(source, encoding="ascii") as src, open(path, "w", encoding="ascii") as out:
+        out.write(src.readline())  # the header
+        for i, line in enumerate(src):
+            if i % 200 == 0:
+                removed += 1
+            elif i % 400 == 1:
+                address, _, rest = line.split(",", 2)
+                out.write(f"{address},{next(fresh)},{rest}")
+                changed += 1
+            else:
+                out.write(line)
+        out.writelines(f"{mailbox_address(n + k)},{next(fresh)},store{(n + k) % 4}\n" for k in range(added))
+    return removed, changed, added
+
+
+def alias_line(i: int, n: int, version: int = 0) -> str:
+    """Alias i of write_virtual's file, over a directory of n mailboxes; `version` changes its targets.
+
+    The mix: i % 20 in 0..11 one mailbox; 12..13 one outside address; 14..18 two
+    mailboxes and an outside address (on a continuation line), 18 also naming
+    alias i-18 (one mailbox: a chain of two, as list -> person); 19 a
+    catch-all of a domain of its own every fifth time, else one mailbox.
+    """
+    kind = i % 20
+    box = mailbox_address((i * 7 + version) % n)
+    if kind == 19 and i % 100 == 99:
+        return f"@c{i:06d}.example.org\t{box}\n"
+    name = f"list{i:06d}@d{i % 100}.example.com"
+    if kind < 12 or kind == 19:
+        return f"{name}\t{box}\n"
+    outside = f"person{i + version}@partner{i % 50}.example.net"
+    if kind < 14:
+        return f"{name}\t{outside}\n"
+    second = mailbox_address((i * 13 + 1) % n)
+    chain = f", list{i - 18:06d}@d{(i - 18) % 100}.example.com" if kind == 18 else ""
+    return f"{name}\t{box}, {second},\n\t{outside}{chain}\n"
+
+
+def write_virtual(path: Path, m: int, n: int) -> None:
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(f"# {m:,} aliases over {n:,} mailboxes (bench/provision.py)\n")
+        fh.writelines(alias_line(i, n) for i in range(m))
+
+
+def write_changed_virtual(path: Path, m: int, n: int) -> tuple[int, int, int]:
+    """write_virtual's file with 1 %: 0.5 % removed, 0.25 % new targets, 0.25 % new aliases.
+
+    Removed are the ones with i % 200 == 3 (one mailbox each, so no chain loses its end).
+    """
+    removed = changed = 0
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(f"# {m:,} aliases over {n:,} mailboxes, 1 % changed (bench/provision.py)\n")
+        for i in range(m):
+            if i % 200 == 3:
+                removed += 1
+            elif i % 400 == 5:
+                fh.write(alias_line(i, n, version=1))
+                changed += 1
+            else:
+                fh.write(alias_line(i, n))
+        added = m // 400
+        fh.writelines(alias_line(m + 20 * k, n) for k in range(added))  # i % 20 == m % 20
+    return removed, changed, added
+
+
+def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return time.monotonic() - t0, done
+
+
+def sync_run(label: str, url: str, path: Path, fmt: str, dry_run: bool, report: Path,
+             expected: tuple[int, int, int]) -> bool:
+    """One `fallback provision --sync [--dry-run]`; prints seconds, its table and the counts."""
+    cmd = [sys.executable, "-m", "fallback", "provision", str(path), "--format", fmt, "--redis-url", url,
+           "--sync", "--report", str(report)] + (["--dry-run"] if dry_run else [])
+    seconds, done = timed(cmd)
+    what = f"{label} --sync{' --dry-run' if dry_run else ''}"
+    if done.returncode != 0:
+        print(f"{what}: exit {done.returncode} after {seconds:.1f}s")
+        print(done.stdout.strip(), done.stderr.strip(), sep="\n")
+        return False
+    got = json.loads(report.read_text(encoding="utf-8"))
+    counts = (len(got["removed"]), len(got["changed"]), len(got["added"]))
+    print("\n".join(done.stdout.strip().splitlines()[:6]))
+    print(f"{what}: {seconds:.1f}s; before {got['before']:,}, removed {counts[0]:,}, "
+          f"changed {counts[1]:,}, added {counts[2]:,}, unchanged {got['unchanged']:,}"
+          + ("" if counts == expected else f" -- EXPECTED removed/changed/added {expected}"))
+    return counts == expected
+
+
+def aliases_and_sync(work: Path, url: str, r: redis.Redis, csv_path: Path, n: int, m: int) -> bool:
+    """Issue 14's figures on the server that already holds the n mailboxes of `csv_path`."""
+    ok = True
+    virtual = work / "virtual"
+    t0 = time.monotonic()
+    write_virtual(virtual, m, n)
+    print(f"wrote {m:,} aliases ({virtual.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.1f}s")
+    before, _ = used_memory([r])
+    seconds, done = timed([sys.executable, "-m", "fallback", "provision", str(virtual), "--format",
+                           "virtual", "--redis-url", url])
+    after, _ = used_memory([r])
+    print(done.stdout.strip())
+    if done.returncode != 0:
+        print(f"aliases: `fallback provision --format virtual` failed (exit {done.returncode})")
+        print(done.stderr.strip())
+        return False
+    print(f"aliases: {m:,} in {seconds:.1f}s ({m / seconds:,.0f}/s); Redis {after - before:,} bytes "
+          f"= {(after - before) / m:.1f} bytes/alias")
+    enc = {r.object("encoding", f"alias:{{{b}}}") for b in range(0, 65536, 4099)}
+    print(f"alias bucket encodings (sample): {sorted(e.decode() for e in enc if e)}")
+
+    changed_csv = work / "users-1pct.csv"
+    expected = write_changed_csv(changed_csv, n, csv_path)
+    report = work / "sync.json"
+    before, _ = used_memory([r])
+    ok &= sync_run("mailboxes 1 %", url, changed_csv, "csv", True, report, expected)
+    grew = used_memory([r])[0] - before
+    print(f"mailboxes 1 % --sync --dry-run: Redis grew by {grew:,} bytes (nothing is written)")
+    ok &= grew < 1_000_000  # allocator and client-buffer noise only
+    ok &= sync_run("mailboxes 1 %", url, changed_csv, "csv", False, report, expected)
+
+    changed_virtual = work / "virtual-1pct"
+    expected = write_changed_virtual(changed_virtual, m, n)
+    probe = subprocess.run([sys.executable, "-m", "fallback", "provision", str(changed_virtual), "--format",
+                            "virtual", "--redis-url", url, "--sync", "--dry-run"],
+                           capture_output=True, text=True, check=False)
+    if "do not take virtual files" in probe.stderr:
+        print("aliases 1 % --sync: not measured (this checkout's provision refuses --sync of a "
+              f"virtual file: {probe.stderr.strip()})")
+        return ok
+    ok &= sync_run("aliases 1 %", url, changed_virtual, "virtual", True, report, expected)
+    ok &= sync_run("aliases 1 %", url, changed_virtual, "virtual", False, report, expected)
+    return ok
+
+
+def single(work: Path, csv_path: Path, n: int, m: int = 0) -> tuple[Result | None, bool]:
     server = RedisServer(work / "redis").start()
     try:
         r = redis.Redis.from_url(server.url)
         result = run_import("single redis-server", server.url, csv_path, n, [r], [])
         enc = {r.object("encoding", f"dir:{{{b}}}") for b in range(0, 65536, 4099)}
         print(f"directory bucket encodings (sample): {sorted(e.decode() for e in enc if e)}")
+        ok = result is not None and (m == 0 or aliases_and_sync(work, server.url, r, csv_path, n, m))
         r.close()
-        return result
+        return result, ok
     finally:
         server.stop()
 
@@ -192,7 +357,10 @@ def cluster(work: Path, csv_path: Path, n: int) -> Result | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", type=int, default=1_000_000, help="mailboxes (default 1,000,000)")
+    ap.add_argument("-n", "--mailboxes", dest="n", type=int, default=1_000_000,
+                    help="mailboxes (default 1,000,000)")
+    ap.add_argument("--aliases", type=int, default=200_000,
+                    help="issue 14: aliases, then the 1 %% syncs (default 200,000; 0 skips them)")
     ap.add_argument("--cluster", action="store_true",
                     help="also import into a 3-primary + 3-replica Redis Cluster and print the ratios")
     ap.add_argument("--cluster-only", action="store_true", help="only the cluster")
@@ -204,14 +372,14 @@ def main() -> int:
     write_csv(csv_path, args.n)
     print(f"wrote {args.n:,} lines ({csv_path.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.1f}s")
     try:
-        one = None if args.cluster_only else single(work, csv_path, args.n)
+        one, one_ok = (None, True) if args.cluster_only else single(work, csv_path, args.n, args.aliases)
         many = cluster(work, csv_path, args.n) if args.cluster or args.cluster_only else None
         if one is not None and many is not None:
             print(f"cluster / single: import time {many.seconds / one.seconds:.2f}x, "
                   f"bytes per mailbox (primaries) {many.bytes_per_mailbox / one.bytes_per_mailbox:.2f}x, "
                   f"re-run {many.rerun_seconds / one.rerun_seconds:.2f}x")
         want_cluster = args.cluster or args.cluster_only
-        failed = (not args.cluster_only and one is None) or (want_cluster and many is None)
+        failed = (not args.cluster_only and not one_ok) or (want_cluster and many is None)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
