@@ -242,3 +242,101 @@ def test_bad_postmaster_address_is_refused() -> None:
 def test_policy_of_settings() -> None:
     s = load_settings({"postmaster_address": "Ops@Example.com", "recipient_delimiter": "-"}, env={})
     assert Policy.of(s) == Policy("-", "ops@example.com")
+
+
+# --- an alias wins over a mailbox of its address (Postfix's virtual_alias_maps) ------------
+
+def test_alias_of_a_mailbox_address_redirects(r: redis.Redis, settings: Settings, served: Aliases,
+                                              receiver_factory: Any) -> None:
+    served.put(make_alias(BOB, [ALICE]))  # bob left: his mail goes to alice
+    rt = receiver_factory()
+    replies, code, _ = transaction(rt.port, "127.0.0.2", [BOB, "bob+tag@example.com"])
+    assert [c for c, _ in replies] == [250, 250] and code == 250
+    assert len(inbox(r, ALICE)) == 1 and inbox(r, BOB) == [] and forwards(r) == []
+    # The webmail routes the same way.
+    from tests.test_web_compose import send
+    from tests.webutil import make_app
+
+    client = make_app(settings, r).test_client()
+    log_in_as(client, DAVE)
+    resp, _ = send(client, to=BOB, subject="hi", body="x")
+    assert resp.status_code == 302
+    assert len(inbox(r, ALICE)) == 2 and inbox(r, BOB) == [] and forwards(r) == []
+
+
+def test_self_including_alias_keeps_a_copy_and_forwards_the_rest(
+        r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    served.put(make_alias(ALICE, [ALICE, EXT]))
+    rt = receiver_factory()
+    _, code, _ = transaction(rt.port, "127.0.0.3", [ALICE])
+    assert code == 250 and len(inbox(r, ALICE)) == 1 and forwards(r) == [EXT]
+    # Naming itself without a mailbox here: the main system's address, forwarded as addressed.
+    served.put(make_alias("gone@example.com", ["gone@example.com", ALICE]))
+    _, code, _ = transaction(rt.port, "127.0.0.2", ["gone@example.com"])
+    # alice@'s own alias applies on the way too: her copy, and ext once more (a new message).
+    assert code == 250 and len(inbox(r, ALICE)) == 2
+    assert forwards(r) == sorted([EXT, EXT, "gone@example.com"])
+
+
+def test_chain_back_to_a_mailbox_is_not_a_loop(r: redis.Redis, served: Aliases,
+                                               receiver_factory: Any) -> None:
+    served.put(make_alias(ALICE, [BOB]))
+    served.put(make_alias(BOB, [ALICE, EXT]))  # alice -> bob -> alice: her mailbox, and bob's back
+    rt = receiver_factory()
+    replies, code, _ = transaction(rt.port, "127.0.0.2", [ALICE])
+    assert replies[0][0] == 250 and code == 250
+    assert len(inbox(r, ALICE)) == 1 and inbox(r, BOB) == [] and forwards(r) == [EXT]
+    _, code, _ = transaction(rt.port, "127.0.0.3", [ALICE, BOB])
+    assert code == 250 and len(inbox(r, ALICE)) == 2 and len(inbox(r, BOB)) == 1
+    assert forwards(r) == [EXT, EXT]  # once per message
+    # Back through an alias that is no mailbox: nothing would take the mail, 451, nothing stored.
+    served.put(make_alias("desk@example.com", [ALICE]))
+    served.put(make_alias(ALICE, ["desk@example.com"]))
+    replies, code, _ = transaction(rt.port, "127.0.0.2", ["desk@example.com"])
+    assert replies == [(451, b"4.4.6 Mail loop detected for this address, please try again later")]
+    # A loop between aliases none of which is a mailbox, likewise.
+    replies, code, _ = transaction(rt.port, "127.0.0.3", ["loop2@example.com"])
+    assert replies == [(451, b"4.4.6 Mail loop detected for this address, please try again later")]
+    assert code == 0 and len(inbox(r, ALICE)) == 2 and forwards(r) == [EXT, EXT]
+
+
+def test_alias_of_the_base_beats_a_mailbox_of_the_subaddress(
+        r: redis.Redis, settings: Settings, served: Aliases, receiver_factory: Any) -> None:
+    # Postfix looks up user+tag@d, then user@d, in virtual_alias_maps before any mailbox.
+    add_mailbox(r, settings, "carol+x@catch.example", mailstore="store1")
+    served.put(make_alias("carol@catch.example", [ALICE]))
+    rt = receiver_factory()
+    _, code, _ = transaction(rt.port, "127.0.0.2", ["carol+x@catch.example"])
+    assert code == 250 and len(inbox(r, ALICE)) == 1 and inbox(r, "carol+x@catch.example") == []
+
+
+def _redis_work(r: redis.Redis) -> tuple[int, dict[str, int]]:
+    """Reads the server has processed (one per round trip of a client) and calls per command."""
+    stats: Any = r.info("stats")
+    calls: Any = r.info("commandstats")
+    return int(stats["total_reads_processed"]), {k: int(v["calls"]) for k, v in calls.items()}
+
+
+def test_a_mailbox_without_alias_costs_one_round_trip_per_rcpt(
+        r: redis.Redis, settings: Settings, served: Aliases, receiver_factory: Any) -> None:
+    names = [f"user{n}@example.com" for n in range(6)]
+    for name in names:
+        add_mailbox(r, settings, name, mailstore="store1")
+    rt = receiver_factory(directory_cache_ttl=0, mailbox_quota=0)  # every RCPT asks Redis
+
+    def cost(rcpts: list[str]) -> tuple[int, dict[str, int]]:
+        """What the RCPT commands alone cost Redis (MAIL before, nothing stored after)."""
+        with smtplib.SMTP("127.0.0.1", rt.port, source_address=("127.0.0.2", 0), timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail(SENDER)
+            reads0, calls0 = _redis_work(r)
+            assert [s.rcpt(rcpt)[0] for rcpt in rcpts] == [250] * len(rcpts)
+            reads1, calls1 = _redis_work(r)
+        return reads1 - reads0, {k: n - calls0.get(k, 0) for k, n in calls1.items() if n != calls0.get(k, 0)}
+
+    one_reads, one_calls = cost(names[:1])
+    six_reads, six_calls = cost(names)
+    extra = {k: six_calls.get(k, 0) - one_calls.get(k, 0) for k in {*one_calls, *six_calls}}
+    # Five more plain mailboxes: five more round trips of two HGETs each (directory, alias), nothing else.
+    assert {k: n for k, n in extra.items() if n} == {"cmdstat_hget": 10}
+    assert six_reads - one_reads == 5

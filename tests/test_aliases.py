@@ -53,9 +53,30 @@ def test_put_get_lookup_remove_count(r: redis.Redis, settings: Settings) -> None
     assert store.domains() == {"example.com": 1, "example.org": 1}
     store.remove("@example.org")
     assert store.domains() == {"example.com": 1}  # no zero counts left behind
-    # The value is the compact form: targets joined by commas, in one small bucket hash.
+    # The value is the compact form: the origin's tag, then the targets joined by commas,
+    # in one small bucket hash.
     bucket = keys.alias_bucket("info@example.com", store.buckets)
-    assert r.hget(bucket, "info@example.com") == b"bob@example.com"
+    assert r.hget(bucket, "info@example.com") == b"v|bob@example.com"
+
+
+def test_origin_is_stored_with_the_alias_and_untagged_values_read_as_virtual(
+        r: redis.Redis, settings: Settings) -> None:
+    store = _aliases(r, settings)
+    store.put(Alias("ldap@example.com", ("alice@example.com",), aliases.LDAP))
+    store.put(Alias("hand@example.com", ("bob@example.com", "carol@example.com"), aliases.MANUAL))
+    # A value written before origins existed: no tag, read as a virtual file's.
+    old_bucket = keys.alias_bucket("old@example.com", store.buckets)
+    r.hset(old_bucket, "old@example.com", "alice@example.com,bob@example.com")
+    assert r.hget(keys.alias_bucket("hand@example.com", store.buckets), "hand@example.com") == \
+        b"m|bob@example.com,carol@example.com"
+    assert store.get("old@example.com") == Alias("old@example.com", ("alice@example.com", "bob@example.com"))
+    assert store.get("ldap@example.com") == Alias("ldap@example.com", ("alice@example.com",), aliases.LDAP)
+    # The routing lookup returns the targets only, tag or no tag.
+    assert aliases.lookup(r, store.buckets, "hand@example.com") == ("bob@example.com", "carol@example.com")
+    assert aliases.lookup(r, store.buckets, "old@example.com") == ("alice@example.com", "bob@example.com")
+    by_origin = {o: sorted(a.address for a in store.entries(o)) for o in aliases.ORIGINS}
+    assert by_origin == {"v": ["old@example.com"], "l": ["ldap@example.com"], "m": ["hand@example.com"]}
+    assert len(list(store.entries())) == 3
 
 
 def test_lookup_async_and_domain_known(r: redis.Redis, settings: Settings) -> None:
@@ -187,8 +208,13 @@ def test_loops_refused_with_line_numbers_and_not_stored(r: redis.Redis, settings
                             "feeds@example.com  b@example.com\n"
                             "self@example.com  self@example.com, keep@remote.test\n"
                             "ok@example.com  outside@remote.test\n"
-                            "alice@example.com  ok@example.com, alice@example.com\n")
-    add_mailbox(r, settings, "alice@example.com")
+                            "alice@example.com  ok@example.com, alice@example.com\n"
+                            "m1@example.com  m2@example.com\n"
+                            "m2@example.com  m1@example.com, outside@remote.test\n"
+                            "half@example.com  other@example.com\n"
+                            "other@example.com  half@example.com\n")
+    for mailbox in ("alice@example.com", "m1@example.com", "m2@example.com", "half@example.com"):
+        add_mailbox(r, settings, mailbox)
     report = _import(r, settings, path)
     loop = ("a@example.com (line 1) -> b@example.com (line 2) -> c@example.com (line 3) -> a@example.com")
     assert [(i.line, i.reason) for i in report.invalid] == [
@@ -198,12 +224,17 @@ def test_loops_refused_with_line_numbers_and_not_stored(r: redis.Redis, settings
         (3, "alias loop: c@example.com (line 3) -> a@example.com (line 1) -> b@example.com (line 2) "
             "-> c@example.com"),
         (4, f"alias feeds@example.com leads into the alias loop {loop}"),
-        (5, "alias loop: self@example.com (line 5) -> self@example.com"),
+        # other@ is no mailbox: mail to it would come back to it through half@ (451 at run time).
+        (10, "alias loop: half@example.com (line 10) -> other@example.com (line 11) -> half@example.com"),
+        (11, "alias loop: other@example.com (line 11) -> half@example.com (line 10) -> other@example.com"),
     ]
-    # alice@ is a mailbox, which the receiver finds first: naming it ends the chain, no loop.
-    assert _stored(r, settings) == {"ok@example.com": ("outside@remote.test",),
-                                    "alice@example.com": ("ok@example.com", "alice@example.com")}
-    assert report.added == 2
+    # An alias naming itself stops there (Postfix), and so does a cycle of mailboxes: no loops.
+    assert _stored(r, settings) == {"self@example.com": ("self@example.com", "keep@remote.test"),
+                                    "ok@example.com": ("outside@remote.test",),
+                                    "alice@example.com": ("ok@example.com", "alice@example.com"),
+                                    "m1@example.com": ("m2@example.com",),
+                                    "m2@example.com": ("m1@example.com", "outside@remote.test")}
+    assert report.added == 5
 
 
 def test_loop_through_stored_aliases_but_not_catch_alls(r: redis.Redis, settings: Settings,
@@ -277,6 +308,7 @@ def test_alias_add_show_remove(r: redis.Redis, settings: Settings, mailboxes: li
     assert _cli(settings, "alias", "show", "sales@example.com") == 0
     assert capsys.readouterr().out == (
         "alias:      sales@example.com\n"
+        "origin:     alias add\n"
         "  team@example.com: alias\n"
         "  boss@remote.test: outside: forwarded to the main system\n"
         "  who@example.net: catch-all @example.net\n"
@@ -284,14 +316,24 @@ def test_alias_add_show_remove(r: redis.Redis, settings: Settings, mailboxes: li
     assert _cli(settings, "alias", "add", "alice@example.com", "alice@example.com", "bob@example.com") == 0
     assert capsys.readouterr().out == (
         "added alice@example.com -> alice@example.com, bob@example.com\n"
-        "note: alice@example.com is also a mailbox here; mail to it goes to the mailbox (mailboxes are "
-        "looked up first): the alias is not used while the mailbox exists\n")
+        "note: alice@example.com is also a mailbox here; the alias wins, as in Postfix: the mailbox "
+        "keeps a copy (the alias names it) and the other targets get theirs\n")
     assert _cli(settings, "alias", "show", "alice@example.com") == 0
     assert capsys.readouterr().out == ("alias:      alice@example.com\n"
-                                       "note:       also a mailbox here, which gets its mail: this alias "
-                                       "is not used\n"
-                                       "  alice@example.com: mailbox here (mailstore default)\n"
+                                       "origin:     alias add\n"
+                                       "note:       also a mailbox here; the alias wins: the mailbox "
+                                       "keeps a copy (the alias names it) and the other targets get "
+                                       "theirs\n"
+                                       "  alice@example.com: itself: mailbox here (mailstore default)\n"
                                        "  bob@example.com: mailbox here (mailstore default)\n")
+    assert _cli(settings, "alias", "add", "bob@example.com", "carol@example.org") == 0
+    assert capsys.readouterr().out == (
+        "added bob@example.com -> carol@example.org\n"
+        "note: bob@example.com is also a mailbox here; the alias wins, as in Postfix: its mail goes "
+        "to the targets, not to the mailbox (add the address itself to keep a copy)\n")
+    assert _cli(settings, "alias", "show", "alice@example.com") == 0
+    assert capsys.readouterr().out.endswith(
+        "  bob@example.com: alias (also a mailbox here: the alias wins)\n")
     assert _cli(settings, "alias", "remove", "TEAM@example.com", "--actor", "ops") == 0
     assert capsys.readouterr().out == "removed alias team@example.com\n"
     entries = [(e.action, e.actor, e.args, e.outcome) for e in audit.recent(r, 10)]
@@ -308,8 +350,6 @@ def test_alias_add_show_remove(r: redis.Redis, settings: Settings, mailboxes: li
      "fallback alias: target '@example.net' rewrites a whole domain; give full addresses as targets\n"),
     (["alias", "add", "b@example.com", "a@example.com"],
      "fallback alias: alias loop: b@example.com (new) -> a@example.com (stored) -> b@example.com\n"),
-    (["alias", "add", "c@example.com", "c@example.com"],
-     "fallback alias: alias loop: c@example.com (new) -> c@example.com\n"),
     (["alias", "remove", "nobody@example.com"], "fallback alias: nobody@example.com is not an alias\n"),
     (["alias", "show", "@example.com"], "fallback alias: @example.com is not an alias\n"),
     (["alias", "show", "@"], "fallback alias: not a domain for a catch-all: '@'\n"),
@@ -390,3 +430,14 @@ def test_alias_with_outside_and_healthy_targets_reaches_smtp_sink(
         sink.cleanup()
     assert got == {(rcpt,): raw.replace(b"\r\n", b"\n") for rcpt, raw in raws.items()}
     assert all(b"\xc3\xa9t\xc3\xa9\n.leading dot\n" in payload for payload in got.values())
+
+
+def test_alias_add_takes_an_address_over_as_manual(r: redis.Redis, settings: Settings,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    store = _aliases(r, settings)
+    store.put(Alias("sales@example.com", ("alice@example.com",), aliases.LDAP))
+    assert _cli(settings, "alias", "add", "sales@example.com", "alice@example.com") == 0
+    # Same targets, new origin: no sync of LDAP or of a virtual file removes it any more.
+    assert capsys.readouterr().out == "updated sales@example.com -> alice@example.com\n"
+    assert store.get("sales@example.com") == Alias("sales@example.com", ("alice@example.com",),
+                                                   aliases.MANUAL)

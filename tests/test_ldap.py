@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,12 @@ import redis
 from passlib.hash import sha512_crypt
 
 from fallback.cli import main
-from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.aliases import LDAP, MANUAL, VIRTUAL, Aliases
 from fallback.mailbox.directory import Directory, ensure_buckets
 from fallback.mailbox.passwords import verify_password
 from tests.servers import free_port
 from tests.slapd import PEOPLE_DN, READER_DN, READER_PASSWORD, SIZE_LIMIT, LdapUser, SlapdServer, ssha
+from tests.test_sync import snapshot
 
 pytestmark = pytest.mark.ldap
 
@@ -206,3 +208,92 @@ def test_sync_from_ldap_removes_who_left(slapd_factory: Factory, r: redis.Redis,
     assert rc == 0 and "removed (1): u0@example.com" in out
     d = directory(r)
     assert d.get("u0@example.com") is None and d.count() == 19
+
+
+def _stored_aliases(r: redis.Redis) -> dict[str, tuple[tuple[str, ...], str]]:
+    store = Aliases(r, ensure_buckets(r, 65536))
+    return {a.address: (a.targets, a.origin) for a in store.entries()}
+
+
+def test_ldap_sync_removes_only_the_aliases_ldap_created(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    mapping = ["--ldap-map", "alias=mailLocalAddress"]
+    first = slapd_factory([
+        LdapUser("alice", "alice@example.com", ssha("pw-a"),
+                 aliases=["sales@example.com", "info@example.com", "taken@example.com"]),
+        LdapUser("bob", "bob@example.com", ssha("pw-b"), aliases=["sales@example.com"]),
+    ])
+    virtual = tmp_path / "virtual"
+    virtual.write_text("virt@example.com  outside@remote.test\ntaken@example.com  outside@remote.test\n")
+    assert run([str(virtual), "--format", "virtual"], redis_url, capsys)[0] == 0
+    assert main(["alias", "add", "hand@example.com", "bob@example.com", "--redis-url", redis_url]) == 0
+    rc, _, err = run([*reader_args(first, tmp_path), *mapping, "--sync"], redis_url, capsys)
+    assert (rc, err) == (0, "")
+    # LDAP names taken@ too: it takes the alias over, origin included.
+    assert _stored_aliases(r) == {
+        "sales@example.com": (("alice@example.com", "bob@example.com"), LDAP),
+        "info@example.com": (("alice@example.com",), LDAP),
+        "taken@example.com": (("alice@example.com",), LDAP),
+        "virt@example.com": (("outside@remote.test",), VIRTUAL),
+        "hand@example.com": (("bob@example.com",), MANUAL)}
+    first.stop()
+    # Alice lost info@ and taken@, Bob lost sales@: gone from LDAP, so gone here; the others stay.
+    second = slapd_factory([
+        LdapUser("alice", "alice@example.com", ssha("pw-a"), aliases=["sales@example.com"]),
+        LdapUser("bob", "bob@example.com", ssha("pw-b")),
+    ])
+    before = snapshot(r)
+    rc, out, err = run([*reader_args(second, tmp_path), *mapping, "--sync", "--dry-run", "--force"],
+                       redis_url, capsys)
+    assert snapshot(r) == before
+    assert (rc, err) == (0, "")
+    assert f"synced aliases from {second.url} {PEOPLE_DN} (dry run: nothing was changed)\n" in out
+    assert "would be changed (1): sales@example.com\n" in out
+    assert "would be removed (2): info@example.com, taken@example.com\n" in out
+    rc, out, err = run([*reader_args(second, tmp_path), *mapping, "--sync", "--force"], redis_url, capsys)
+    assert (rc, err) == (0, "")
+    assert "removed (2): info@example.com, taken@example.com\n" in out
+    assert _stored_aliases(r) == {
+        "sales@example.com": (("alice@example.com",), LDAP),
+        "virt@example.com": (("outside@remote.test",), VIRTUAL),
+        "hand@example.com": (("bob@example.com",), MANUAL)}
+    assert directory(r).count() == 2
+
+
+def test_ldap_alias_removal_limit_counts_ldap_aliases_only(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    users = [LdapUser(f"u{i}", f"u{i}@example.com", ssha(f"pw{i}"), aliases=[f"a{i}@example.com"])
+             for i in range(20)]
+    mapping = ["--ldap-map", "alias=mailLocalAddress"]
+    first = slapd_factory(users)
+    assert run([*reader_args(first, tmp_path), *mapping], redis_url, capsys)[0] == 0
+    first.stop()
+    # 100 aliases from a virtual file: counted against all 120, 3 removals would be within 10 %.
+    virtual = tmp_path / "virtual"
+    virtual.write_text("".join(f"v{i}@example.com  outside@remote.test\n" for i in range(100)))
+    assert run([str(virtual), "--format", "virtual"], redis_url, capsys)[0] == 0
+
+    def without_aliases(n: int) -> list[LdapUser]:
+        # n users lose their alias; u19 also gets a new password, which a refusal must not write.
+        kept = [replace(u, aliases=[]) if i < n else u for i, u in enumerate(users)]
+        kept[19] = replace(kept[19], password=ssha("new"))
+        return kept
+
+    past = slapd_factory(without_aliases(3))
+    before = snapshot(r)
+    rc, out, err = run([*reader_args(past, tmp_path), *mapping, "--sync"], redis_url, capsys)
+    assert (rc, out, err) == (1, "", "fallback provision: --sync would remove 3 of 20 aliases from LDAP "
+                                     "(15 %), more than --max-remove 10 %; a truncated export? Check the "
+                                     "file, or give --force\n")
+    assert snapshot(r) == before
+    past.stop()
+    at = slapd_factory(without_aliases(2))
+    rc, out, err = run([*reader_args(at, tmp_path), *mapping, "--sync"], redis_url, capsys)
+    assert (rc, err) == (0, "")
+    stored = _stored_aliases(r)
+    assert sorted(a for a, (_, origin) in stored.items() if origin == LDAP) == \
+        sorted(f"a{i}@example.com" for i in range(2, 20))
+    assert sum(origin == VIRTUAL for _, origin in stored.values()) == 100
+    assert verify_password("new", directory(r).get("u19@example.com").password_hash)

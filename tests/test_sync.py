@@ -21,7 +21,7 @@ from fallback.cli import main
 from fallback.commands.context import Context
 from fallback.commands.reconcile import select_mailboxes
 from fallback.config import Settings
-from fallback.mailbox.aliases import Aliases, make_alias
+from fallback.mailbox.aliases import LDAP, MANUAL, VIRTUAL, Aliases, make_alias
 from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
 from fallback.mailbox.provision import Provisioner
 from fallback.mailbox.sync import sync
@@ -373,9 +373,10 @@ def test_alias_sync_at_the_removal_limit_passes_and_one_past_refuses(
     src = virtual_file(tmp_path / "virtual", {a: "x@remote.test" for a in everyone[past:]})
     before = snapshot(r)
     code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
-    assert (code, out, err) == (1, "", f"fallback provision: --sync would remove {past} of 20 aliases "
-                                f"({past * 5} %), more than --max-remove {shown}; a truncated export? "
-                                "Check the file, or give --force\n")
+    assert (code, out, err) == (1, "", "fallback provision: --sync would remove "
+                                f"{past} of 20 aliases from virtual files ({past * 5} %), more than "
+                                f"--max-remove {shown}; a truncated export? Check the file, or give "
+                                "--force\n")
     assert snapshot(r) == before
     entry: Any = r.xrevrange(keys.AUDIT_STREAM, count=1)[0][1]  # type: ignore[index]
     assert entry[b"outcome"].startswith(b"refused: --sync would remove")
@@ -404,8 +405,8 @@ def test_alias_dry_run_prints_and_changes_nothing(
     assert "would be added (1): new@example.com\n" in out
     assert "would be changed (1): list000@example.com\n" in out
     assert "would be removed (3): list001@example.com, list002@example.com, list003@example.com\n" in out
-    assert err == ("fallback provision: --sync would remove 3 of 4 aliases (75 %), more than "
-                   "--max-remove 10 %; a truncated export? Check the file, or give --force\n")
+    assert err == ("fallback provision: --sync would remove 3 of 4 aliases from virtual files (75 %), "
+                   "more than --max-remove 10 %; a truncated export? Check the file, or give --force\n")
 
 
 def test_alias_sync_with_an_invalid_line_changes_nothing(
@@ -443,3 +444,41 @@ def test_alias_sync_checks_chains_among_the_file_only(
     assert (code, err) == (0, "")
     assert stored_aliases(r, settings) == {"a@example.com": ("b@example.com",),
                                            "b@example.com": ("x@remote.test",)}
+
+
+def test_virtual_sync_keeps_ldap_and_manual_aliases_and_counts_its_own_against_the_limit(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    store = alias_store(r, settings)
+    virtual_ones = alias_names(10)
+    ldap_ones = [f"ldap{i:02d}@example.com" for i in range(20)]
+    store.put_many([make_alias(a, ["x@remote.test"]) for a in virtual_ones])
+    store.put_many([make_alias(a, ["alice@example.com"], LDAP) for a in ldap_ones])
+    assert main(["alias", "add", "hand@example.com", "bob@example.com", "--redis-url", redis_url]) == 0
+    capsys.readouterr()
+    # 2 of the 10 virtual-file aliases gone: 20 %, past 10 % (of all 31 aliases it would be 6.5 %).
+    wanted = {a: "x@remote.test" for a in virtual_ones[2:]}
+    src = virtual_file(tmp_path / "virtual", wanted)
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync")
+    assert (code, out, err) == (1, "", "fallback provision: --sync would remove 2 of 10 aliases from "
+                                "virtual files (20 %), more than --max-remove 10 %; a truncated export? "
+                                "Check the file, or give --force\n")
+    assert snapshot(r) == before
+    # 1 of 10 is at the limit; the file also names an LDAP alias, which it takes over.
+    wanted = {a: "x@remote.test" for a in virtual_ones[1:]}
+    wanted[ldap_ones[0]] = "y@remote.test"
+    code, out, err = run(capsys, redis_url, "provision", str(virtual_file(src, wanted)), "--sync")
+    assert (code, err) == (0, "")
+    assert "removed (1): list000@example.com\n" in out
+    assert f"changed (1): {ldap_ones[0]}\n" in out
+    origins = {a.address: a.origin for a in store.entries()}
+    assert origins == {**{a: VIRTUAL for a in virtual_ones[1:]}, ldap_ones[0]: VIRTUAL,
+                       **{a: LDAP for a in ldap_ones[1:]}, "hand@example.com": MANUAL}
+    # An empty file (forced) removes every virtual-file alias and nothing else.
+    code, out, err = run(capsys, redis_url, "provision", str(virtual_file(src, {})), "--format", "virtual",
+                         "--sync", "--force")
+    assert (code, err) == (0, "")
+    assert {a.address: a.origin for a in store.entries()} == {
+        **{a: LDAP for a in ldap_ones[1:]}, "hand@example.com": MANUAL}
+    assert stored_aliases(r, settings)["hand@example.com"] == ("bob@example.com",)

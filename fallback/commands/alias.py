@@ -13,7 +13,14 @@ from typing import Any
 
 from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
-from fallback.mailbox.aliases import Aliases, domain_of, make_alias, normalize_alias_address
+from fallback.mailbox.aliases import (
+    MANUAL,
+    ORIGINS,
+    Aliases,
+    domain_of,
+    make_alias,
+    normalize_alias_address,
+)
 from fallback.mailbox.directory import ensure_buckets
 from fallback.mailbox.provision import Invalid
 from fallback.mailbox.virtualfile import Parsed, check_chains
@@ -51,7 +58,9 @@ def _audit(ctx: Context, args: argparse.Namespace, action: str, given: dict[str,
 
 
 def add_alias(ctx: Context, args: argparse.Namespace) -> int:
-    alias = make_alias(args.address, args.targets)
+    # Manual: no sync (LDAP or a virtual file) removes it, only `alias remove` (or a source
+    # that names the same address and so takes it over).
+    alias = make_alias(args.address, args.targets, MANUAL)
     aliases, directory = _stores(ctx)
     refused: list[Invalid] = check_chains(Parsed({alias.address: (0, alias)}), aliases, directory)
     if refused:
@@ -63,9 +72,8 @@ def add_alias(ctx: Context, args: argparse.Namespace) -> int:
     _audit(ctx, args, "alias add", {"address": alias.address, "targets": list(alias.targets)}, f"ok: {verb}")
     ctx.console.print(f"{verb} {alias.address} -> {', '.join(alias.targets)}", markup=False, soft_wrap=True)
     if not alias.address.startswith("@") and directory.get(alias.address) is not None:
-        ctx.console.print(f"note: {alias.address} is also a mailbox here; mail to it goes to the mailbox "
-                          "(mailboxes are looked up first): the alias is not used while the mailbox exists",
-                          markup=False, soft_wrap=True)
+        ctx.console.print(f"note: {alias.address} is also a mailbox here; the alias wins, as in Postfix: "
+                          + _over_mailbox(alias.address, alias.targets), markup=False, soft_wrap=True)
     return 0
 
 
@@ -79,13 +87,23 @@ def remove_alias(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _kind(target: str, aliases: Aliases, directory: Any) -> str:
-    """What the receiver finds first for the target (intake/addressing.py's order)."""
+def _over_mailbox(address: str, targets: tuple[str, ...]) -> str:
+    """What an alias of a mailbox's address does with its mail (intake/addressing.py)."""
+    if address in targets:
+        return "the mailbox keeps a copy (the alias names it) and the other targets get theirs"
+    return "its mail goes to the targets, not to the mailbox (add the address itself to keep a copy)"
+
+
+def _kind(target: str, address: str, aliases: Aliases, directory: Any) -> str:
+    """What the receiver finds for the target (intake/addressing.py's order: an alias wins)."""
     mailbox = directory.get(target)
-    if mailbox is not None:
-        return f"mailbox here (mailstore {mailbox.mailstore})"
+    here = None if mailbox is None else f"mailbox here (mailstore {mailbox.mailstore})"
+    if target == address:  # Postfix: an alias naming itself stops the recursion there
+        return f"itself: {here or 'forwarded to the main system'}"
     if aliases.get(target) is not None:
-        return "alias"
+        return "alias" + (" (also a mailbox here: the alias wins)" if here else "")
+    if here is not None:
+        return here
     if aliases.get("@" + domain_of(target)) is not None:
         return f"catch-all @{domain_of(target)}"
     return "outside: forwarded to the main system"
@@ -98,10 +116,11 @@ def show_alias(ctx: Context, args: argparse.Namespace) -> int:
     if alias is None:
         raise NotFound(f"{address} is not an alias")
     ctx.console.print(f"alias:      {address}" + (" (catch-all)" if alias.catch_all else ""), markup=False)
+    ctx.console.print(f"origin:     {ORIGINS[alias.origin]}", markup=False)
     if not alias.catch_all and directory.get(address) is not None:
-        ctx.console.print("note:       also a mailbox here, which gets its mail: this alias is not used",
-                          markup=False)
+        ctx.console.print("note:       also a mailbox here; the alias wins: "
+                          + _over_mailbox(address, alias.targets), markup=False, soft_wrap=True)
     for target in alias.targets:
-        ctx.console.print(f"  {target}: {_kind(target, aliases, directory)}", markup=False,
+        ctx.console.print(f"  {target}: {_kind(target, address, aliases, directory)}", markup=False,
                           soft_wrap=True)
     return 0

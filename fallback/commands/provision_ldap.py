@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fallback.commands import provision_sync
 from fallback.commands.context import Context
+from fallback.errors import InputError
 from fallback.mailbox.ldapsource import DEFAULT_FILTER, LdapEntries, LdapQuery, load, load_aliases
 from fallback.mailbox.provision import Provisioner, Report
 
@@ -60,15 +61,27 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 def run_sync(ctx: Context, args: argparse.Namespace, provisioner: Provisioner, entries: LdapEntries,
              query: LdapQuery) -> int:
-    """--sync / --dry-run from LDAP: mailboxes as for a file (mailbox/sync.py); the aliases of a
-    real run are added afterwards (aliases no longer in LDAP are not removed)."""
-    rc = provision_sync.run_sync(ctx, args, provisioner, entries, f"{query.url} {query.base}")
+    """--sync / --dry-run from LDAP: mailboxes as for a file (mailbox/sync.py), then the aliases
+    LDAP created (those no longer in LDAP removed; a virtual file's and `alias add`'s kept).
+    The aliases' removal limit is checked after the first read, before any mailbox is
+    written, so a refusal of either changes nothing."""
+    source = f"{query.url} {query.base}"
+
+    def guard() -> None:
+        if args.sync and not args.dry_run and not entries.alias_problems:
+            report = provision_sync.ldap_alias_sync(ctx, args, entries.aliases, plan_only=True)
+            if report.refused:
+                raise InputError(report.refused)
+
+    rc = provision_sync.run_sync(ctx, args, provisioner, entries, source, guard)
     if entries.alias_problems:
+        # A bad alias value might be one that would otherwise be removed: aliases stay as they are.
         print_problems(ctx, [f"{p.where}: {p.reason}" for p in entries.alias_problems])
-        rc = 1
-    if rc == 0 and args.sync and not args.dry_run and entries.aliases:
-        directory = provisioner.directory
-        load_aliases(directory.r, directory.buckets, entries.aliases)
+        ctx.err.print("fallback provision: invalid alias values in LDAP; no alias was changed",
+                      markup=False, soft_wrap=True)
+        return 1
+    if rc == 0 or args.dry_run:
+        rc = max(rc, provision_sync.run_ldap_alias_sync(ctx, args, entries.aliases, source))
     return rc
 
 

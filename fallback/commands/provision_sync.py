@@ -22,7 +22,13 @@ from fallback.errors import InputError
 from fallback.mailbox.aliases import Aliases
 from fallback.mailbox.directory import ensure_buckets
 from fallback.mailbox.provision import Entry, Invalid, Provisioner
-from fallback.mailbox.sync import SyncReport, parse_max_remove, sync, sync_aliases
+from fallback.mailbox.sync import (
+    SyncReport,
+    parse_max_remove,
+    sync,
+    sync_aliases,
+    sync_ldap_aliases,
+)
 from fallback.ops import audit
 
 SHOW = 20  # addresses of each kind printed; --report has them all
@@ -58,11 +64,29 @@ def wanted(args: argparse.Namespace) -> bool:
 
 
 def run_sync(ctx: Context, args: argparse.Namespace, provisioner: Provisioner,
-             entries: Iterable[Entry | Invalid], source: str) -> int:
+             entries: Iterable[Entry | Invalid], source: str,
+             before_write: Callable[[], None] = lambda: None) -> int:
     limit = None if args.max_remove is None else parse_max_remove(args.max_remove)
     return _run(ctx, args, source, "mailboxes", lambda: sync(
         provisioner, entries, dry_run=args.dry_run, max_remove=limit, force=args.force,
-        remove=args.sync))
+        remove=args.sync, before_write=before_write))
+
+
+def ldap_alias_sync(ctx: Context, args: argparse.Namespace, aliases: dict[str, list[str]],
+                    plan_only: bool = False) -> SyncReport:
+    """The aliases LDAP created made equal to `aliases`; `plan_only` checks the limit (raising
+    InputError as a real run would) and writes nothing."""
+    limit = None if args.max_remove is None else parse_max_remove(args.max_remove)
+    r = ctx.redis()
+    store = Aliases(r, ensure_buckets(r, ctx.settings.directory_buckets))
+    return sync_ldap_aliases(store, aliases, dry_run=args.dry_run or plan_only, max_remove=limit,
+                             force=args.force, remove=args.sync)
+
+
+def run_ldap_alias_sync(ctx: Context, args: argparse.Namespace, aliases: dict[str, list[str]],
+                        source: str) -> int:
+    """--sync / --dry-run of LDAP's aliases, printed and audited as a virtual file's are."""
+    return _run(ctx, args, source, "aliases", lambda: ldap_alias_sync(ctx, args, aliases))
 
 
 def run_alias_sync(ctx: Context, args: argparse.Namespace, path: Path) -> int:

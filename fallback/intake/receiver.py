@@ -85,7 +85,6 @@ class Receiver:
         self.buckets = buckets
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
-        self.cache = directory.LookupCache(settings.directory_cache_ttl)
         self.resolutions = addressing.ResolutionCache(settings.directory_cache_ttl)
         self.policy = addressing.Policy.of(settings)
         self.batcher = DeliveryBatcher(r)
@@ -136,22 +135,19 @@ class Receiver:
             raise InputError(str(exc), code=553, enhanced="5.1.3",
                              public="Bad recipient address syntax") from None
         now = time.monotonic()
-        # A mailbox (the common case) costs one HGET, or nothing when cached; only other
-        # addresses are looked up further (addressing.py: aliases, subaddress, catch-all).
-        mailbox = self.cache.get(addr, now)
-        res = None if mailbox is not None else self.resolutions.get(addr, now)
-        if mailbox is None and res is None:
+        # A mailbox without alias (the common case) costs one round trip (its directory and alias
+        # buckets, pipelined), or nothing when cached: the whole resolution is cached, so a cached
+        # mailbox cannot hide an alias of its address (addressing.py: an alias wins).
+        res = self.resolutions.get(addr, now)
+        if res is None:
             res = await self._resolve(addr)
-            if res.how == addressing.EXACT:
-                mailbox, res = res.mailboxes[0], None
+            self.resolutions.put(res, now)
+        mailbox = res.mailboxes[0] if res.how == addressing.EXACT else None
         if mailbox is not None:
-            self.cache.put(mailbox, now)
             if self.quota and (await self.scope.get_async(self.r)).covers(mailbox.mailstore):
                 await self._check_quota(envelope, addr)
             envelope.mailstores[addr] = mailbox.mailstore
             return addr
-        assert res is not None
-        self.resolutions.put(res, now)
         if self.quota:
             scope = await self.scope.get_async(self.r)
             for target in res.mailboxes:

@@ -99,21 +99,23 @@ def mailstores(d: directory.Directory, recipients: list[str]) -> dict[str, str |
 
 def route(d: directory.Directory, scopes: ScopeCache, recipients: list[str],
           policy: Policy | None = None) -> Routes:
-    """The webmail's question: the directory, then, for addresses that are no mailbox, the
-    address resolution (as the receiver's at RCPT), then the (cached) scope.  Recipients that
-    resolve to nothing here go out (outbound).  InputError: a recipient's alias loops."""
-    found = mailstores(d, recipients)
+    """The webmail's question: each recipient's address resolution (the receiver's at RCPT: an
+    alias wins over a mailbox of its address; a mailbox without alias is one round trip), then
+    the (cached) scope.  Recipients that resolve to nothing here go out (outbound).
+    InputError: a recipient's alias loops."""
+    found: dict[str, str | None] = {}
     resolved: list[Resolution] = []
     policy = policy or Policy()
-    for address in [a for a, store in found.items() if store is None]:
+    for address in dict.fromkeys(recipients):
         try:
             res = addressing.resolve(d.r, d.buckets, address, policy)
         except AliasLoop as exc:
             raise InputError(exc.reason, public=(
                 f"Mail to {address} cannot be delivered now: that address is an alias that "
                 "loops. Nothing was sent; please tell your mail administrator.")) from None
-        if res is not None:
-            del found[address]
+        if res is None or res.how == addressing.EXACT:
+            found[address] = res.mailboxes[0].mailstore if res is not None else None
+        else:
             resolved.append(res)
     return plan(found, resolved, scopes.get(d.r))
 

@@ -8,6 +8,14 @@ domain is the entry "@domain".  `alias:domains` counts the aliases of each
 domain, so a domain served only by aliases is known to the receiver and
 `count()` needs no walk over the buckets.
 
+Each value starts with a one-letter tag of where the alias came from
+("v|a@x,b@y": ORIGINS), so a sync of one source removes only the aliases
+that source created: an LDAP `--sync` never removes a virtual file's or an
+`alias add`, and the reverse.  The tag costs two bytes and no second key;
+the lookup stays one HGET.  A value without a tag (stored before origins
+existed) reads as a virtual file's.  Enumerating one origin's aliases walks
+the buckets (entries()), as a sync already does.
+
 This module stores and looks up one level; expanding chains (and refusing
 loops at run time) is the receiver's address resolution, refusing them at
 import time is virtualfile.py's.
@@ -28,6 +36,9 @@ from fallback.addresses import normalize_address
 from fallback.errors import InputError
 
 _SEPARATOR = ","
+_TAG = "|"
+VIRTUAL, LDAP, MANUAL = "v", "l", "m"
+ORIGINS = {VIRTUAL: "virtual file", LDAP: "LDAP", MANUAL: "alias add"}
 
 
 def normalize_alias_address(text: str) -> str:
@@ -49,21 +60,25 @@ def domain_of(address: str) -> str:
 class Alias:
     address: str              # normalised, or "@domain" for a catch-all
     targets: tuple[str, ...]  # normalised addresses, in file order, without duplicates
+    origin: str = VIRTUAL     # a key of ORIGINS: which source created it (and may remove it)
 
     def encode(self) -> str:
-        return _SEPARATOR.join(self.targets)
+        return self.origin + _TAG + _SEPARATOR.join(self.targets)
 
     @classmethod
     def decode(cls, address: str, value: bytes | str) -> Alias:
         text = value.decode() if isinstance(value, bytes) else value
-        return cls(address, tuple(text.split(_SEPARATOR)) if text else ())
+        origin = VIRTUAL
+        if text[1:2] == _TAG and text[:1] in ORIGINS:
+            origin, text = text[0], text[2:]
+        return cls(address, tuple(text.split(_SEPARATOR)) if text else (), origin)
 
     @property
     def catch_all(self) -> bool:
         return self.address.startswith("@")
 
 
-def make_alias(address: str, targets: list[str]) -> Alias:
+def make_alias(address: str, targets: list[str], origin: str = VIRTUAL) -> Alias:
     """An Alias from text as a person typed it: normalised, duplicates dropped (first kept)."""
     name = normalize_alias_address(address)
     for target in targets:
@@ -72,7 +87,7 @@ def make_alias(address: str, targets: list[str]) -> Alias:
     unique = tuple(dict.fromkeys(normalize_address(t) for t in targets))
     if not unique:
         raise InputError(f"alias {name} has no target")
-    return Alias(name, unique)
+    return Alias(name, unique, origin)
 
 
 class Aliases:
@@ -142,6 +157,18 @@ class Aliases:
             for names in pipe.execute():
                 for name in names:
                     yield name.decode()
+
+    def entries(self, origin: str | None = None, batch: int = 256) -> Iterator[Alias]:
+        """Every stored alias (of one origin, when given), bucket by bucket (pipelined HGETALL)."""
+        for start in range(0, self.buckets, batch):
+            pipe = self.r.pipeline(transaction=False)
+            for n in range(start, min(start + batch, self.buckets)):
+                pipe.hgetall(keys.alias_bucket_n(n))
+            for bucket in pipe.execute():
+                for name, value in bucket.items():
+                    alias = Alias.decode(name.decode(), value)
+                    if origin is None or alias.origin == origin:
+                        yield alias
 
     def domains(self) -> dict[str, int]:
         raw: dict[Any, Any] = self.r.hgetall(keys.ALIAS_DOMAINS)

@@ -14,7 +14,8 @@ without one is refused unless `--default-scheme` names the scheme it is in,
 the passwd-file rule: hashing a hash as plain text would lock the user out.
 
 Multi-valued alias attributes (e.g. mailLocalAddress) become aliases that
-point at the entry's address.  ldap3 is used (pure Python: no libldap build
+point at the entry's address, stored with LDAP's origin (aliases.py) so an
+LDAP --sync removes them when LDAP no longer names them.  ldap3 is used (pure Python: no libldap build
 on the provisioning host, and its paged search is a plain generator).
 """
 
@@ -35,7 +36,7 @@ from fallback.addresses import normalize_address
 from fallback.config.secretfiles import read_secret_file
 from fallback.errors import ConfigError, DirectoryUnavailable, InputError
 from fallback.mailbox import passwords
-from fallback.mailbox.aliases import Alias, Aliases
+from fallback.mailbox.aliases import LDAP, Alias, Aliases
 from fallback.mailbox.directory import check_mailstore
 from fallback.mailbox.provision import (
     CHUNK,
@@ -287,7 +288,7 @@ class LdapEntries:
 def load_aliases(r: redis.Redis, buckets: int, aliases: dict[str, list[str]]) -> int:
     """Store the collected aliases (each replacing a stored one of the same address); returns how many
     were new."""
-    return Aliases(r, buckets).put_many(Alias(a, tuple(sorted(t))) for a, t in aliases.items())
+    return Aliases(r, buckets).put_many(Alias(a, tuple(sorted(t)), LDAP) for a, t in aliases.items())
 
 
 def load(provisioner: Provisioner, entries: LdapEntries, strict: bool = False) -> Report:

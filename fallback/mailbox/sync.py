@@ -15,7 +15,12 @@ reconcile --all and purge still reach them.
 
 The aliases of a virtual(5) file are synced the same way (sync_aliases): the
 file is parsed and checked once, held in memory (aliases are few next to
-mailboxes), the removals are counted against the stored aliases.
+mailboxes), the removals are counted against the stored aliases.  Each
+source removes only the aliases it created (the origin stored with each
+alias, aliases.py): a virtual file's sync those of virtual files, an LDAP
+sync (sync_ldap_aliases) those of LDAP; an `alias add` is removed only by
+`alias remove`.  The limit counts against the aliases of that origin.  An
+alias a source names takes that source's origin, whoever created it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 from fallback.errors import InputError
 from fallback.mailbox import logins, removed
-from fallback.mailbox.aliases import Aliases
+from fallback.mailbox.aliases import LDAP, ORIGINS, VIRTUAL, Alias, Aliases
 from fallback.mailbox.directory import Directory, Mailbox
 from fallback.mailbox.provision import (
     CHUNK,
@@ -131,7 +136,8 @@ def refusal(removing: int, total: int, limit: RemovalLimit, noun: str = "mailbox
 
 
 def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_run: bool,
-         max_remove: RemovalLimit | int | None, force: bool, remove: bool = True) -> SyncReport:
+         max_remove: RemovalLimit | int | None, force: bool, remove: bool = True,
+         before_write: Callable[[], None] = lambda: None) -> SyncReport:
     """Make the directory equal to `entries` (Entry or Invalid items, as read_entries yields).
 
     `entries` is read twice when it can be (a list, FileEntries, any re-iterable); a one-shot
@@ -139,6 +145,8 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
     might be one that would otherwise be removed).  Over `max_remove` (None: 10 %, an int:
     that many mailboxes) raises InputError before anything is written, unless `force`; a dry
     run reports it in `refused` instead.  `remove=False` plans or loads without removing.
+    `before_write` runs after the first read and the guard, before anything is written: a
+    caller's own guard (LDAP's aliases, collected by that read) may raise there.
     """
     if iter(entries) is entries:
         entries = list(entries)
@@ -169,6 +177,7 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
             if not dry_run:
                 raise InputError(message)
             report.refused = message
+        before_write()
         _apply(provisioner, entries, report, dry_run)
     if gone:
         _remove(provisioner, gone, report, dry_run)
@@ -177,31 +186,54 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
 
 def sync_aliases(store: Aliases, directory: Directory, path: Path, *, dry_run: bool,
                  max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
-    """Make the stored aliases equal to a virtual(5) file, as sync() does for mailboxes.
+    """Make the stored aliases of virtual files equal to a virtual(5) file, as sync() does for
+    mailboxes.
 
     Any bad line (syntax, a loop, a chain too deep: checked among the file's aliases
-    only, since the file replaces the stored set) changes nothing.  The limit counts
-    aliases: removing more than `max_remove` (None: 10 %) of the stored ones raises
-    InputError unless `force`; a dry run reports it in `refused`.  An alias holds no
-    mail, so removing one leaves nothing to keep: its address gets 550 5.1.1 (or the
-    catch-all of its domain) from the next RCPT on.
+    only, since the file replaces the stored set) changes nothing.  Only aliases that came
+    from virtual files are removed (never LDAP's or `alias add`'s); the limit counts them:
+    removing more than `max_remove` (None: 10 %) of them raises InputError unless `force`;
+    a dry run reports it in `refused`.  An alias holds no mail, so removing one leaves
+    nothing to keep: its address gets 550 5.1.1 (or the catch-all of its domain) from the
+    next RCPT on.
     """
+    parsed = parse_file(path)
+    invalid = sorted(parsed.invalid + check_chains(parsed, store, directory, stored=False),
+                     key=lambda item: item.line)
+    if invalid:
+        return SyncReport(dry_run=dry_run, invalid=invalid)
+    wanted = [alias for _, alias in parsed.aliases.values()]
+    return sync_alias_set(store, wanted, VIRTUAL, dry_run=dry_run, max_remove=max_remove,
+                          force=force, remove=remove)
+
+
+def sync_ldap_aliases(store: Aliases, aliases: dict[str, list[str]], *, dry_run: bool,
+                      max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
+    """The aliases LDAP collected (address -> the users naming it) made the stored LDAP ones."""
+    wanted = [Alias(a, tuple(sorted(t)), LDAP) for a, t in aliases.items()]
+    return sync_alias_set(store, wanted, LDAP, dry_run=dry_run, max_remove=max_remove,
+                          force=force, remove=remove)
+
+
+def sync_alias_set(store: Aliases, wanted: list[Alias], origin: str, *, dry_run: bool,
+                   max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
+    """Write `wanted` (all of `origin`) and remove the stored aliases of `origin` it does not name.
+
+    The limit counts against the stored aliases of `origin` only (`before`); a refusal
+    raises InputError before anything is written, unless `force` or `dry_run`."""
     limit = parse_max_remove(DEFAULT_MAX_REMOVE) if max_remove is None else max_remove
     report = SyncReport(dry_run=dry_run)
-    parsed = parse_file(path)
-    report.invalid = sorted(parsed.invalid + check_chains(parsed, store, directory, stored=False),
-                            key=lambda item: item.line)
-    if report.invalid:
-        return report
-    report.before = store.count()
-    gone = sorted(a for a in store.addresses() if a not in parsed.aliases) if remove else []
+    named = {alias.address for alias in wanted}
+    mine = [a.address for a in store.entries(origin)]
+    report.before = len(mine)
+    gone = sorted(a for a in mine if a not in named) if remove else []
     report.removed = gone
     if gone and not force and not limit.allows(len(gone), report.before):
-        message = refusal(len(gone), report.before, limit, "aliases")
+        source = "virtual files" if origin == VIRTUAL else ORIGINS[origin]
+        message = refusal(len(gone), report.before, limit, f"aliases from {source}")
         if not dry_run:
             raise InputError(message)
         report.refused = message
-    wanted = [alias for _, alias in parsed.aliases.values()]
     writes = []
     for alias, old in zip(wanted, store.get_many([a.address for a in wanted]), strict=True):
         if old == alias:

@@ -13,15 +13,19 @@ cannot know.  `#` in the middle of a line is no comment (as in Postfix).
 
 Each bad line is reported with its number (provision.Invalid) and the good
 ones load, unless `strict`.  Over the whole file plus the aliases already
-stored, an alias loop (a -> b -> a, or a naming itself) and a chain of more
-than MAX_DEPTH aliases are refused on the line of every alias in them or
-leading into them, and none of those is stored.  The checks follow the
-receiver's resolution (intake/addressing.py): a provisioned mailbox is
-looked up before an alias of the same address, so a target that is a
-mailbox ends the chain there (and such an alias is never used while the
-mailbox exists); a catch-all's mail that would come back to the same
-catch-all is forwarded to the main system at run time, so catch-alls are
-no loops; subaddresses of targets are not followed here.
+stored, an alias loop (a -> b -> a) and a chain of more than MAX_DEPTH
+aliases are refused on the line of every alias in them or leading into
+them, and none of those is stored.  The checks follow the receiver's
+resolution (intake/addressing.py), which is Postfix's: an alias wins over a
+mailbox of the same address, so a target that is a mailbox is expanded
+further when it is also an alias; an alias naming itself (`alice@x
+alice@x, alice@elsewhere`) stops there (its mailbox, or the main system's
+address), so it is no loop, and neither is a cycle whose every member is a
+mailbox (each stops at its own).  A cycle with a member that is no mailbox
+is refused whole: mail to that member would loop (451) at run time.  A
+catch-all's mail that would come back to the same catch-all is forwarded
+to the main system at run time, so catch-alls are no loops; subaddresses of
+targets are not followed here.
 """
 
 from __future__ import annotations
@@ -168,12 +172,14 @@ class _Graph:
                 if alias is not None:
                     self.targets[name] = alias.targets
                     frontier.append(name)
-        # The receiver asks the directory first: an alias that is also a mailbox ends a chain.
+        # Aliases that are also mailboxes: a cycle of those is no loop (see check_chains).
         named = sorted({t for ts in self.targets.values() for t in ts if t in self.targets})
         self.mailboxes = {a for a, v in zip(named, directory.get_many(named), strict=True) if v is not None}
 
     def edges(self, address: str) -> list[str]:
-        return [t for t in self.targets.get(address, ()) if t in self.targets and t not in self.mailboxes]
+        # An alias naming itself stops there (Postfix): no edge.  An alias that is a mailbox too
+        # is still expanded when reached: the alias wins.
+        return [t for t in self.targets.get(address, ()) if t in self.targets and t != address]
 
     def where(self, address: str) -> str:
         line = self.lines.get(address)
@@ -214,9 +220,12 @@ def check_chains(parsed: Parsed, store: Aliases, directory: Directory,
                     if into is not None:
                         loops[node] = loops[into]
                     else:
-                        depth[node] = 1 + max((depth[k] for k in kids), default=0)
+                        # A kid missing from depth closed a cycle of mailboxes: the chain ends there.
+                        depth[node] = 1 + max((depth.get(k, 0) for k in kids), default=0)
             elif child in on_path:
                 cycle = [*path[path.index(child):], child]
+                if all(member in graph.mailboxes for member in cycle[:-1]):
+                    continue  # each alias of the cycle stops at its own mailbox when reached again
                 for member in cycle[:-1]:
                     loops.setdefault(member, cycle)
             elif child not in depth and child not in loops:
