@@ -224,6 +224,19 @@ def test_plan_sends_each_mailbox_once() -> None:
     assert routes.forward == ["dave+x@example.com", DAVE, EXT, "list@example.com"]
 
 
+def test_an_alias_with_nothing_here_is_forwarded_as_addressed_once() -> None:
+    """Its mailboxes all on healthy mailstores: the main MTA gets the alias itself and expands
+    it; forwarding its targets one by one too would give them a second copy."""
+    d = Mailbox(DAVE, "store2", "")
+    scope = Scope(LISTED, 1.0, {"store1": 1.0})
+    routes = routing.plan({}, [
+        Resolution("desk@example.com", addressing.VIA_ALIAS, (d,), (EXT,)),
+        Resolution("dave@example.com", addressing.VIA_ALIAS, (d,), (EXT2,)),  # alias of a mailbox
+    ], scope)
+    assert routes.mailboxes == []
+    assert routes.forward == ["desk@example.com", "dave@example.com"]
+
+
 @pytest.mark.parametrize("value, message", [
     ("a@", "recipient_delimiter: 'a@' holds a character that cannot separate a subaddress"),
 ])

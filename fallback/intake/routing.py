@@ -76,6 +76,12 @@ def plan(mailstores: Mapping[str, str | None], resolved: Iterable[Resolution], s
     forwarded = dict.fromkeys(routes.forward)
     for res in resolved:
         here = [m for m in res.mailboxes if scope.covers(m.mailstore)]
+        if not here:
+            # Nothing of it is kept here: the main system gets the address as it was given and
+            # expands it itself (forwarding its healthy mailboxes and outside targets one by
+            # one as well would give them a second copy when the main MTA has the same alias).
+            forwarded.setdefault(res.address)
+            continue
         for m in here:
             if m.address not in local:
                 local.add(m.address)
@@ -83,11 +89,8 @@ def plan(mailstores: Mapping[str, str | None], resolved: Iterable[Resolution], s
         for m in res.mailboxes:
             if not scope.covers(m.mailstore):
                 forwarded.setdefault(res.address if res.how == addressing.SUBADDRESS else m.address)
-        if not res.mailboxes:
-            forwarded.setdefault(res.address)
-        else:
-            for outside in res.outside:
-                forwarded.setdefault(outside)
+        for outside in res.outside:
+            forwarded.setdefault(outside)
     return Routes(routes.mailboxes, list(forwarded), routes.outbound)
 
 
