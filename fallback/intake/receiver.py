@@ -202,20 +202,25 @@ class Receiver:
         started = time.monotonic()
         try:
             digest = self._digest(envelope) if self.clustered and len(envelope.rcpt_tos) > 1 else None
-            raw, fixed = self._with_trace(server, session, envelope, msg_id)
-            size = len(raw)
             # One read of the scope for the whole message: every recipient is judged alike.
             routes = routing.plan(envelope.mailstores, envelope.resolved.values(),
                                   await self.scope.get_async(self.r), self.quota)
             boxes = routes.mailboxes
+            copies, fixed = self._with_trace(server, session, envelope, msg_id, boxes,
+                                             shared=bool(routes.forward))
+            raw = copies[0][1]
+            size = len(raw)
             if routes.forward:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
                 await forward.accept_async(self.r, boxes, routes.forward, msg_id, raw,
                                            sender or "", self.replicas, digest)
-            else:
+            elif len(copies) == 1:  # most messages: one copy for all, the batched fast path
                 await delivery.deliver_async(self.r, boxes, msg_id, raw, batcher=self.batcher,
                                              digest=digest)
+            else:
+                await delivery.deliver_copies_async(self.r, copies, msg_id, self.replicas, digest)
+            del raw
         except MailboxFull as full:
             # Nothing was stored (on a cluster: the parts stored are guarded, the retry completes
             # them): the whole message waits, and the sender's retry finds the full mailbox
@@ -237,10 +242,11 @@ class Receiver:
         finally:
             server.storing = False
         took = f"{(time.monotonic() - started) * 1000:.1f}ms"
-        for d in boxes:
-            self.usage.stored(d.address, size)
-            self.maillog.received(msg_id, envelope.mail_from, d.address, size=size, peer=server.peer_ip,
-                                  took=took, fixed_line_ends=fixed)
+        for group, copy in copies:
+            for d in group:
+                self.usage.stored(d.address, len(copy))
+                self.maillog.received(msg_id, envelope.mail_from, d.address, size=len(copy),
+                                      peer=server.peer_ip, took=took, fixed_line_ends=fixed)
         for rcpt in routes.forward:
             self.maillog.queued(msg_id, envelope.mail_from, rcpt, route="forward", size=size,
                                 peer=server.peer_ip, took=took, fixed_line_ends=fixed)
@@ -256,24 +262,45 @@ class Receiver:
         return h.hexdigest()[:32]
 
     def _with_trace(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
-                    msg_id: str) -> tuple[bytes, bool]:
-        """Our Received: line, then the message with bare CR/LF made CRLF (see normalize_line_ends).
+                    msg_id: str, boxes: list[delivery.Delivery],
+                    shared: bool) -> tuple[list[tuple[list[delivery.Delivery], bytes]], bool]:
+        """The stored copies: our Received: line, then the message with bare CR/LF made CRLF
+        (see normalize_line_ends), as (mailboxes, bytes) pairs; always at least one pair.
 
+        A mailbox reached through one other address (alias, subaddress, ...) gets a copy naming
+        it (`for <...>` and Delivered-To:, like Postfix's per-recipient copy), so the user and
+        reconcile see which; the others share one copy that names nobody unless the message had
+        one recipient (so a Bcc stays hidden).  `shared`: one copy for all, naming nobody but a
+        single recipient (the forward records carry it to the main system too).
         The envelope lets go of the message as it is read, so that a large one is held at
-        most twice while the stored bytes are built and once after (docs/performance.md)."""
+        most once per copy while the stored bytes are built (docs/performance.md)."""
         content = envelope.original_content or b""
         envelope.content = envelope.original_content = None
         body, fixed = normalize_line_ends(content)
         del content  # when the line ends were fixed, `body` is a new copy: the old one goes now
         protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        header = received.received_header(msg_id, self.hostname, session.host_name or "",
-                                       server.peer_ip, None, protocol, single)
-        if single is not None and single in envelope.resolved:
-            # Reached through another address (alias, subaddress, ...): the user and reconcile
-            # see which.  With several recipients no copy names them (a Bcc stays hidden).
-            header += received.delivered_to(single)
-        return header + body, fixed
+        groups: dict[str | None, list[delivery.Delivery]] = {}
+        if shared or single is not None or not envelope.resolved:
+            groups[None] = boxes
+        else:
+            reached: dict[str, list[str]] = {}
+            for res in envelope.resolved.values():
+                for m in res.mailboxes:
+                    reached.setdefault(m.address, []).append(res.address)
+            for d in boxes:
+                origins = reached.get(d.address, [])
+                own = d.address in envelope.mailstores or len(origins) != 1
+                groups.setdefault(None if own else origins[0], []).append(d)
+        copies = []
+        for via, group in groups.items():
+            named = via or single
+            header = received.received_header(msg_id, self.hostname, session.host_name or "",
+                                              server.peer_ip, None, protocol, named)
+            if named is not None and named in envelope.resolved:
+                header += received.delivered_to(named)
+            copies.append((group, header + body))
+        return copies, fixed
 
     def log_limit(self, server: FallbackSMTP, reply: str, reason: str | None = None) -> None:
         """A message or connection refused by a limit in smtpd_adapter (SIZE, connection caps,

@@ -176,6 +176,30 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
             raise result
 
 
+async def deliver_copies_async(r: aioredis.Redis, copies: list[tuple[list[Delivery], bytes]],
+                               msg_id: str, replicas: ReplicaAcks | None = None,
+                               digest: str | None = None) -> None:
+    """One message whose mailboxes get different bytes (each copy its own Delivered-To:, the
+    original recipient it was reached through) as the receiver's one write: on one Redis one
+    MULTI/EXEC of a script call per copy (run_atomic, quotas WATCHed); on a Redis Cluster one
+    call per copy and slot, each guarded by `digest` so the sender's retry stores nothing twice."""
+    now_ms = int(time.time() * 1000)
+    clustered = is_cluster(r)
+    calls: list[tuple[str, list[str], list[Any]]] = []
+    parts: list[tuple[list[Delivery], int]] = []
+    for group, raw in copies:
+        meta = summarize(raw)
+        for part in slot_groups(group) if clustered else [group]:
+            keys_, args = deliver_call(part, msg_id, raw, meta, now_ms, stats=not clustered,
+                                       digest=digest if clustered else None)
+            calls.append((DELIVER_LUA, keys_, args))
+            parts.append((part, len(raw)))
+    results = await run_atomic(r, calls, replicas)
+    for (part, size), result in zip(parts, results, strict=True):
+        if check_result(result, part, size) and clustered:  # 0: stored already (a retry)
+            await count_stored_async(r, part, size)
+
+
 async def run_atomic(r: aioredis.Redis, calls: list[tuple[str, list[str], list[Any]]],
                      replicas: ReplicaAcks | None = None) -> list[Any]:
     """Run Lua calls (source, KEYS, ARGV) as the receiver's one write; raises on any failure.
