@@ -7,6 +7,7 @@ them; so do the benchmarks in bench/.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,8 +23,29 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTFIX_DIR = ROOT / ".tools" / "postfix"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nobody listens on, chosen below the kernel's ephemeral range: a port
+    the kernel itself hands out (a server bound to port 0, a client's source port) cannot
+    take it between this check and the fixture's own bind."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
