@@ -23,6 +23,7 @@ if [ "$mode" = test ]; then
   want slapd       # tests/slapd.py: a private OpenLDAP for `provision --ldap-url`
   want ldap-utils
   want wrk  # HTTP load generator of bench/web_load.py
+  command -v npm >/dev/null || want npm  # axe-core for tests/test_web_a11y.py
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
@@ -53,6 +54,12 @@ if [ "$mode" = test ] && [ ! -x .tools/postfix/usr/sbin/smtp-sink ]; then
   if [ -n "$missing" ]; then
     echo "install-deps: smtp-sink lacks $missing" >&2
   fi
+fi
+
+AXE_VERSION=4.10.2  # pinned: its rules decide what tests/test_web_a11y.py calls a violation
+if [ "$mode" = test ] && [ ! -f ".tools/axe/node_modules/axe-core/axe.min.js" ]; then
+  mkdir -p .tools/axe
+  npm install --silent --no-audit --no-fund --prefix .tools/axe "axe-core@$AXE_VERSION" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
