@@ -223,25 +223,3 @@ async def resolve_async(r: aioredis.Redis, buckets: int, address: str,
             asks = steps.send(_answers(asks, await pipe.execute()))
     except StopIteration as done:
         return done.value
-
-
-class ResolutionCache:
-    """Resolutions (mailboxes too: a Resolution, not the Mailbox alone, so a cached mailbox hit
-    carries the "no alias" it was found with), reused for a few seconds by one receiver process:
-    hits only, bounded, like directory.LookupCache."""
-
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self.entries: dict[str, tuple[float, Resolution]] = {}
-
-    def get(self, address: str, now: float) -> Resolution | None:
-        hit = self.entries.get(address)
-        return None if hit is None or hit[0] < now else hit[1]
-
-    def put(self, resolution: Resolution, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        if len(self.entries) >= self.max_entries:
-            self.entries.clear()
-        self.entries[resolution.address] = (now + self.ttl, resolution)

@@ -51,6 +51,7 @@ from fallback.intake.smtpd_adapter import ConnectionTracker, FallbackEnvelope, F
 from fallback.mailbox import aliases, delivery, directory, quota, received
 from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.mailbox.durability import ReplicaAcks
+from fallback.mailbox.ttlcache import TtlCache
 from fallback.maillog import MailLog
 from fallback.ops import failover
 from fallback.queues import forward
@@ -85,7 +86,8 @@ class Receiver:
         self.buckets = buckets
         self.hostname = settings.hostname or "localhost"
         self.maillog = maillog or MailLog()
-        self.resolutions = addressing.ResolutionCache(settings.directory_cache_ttl)
+        # Resolutions, mailboxes too: a cached mailbox carries the "no alias" it was found with.
+        self.resolutions: TtlCache[addressing.Resolution] = TtlCache(settings.directory_cache_ttl)
         self.policy = addressing.Policy.of(settings)
         self.batcher = DeliveryBatcher(r)
         self.guard = MemoryGuard(r, settings.memory_reserve)
@@ -141,7 +143,7 @@ class Receiver:
         res = self.resolutions.get(addr, now)
         if res is None:
             res = await self._resolve(addr)
-            self.resolutions.put(res, now)
+            self.resolutions.put(addr, res, now)
         mailbox = res.mailboxes[0] if res.how == addressing.EXACT else None
         if mailbox is not None:
             if self.quota and (await self.scope.get_async(self.r)).covers(mailbox.mailstore):

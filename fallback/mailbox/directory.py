@@ -188,33 +188,6 @@ class Directory:
         return sum(self.domains().values())
 
 
-class LookupCache:
-    """Found mailboxes, reused for a few seconds by one receiver process.
-
-    A popular recipient then costs no Redis round trip at RCPT.  Only hits are
-    kept: a mailbox provisioned a moment ago is found at once, and one removed
-    a moment ago may still get mail for `ttl` seconds (stored, never lost).
-    """
-
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self.entries: dict[str, tuple[float, Mailbox]] = {}
-
-    def get(self, address: str, now: float) -> Mailbox | None:
-        hit = self.entries.get(address)
-        if hit is None or hit[0] < now:
-            return None
-        return hit[1]
-
-    def put(self, mailbox: Mailbox, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        if len(self.entries) >= self.max_entries:
-            self.entries.clear()  # crude but bounded: a full cache simply starts over
-        self.entries[mailbox.address] = (now + self.ttl, mailbox)
-
-
 async def lookup_async(r: aioredis.Redis, buckets: int, address: str) -> Mailbox | None:
     value = await r.hget(keys.dir_bucket(address, buckets), address)
     return None if value is None else Mailbox.decode(address, value)

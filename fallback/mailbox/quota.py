@@ -21,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
+from fallback.mailbox.ttlcache import TtlCache
 
 REFUSED_KEPT = 86400.0  # how long a refusal stays listed in `fallback status`
 _GIB, _MIB, _KIB = 1024**3, 1024**2, 1024
@@ -63,26 +64,21 @@ class UsageCache:
     receiver's throughput (bench/limits_cost.py).
     """
 
-    def __init__(self, ttl: float = 2.0, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self.entries: dict[str, tuple[float, int]] = {}
+    def __init__(self, ttl: float = 2.0) -> None:
+        self.cache: TtlCache[int] = TtlCache(ttl)
 
     async def usage(self, r: aioredis.Redis, address: str, now: float) -> int:
-        hit = self.entries.get(address)
-        if hit is not None and hit[0] >= now:
-            return hit[1]
-        used = await usage_async(r, address)
-        if len(self.entries) >= self.max_entries:
-            self.entries.clear()  # bounded: a full cache starts over
-        self.entries[address] = (now + self.ttl, used)
+        used = self.cache.get(address, now)
+        if used is None:
+            used = await usage_async(r, address)
+            self.cache.put(address, used, now)
         return used
 
     def stored(self, address: str, size: int) -> None:
         """This process stored `size` more bytes for `address`: keep its cached usage close."""
-        hit = self.entries.get(address)
+        hit = self.cache.entries.get(address)
         if hit is not None:
-            self.entries[address] = (hit[0], hit[1] + size)
+            self.cache.replace(address, hit[1] + size)
 
 
 def refused_at_rcpt(used: int, quota: int, declared: int | None) -> bool:
