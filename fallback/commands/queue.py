@@ -1,5 +1,6 @@
 """`fallback queue list|show ID|retry ID|delete ID [--yes]|hold --user A|release --user A`: the
-operator's view of outbound mail."""
+operator's view of outbound mail; with `--forward`, list/show/retry/hold/delete work on the forward
+queue instead (fallback.commands.forward_queue)."""
 
 from __future__ import annotations
 
@@ -22,27 +23,32 @@ from fallback.queues.outbound import QueueItem
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("queue", help="list, show, retry, delete or hold outbound messages")
+    p = sub.add_parser("queue", help="list, show, retry, delete or hold outbound (or --forward) messages")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = actions.add_parser("list", parents=[parents["common"]],
                             help="every queued message: age, attempts, next try, last reply")
     ls.add_argument("--format", choices=("table", "json"), default="table")
     ls.add_argument("--limit", type=int, default=500, metavar="N", help="show at most N (default 500)")
     ls.set_defaults(handler=list_queue)
+    forward = {"action": "store_true", "help": "the forward queue (mail on its way to the main system)"}
+    ls.add_argument("--forward", **forward)
     show = actions.add_parser("show", parents=[parents["common"]], help="one message, per recipient")
     show.add_argument("id", metavar="ID")
     show.set_defaults(handler=show_item)
+    show.add_argument("--forward", **forward)
     retry = actions.add_parser("retry", parents=[parents["common"]],
                                help="try a message again now (also brings back a dead letter)")
     retry.add_argument("id", metavar="ID")
     retry.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     retry.set_defaults(handler=retry_item)
+    retry.add_argument("--forward", **forward)
     delete = actions.add_parser("delete", parents=[parents["common"]],
                                 help="take a message off the queue (the sender gets a failure notice)")
     delete.add_argument("id", metavar="ID")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     delete.set_defaults(handler=delete_item)
+    delete.add_argument("--forward", **forward)
     _register_hold(actions, parents)
     from fallback.commands import forward_queue  # here: it uses this module's helpers
 
@@ -90,7 +96,18 @@ def _row(item: QueueItem, now: float) -> dict[str, Any]:
             "last_reply": rec.dead if item.where == "dead" and rec.dead else rec.last_reply()}
 
 
+def _forward(args: argparse.Namespace) -> Any:
+    """The --forward variant of a handler (imported here: forward_queue uses this module)."""
+    from fallback.commands import forward_queue
+
+    return {"list": forward_queue.list_forward, "show": forward_queue.show_forward,
+            "retry": forward_queue.retry_forward, "delete": forward_queue.delete_forward,
+            "hold": forward_queue.hold_forward}[args.action] if getattr(args, "forward", False) else None
+
+
 def list_queue(ctx: Context, args: argparse.Namespace) -> int:
+    if (forward := _forward(args)) is not None:
+        return int(forward(ctx, args))
     if args.limit <= 0:
         raise InputError("--limit must be greater than 0")
     now = time.time()
@@ -121,6 +138,8 @@ def list_queue(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def show_item(ctx: Context, args: argparse.Namespace) -> int:
+    if (forward := _forward(args)) is not None:
+        return int(forward(ctx, args))
     item = outbound.find(ctx.redis(), args.id)
     now = time.time()
     out = ctx.console
@@ -148,6 +167,8 @@ def show_item(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def retry_item(ctx: Context, args: argparse.Namespace) -> int:
+    if (forward := _forward(args)) is not None:
+        return int(forward(ctx, args))
     item = outbound.retry_now(ctx.redis(), args.id)
     _audit(ctx, args, "queue retry", item, "ok: queued for delivery now")
     ctx.console.print(f"{item.msg_id} from {item.sender}: queued for delivery now", markup=False)
@@ -162,6 +183,8 @@ def _audit(ctx: Context, args: argparse.Namespace, action: str, item: QueueItem,
 
 
 def delete_item(ctx: Context, args: argparse.Namespace) -> int:
+    if (forward := _forward(args)) is not None:
+        return int(forward(ctx, args))
     r = ctx.redis()
     item = outbound.find(r, args.id)
     pending = len(item.record.pending()) if item.record else 0
@@ -186,7 +209,10 @@ def delete_item(ctx: Context, args: argparse.Namespace) -> int:
 def _register_hold(actions: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     hold_p = actions.add_parser("hold", parents=[parents["common"]],
                                 help="stop a sender's outbound mail from leaving (it stays queued)")
-    hold_p.add_argument("--user", required=True, metavar="ADDRESS", help="the webmail user")
+    hold_p.add_argument("id", metavar="ID", nargs="?", help="with --forward: the message to hold")
+    hold_p.add_argument("--user", metavar="ADDRESS", help="the webmail user (required without --forward)")
+    hold_p.add_argument("--forward", action="store_true",
+                        help="hold one message of the forward queue (ID) instead of a sender")
     hold_p.add_argument("--reason", default="", metavar="TEXT", help="why, for the listing and audit")
     hold_p.add_argument("--actor", metavar="NAME", help="who to name in the audit log")
     hold_p.set_defaults(handler=hold_user)
@@ -212,6 +238,12 @@ def _audit_user(ctx: Context, args: argparse.Namespace, action: str, user: str, 
 
 
 def hold_user(ctx: Context, args: argparse.Namespace) -> int:
+    if args.forward:
+        if args.id is None or args.user is not None:
+            raise InputError("hold --forward takes a message ID (fallback queue list --forward), not --user")
+        return int(_forward(args)(ctx, args))
+    if args.user is None or args.id is not None:
+        raise InputError("hold takes --user ADDRESS (or --forward ID for the forward queue)")
     user = _user(args.user)
     r = ctx.redis()
     if ctx.directory().get(user) is None and not r.scard(keys.outbox(user)):

@@ -5,7 +5,19 @@ processes on all hosts write to the same place, stream ids keep the order,
 and the admin API and `fallback failover status` can read it back.  When the
 `audit_log` setting names a file, the same entry is also appended there as one
 JSON line: a copy that outlives a Redis flush and that a syslog or SIEM
-shipper can tail.  The stream is never trimmed: admin actions are few.
+shipper can tail.  The stream is capped at MAX_ENTRIES (exact MAXLEN trimming on
+each write: one entry out per entry in, so Redis memory stays bounded; the
+file keeps all).
+It is one key, so it lives in one slot of a Redis Cluster.
+
+Who: `actor_name` (--actor, SUDO_USER, the login user) for the CLI, the
+token name for the admin API and console (`token:NAME`, or `admin`).
+The actions written (the vocabulary `fallback audit` shows): failover
+start/stop, dns, purge, queue retry/delete/hold/release and their
+forward-* twins, provision (counts), provision-sync, mailbox add/remove/
+logout, export, reconcile, alias add/remove, token create/revoke; the
+incident text (`incident set`/`incident clear`) and console log-ins
+(`console_login`) use `write` like any other action.
 
 An action that has to work while Redis is down (the DNS switch) still gets
 its file line; when no copy could be written at all, the caller is told so
@@ -17,6 +29,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -61,13 +74,17 @@ def actor_name(explicit: str | None = None, env: Mapping[str, str] | None = None
         return "unknown"
 
 
+MAX_ENTRIES = 100_000  # a long outage's worth of admin actions; the audit_log file keeps them all
+
+
 def record(r: redis.Redis | None, entry: Entry, audit_file: Path | None = None) -> list[str]:
     """Write the entry everywhere it should go; return what could not be written (empty: all went)."""
     problems: list[str] = []
     written = 0
     if r is not None:
         try:
-            r.xadd(keys.AUDIT_STREAM, entry.fields())  # type: ignore[arg-type]
+            r.xadd(keys.AUDIT_STREAM, entry.fields(),  # type: ignore[arg-type]
+                   maxlen=MAX_ENTRIES, approximate=False)
             written += 1
         except (redis.RedisError, OSError) as exc:
             problems.append(f"audit entry not written to Redis: {exc}")
@@ -87,3 +104,27 @@ def recent(r: redis.Redis, count: int = 20) -> list[Entry]:
     """The newest entries, newest first."""
     entries: Any = r.xrevrange(keys.AUDIT_STREAM, count=count)
     return [Entry.from_fields(fields) for _id, fields in entries or []]
+
+
+def write(r: redis.Redis | None, audit_file: Path | None, action: str, actor: str,
+          args: dict[str, Any] | None = None, outcome: str = "ok", warn_as: str = "fallback") -> bool:
+    """Record one action; a copy that could not be written is a warning on stderr, never an
+    exception (the action itself happened).  True when every copy went."""
+    problems = record(r, Entry(action=action, actor=actor, args=args or {}, outcome=outcome), audit_file)
+    for problem in problems:
+        print(f"{warn_as}: warning: {problem}", file=sys.stderr)
+    return not problems
+
+
+def console_login(r: redis.Redis, audit_file: Path | None, who: str, client: str, outcome: str) -> bool:
+    """A log-in to the admin console (`who`: the token's name, or "admin"), ok or refused."""
+    return write(r, audit_file, "console login", who, {"client": client}, outcome, "fallback web")
+
+
+def since(r: redis.Redis, seconds: float | None, count: int = 10_000,
+          now: float | None = None) -> list[Entry]:
+    """Entries of the last `seconds` (None: all kept), oldest first, at most the newest `count`."""
+    now = time.time() if now is None else now
+    low = "-" if seconds is None else str(max(int((now - seconds) * 1000), 0))
+    entries: Any = r.xrevrange(keys.AUDIT_STREAM, max="+", min=low, count=count)
+    return [Entry.from_fields(fields) for _id, fields in reversed(entries or [])]
