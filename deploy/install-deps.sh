@@ -23,6 +23,7 @@ if [ "$mode" = test ]; then
   want slapd       # tests/slapd.py: a private OpenLDAP for `provision --ldap-url`
   want ldap-utils
   want wrk  # HTTP load generator of bench/web_load.py
+  want prometheus  # promtool: tests/test_alert_rules.py checks deploy/prometheus/fallback.rules.yml
   command -v npm >/dev/null || want npm  # axe-core for tests/test_web_a11y.py
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -35,14 +36,15 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     "${need_pkgs[@]}" >/dev/null
   # Debian starts the packaged daemons; the project runs its own instances.
-  for svc in redis-server dovecot named slapd; do
+  for svc in redis-server dovecot named slapd prometheus; do
     $SUDO systemctl stop "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
 
 if [ "$mode" = test ] && [ ! -x .tools/postfix/usr/sbin/smtp-sink ]; then
   # Postfix's load generator and sink, unpacked from the Debian package: the
-  # mail service itself is never installed or started.
+  # mail service itself is never installed; tests/test_postfix_relay.py runs
+  # its daemons from here, with a private config and queue, as a perimeter MTA.
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download postfix >/dev/null 2>&1)
   mkdir -p .tools/postfix

@@ -18,8 +18,11 @@ login-refused.
 
 from __future__ import annotations
 
+import errno
 import logging
+import logging.handlers
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -141,10 +144,13 @@ class MailLog:
         self._emit("reconciled", msg_id, None, rcpt, outcome=outcome, folder=folder, uid=uid)
 
     def failed(self, msg_id: str | None, sender: str | None, rcpt: str | None, *, reason: str,
-               stage: str | None = None, via: str | None = None, notice: str | None = None) -> None:
+               stage: str | None = None, via: str | None = None, notice: str | None = None,
+               outcome: str | None = None) -> None:
         """Gave up on this step (a dead letter, a reconcile failure); the mail itself is kept.
-        `notice`: the id of the DSN put in the sender's INBOX."""
-        self._emit("failed", msg_id, sender, rcpt, stage=stage, via=via, reason=reason, notice=notice)
+        `notice`: the id of the DSN put in the sender's INBOX; `outcome`: dead-letter when a
+        queue parked the message for an operator."""
+        self._emit("failed", msg_id, sender, rcpt, outcome=outcome, stage=stage, via=via, reason=reason,
+                   notice=notice)
 
     def alert(self, msg_id: str | None, rcpt: str | None, *, reason: str, route: str | None = None,
               reply: str | None = None, age: int | None = None) -> None:
@@ -158,3 +164,75 @@ class MailLog:
         event = {"ok": "login", "failed": "login-failed"}.get(outcome, "login-refused")
         self._emit(event, None, None, None, user=user, ip=ip, reason=reason)
 
+
+
+# --- where the lines go (the mail_log setting) ---------------------------------------------
+
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_IDENT = "fallback"  # as Postfix operators grep it: grep fallback /var/log/mail.log
+SYSLOG_HELP = ("-/stderr (the default; under systemd that is the journal), syslog, "
+               "syslog:/path/to/socket, syslog:HOST:PORT (UDP) or a file path")
+
+
+def syslog_address(destination: str) -> str | tuple[str, int] | None:
+    """Where `mail_log` sends the lines to syslog: a Unix socket path, (host, UDP port), or
+    None when it is not a syslog destination.  ValueError names what is wrong."""
+    if destination != "syslog" and not destination.startswith("syslog:"):
+        return None
+    where = destination.partition(":")[2]
+    if not where:
+        return SYSLOG_SOCKET if destination == "syslog" else _bad(destination, "names no socket or HOST:PORT")
+    if where.startswith("/"):
+        return where
+    host, sep, port = where.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return _bad(destination, "must be syslog:/path/to/socket or syslog:HOST:PORT (a UDP port 1-65535)")
+    return host, int(port)
+
+
+def _bad(destination: str, why: str) -> str:
+    raise ValueError(f"{destination!r} {why}; the mail log goes to {SYSLOG_HELP}")
+
+
+def check_destination(destination: str) -> None:
+    """ValueError (one line) when `mail_log` cannot be a destination; nothing is opened."""
+    if destination == "journald":
+        raise ValueError("'journald' is not a destination of its own: under systemd the default (stderr) "
+                         "already goes to the journal, tagged by the unit's SyslogIdentifier "
+                         "(journalctl -t fallback); or use syslog")
+    if destination in ("", "-", "stderr"):
+        return
+    syslog_address(destination)
+
+
+def handler(destination: str) -> logging.Handler | None:
+    """The handler of the `fallback.mail` logger for `mail_log`; None: stderr, with the other logs.
+
+    syslog: facility mail, tag fallback[PID], the logfmt line as the message (RFC 3164, as
+    the local syslog daemon expects), so it lands in /var/log/mail.log beside Postfix's lines.
+    OSError when the socket or file cannot be opened."""
+    check_destination(destination)
+    if destination in ("", "-", "stderr"):
+        return None
+    address = syslog_address(destination)
+    if address is None:
+        out: logging.Handler = logging.FileHandler(destination)
+        out.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        return out
+    kind = socket.SOCK_DGRAM if isinstance(address, tuple) else None
+    if isinstance(address, str):
+        # SysLogHandler, like openlog(3), would start without its socket and drop every line
+        # until it appears: a mistyped path must stop the start instead.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(address)
+            except OSError as exc:
+                if exc.errno != errno.EPROTOTYPE:  # a stream socket (some syslog daemons): fine
+                    raise
+    syslog = logging.handlers.SysLogHandler(address, facility=logging.handlers.SysLogHandler.LOG_MAIL,
+                                            socktype=kind)
+    syslog.append_nul = False  # a line as Postfix writes it; syslog daemons do not need the NUL
+    # The PID of the process that writes (gunicorn forks its workers after this is made).
+    syslog.setFormatter(logging.Formatter(SYSLOG_IDENT + "[%(process)d]: %(message)s"))
+    return syslog

@@ -190,7 +190,8 @@ class WorkerComponent:
             return "outbound worker: off (no --smarthost); sent mail waits in the queue"
         from fallback.queues.worker import Worker
 
-        self.worker = Worker(self.settings, self.r)
+        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval)  # for /metrics
+        self.worker = Worker(self.settings, self.r, mail=mail, counters=counters)
         return str(await self.worker.start())
 
     async def stop(self) -> None:
@@ -231,6 +232,10 @@ class Service:
         finally:
             r.close()
 
+    def _forward(self, r: aioredis.Redis) -> ForwardComponent:
+        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval)  # for /metrics
+        return ForwardComponent(self.settings, r, mail=mail, counters=counters)
+
     async def run(self, stop_event: asyncio.Event | None = None) -> None:
         if self.settings.hostname is None:
             # gethostname, not getfqdn: a DNS lookup can hang during the very outage we serve.
@@ -249,7 +254,7 @@ class Service:
             makers: dict[str, Callable[[], Component]] = {
                 "smtp": lambda: SmtpComponent(self.settings, r, buckets, url),
                 "worker": lambda: WorkerComponent(self.settings, r),
-                "forward": lambda: ForwardComponent(self.settings, r),
+                "forward": lambda: self._forward(r),
                 "web": lambda: WebComponent(self.settings, url)}
             self.components = [makers[role]() for role in self.roles] + self.extra
             await self._serve(stop_event or asyncio.Event())

@@ -23,12 +23,14 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from redis.crc import key_slot
 
 from fallback import keys
 from fallback.cli import main
 from fallback.config import load_settings
 from fallback.mailbox import fields, store
+from fallback.ops import metrics
 from fallback.redisconn import sync_client
 from tests.conftest import ReceiverThread, add_mailbox, cached_hash
 from tests.dovecot import MainStoreView
@@ -210,6 +212,12 @@ def test_reconcile_every_mailbox_into_dovecot(r: redis.Redis, settings: Any, tmp
     s = reconcile_settings(settings, server, tmp_path)
     rc = main(cli_args(s, "--all"))
     assert rc == 0, capsys.readouterr().err
+    # Issue 16: the reconcile gauge is exact on a Cluster too (counted in a second step there).
+    progress = {(x.labels["mailstore"], x.labels["state"]): x.value
+                for f in text_string_to_metric_families(metrics.exposition(r).decode())
+                if f.name == "fallback_reconcile_messages" for x in f.samples}
+    assert progress == {(m, st): (6 if st == "done" else 0)
+                        for m in ("store0", "store1") for st in metrics.RECONCILE_STATES}
     for a in (USERS[0], USERS[7], USERS[11]):
         view = MainStoreView(server, a)
         [got] = view.messages("INBOX")

@@ -115,12 +115,14 @@ def prometheus() -> Any:
         st.counters.flush(st.r)
     except (redis.RedisError, OSError) as exc:  # the figures below say Redis is down
         log.warning("metrics: log-in counts not flushed: %s", exc)
-    body = metrics.exposition(st.r)
+    body = metrics.exposition(st.r, st.settings.memory_reserve)
     return Response(body, mimetype=PROMETHEUS_TEXT)
 
 
 def _flush_when_due(response: Response) -> Response:
     st = state()
+    # Counted here, flushed with the log-ins: a 5xx rate is what an operator alerts on.
+    st.counters.add(metrics.WEBMAIL_RESPONSES, status=f"{response.status_code // 100}xx")
     if st.counters.due():
         try:
             st.counters.flush(st.r)

@@ -14,6 +14,7 @@ from fallback.commands import forward
 from fallback.commands.context import Context
 from fallback.config import SMARTHOST_TLS
 from fallback.errors import ConfigError
+from fallback.ops import metrics
 from fallback.redisconn import async_client, resolve_url
 
 
@@ -42,7 +43,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("worker", parents=[parents["common"], options()],
                        help="deliver sent mail from the outbound queue through the smarthost")
     p.add_argument("--hostname", metavar="NAME", help="name in EHLO and in failure notices")
-    p.add_argument("--mail-log", metavar="FILE", help="mail log destination (default stderr)")
+    p.add_argument("--mail-log", metavar="DEST", help="mail log destination: - (stderr, the default), "
+                   "syslog, syslog:/path/to/socket, syslog:HOST:PORT or a file")
     forward.add_options(p)
     p.set_defaults(handler=run)
 
@@ -75,6 +77,6 @@ async def _serve(settings: Any) -> None:
     r = async_client(resolve_url(settings))
     try:
         await r.ping()
-        await worker.run(settings, r, stop)
+        await worker.run(settings, r, stop, *metrics.mail_counting(settings.metrics_flush_interval))
     finally:
         await r.aclose()

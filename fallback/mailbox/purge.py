@@ -15,7 +15,8 @@ def _text(value: bytes | str) -> str:
 
 
 
-# KEYS: message, pending, outbox, the three folder zsets, unseen, info.  ARGV: id, cutoff (ms).
+# KEYS: message, pending, outbox, the folder zsets (fields.FOLDERS), unseen, info.  ARGV: id,
+# cutoff (ms).  Unseen and info are counted from the end: FOLDERS may grow.
 # Deletes only a message that reconcile finished (done, nothing pending, no outbound delivery
 # left) at or before the cutoff; returns its size, or -1 when it must stay.
 _PURGE_LUA = """
@@ -26,10 +27,10 @@ local when = tonumber(redis.call('HGET', KEYS[1], 'rts') or redis.call('HGET', K
 if when > tonumber(ARGV[2]) then return -1 end
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 redis.call('DEL', KEYS[1])
-for i = 4, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
-redis.call('SREM', KEYS[7], ARGV[1])
-redis.call('HINCRBY', KEYS[8], 'messages', -1)
-redis.call('HINCRBY', KEYS[8], 'bytes', -size)
+for i = 4, #KEYS - 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('SREM', KEYS[#KEYS - 1], ARGV[1])
+redis.call('HINCRBY', KEYS[#KEYS], 'messages', -1)
+redis.call('HINCRBY', KEYS[#KEYS], 'bytes', -size)
 return size
 """
 
@@ -54,5 +55,7 @@ def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_m
         pipe = r.pipeline(transaction=False)
         pipe.hincrby(keys.stats_shard(address), f"{mailstore}\tmessages", -len(sizes))
         pipe.hincrby(keys.stats_shard(address), f"{mailstore}\tbytes", -sum(sizes))
+        # Only `done` messages are purged: reconcile's counters (fallback/reconcile/state.py) follow.
+        pipe.hincrby(keys.reconcile_counts_shard(address), f"{mailstore}\tdone", -len(sizes))
         pipe.execute()
     return len(sizes), sum(sizes)

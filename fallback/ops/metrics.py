@@ -34,12 +34,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from fallback import keys
 from fallback.mailbox.store import mailstore_stats
-from fallback.ops import failover, health
+from fallback.maillog import MailLog
+from fallback.ops import failover, health, intakerate, watch
 
 log = logging.getLogger(__name__)
 
 MAIL_EVENTS = "mail_events"        # labels: event, outcome (reply code for the receiver's events)
 WEBMAIL_LOGINS = "webmail_logins"  # labels: result
+ADMIN_AUTH_FAILURES = "admin_auth_failures"  # labels: reason (issue 16: admin API tokens refused)
+QUEUE_EVENTS = "queue_events"      # labels: queue, event, outcome (the peer's reply code)
+WEBMAIL_RESPONSES = "webmail_responses"  # labels: status (2xx, 3xx, 4xx, 5xx)
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.:@+-]")
 _WORD = re.compile(r"[a-z][a-z-]{0,30}")
 
@@ -99,6 +103,7 @@ class Counters:
             with r.pipeline(transaction=True) as pipe:
                 for field, n in counts.items():
                     pipe.hincrby(keys.metrics_shard_n(self.shard), field, n)
+                intakerate.queue_minute(pipe, self.shard, counts, MAIL_EVENTS)  # issue 16: the console
                 pipe.execute()
         except BaseException:
             self._give_back(counts)
@@ -112,6 +117,7 @@ class Counters:
             async with r.pipeline(transaction=True) as pipe:
                 for field, n in counts.items():
                     pipe.hincrby(keys.metrics_shard_n(self.shard), field, n)
+                intakerate.queue_minute(pipe, self.shard, counts, MAIL_EVENTS)  # issue 16: the console
                 await pipe.execute()
         except BaseException:
             self._give_back(counts)
@@ -141,14 +147,33 @@ def outcome_label(outcome: Any) -> str:
     return text if _WORD.fullmatch(text) else "other"
 
 
+QUEUES = ("outbound", "forward")
+
+
 class MailCounters:
-    """A MailLog sink: counts every mail-log event by event and outcome."""
+    """A MailLog sink: counts every mail-log event by event and outcome.
+
+    Events of the two queues (route= or stage= outbound/forward: queued, sent, deferred,
+    bounced, forwarded, failed, alert) are also counted by queue, with the peer's reply
+    code as outcome when there is one, so that a deferral of the smarthost and one of the
+    main system's next hop can be told apart."""
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
 
     def event(self, event: str, fields: Mapping[str, Any]) -> None:
-        self.counters.add(MAIL_EVENTS, event=event, outcome=outcome_label(fields.get("outcome")))
+        outcome = fields.get("outcome")
+        self.counters.add(MAIL_EVENTS, event=event, outcome=outcome_label(outcome))
+        queue = fields.get("route") or fields.get("stage")
+        if queue in QUEUES:
+            self.counters.add(QUEUE_EVENTS, queue=str(queue), event=event,
+                              outcome=outcome_label(outcome or fields.get("reply")))
+
+
+def mail_counting(interval: float) -> tuple[MailLog, Counters]:
+    """A mail log that counts what it logs, and the counters to flush (`Counters.run_async`)."""
+    counters = Counters(interval)
+    return MailLog(counters=MailCounters(counters)), counters
 
 
 def totals(r: redis.Redis) -> dict[str, dict[tuple[tuple[str, str], ...], int]]:
@@ -172,18 +197,29 @@ _COUNTER_DOCS = {
                   "(SMTP receiver: received/queued with outcome 250, rejected/deferred with the reply "
                   "code; reconcile: reconciled/failed when run with counters; webmail: rejected "
                   "with 429 and alert at the per-user send limits)", ("event", "outcome")),
+    QUEUE_EVENTS: ("fallback_queue_events", "Mail-log events of the outbound (webmail to smarthost) "
+                   "and forward (healthy users to the main system) queues by event (queued, sent, "
+                   "deferred, bounced, forwarded, failed with outcome dead-letter when parked, "
+                   "alert) and outcome (the peer's reply code, other without one)",
+                   ("queue", "event", "outcome")),
+    WEBMAIL_RESPONSES: ("fallback_webmail_responses", "HTTP responses of the webmail by status class "
+                        "(2xx, 3xx, 4xx, 5xx), /metrics and /healthz included", ("status",)),
     WEBMAIL_LOGINS: ("fallback_webmail_logins", "Webmail log-in attempts by result: ok, failed (wrong "
                      "address or password, password too long, check timed out), throttled, busy (the "
                      "password-check queue was full), not_affected (right password, mailbox not "
                      "failed over)", ("result",)),
+    ADMIN_AUTH_FAILURES: ("fallback_admin_auth_failures", "Admin API requests refused for their token, "
+                          "by reason: missing, wrong, expired, revoked, throttled (the brute-force "
+                          "guard of one client prefix)", ("reason",)),
 }
 
 
 class ServiceCollector:
     """Reads the service's figures from Redis each time it is collected (one /metrics request)."""
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, memory_reserve: str | None = None) -> None:
         self.r = r
+        self.memory_reserve = memory_reserve  # the setting; None: the reserve is not exported
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("fallback_redis_up", "1 when Redis answered this scrape")
@@ -197,6 +233,29 @@ class ServiceCollector:
         up.add_metric([], 1)
         yield up
         yield from families
+
+    def _reserve_and_aof(self) -> Iterator[Metric]:
+        """Issue 16 (alerting): what the rules of deploy/prometheus compare memory and durability with."""
+        if self.memory_reserve is not None:
+            _, at = health.memory_reserve(self.r, self.memory_reserve)
+            if at is not None:  # maxmemory 0 and a percentage: nothing to take a share of
+                reserve = GaugeMetricFamily("fallback_redis_memory_reserve_bytes", "Redis used_memory "
+                                            "at which new mail gets 452 (memory_reserve of maxmemory)")
+                reserve.add_metric([], at)
+                yield reserve
+        try:
+            aof = health.aof(self.r)
+        except redis.ResponseError:  # INFO forbidden on a managed Redis: nothing to say
+            return
+        for name, value, doc in (
+                ("enabled", aof.enabled, "1 when every primary has the AOF on (accepted mail is durable)"),
+                ("last_write_ok", aof.last_write_ok, "0 when a primary's last AOF write failed "
+                 "(aof_last_write_status err: Redis refuses writes, the receiver answers 451)"),
+                ("last_bgrewrite_ok", aof.last_rewrite_ok, "0 when a primary's last AOF rewrite failed "
+                 "(aof_last_bgrewrite_status err: the AOF grows until one succeeds)")):
+            family = GaugeMetricFamily(f"fallback_redis_aof_{name}", doc)
+            family.add_metric([], 1 if value else 0)
+            yield family
 
     def _families(self) -> Iterator[Metric]:
         r = self.r
@@ -229,9 +288,10 @@ class ServiceCollector:
                                   "machine's memory when there is none (source)", labels=["source"])
         limit.add_metric([mem.limit_source], mem.limit)
         yield from (used, limit)
+        yield from self._reserve_and_aof()
 
-        # Reconcile progress, cheaply: what the fallback holds per mailstore (the sharded
-        # stats counters, no scan); what reconcile finished is in fallback_mail_events.
+        # What the fallback holds per mailstore and how far reconcile is with it: the sharded
+        # stats counters, no scan.
         stored = mailstore_stats(r)
         messages = GaugeMetricFamily("fallback_stored_messages", "Messages held here (reconciled "
                                      "or not; purge removes reconciled ones)", labels=["mailstore"])
@@ -241,6 +301,7 @@ class ServiceCollector:
             messages.add_metric([name], row.get("messages", 0))
             size.add_metric([name], row.get("bytes", 0))
         yield from (messages, size)
+        yield reconcile_progress(stored, reconcile_counts(r))
 
         provisioned = {_text(k): int(v) for k, v in r.hgetall(keys.DIR_MAILSTORES).items()}
         scope = failover.read(r)
@@ -256,10 +317,95 @@ class ServiceCollector:
                                      "Provisioned mailboxes the failover scope covers")
         affected.add_metric([], failover.affected_count(scope, provisioned))
         yield from (boxes, covered, affected)
+        yield from probe_families(watch.records(r))
 
 
-def exposition(r: redis.Redis) -> bytes:
+def probe_families(found: list[watch.Record]) -> Iterator[Metric]:
+    """Issue 18: what `fallback watch` last published per mailstore (gone when no watcher runs)."""
+    label = ["mailstore"]
+    up = GaugeMetricFamily("fallback_mailstore_probe_up", "1 when the watcher's last IMAP probe of the "
+                           "mailstore passed (connect, login, SELECT, NOOP, LOGOUT within slow-after)",
+                           labels=label)
+    seconds = GaugeMetricFamily("fallback_mailstore_probe_seconds", "Duration of each step of the last "
+                                "probe (connect, login, select, noop, logout) and in total",
+                                labels=["mailstore", "step"])
+    failures = GaugeMetricFamily("fallback_mailstore_probe_consecutive_failures",
+                                 "Probes of the mailstore that failed in a row", labels=label)
+    success = GaugeMetricFamily("fallback_mailstore_probe_last_success_timestamp_seconds",
+                                "When a probe of the mailstore last passed (Unix time)", labels=label)
+    failing = GaugeMetricFamily("fallback_mailstore_probe_failing", "1 when the mailstore failed "
+                                "fail-after probes in a row (alerted; failed over with auto-failover)",
+                                labels=label)
+    healthy = GaugeMetricFamily("fallback_mailstore_probe_healthy_again", "1 when a failed-over "
+                                "mailstore has answered every probe for healthy-after: an operator "
+                                "decides whether to reconcile and end the failover", labels=label)
+    blind = GaugeMetricFamily("fallback_mailstore_probe_config_problem", "1 when the watcher cannot "
+                              "probe the mailstore because of its own configuration (master login "
+                              "refused everywhere, host name not resolving)", labels=label)
+    for rec in found:
+        name = [rec.mailstore]
+        up.add_metric(name, 1 if rec.up else 0)
+        for step, value in rec.steps.items():
+            seconds.add_metric([rec.mailstore, step], value)
+        seconds.add_metric([rec.mailstore, "total"], rec.total)
+        failures.add_metric(name, rec.failures)
+        if rec.last_success is not None:
+            success.add_metric(name, rec.last_success)
+        failing.add_metric(name, 1 if rec.failing else 0)
+        healthy.add_metric(name, 1 if rec.healthy_again else 0)
+        blind.add_metric(name, 1 if rec.config_problem else 0)
+    yield from (up, seconds, failures, success, failing, healthy, blind)
+
+
+RECONCILE_STATES = ("pending", "appending", "done", "failed")
+
+
+def reconcile_counts(r: redis.Redis) -> dict[str, dict[str, int]]:
+    """mailstore -> state (appending, done, failed) -> messages, summed over the shards that the
+    state scripts of fallback/reconcile/state.py (and purge) keep: no scan."""
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(keys.STATS_SHARDS):
+            pipe.hgetall(keys.reconcile_counts_shard_n(n))
+        shards = pipe.execute()
+    out: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        for field, value in shard.items():
+            mailstore, _, state = _text(field).partition("\t")
+            row = out.setdefault(mailstore, {})
+            row[state] = row.get(state, 0) + int(value)
+    return out
+
+
+def reconcile_progress(stored: Mapping[str, Mapping[str, int]],
+                       counted: Mapping[str, Mapping[str, int]]) -> Metric:
+    """Messages held here per mailstore and reconcile state, exactly: appending, done and
+    failed as the state scripts counted them; pending is every other message held."""
+    family = GaugeMetricFamily("fallback_reconcile_messages", "Messages held here by reconcile "
+                               "state: pending (not yet in the main store), appending (being "
+                               "appended now, or when a run stopped), done, failed (the main "
+                               "store said NO; retried by the next run)", labels=["mailstore", "state"])
+    for name, counts in reconcile_table(stored, counted).items():
+        for state in RECONCILE_STATES:
+            family.add_metric([name, state], counts[state])
+    return family
+
+
+def reconcile_table(stored: Mapping[str, Mapping[str, int]],
+                    counted: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """mailstore -> state -> messages (every state of RECONCILE_STATES), as the gauge and the
+    admin console show them."""
+    out: dict[str, dict[str, int]] = {}
+    for name in sorted(set(stored) | set(counted)):
+        row = counted.get(name, {})
+        # Below 0 only if a state was written behind the scripts' back: show what can be true.
+        counts = {state: max(0, row.get(state, 0)) for state in RECONCILE_STATES[1:]}
+        counts["pending"] = max(0, stored.get(name, {}).get("messages", 0) - sum(counts.values()))
+        out[name] = counts
+    return out
+
+
+def exposition(r: redis.Redis, memory_reserve: str | None = None) -> bytes:
     """The Prometheus text of the whole service (a registry per call: no global state)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(r))
+    registry.register(ServiceCollector(r, memory_reserve))
     return generate_latest(registry)
