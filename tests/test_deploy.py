@@ -56,6 +56,17 @@ def test_compose_commands_are_real_subcommands(compose: dict[str, Any]) -> None:
     assert parser.parse_args(worker_check[2:]).command == "check"
 
 
+def test_compose_watch_is_opt_in(compose: dict[str, Any]) -> None:
+    """Issue 18: the watcher starts only with its profile, in alert-only mode unless told."""
+    watch = compose["services"]["watch"]
+    assert watch["profiles"] == ["watch"]
+    args = build_parser().parse_args(watch["command"])
+    assert args.command == "watch" and args.watch_master_password_file == "/run/secrets/watch-master-password"
+    env = watch["environment"]
+    assert env["FALLBACK_WATCH_AUTO_FAILOVER"] == "${FALLBACK_WATCH_AUTO_FAILOVER:-false}"
+    assert env["FALLBACK_REDIS_URL"] == "redis://redis:6379/0"
+
+
 def test_compose_ports_match_the_commands(compose: dict[str, Any]) -> None:
     smtp = compose["services"]["smtp"]
     inner = smtp["command"][smtp["command"].index("--smtp-port") + 1]

@@ -161,6 +161,10 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
             # Never bounced (forward queue): the main system refusing its own users needs a person.
             v.add(WARNING, f"{b.name} queue {b.refused} refused by the next hop (5xx), kept and retried")
         v.perf.append(f"{b.name}_dead={b.dead};1;;0")
+    # Issue 18: the mailstore watcher's verdicts (fallback watch).
+    levels = {"critical": CRITICAL, "warning": WARNING, "note": OK}
+    for problem in health.mailstore_problems(r):
+        v.add(levels[problem.severity], problem.text)
     return v
 
 

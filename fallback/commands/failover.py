@@ -62,6 +62,8 @@ def _audit(ctx: Context, args: argparse.Namespace, action: str, names: list[str]
     given: dict[str, object] = {"all": True} if names is None else {"mailstores": names}
     if args.notify:
         given["notify"] = True
+    if getattr(args, "reason", None):  # the watcher's probe results (fallback watch)
+        given["reason"] = args.reason
     outcome = "ok: " + scope.describe() + (f"; {told}" if told else "")
     entry = audit.Entry(action=action, actor=audit.actor_name(args.actor), args=given, outcome=outcome)
     for problem in audit.record(ctx.redis(), entry, ctx.settings.audit_log):

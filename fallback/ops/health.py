@@ -32,6 +32,7 @@ import redis
 
 from fallback import ids, keys
 from fallback.config.limits import memory_reserve_bytes
+from fallback.ops import watch
 from fallback.redisconn import is_cluster
 
 SCAN_LIMIT = 10_000  # entries read per stream shard; beyond that the queue is in trouble anyway
@@ -303,3 +304,20 @@ def redis_health(r: redis.Redis, memory_reserve: str = "90%", replica_acks: int 
     health["problems"] = [{"severity": p.severity, "text": p.text}
                           for p in policy_problems(found, memory_reserve, replica_acks)]
     return health
+
+
+def mailstore_problems(r: redis.Redis) -> list[Problem]:
+    """Issue 18: what `fallback watch` last published, as `fallback check` reports it: a mailstore
+    past fail-after or one the watcher cannot probe is critical; a failed-over one that looks
+    healthy again is a warning (an operator decides to reconcile and end the failover)."""
+    out = []
+    for rec in watch.records(r):
+        if rec.config_problem:
+            out.append(Problem("critical", rec.config_problem))
+        elif rec.failing:
+            state = "failed over" if rec.failed_over else "not failed over"
+            out.append(Problem("critical", f"mailstore {rec.mailstore} failing: {rec.failures} probes "
+                               f"in a row ({rec.kind}: {rec.reason}; {state})"))
+        elif rec.healthy_again:
+            out.append(Problem("warning", f"mailstore {rec.mailstore} looks healthy again"))
+    return out
