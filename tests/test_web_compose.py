@@ -236,7 +236,7 @@ def test_compose_links_from_message_page(client, r) -> None:
     msg_id = put_message(r, ALICE, simple())
     log_in_as(client, ALICE)
     page = client.get(f"/message/{msg_id}").text
-    assert f'href="/compose?reply={msg_id}">Reply</a>' in page
+    assert f'href="/compose?reply={msg_id}" data-key-reply>Reply</a>' in page
     assert f"/compose?reply={msg_id}&amp;all=1" in page and f"/compose?forward={msg_id}" in page
 
 

@@ -1,11 +1,30 @@
-"""Jinja filters for the mailbox pages: sizes, dates and senders the way people read them."""
+"""Jinja filters for the mailbox pages: sizes, dates and senders the way people read them.
+
+Times are shown in the reader's time zone (web.prefs: the browser's, once it told us), each
+as a `<time datetime="ISO">`; while the zone is not known yet the text says "UTC", so no one
+reads a UTC time as their own.  Today's mail shows the time, this year's the day and month
+("3 Nov"), older mail the full date ("3 Nov 2025").
+
+`frame_scheme` decides the message frame's colour scheme: a mail that sets its own colours
+keeps them on a light page; one without follows the reader's light or dark mode.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, tzinfo
+from email.utils import parsedate_to_datetime
 
 from flask import Flask
+from markupsafe import Markup, escape
+
+from web.prefs import Zone, current_zone
+
+# Shown to people: kept together so they can be translated in one place.
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+NO_SENDER = "(no sender)"
 
 
 def human_size(value: str | int) -> str:
@@ -20,26 +39,91 @@ def human_size(value: str | int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
 
-def short_date(ts_ms: str | int, now: float | None = None) -> str:
-    """Time of day for today's mail, day and month for this year's, else the full date (UTC)."""
+def _local(seconds: float, tz: tzinfo) -> datetime | None:
     try:
-        ts = int(ts_ms) / 1000
-    except (TypeError, ValueError):
-        return ""
-    now = time.time() if now is None else now
-    t, today = time.gmtime(ts), time.gmtime(now)
-    if t[:3] == today[:3]:
-        return time.strftime("%H:%M", t)
-    if t.tm_year == today.tm_year:
-        return time.strftime("%d %b", t)
-    return time.strftime("%Y-%m-%d", t)
+        return datetime.fromtimestamp(seconds, tz)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
-def full_date(ts_ms: str | int) -> str:
+def _seconds(ts_ms: str | int) -> float | None:
     try:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(ts_ms) / 1000))
+        return int(ts_ms) / 1000
     except (TypeError, ValueError):
+        return None
+
+
+def _zone_label(d: datetime) -> str:
+    return d.tzname() or d.strftime("%z")
+
+
+def _long(d: datetime) -> str:
+    """'Mon 23 Nov 2026, 18:30 JST': the whole moment, with its zone."""
+    return (f"{DAYS[d.weekday()]} {d.day} {MONTHS[d.month - 1]} {d.year}, "
+            f"{d.hour:02d}:{d.minute:02d} {_zone_label(d)}")
+
+
+def _short(d: datetime, today: datetime, zone: Zone) -> str:
+    if d.date() == today.date():
+        clock = f"{d.hour:02d}:{d.minute:02d}"
+        return clock if zone.known else f"{clock} {_zone_label(d)}"
+    if d.year == today.year:
+        return f"{d.day} {MONTHS[d.month - 1]}"
+    return f"{d.day} {MONTHS[d.month - 1]} {d.year}"
+
+
+def _time_element(d: datetime, text: str) -> Markup:
+    iso = d.isoformat(timespec="seconds")
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(iso, _long(d), text)
+
+
+def short_date(ts_ms: str | int, now: float | None = None, zone: Zone | None = None) -> str:
+    """The list's text for a delivery time (ms since the epoch): '14:05', '3 Nov', '3 Nov 2025'."""
+    zone = zone or current_zone()
+    seconds = _seconds(ts_ms)
+    d = None if seconds is None else _local(seconds, zone.tz)
+    today = _local(time.time() if now is None else now, zone.tz)
+    if d is None or today is None:
         return ""
+    return _short(d, today, zone)
+
+
+def list_time(ts_ms: str | int, now: float | None = None, zone: Zone | None = None) -> Markup:
+    """short_date as a `<time>` element, the full moment in its datetime and title."""
+    zone = zone or current_zone()
+    seconds = _seconds(ts_ms)
+    d = None if seconds is None else _local(seconds, zone.tz)
+    today = _local(time.time() if now is None else now, zone.tz)
+    if d is None or today is None:
+        return Markup("")
+    return _time_element(d, _short(d, today, zone))
+
+
+def full_date(ts_ms: str | int, zone: Zone | None = None) -> Markup:
+    seconds = _seconds(ts_ms)
+    return epoch(seconds if seconds is not None else "", zone)
+
+
+def epoch(value: object, zone: Zone | None = None) -> Markup:
+    """Seconds since the epoch as a `<time>`: 'Mon 23 Nov 2026, 18:30 JST'."""
+    zone = zone or current_zone()
+    try:
+        d = _local(float(str(value)), zone.tz)
+    except (TypeError, ValueError):
+        return Markup("")
+    return Markup("") if d is None else _time_element(d, _long(d))
+
+
+def header_date(value: str | None, zone: Zone | None = None) -> Markup:
+    """A Date: header in the reader's zone; a header that is not a date is shown as it is."""
+    text = (value or "").strip()
+    try:
+        d = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return escape(text)
+    if d.tzinfo is None:  # "-0000": the sender did not know its zone (RFC 5322 3.3); take UTC
+        d = d.replace(tzinfo=UTC)
+    return epoch(d.timestamp(), zone)
 
 
 _NAME_ADDR = re.compile(r'^\s*"?([^"<]*?)"?\s*<([^<>]*)>\s*$')
@@ -53,15 +137,19 @@ def sender_name(value: str) -> str:
     """
     m = _NAME_ADDR.match(value or "")
     if m:
-        return m.group(1).strip() or m.group(2).strip() or "(no sender)"
-    return (value or "").strip() or "(no sender)"
+        return m.group(1).strip() or m.group(2).strip() or NO_SENDER
+    return (value or "").strip() or NO_SENDER
 
 
-def epoch(value: object) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(str(value))))
-    except (TypeError, ValueError):
-        return ""
+# A colour a mail sets itself: CSS colours/backgrounds and the old HTML attributes.
+_OWN_COLOURS = re.compile(
+    r"(?:\b(?:bgcolor|text|link)\s*=|(?:^|[;\s\"'])(?:background-color|background|color)\s*:)", re.IGNORECASE)
+
+
+def frame_scheme(html: str) -> str:
+    """The message frame's `color-scheme`: 'light' keeps a mail's own colours on the white
+    page they were chosen for; 'light dark' lets a colourless mail follow dark mode."""
+    return "light" if _OWN_COLOURS.search(html or "") else "light dark"
 
 
 def install(app: Flask) -> None:
@@ -70,3 +158,5 @@ def install(app: Flask) -> None:
     app.add_template_filter(full_date, "fulldate")
     app.add_template_filter(sender_name, "sender")
     app.add_template_filter(epoch, "epoch")
+    app.add_template_filter(header_date, "headerdate")
+    app.add_template_filter(frame_scheme, "framescheme")
