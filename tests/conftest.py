@@ -57,7 +57,9 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def settings(r: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
     return load_settings({"redis_url": redis_url, "data_dir": str(tmp_path / "data"),
-                          "hostname": "fallback.test", "smtp_port": 0}, env={})
+                          "hostname": "fallback.test", "smtp_port": 0,
+                          # Sent at once, as before issue 15; tests/test_undo_send.py turns it on.
+                          "undo_send_seconds": 0}, env={})
 
 
 @functools.lru_cache(maxsize=64)

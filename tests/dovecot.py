@@ -37,6 +37,7 @@ class DovecotServer:
     special_use: bool = True           # announce \Sent / \Trash (names below)
     sent_name: str = "Sent Items"
     trash_name: str = "Deleted Items"
+    drafts_name: str = "Draft Items"   # \Drafts (issue 15)
     separator: str = "/"
     port: int = 0
     tls: tuple[Path, Path] | None = None   # (cert, key) PEM: serve imaps:// on `port` instead
@@ -92,6 +93,7 @@ class DovecotServer:
         w = self.workdir
         su_sent = "special_use = \\Sent" if self.special_use else ""
         su_trash = "special_use = \\Trash" if self.special_use else ""
+        su_drafts = "special_use = \\Drafts" if self.special_use else ""
         mailboxes = ""
         if self.special_use:
             mailboxes = f"""
@@ -102,6 +104,10 @@ class DovecotServer:
   mailbox "{self.trash_name}" {{
     auto = subscribe
     {su_trash}
+  }}
+  mailbox "{self.drafts_name}" {{
+    auto = subscribe
+    {su_drafts}
   }}"""
         ssl = "ssl = no"
         if self.tls:

@@ -142,7 +142,8 @@ def test_message_that_would_pass_the_limit_says_how_many_fit_now(client, r) -> N
     form = compose_page(client)
     resp = post(client, form, to=rcpts("x", 3), attachments=[(io.BytesIO(b"data"), "plan.txt")])
     assert resp.status_code == 429
-    assert "Nothing was sent. Attach your files again: a browser cannot keep them." in resp.text
+    assert "Nothing was sent." in resp.text and "Attach your files again" not in resp.text
+    assert "attached: plan.txt (4 B)" in resp.text  # kept with the draft (issue 15): not chosen again
     at = clock(oldest(r) + 3600)
     assert re.search(
         r"This message has 3 recipients, but you have sent to 98 in the last hour and the limit "
@@ -248,7 +249,7 @@ def test_no_limits_count_nothing(r) -> None:
 @pytest.mark.browser
 @pytest.mark.slow
 def test_in_chromium_429_keeps_the_form_and_the_same_form_sends_later(webmail, browser, r) -> None:
-    """What a person sees: the 429 page with the form as typed (files excepted), then the same
+    """What a person sees: the 429 page with the form as typed (files kept with the draft), then the same
     form, corrected, sends; a header character mail cannot carry gets a 400 on the way."""
     from tests.test_web_browser import log_in
 
@@ -268,7 +269,8 @@ def test_in_chromium_429_keeps_the_form_and_the_same_form_sends_later(webmail, b
     alert = page.get_by_role("alert").inner_text()
     assert alert.startswith("You have sent to 100 recipients in the last hour, the limit for this "
                             "service during the outage. You can send again at ")
-    assert alert.endswith("Nothing was sent. Attach your files again: a browser cannot keep them.")
+    assert alert.endswith("Nothing was sent.")
+    assert page.get_by_text("attached: plan.txt").count() == 1  # kept with the draft (issue 15)
     for selector, value in typed.items():
         assert page.input_value(selector) == value, selector
     assert r.zcard(keys.folder(ALICE, "Sent")) == 0
@@ -286,5 +288,6 @@ def test_in_chromium_429_keeps_the_form_and_the_same_form_sends_later(webmail, b
     page.wait_for_url(re.compile(r".*/message/[0-9A-Z]{26}\?sent=1$"))
     assert "Your message was sent." in page.content()
     (sent,) = [i.decode() for i in r.zrange(keys.folder(ALICE, "Sent"), 0, -1)]
+    assert b'filename="plan.txt"' in r.hget(keys.message(ALICE, sent), "raw")  # never chosen again
     assert sorted(outbound.recipient_status(r, ALICE, sent)) == ["one@remote.test", "three@remote.test",
                                                 "two@remote.test"]

@@ -2,13 +2,15 @@
 
 The form carries a message id made when it was shown, signed with the secret
 key so that nobody can choose the id another mailbox's message has; sending
-the same form twice sends once.  `From` is always the logged-in address.  A
-form error re-shows everything typed (attachments excepted: browsers cannot
-refill a file field, and the page says so) and sends nothing: 400 for what
+the same form twice sends once.  `From` is always the logged-in address.  Every
+POST stores the form as a draft first (web/drafts.py), attachments included,
+so a form error re-shows everything typed and uploaded and sends nothing
+(a refused upload is the one thing to choose again): 400 for what
 the user must change (a header character mail cannot carry names the field
 and the character), 429 over the per-user send limits (with when sending
 works again; the operator is alerted once per user and window), 409 while
-the same form is still being sent.
+the same form is still being sent.  "Save draft" (action=save) only stores.
+A message filed for sending leaves Drafts.
 """
 
 from __future__ import annotations
@@ -18,24 +20,23 @@ import math
 import time
 from typing import Any
 
-from flask import Blueprint, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, g, redirect, render_template, request, url_for
 
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
 from fallback.intake import sendlimits
 from fallback.intake.addressing import Policy
 from fallback.intake.submission import Draft, send
-from fallback.mailbox import fields, store
+from fallback.mailbox import contacts, fields, store, threads
 from fallback.maillog import MailLog
 from fallback.ops.metrics import MailCounters
-from web import render
+from web import drafts, render
 from web.auth import login_required
 from web.context import state
 from web.mailbox import raw_or_404
 from web.outgoing import (
     MAX_SUBJECT,
     check_header_text,
-    clean_header_text,
     parse_addresses,
     thread_ids,
 )
@@ -44,6 +45,8 @@ from web.sessions import sign
 bp = Blueprint("compose", __name__)
 
 FIELDS = ("to", "cc", "bcc", "subject", "body")
+UNDONE = "Sending undone: the message is back in Drafts. Nothing was sent."
+SAVED = "Draft saved."
 
 
 def _original(msg_id: str) -> bytes | None:
@@ -93,18 +96,22 @@ def _forward_values(raw: bytes) -> dict[str, str]:
             "body": f"\n\n---------- Forwarded message ----------\n{head}\n\n{text}"}
 
 
-def _form(values: dict[str, str], error: str | None = None, status: int = 200) -> Any:
+def _form(values: dict[str, str], error: str | None = None, status: int = 200,
+          kept: drafts.Kept | None = None, attached: list[dict[str, Any]] | None = None,
+          note: str | None = None) -> Any:
     st = state()
-    if error and _chose_files():
-        error += " Attach your files again: a browser cannot keep them."
     draft = values.get("draft") or new_id()
     carried = []
-    if values.get("forward_of"):
+    if kept is not None:
+        values["saved"] = kept.draft_id
+        attached = kept.listed()
+        note = " ".join(t for t in (kept.notice, note) if t) or None
+    elif values.get("forward_of") and not values.get("saved"):
         raw = _original(values["forward_of"])
         carried = [(n, len(d)) for n, _, d in render.original_parts(raw or b"")]
     html = render_template(
-        "compose.html", v=values, error=error, draft=draft, carried=carried,
-        draft_sig=sign(st.secret, g.user, draft), limit=st.settings.max_upload_size,
+        "compose.html", v=values, error=error, draft=draft, carried=carried, attached=attached or [],
+        note=note, draft_sig=sign(st.secret, g.user, draft), limit=st.settings.max_upload_size,
     )
     return html, status
 
@@ -114,6 +121,14 @@ def _form(values: dict[str, str], error: str | None = None, status: int = 200) -
 def compose_form() -> Any:
     values = dict.fromkeys(FIELDS, "")
     reply, forward = request.args.get("reply", ""), request.args.get("forward", "")
+    if "draft" in request.args:
+        found = drafts.open_draft(request.args["draft"])
+        if found is None:
+            abort(404)
+        values.update(found[0])
+        values["saved"] = request.args["draft"]
+        note = UNDONE if request.args.get("undone") == "1" else None
+        return _form(values, attached=drafts.listed(found[1]), note=note)
     if reply:
         raw = _original(reply)
         assert raw is not None
@@ -134,13 +149,24 @@ def compose_form() -> Any:
 def send_message() -> Any:
     st = state()
     form = request.form  # POST parameters come from the body only
-    values = {k: form.get(k, "") for k in (*FIELDS, "reply_to", "forward_of", "draft")}
+    values = {k: form.get(k, "") for k in (*FIELDS, "reply_to", "forward_of", "draft", "saved")}
     draft_id = values["draft"]
+    kept = drafts.keep(form, values, draft_id)
+    if not kept.stored:  # this form was sent already (a second click, a reload)
+        return redirect(url_for("mailbox.message", msg_id=draft_id, sent="again"))
     if not is_id(draft_id) or not hmac.compare_digest(
             sign(st.secret, g.user, draft_id), form.get("draft_sig", "")):
         values["draft"] = ""
-        return _form(values, "This form is out of date; check your message and send it again.", 400)
+        return _form(values, "This form is out of date; check your message and send it again.", 400,
+                     kept)
+    if form.get("action") == "save":
+        return _form(values, kept=kept, note=SAVED)
+    if form.get("action") == "discard":  # to Trash, where it can be restored or deleted for good
+        store.move(st.r, g.user, kept.draft_id, fields.TRASH)
+        return redirect(url_for("mailbox.folder", name="drafts"))
     try:
+        if kept.error:
+            raise InputError("upload refused", public=kept.error)
         to = parse_addresses("To", values["to"])
         cc = parse_addresses("Cc", values["cc"])
         bcc = parse_addresses("Bcc", values["bcc"])
@@ -149,35 +175,44 @@ def send_message() -> Any:
             raise InputError("subject too long", public="The subject is too long.")
         if not (to or cc or bcc):
             raise InputError("no recipients", public="Add at least one recipient in To, Cc or Bcc.")
-        draft = Draft(g.user, to, cc, bcc, values["subject"], values["body"])
+        draft = Draft(g.user, to, cc, bcc, values["subject"], values["body"], list(kept.attachments))
         if len(draft.recipients()) > st.settings.max_recipients:
             raise InputError("too many recipients", public=f"Too many recipients: at most "
                              f"{st.settings.max_recipients} in one message.")
-        _attach_uploads(draft)
-        _apply_reply_or_forward(draft, values)
+        _apply_reply(draft, values)
         limits = sendlimits.Limits(st.settings.send_limit_per_hour, st.settings.send_limit_per_day)
         out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
-                   request.remote_addr or "unknown", limits, Policy.of(st.settings))
+                   request.remote_addr or "unknown", limits, Policy.of(st.settings),
+                   undo_seconds=st.settings.undo_send_seconds, saved=kept.draft_id,
+                   form={k: values[k] for k in drafts.FORM_FIELDS})
     except InputError as exc:
-        return _form(values, exc.public + " Nothing was sent.", 400)
+        return _form(values, exc.public + " Nothing was sent." + _again(kept), 400, kept)
     if out.limited is not None:
         _log_limited(out.limited, draft, draft_id)
-        return _form(values, limit_text(out.limited, time.time()) + " Nothing was sent.", 429)
+        return _form(values, limit_text(out.limited, time.time()) + " Nothing was sent.", 429, kept)
     if out.in_progress:
         return _form(values, "This message is being sent right now, or its last attempt was cut "
-                     "short. Look in Sent in a minute; if it is not there, send it again.", 409)
+                     "short. Look in Sent in a minute; if it is not there, send it again.", 409, kept)
+    drafts.delete_sent(kept.draft_id)
     if not out.already_sent:
+        # Issue 15: Bcc is in no stored copy, so it is remembered here; the Sent copy's To and
+        # Cc and its place in its conversation come from the index's pass over it.
+        contacts.record_sent(st.r, g.user, bcc, int(time.time() * 1000))
+        threads.catch_up(st.r, g.user)
         if values["reply_to"]:
             store.set_flags(st.r, g.user, values["reply_to"], add=(fields.ANSWERED,))
         if values["forward_of"]:
             store.set_flags(st.r, g.user, values["forward_of"], add=(fields.FORWARDED,))
+    if out.undo_until:
+        return redirect(url_for("undo.sending", msg_id=draft_id))
     status = ("again" if out.already_sent else "partial" if out.failed_local
               else "held" if out.held else "1")
     return redirect(url_for("mailbox.message", msg_id=draft_id, sent=status))
 
 
-def _chose_files() -> bool:
-    return any(u and u.filename for u in request.files.getlist("attachments"))
+def _again(kept: drafts.Kept) -> str:
+    """Only a refused upload must be chosen again: the others are kept with the draft."""
+    return " Attach your files again: a browser cannot keep them." if kept.error else ""
 
 
 def _log_limited(refusal: sendlimits.Refusal, draft: Draft, msg_id: str) -> None:
@@ -226,23 +261,8 @@ def limit_text(refusal: sendlimits.Refusal, now: float) -> str:
             f"{'s' if room != 1 else ''}.")
 
 
-def _attach_uploads(draft: Draft) -> None:
-    limit = state().settings.max_upload_size
-    total = 0
-    for upload in request.files.getlist("attachments"):
-        if not upload or not upload.filename:
-            continue
-        data = upload.read(limit + 1 - total)
-        total += len(data)
-        if total > limit:
-            raise InputError("attachments too big", public=(
-                f"The attachments are too big: at most {limit // (1024 * 1024)} MiB in total. "
-                "Attach smaller files."))
-        check_header_text("The attachment's name", upload.filename)
-        draft.attachments.append((upload.filename, upload.mimetype or "", data))
-
-
-def _apply_reply_or_forward(draft: Draft, values: dict[str, str]) -> None:
+def _apply_reply(draft: Draft, values: dict[str, str]) -> None:
+    """Threading headers of a reply (a forward's attachments came with the draft, drafts.keep)."""
     if values["reply_to"]:
         raw = _original(values["reply_to"])
         assert raw is not None
@@ -250,7 +270,4 @@ def _apply_reply_or_forward(draft: Draft, values: dict[str, str]) -> None:
         draft.in_reply_to = thread_ids(render.find_header(raw, "Message-ID"), keep=1)
         draft.references = thread_ids(render.find_header(raw, "References"))
     if values["forward_of"]:
-        raw = _original(values["forward_of"])
-        assert raw is not None
-        draft.attachments.extend((clean_header_text(name), ctype, data)
-                                 for name, ctype, data in render.original_parts(raw))
+        _original(values["forward_of"])  # another user's message: 404, as before

@@ -39,7 +39,8 @@ from fallback.errors import ConfigError, InputError
 from fallback.mailbox import removed
 from fallback.mailbox.directory import check_mailstore
 from fallback.maillog import MailLog
-from fallback.ops import metrics
+from fallback.ops import audit, metrics
+from fallback.ops.trace import TraceBuffer
 from fallback.reconcile.reconciler import Reconciler
 from fallback.reconcile.report import MailboxReport, Report
 from fallback.redisconn import async_client, resolve_url
@@ -148,10 +149,12 @@ def summary_table(report: Report) -> Table:
     if report.dry_run:
         rows += [("would append", t["would_append"]), ("would update", t["would_update"])]
     else:
-        rows += [("appended", t["appended"]), ("already present", t["already_present"]),
+        rows += [("appended", t["appended"]), ("  of them drafts (into \\Drafts)", t["drafts"]),
+                 ("already present", t["already_present"]),
                  ("updated (flags, folder)", t["updated"]), ("failed", t["failed"]),
                  ("stored changed by the server", t["changed"])]
-    rows += [("mailboxes with errors", t["mailbox_errors"]), ("left to do", t["left"])]
+    rows += [("deleted for good by the user", t["deleted_for_good"]),
+             ("mailboxes with errors", t["mailbox_errors"]), ("left to do", t["left"])]
     for name, value in rows:
         table.add_row(name, str(value))
     return table
@@ -187,8 +190,10 @@ def write_report(path: Path, report: Report) -> None:
 async def _reconcile(ctx: Context, password: str, dry_run: bool, work: dict[str, int]) -> Report:
     r = async_client(resolve_url(ctx.settings))
     # Reconciled/failed events feed /metrics (shared counters in Redis), flushed at the end.
-    counters = metrics.Counters()
+    counters = metrics.Counters(trace=TraceBuffer.for_settings(ctx.settings, "reconcile"))
     maillog = MailLog(counters=metrics.MailCounters(counters))
+    # Issue 16: the trace (and counts) are written as the run goes, not all at its end.
+    flusher = asyncio.create_task(counters.run_async(r))
     try:
         addresses = sorted(work)
         if ctx.console.is_terminal:
@@ -202,8 +207,9 @@ async def _reconcile(ctx: Context, password: str, dry_run: bool, work: dict[str,
         rec = Reconciler(ctx.settings, r, password, dry_run=dry_run, maillog=maillog)
         return await rec.run(addresses)
     finally:
-        with contextlib.suppress(Exception):  # metrics must never fail a reconcile
-            await counters.flush_async(r)
+        flusher.cancel()  # its last flush writes what is left
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # never fails a reconcile
+            await flusher
         await r.aclose()
 
 
@@ -240,8 +246,13 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         ctx.console.print(problems)
     if args.report:
         write_report(args.report, report)
+    t = report.totals()
+    audit.write(ctx.redis(), s.audit_log, "reconcile", audit.actor_name(),
+                {"target": s.imap_url, "dry_run": bool(args.dry_run), "mailboxes": len(work)},
+                f"{'ok' if report.ok else 'incomplete'}: " + ", ".join(
+                    f"{k} {t[k]}" for k in ("appended", "already_present", "updated", "failed", "left")
+                    if k in t), warn_as="fallback reconcile")
     if not report.ok:
-        t = report.totals()
         what = ("mailbox(es) failed the checks" if args.dry_run
                 else "message(s) left; run again after fixing the causes above")
         count = t["mailbox_errors"] if args.dry_run else t["left"]

@@ -16,6 +16,10 @@ becomes "sent" only once the message is filed; any failure before that (a
 send limit, a message that cannot be built, Redis trouble) gives the claim
 back, so the corrected form sends normally.  The per-user send limits
 (sendlimits) are counted in the same attempt and given back on failure too.
+
+With undo send (`undo_seconds`, fallback/queues/delayed.py) the Sent copy is
+filed at once but nothing leaves: remote recipients, local copies and
+forward entries all wait in the outbound record until the worker takes it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from fallback.intake.addressing import Policy
 from fallback.mailbox import delivery, directory, fields, received, store
 from fallback.maillog import MailLog
 from fallback.ops.failover import ScopeCache
-from fallback.queues import forward, outbound
+from fallback.queues import delayed, forward, outbound
 
 ONCE_TTL = 7 * 86400
 CLAIM_TTL = 120  # seconds: a send interrupted by a crash frees its form after this
@@ -105,6 +109,26 @@ def build(draft: Draft, msg_id: str, domain: str) -> bytes:
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
+def _submit_later(r: redis.Redis, draft: Draft, routes: routing.Routes, raw: bytes, msg_id: str,
+                  mailstore: str, hostname: str, client_ip: str, seconds: float, form: dict[str, str],
+                  saved: str, counted: int) -> float:
+    """Undo send: the Sent copy and one outbound record holding every delivery, due in `seconds`."""
+    sender = draft.sender
+    own_id = new_id()  # the sender's own copy needs its own id: Sent already holds this one
+
+    def copy_id(addr: str) -> str:
+        return own_id if addr == sender else msg_id
+
+    extra = delayed.later_fields(
+        [(m.address, m.mailstore, copy_id(m.address)) for m in routes.mailboxes],
+        [(a, copy_id(a)) for a in routes.forward], received_line(own_id, hostname, client_ip),
+        len(received_line(msg_id, hostname, client_ip)), form, saved, counted)
+    due = time.time() + seconds
+    outbound.submit(r, sender=sender, mailstore=mailstore, recipients=list(routes.outbound), raw=raw,
+                    msg_id=msg_id, not_before=due, extra=extra)
+    return due
+
+
 def received_line(msg_id: str, hostname: str, client_ip: str) -> bytes:
     return received.received_header(msg_id, hostname, "webmail", client_ip, None, "HTTP", None)
 
@@ -120,17 +144,21 @@ class Outcome:
     in_progress: bool = False  # another submit of this form is being sent (or was cut short)
     limited: sendlimits.Refusal | None = None  # over a send limit: nothing was sent
     held: bool = False  # the operator holds the sender's outbound mail: queued, not leaving yet
+    undo_until: float = 0.0  # undo send: nothing leaves before this time (epoch seconds)
 
 
 def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draft, msg_id: str,
          hostname: str, client_ip: str, limits: sendlimits.Limits = NO_LIMITS,
-         policy: Policy | None = None) -> Outcome:
+         policy: Policy | None = None, undo_seconds: float = 0.0,
+         form: dict[str, str] | None = None, saved: str = "") -> Outcome:
     """File the Sent copy, queue remote recipients, then each of the others; at most once per msg_id.
 
     Over a send limit nothing is written and `limited` says why.  InputError:
     the message cannot be built as typed, or a recipient's alias loops (nothing
     written either).  `policy`: the address resolution's settings (aliases,
     subaddresses and catch-alls are routed as the receiver routes them).
+    `undo_seconds` > 0: everything waits that long (see the module's docstring);
+    `form` and `saved` (the compose form and its draft id) are what Undo puts back.
     """
     sender = draft.sender
     once = keys.compose_once(sender, msg_id)
@@ -161,7 +189,11 @@ def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draf
         routes = routing.route(d, scopes, recipients, policy)
         out = Outcome(msg_id, local=[m.address for m in routes.mailboxes], forwarded=list(routes.forward),
                       remote=list(routes.outbound))
-        if routes.outbound:
+        if undo_seconds > 0:
+            out.held = bool(routes.outbound) and outbound.is_held(r, sender)
+            out.undo_until = _submit_later(r, draft, routes, raw, msg_id, mailstore, hostname, client_ip,
+                                           undo_seconds, form or {}, saved, len(recipients))
+        elif routes.outbound:
             out.held = outbound.is_held(r, sender)
             outbound.submit(r, sender=sender, mailstore=mailstore, recipients=routes.outbound, raw=raw,
                             msg_id=msg_id)
@@ -181,6 +213,8 @@ def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draf
     log = MailLog()
     for addr in routes.outbound:
         log.queued(msg_id, sender, addr, route="outbound", via=VIA)
+    if out.undo_until:
+        return out  # the local copies and forward entries are the worker's, when due
 
     def copy_for(addr: str) -> tuple[str, bytes]:
         # The sender's own copy needs its own id: Sent already holds this one.

@@ -19,6 +19,11 @@ KIND = "kind"          # received, sent, notice, ...
 # Display metadata, parsed from the header when the message is stored (headers.summarize).
 FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH = "from", "to", "cc", "subject", "date", "msgid", "attach"
 DISPLAY = (FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH)
+# Issue 15 (conversations): the threading headers, parsed at delivery like the display fields
+# (headers.summarize): the well-formed ids of In-Reply-To and the last of References, space separated.
+INREPLYTO, REFERENCES = "irt", "refs"
+THREADING = (INREPLYTO, REFERENCES)
+PARSED = (*DISPLAY, *THREADING)  # what headers.summarize writes on every record
 # Changed by the user.
 FOLDER = "folder"
 FLAGS = "flags"        # space separated IMAP flags
@@ -31,11 +36,14 @@ RUIDVALIDITY, RUID = "ruidvalidity", "ruid"
 RTS, RERROR = "rts", "rerror"
 PENDING, APPENDING, DONE, FAILED = "pending", "appending", "done", "failed"
 
-ALL = (RAW, VERSION, TS, SIZE, KIND, *DISPLAY, FOLDER, FLAGS, LOCAL, REMOTE, RSTATE, RBOX, RFOLDER, RFLAGS,
+ALL = (RAW, VERSION, TS, SIZE, KIND, *PARSED, FOLDER, FLAGS, LOCAL, REMOTE, RSTATE, RBOX, RFOLDER, RFLAGS,
        RUIDVALIDITY, RUID, RTS, RERROR)
 # What a folder page shows of each message.
 LIST = (FLAGS, TS, SIZE, FROM, TO, SUBJECT, ATTACH, KIND, FOLDER)
 
 INBOX, SENT, TRASH = "INBOX", "Sent", "Trash"
-FOLDERS = (INBOX, SENT, TRASH)
+DRAFTS = "Drafts"  # issue 15: compose's saved drafts (kind "draft", flag \\Draft), web/drafts.py
+FOLDERS = (INBOX, SENT, DRAFTS, TRASH)
 SEEN, FLAGGED, ANSWERED, FORWARDED = "\\Seen", "\\Flagged", "\\Answered", "$Forwarded"
+DRAFT = "\\Draft"
+DRAFT_FORM = "form"  # drafts only: JSON of the form as typed (Bcc is never in the bytes)

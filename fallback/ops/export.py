@@ -15,11 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fallback.mailbox.fields import ANSWERED, FLAGGED, FOLDERS, INBOX, SEEN, TRASH
+from fallback.mailbox.fields import ANSWERED, DRAFT, FLAGGED, FOLDERS, INBOX, SEEN, TRASH
 from fallback.mailbox.store import MailboxReader
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
-_MAILDIR_FLAGS = {SEEN: "S", FLAGGED: "F", ANSWERED: "R"}
+_MAILDIR_FLAGS = {SEEN: "S", FLAGGED: "F", ANSWERED: "R", DRAFT: "D"}
 
 
 def mboxrd_quote(raw: bytes) -> bytes:

@@ -60,13 +60,18 @@ def ensure_headers(raw: bytes, sender: str, msg_id: str, when: float) -> bytes:
 
 
 def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str], raw: bytes,
-           msg_id: str, flags: tuple[str, ...] = (fields.SEEN,)) -> None:
+           msg_id: str, flags: tuple[str, ...] = (fields.SEEN,), not_before: float = 0.0,
+           extra: dict[str, Any] | None = None) -> None:
     """Put a composed message in the sender's Sent folder and on the outbound queue.
 
     The Sent copy gets Message-ID and Date first when it lacks them, so what
     the sender keeps is byte for byte what the recipients get (before DKIM).
+    `not_before` (undo send, fallback/queues/delayed.py): nothing is due before
+    then, the entry waits in the shard's retry zset, and `extra` fields (what
+    else waits) go into the record.
     """
     now = time.time()
+    due = max(now, not_before)
     raw = ensure_headers(raw, sender, msg_id, now)
     record: dict[str, Any] = {
         "v": keys.SCHEMA_VERSION,
@@ -75,10 +80,14 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
         "recipients": json.dumps(recipients),
         "created": now,
         **{rcpt_field(rcpt): json.dumps({"state": QUEUED, "attempts": 0, "reply": "",
-                                         "next": now}) for rcpt in recipients},
+                                         "next": due}) for rcpt in recipients},
     }
+    if not_before:
+        record.update(extra or {}, undo=due, notbefore=due)
     clustered = is_cluster(r)
-    if clustered:
+    if not_before and clustered:  # another slot, written first for the reason below
+        r.zadd(keys.outbound_retry_n(keys.outbound_shard(sender)), {member(msg_id, sender): due})
+    elif clustered:
         # The stream shard is another slot.  The entry goes first: a worker that finds
         # no record yet looks again for SUBMIT_GRACE, so a crash in between leaves an
         # entry that is dropped, never a queued message without one.
@@ -89,7 +98,9 @@ def submit(r: redis.Redis, *, sender: str, mailstore: str, recipients: list[str]
                              stats=not clustered)
         pipe.hset(keys.outbound_record(sender, msg_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(keys.outbox(sender), msg_id)
-        if not clustered:
+        if not_before and not clustered:
+            pipe.zadd(keys.outbound_retry_n(keys.outbound_shard(sender)), {member(msg_id, sender): due})
+        elif not clustered:
             pipe.xadd(keys.outbound_stream(sender), {"a": sender, "id": msg_id})
         pipe.execute()
     if clustered:

@@ -42,7 +42,7 @@ from fallback.config import Settings
 from fallback.errors import FallbackError
 from fallback.mailbox import delivery
 from fallback.maillog import MailLog
-from fallback.queues import dsn, hold, outbound, reliable
+from fallback.queues import delayed, dsn, hold, outbound, reliable
 from fallback.queues.dkim import Signer
 from fallback.queues.outbound import DEFERRED, DELIVERED, FAILED, Record
 from fallback.queues.smarthost import Reply, Smarthost
@@ -52,11 +52,12 @@ log = logging.getLogger(__name__)
 
 # Taking a message: lease, attempt count and what to send in one round trip (one slot:
 # every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw};
-# {3}: the operator holds the sender's mail.
+# {3}: the operator holds the sender's mail.  Taking ends the time to undo it (queues/delayed.py).
 _TAKE = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return {3} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
+redis.call('HDEL', KEYS[2], 'undo')
 local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
 return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'raw')}
 """
@@ -70,7 +71,8 @@ class Worker(reliable.StreamWorker):
     label = "outbound"
 
     def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None,
-                 consumer: str | None = None) -> None:
+                 consumer: str | None = None, mail: MailLog | None = None,
+                 counters: reliable.Flushing | None = None) -> None:
         self.s = settings
         self.hostname = hostname or settings.hostname or socket.gethostname()
         super().__init__(
@@ -80,11 +82,12 @@ class Worker(reliable.StreamWorker):
                    for n in range(keys.OUTBOUND_SHARDS)],
             consumer=consumer or reliable.consumer_name(self.hostname),
             concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
-            retry_base=settings.retry_base)
+            retry_base=settings.retry_base, counters=counters)
         self.smarthost = Smarthost.from_settings(settings, self.hostname)
         self.signer = (Signer(settings.dkim_selector, settings.dkim_key_dir)
                        if settings.dkim_selector and settings.dkim_key_dir else None)
-        self.mail = MailLog()
+        # Counted for /metrics when the owner passes a counting log and its counters.
+        self.mail = mail or MailLog()
 
     async def start(self) -> str:
         await self.start_loops()
@@ -141,6 +144,10 @@ class Worker(reliable.StreamWorker):
             return
         rec = outbound.parse_record(msg_id, record)
         now = time.time()
+        later = {reliable.text(k): v for k, v in record.items()}
+        if later.get(delayed.LATER) and raw is not None:
+            # Undo send: the copies for mailboxes here and the forward queue waited with it.
+            await delayed.release(self.r, sender, msg_id, later, raw, self.mail)
         deadline = rec.created + rec.held + self.s.retry_deadline
         updates: dict[str, dict[str, Any]] = {}
         failed: list[str] = []
@@ -230,7 +237,8 @@ class Worker(reliable.StreamWorker):
             pipe.xack(stream, keys.OUTBOUND_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
-        self.mail.failed(msg_id, sender, None, reason=f"parked as dead letter: {reason}", stage="outbound")
+        self.mail.failed(msg_id, sender, None, reason=f"parked as dead letter: {reason}", stage="outbound",
+                         outcome="dead-letter")
 
 
 
@@ -249,9 +257,10 @@ def _span(seconds: float) -> str:
     return f"{seconds:g} seconds"
 
 
-async def run(settings: Settings, r: aioredis.Redis, stop: asyncio.Event) -> None:
+async def run(settings: Settings, r: aioredis.Redis, stop: asyncio.Event, mail: MailLog | None = None,
+              counters: reliable.Flushing | None = None) -> None:
     """`fallback worker`: run until `stop` is set."""
-    worker = Worker(settings, r)
+    worker = Worker(settings, r, mail=mail, counters=counters)
     print(f"fallback: {await worker.start()}", flush=True)
     try:
         await stop.wait()

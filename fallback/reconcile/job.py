@@ -21,6 +21,7 @@ from fallback.config import Settings
 from fallback.mailbox.fields import (
     APPENDING,
     DONE,
+    DRAFTS,
     FAILED,
     INBOX,
     RBOX,
@@ -60,7 +61,7 @@ class Run(Protocol):
 log = logging.getLogger(__name__)
 
 RAW_BATCH_BYTES = 8 * 1024 * 1024  # raw bytes fetched from Redis at once
-_ROLES = {SENT: "\\sent", TRASH: "\\trash"}
+_ROLES = {SENT: "\\sent", TRASH: "\\trash", DRAFTS: "\\drafts"}  # RFC 6154 SPECIAL-USE
 
 
 class MailboxJob:
@@ -95,7 +96,8 @@ class MailboxJob:
         for folder, role in _ROLES.items():
             found = next((f.name for f in folders if role in f.attributes), None)
             configured = (self.rec.settings.reconcile_sent_folder if folder == SENT
-                          else self.rec.settings.reconcile_trash_folder)
+                          else self.rec.settings.reconcile_trash_folder if folder == TRASH
+                          else DRAFTS)  # issue 15: unsent drafts, with their \Draft flag
             self.boxes[folder] = found or encode_mailbox(configured)
 
     async def box(self, folder: str) -> str:
@@ -114,12 +116,16 @@ class MailboxJob:
 
     async def chunk(self, ids: list[str]) -> None:
         items: list[Item] = []
+        gone: list[str] = []
         for msg_id, item in zip(ids, await self.states.items(self.address, ids), strict=True):
             if item is None:
+                gone.append(msg_id)
                 if not self.rec.dry_run:
                     await self.states.forget(self.address, msg_id)
             else:
                 items.append(item)
+        if gone:  # deleted for good by the user (Empty Trash): counted, never appended
+            self.report.deleted_for_good += await self.states.deleted_for_good(self.address, gone)
 
         to_append: list[Item] = []
         to_update: list[Item] = []
@@ -251,6 +257,8 @@ class MailboxJob:
             raise
         item.rstate, item.ruidvalidity, item.ruid = DONE, validity, uid
         self.report.appended += 1
+        if item.folder == DRAFTS:
+            self.report.drafts += 1
         self._done(item)
         if self.rec.log_on:   # the hot path: skip formatting a line nobody will see
             self.maillog.reconciled(item.id, self.address, outcome="appended",

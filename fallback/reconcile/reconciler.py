@@ -98,6 +98,10 @@ class RetryingStates(MessageStates):
         await self._again("dropping a deleted message", address,
                           lambda: MessageStates.forget(self, address, msg_id))
 
+    async def deleted_for_good(self, address: str, ids: list[str]) -> int:
+        return await self._again("reading tombstones", address,
+                                 lambda: MessageStates.deleted_for_good(self, address, ids))
+
     async def raws(self, address: str, items: list[Item]) -> list[bytes | None]:
         return await self._again("reading messages", address,
                                  lambda: MessageStates.raws(self, address, items))

@@ -46,6 +46,8 @@ class MailboxReport:
     would_append: int = 0
     would_update: int = 0
     folders_created: list[str] = field(default_factory=list)
+    drafts: int = 0  # of `appended`: unsent webmail drafts, into the main store's \Drafts
+    deleted_for_good: int = 0   # deleted from Trash for good by the user: not appended
 
     def as_json(self, dry_run: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -53,7 +55,8 @@ class MailboxReport:
             "updated": self.updated,
             "failed": [{"id": f.id, "folder": f.folder, "reason": f.reason} for f in self.failed],
             "changed": [{"id": f.id, "folder": f.folder, "reason": f.reason} for f in self.changed],
-            "error": self.error, "left": self.left,
+            "error": self.error, "left": self.left, "drafts": self.drafts,
+            "deleted_for_good": self.deleted_for_good,
             ("folders_to_create" if dry_run else "folders_created"): self.folders_created,
         }
         if dry_run:
@@ -75,12 +78,14 @@ class Report:
         return {
             "mailboxes": len(self.mailboxes),
             "appended": sum(x.appended for x in m),
+            "drafts": sum(x.drafts for x in m),
             "already_present": sum(x.already_present for x in m),
             "updated": sum(x.updated for x in m),
             "failed": sum(len(x.failed) for x in m),
             "changed": sum(len(x.changed) for x in m),
             "mailbox_errors": sum(1 for x in m if x.error),
             "left": sum(x.left for x in m),
+            "deleted_for_good": sum(x.deleted_for_good for x in m),
             "would_append": sum(x.would_append for x in m),
             "would_update": sum(x.would_update for x in m),
         }
