@@ -160,6 +160,9 @@ def evaluate(r: redis.Redis, ctx: Context, allow_no_aof: bool) -> Verdict:
         if b.refused:
             # Never bounced (forward queue): the main system refusing its own users needs a person.
             v.add(WARNING, f"{b.name} queue {b.refused} refused by the next hop (5xx), kept and retried")
+        if b.held:
+            # Not a fault, but mail that waits for a person: say so, or it is forgotten.
+            v.add(OK, f"{b.name} queue {b.held} held by an operator (fallback queue retry ID --forward)")
         v.perf.append(f"{b.name}_dead={b.dead};1;;0")
     # Issue 18: the mailstore watcher's verdicts (fallback watch).
     levels = {"critical": CRITICAL, "warning": WARNING, "note": OK}

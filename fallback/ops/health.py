@@ -47,6 +47,7 @@ class Backlog:
     oldest_ms: int | None = None  # when the oldest unfinished message was queued
     dead: int = 0
     refused: int = 0  # still queued and retried, but the next hop's last answer was a 5xx (forward)
+    held: int = 0  # kept here by an operator (`fallback queue hold --forward`) until a retry
 
     def age(self, now_ms: int) -> float:
         """Seconds the oldest message has waited; 0 for an empty queue."""
@@ -117,8 +118,10 @@ def _zset_backlog(r: redis.Redis, key: str) -> tuple[int, int | None]:
 
 def queue_backlog(r: redis.Redis, name: str, shard: Callable[[int], str], shards: int) -> Backlog:
     """One sharded queue; by convention `<stream>:retry` and `<stream>:dead` are its retry and parked sets,
-    `<stream>:refused` the messages whose last attempt got a 5xx (kept, retried)."""
-    depth, oldest, dead, refused = 0, None, 0, 0
+    `<stream>:refused` the messages whose last attempt got a 5xx (kept, retried), `<stream>:held` the
+    ones an operator holds (counted apart: holding them was a decision, not a backlog, and a held
+    record may still have its entry in the stream until a worker passes it)."""
+    depth, oldest, dead, refused, held = 0, None, 0, 0, 0
     for n in range(shards):
         stream = shard(n)
         d, o = stream_backlog(r, stream)
@@ -127,7 +130,8 @@ def queue_backlog(r: redis.Redis, name: str, shard: Callable[[int], str], shards
         oldest = _older(oldest, _older(o, ro))
         dead += int(r.zcard(f"{stream}:dead"))
         refused += int(r.zcard(f"{stream}:refused"))
-    return Backlog(name, depth, oldest, dead, refused)
+        held += int(r.zcard(f"{stream}:held"))
+    return Backlog(name, depth, oldest, dead, refused, held)
 
 
 def backlogs(r: redis.Redis) -> list[Backlog]:
