@@ -16,10 +16,11 @@ from collections.abc import Sequence
 
 import redis
 
+from fallback import maillog
 from fallback.commands import REGISTRY
 from fallback.commands.context import Context, Handler, common_options, server_options
 from fallback.config import Settings, load_settings, redact_url
-from fallback.errors import FallbackError
+from fallback.errors import ConfigError, FallbackError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +39,12 @@ def setup_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    mail = logging.getLogger("fallback.mail")
-    if settings.mail_log != "-":
-        handler = logging.FileHandler(settings.mail_log)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    mail = logging.getLogger(maillog.LOGGER_NAME)
+    try:
+        handler = maillog.handler(settings.mail_log)  # a file, syslog, or None: stderr
+    except OSError as exc:
+        raise ConfigError(f"mail_log: cannot open {settings.mail_log}: {exc.strerror or exc}") from None
+    if handler is not None:
         mail.addHandler(handler)
         mail.propagate = False
     # Library chatter (one line per SMTP command) would drown the mail log.

@@ -54,6 +54,16 @@ def stats_shard_n(n: int) -> str:
     return f"stats:{{s{n}}}"
 
 
+def reconcile_counts_shard(address: str) -> str:
+    """hash: "<mailstore>\t<state>" -> messages in reconcile state appending, done or failed,
+    moved by the state scripts (reconcile/state.py) and purge; sharded like stats."""
+    return f"rstats:{{s{zlib.crc32(address.encode()) % STATS_SHARDS}}}"
+
+
+def reconcile_counts_shard_n(n: int) -> str:
+    return f"rstats:{{s{n}}}"
+
+
 def mbx(address: str) -> str:
     """Prefix of every key of one mailbox."""
     return f"mbx:{{{address}}}"
@@ -127,6 +137,12 @@ DEDUPE_TTL_MS = 5 * 86400 * 1000  # as long as senders' queues retry (Postfix: 5
 def pending(address: str) -> str:
     """set: ids not yet reconciled into the main store (or changed since)."""
     return f"{mbx(address)}:pending"
+
+
+def expunged(address: str) -> str:
+    """hash: id -> "<ms> <rstate>" of messages the user deleted for good from Trash (the
+    tombstones of mailbox/expunge.py: reconcile counts them instead of appending them)."""
+    return f"{mbx(address)}:expunged"
 
 
 OUTBOUND_SHARDS = 16
@@ -230,6 +246,17 @@ def outbound_lease(address: str, msg_id: str) -> str:
 
 FAILOVER_SCOPE = "failover:scope"  # hash: mode, since, ms:<mailstore> -> declared at (failover.py)
 AUDIT_STREAM = "audit"             # stream: admin actions, time, actor, arguments (audit.py)
+INCIDENT = "ops:incident"         # hash: text, since, actor of the live incident text (ops/incident.py)
+# Issue 16 (reseller tokens, fallback/ops/tokens.py): one hash tag, so a token's records change in one slot.
+RESELLERS = "admin:{tokens}"                 # hash: token name -> JSON (domains, created, expires, creator)
+RESELLER_DIGESTS = "admin:{tokens}:digests"  # hash: sha256 of a live token -> its name (the lookup)
+RESELLER_REVOKED = "admin:{tokens}:revoked"  # hash: sha256 of a revoked token -> JSON (name, revoked)
+RESELLER_USED = "admin:{tokens}:used"        # hash: token name -> last time it was accepted
+
+
+def admin_auth_failures(client: str) -> str:
+    """string with TTL: failed admin API tokens from one client prefix (the brute-force guard)."""
+    return f"admin:authfail:{client}"
 FORWARD_SHARDS = 16
 
 
@@ -278,6 +305,12 @@ def forward_dead_n(n: int) -> str:
     return f"fwdq:{{f{n}}}:dead"
 
 
+def forward_held_n(n: int) -> str:
+    """zset: "<msg_id>\\t<recipient>" -> time an operator held it (`fallback queue hold --forward`);
+    the record is marked parked, so workers skip it until `fallback queue retry --forward`."""
+    return f"fwdq:{{f{n}}}:held"
+
+
 def forward_record(recipient: str, msg_id: str) -> str:
     """hash: one message waiting for the main system for one recipient (raw, sender, attempts, reply).
 
@@ -290,3 +323,91 @@ def forward_record(recipient: str, msg_id: str) -> str:
 def forward_lease(recipient: str, msg_id: str) -> str:
     """string with TTL: the worker forwarding this record right now."""
     return f"{forward_record(recipient, msg_id)}:lease"
+
+
+# Issue 15 (conversations and address suggestions): fallback/mailbox/threads.py, contacts.py,
+# dirindex.py.
+def thread_of(address: str) -> str:
+    """hash: message id -> its conversation's id (the id of the conversation's first message seen)."""
+    return f"{mbx(address)}:thr:of"
+
+
+def thread_ids(address: str) -> str:
+    """hash: Message-ID (without <>) of a message or one it refers to -> conversation id."""
+    return f"{mbx(address)}:thr:ids"
+
+
+def thread_subjects(address: str) -> str:
+    """hash: normalised subject -> "<conversation id> <newest ts ms>" (the subject fallback)."""
+    return f"{mbx(address)}:thr:subj"
+
+
+def thread(address: str, thread_id: str) -> str:
+    """zset: message id -> ts (ms) of one conversation, across INBOX, Sent and Trash."""
+    return f"{mbx(address)}:thr:t:{thread_id}"
+
+
+def thread_mark(address: str) -> str:
+    """string: ts (ms) up to which the mailbox's messages are in its conversation index."""
+    return f"{mbx(address)}:thr:mark"
+
+
+def thread_lock(address: str) -> str:
+    """string with TTL: a webmail request is bringing the conversation index up to date."""
+    return f"{mbx(address)}:thr:lock"
+
+
+def contacts(address: str) -> str:
+    """zset: address the user wrote to or received from -> recency-weighted frequency (capped)."""
+    return f"{mbx(address)}:contacts"
+
+
+def contact_names(address: str) -> str:
+    """hash: contact address -> the display name last seen with it."""
+    return f"{mbx(address)}:contacts:names"
+
+
+def list_prefs(address: str) -> str:
+    """hash: the user's folder-list choices (group: "1" = one row per conversation)."""
+    return f"{mbx(address)}:listprefs"
+
+
+def dir_names(domain: str, prefix: str) -> str:
+    """hash (small: stays listpack-encoded): local part -> "" of a domain's provisioned mailboxes
+    whose local part starts with `prefix` (its first dirindex.PREFIX characters), for address
+    suggestions (mailbox/dirindex.py)."""
+    return f"dirx:{{{domain}/{prefix}}}"
+
+
+DIR_NAMES_BUILT = "dirx:built"  # string: when the name index was built over the whole directory
+
+
+def dir_name_prefixes(domain: str) -> str:
+    """zset (all scores 0, read by lex range): the prefixes that have a dir_names hash."""
+    return f"dirx:{{{domain}}}:p"
+
+
+# Issue 16 (admin console): its sessions and the last hour of mail-log counts by minute.
+def console_session(token_hash: str) -> str:
+    """hash: one admin console session (who, csrf, created), keyed by a hash of its cookie;
+    TTL = idle timeout, never past created + session max age (web/console/session.py)."""
+    return f"consess:{{{token_hash}}}"
+
+
+def metrics_minute_n(n: int, minute: int) -> str:
+    """hash: like metrics_shard_n (same hash tag, so one flush stays in one slot), the mail-log
+    counts flushed in one minute since the epoch; expires after a little over an hour
+    (ops/intakerate.py)."""
+    return f"metrics:{{c{n}}}:m{minute}"
+
+
+# Issue 16 (message trace, fallback/ops/trace.py): each message's events, and who they concern.
+def trace(msg_id: str) -> str:
+    """list: one message's trace events (JSON lines, capped, expiring after trace_retention)."""
+    return f"trace:{{{msg_id}}}"
+
+
+def trace_address(address: str) -> str:
+    """zset: message id -> time of its last event to or from `address` (capped, expiring);
+    tagged by the address, like the mailbox's keys."""
+    return f"trace:a:{{{address}}}"

@@ -11,7 +11,7 @@ has a typed method, and every process writes the same keys
 `from=` is always the envelope sender and `to=` always one recipient (or the
 mailbox a line is about), so `grep to=alice@example.com` finds every line of
 every message for Alice, whichever process wrote it.  Events: received,
-rejected, queued, sent, deferred, bounced, forwarded, reconciled, failed,
+rejected, queued, sent, deferred, bounced, forwarded, reconciled, purged, failed,
 alert (needs an operator; the mail is kept), login, login-failed,
 login-refused.
 """
@@ -142,6 +142,10 @@ class MailLog:
                    uid: int | None = None) -> None:
         """Carried into the main store: outcome appended, updated or already-present."""
         self._emit("reconciled", msg_id, None, rcpt, outcome=outcome, folder=folder, uid=uid)
+
+    def purged(self, msg_id: str, rcpt: str) -> None:
+        """Deleted from the fallback (`fallback purge`) after reconcile carried it over."""
+        self._emit("purged", msg_id, None, rcpt)
 
     def failed(self, msg_id: str | None, sender: str | None, rcpt: str | None, *, reason: str,
                stage: str | None = None, via: str | None = None, notice: str | None = None,

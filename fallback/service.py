@@ -39,6 +39,7 @@ from fallback.intake.receiver import ReceiverServer
 from fallback.mailbox import directory, passwords
 from fallback.maillog import MailLog
 from fallback.ops import metrics
+from fallback.ops.trace import TraceBuffer
 from fallback.queues.forward import ForwardComponent
 from fallback.redisconn import async_client, sync_client
 from fallback.webserver import WebComponent
@@ -138,7 +139,8 @@ class SmtpComponent:
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     async def start(self) -> str:
-        self.counters = metrics.Counters(self.settings.metrics_flush_interval)
+        self.counters = metrics.Counters(self.settings.metrics_flush_interval,
+                                         trace=TraceBuffer.for_settings(self.settings, "intake"))
         maillog = MailLog(counters=metrics.MailCounters(self.counters))
         processes = self.settings.smtp_workers or os.cpu_count() or 1
         reuse = processes > 1 or self.settings.smtp_reuse_port
@@ -190,7 +192,8 @@ class WorkerComponent:
             return "outbound worker: off (no --smarthost); sent mail waits in the queue"
         from fallback.queues.worker import Worker
 
-        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval)  # for /metrics
+        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval,  # for /metrics
+                                               TraceBuffer.for_settings(self.settings, "outbound"))
         self.worker = Worker(self.settings, self.r, mail=mail, counters=counters)
         return str(await self.worker.start())
 
@@ -233,7 +236,8 @@ class Service:
             r.close()
 
     def _forward(self, r: aioredis.Redis) -> ForwardComponent:
-        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval)  # for /metrics
+        mail, counters = metrics.mail_counting(self.settings.metrics_flush_interval,  # for /metrics
+                                               TraceBuffer.for_settings(self.settings, "forward"))
         return ForwardComponent(self.settings, r, mail=mail, counters=counters)
 
     async def run(self, stop_event: asyncio.Event | None = None) -> None:

@@ -11,6 +11,8 @@ the tests know the importer really pages.
 userPassword may be read only by READER_DN (and compared for binds by
 anyone), as providers usually set it: an anonymous search sees users without
 their hashes.
+
+With `tls` (a certificate and its key, PEM) slapd listens on ldaps:// only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class LdapUser:
     aliases: list[str] = field(default_factory=list)   # mailLocalAddress values
     mailhost: str = ""              # mailHost: the user's mailstore in the tests' mapping
     extra_classes: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)      # more "attribute: value" lines
 
     def ldif(self) -> str:
         lines = [f"dn: uid={self.uid},{PEOPLE_DN}", "objectClass: inetOrgPerson",
@@ -63,6 +66,7 @@ class LdapUser:
         lines += [f"mailLocalAddress: {a}" for a in self.aliases]
         if self.mailhost:
             lines.append(f"mailHost: {self.mailhost}")
+        lines += self.extra
         return "\n".join(lines) + "\n"
 
 
@@ -72,10 +76,11 @@ class SlapdServer:
     users: list[LdapUser]
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path] | None = None    # (certificate, key): serve ldaps:// instead
 
     @property
     def url(self) -> str:
-        return f"ldap://127.0.0.1:{self.port}"
+        return f"{'ldaps' if self.tls else 'ldap'}://127.0.0.1:{self.port}"
 
     @property
     def conf(self) -> Path:
@@ -85,8 +90,19 @@ class SlapdServer:
         w = self.workdir
         schemas = "\n".join(f"include {SCHEMA / name}.schema"
                             for name in ("core", "cosine", "inetorgperson", "misc"))
+        # mailAlternateAddress (Sun's and qmail's schemas, not Debian's; a test OID here):
+        # addresses that receive the user's mail, as many providers' directories hold them.
+        (w / "extra.schema").write_text(
+            "attributetype ( 1.3.6.1.4.1.99999.1.1 NAME 'mailAlternateAddress' "
+            "EQUALITY caseIgnoreIA5Match SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 )\n"
+            # and an outside address to reach the user at (a provider's own attribute)
+            "attributetype ( 1.3.6.1.4.1.99999.1.2 NAME 'contactMail' "
+            "EQUALITY caseIgnoreIA5Match SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 )\n")
+        schemas += f"\ninclude {w / 'extra.schema'}"
+        tls = ("" if self.tls is None
+               else f"TLSCertificateFile {self.tls[0]}\nTLSCertificateKeyFile {self.tls[1]}\n")
         return f"""{schemas}
-pidfile {w}/slapd.pid
+{tls}pidfile {w}/slapd.pid
 argsfile {w}/slapd.args
 modulepath /usr/lib/ldap
 moduleload back_mdb
@@ -147,12 +163,13 @@ access to * by * read
 
 
 @pytest.fixture
-def slapd_factory() -> Iterator[Callable[[list[LdapUser]], SlapdServer]]:
-    """Start private slapds serving the given users under PEOPLE_DN; stopped and removed afterwards."""
+def slapd_factory() -> Iterator[Callable[..., SlapdServer]]:
+    """Start private slapds serving the given users under PEOPLE_DN (on ldaps:// with `tls`);
+    stopped and removed afterwards."""
     started: list[SlapdServer] = []
 
-    def make(users: list[LdapUser]) -> SlapdServer:
-        server = SlapdServer(Path(tempfile.mkdtemp(prefix="fallback-slapd-")), users)
+    def make(users: list[LdapUser], tls: tuple[Path, Path] | None = None) -> SlapdServer:
+        server = SlapdServer(Path(tempfile.mkdtemp(prefix="fallback-slapd-")), users, tls=tls)
         started.append(server)
         return server.start()
 

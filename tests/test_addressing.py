@@ -423,3 +423,56 @@ def test_a_retry_after_a_failed_write_of_several_copies_stores_each_once(
     assert [len(inbox(r, m)) for m in (ALICE, BOB, CAROL)] == [1, 1, 1]
     assert all(raw.endswith(BODY) for m in (ALICE, BOB, CAROL) for raw in inbox(r, m))
     assert _trace(inbox(r, BOB)[0]).endswith(b"\r\nDelivered-To: sales2@example.com\r\n")
+
+
+def _record(r: redis.Redis, rcpt: str, msg_id: str) -> dict[bytes, bytes]:
+    record: Any = r.hgetall(keys.forward_record(rcpt, msg_id))
+    return dict(record)
+
+
+def test_local_copies_name_their_recipient_when_others_are_forwarded(
+        r: redis.Redis, served: Aliases, receiver_factory: Any) -> None:
+    """Issue 14: a message with forwarded recipients still gives each mailbox reached through an
+    alias or a subaddress its own copy naming it, in the same one write as the forward records."""
+    served.put(make_alias("sales3@example.com", [ALICE, EXT]))  # a local mailbox and an outside one
+    rt = receiver_factory()
+    rcpts = ["sales3@example.com", "bob+tag@example.com", DAVE]
+    replies, code, text = transaction(rt.port, "127.0.0.2", rcpts)
+    assert [c for c, _ in replies] == [250, 250, 250] and code == 250
+    msg_id = text.decode().rsplit("id=", 1)[1]
+    (a,), (b,) = inbox(r, ALICE), inbox(r, BOB)
+    assert b"\tfor <sales3@example.com>;" in _trace(a)
+    assert _trace(a).endswith(b"\r\nDelivered-To: sales3@example.com\r\n")
+    assert b"\tfor <bob+tag@example.com>;" in _trace(b)
+    assert _trace(b).endswith(b"\r\nDelivered-To: bob+tag@example.com\r\n")
+    assert store.MailboxReader(r, ALICE).ids("INBOX") == store.MailboxReader(r, BOB).ids("INBOX") == [msg_id]
+    # dave (healthy) and ext (sales3's outside target), each once, with the bytes naming nobody.
+    assert forwards(r) == sorted([DAVE, EXT])
+    assert inbox(r, DAVE) == []
+    for rcpt in (DAVE, EXT):
+        rec = _record(r, rcpt, msg_id)
+        assert rec[b"rcpt"] == rcpt.encode() and rec[b"sender"] == SENDER.encode()
+        assert rec[b"raw"].endswith(BODY) and msg_id.encode() in rec[b"raw"]
+        assert b"Delivered-To" not in rec[b"raw"] and b" for <" not in rec[b"raw"]
+    # Each copy counted with its own size.
+    assert [int(r.hget(keys.info(m), "bytes") or 0) for m in (ALICE, BOB)] == [len(a), len(b)]
+    # The sender's retry of the same transaction (a 451 it thinks it got) on a cluster finds it
+    # stored; on one Redis it is a new message (nothing there tells it from a real second one).
+    _, code, _ = transaction(rt.port, "127.0.0.3", rcpts)
+    assert code == 250
+    second = 1 if is_cluster(r) else 2
+    assert len(inbox(r, ALICE)) == len(inbox(r, BOB)) == second
+    assert len(forwards(r)) == 2 * second
+
+
+def test_one_forwarded_recipient_and_its_local_copy_name_it(r: redis.Redis, served: Aliases,
+                                                           receiver_factory: Any) -> None:
+    served.put(make_alias("sales3@example.com", [ALICE, EXT]))
+    rt = receiver_factory()
+    _, code, text = transaction(rt.port, "127.0.0.3", ["sales3@example.com"])
+    assert code == 250
+    msg_id = text.decode().rsplit("id=", 1)[1]
+    (a,) = inbox(r, ALICE)
+    assert _trace(a).endswith(b"\r\nDelivered-To: sales3@example.com\r\n")
+    # The only recipient: the forwarded copy is the same bytes (no Bcc to hide).
+    assert forwards(r) == [EXT] and _record(r, EXT, msg_id)[b"raw"] == a

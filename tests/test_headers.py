@@ -91,7 +91,7 @@ def test_names_and_summary_of_a_real_message():
     assert meta[fields.SUBJECT] == "Winter sale — 50% off"
     assert meta[fields.MSGID] == "<20261201080000.123@shop.example>"
     assert meta[fields.ATTACH] == "0"
-    assert set(meta) == set(fields.DISPLAY)
+    assert set(meta) == set(fields.PARSED)
 
 
 def test_summary_takes_the_first_of_repeated_fields_and_never_raises():

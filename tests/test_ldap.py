@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import ipaddress
+import smtplib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from passlib.hash import sha512_crypt
 
 from fallback.cli import main
+from fallback.mailbox import store
 from fallback.mailbox.aliases import LDAP, MANUAL, VIRTUAL, Aliases
 from fallback.mailbox.directory import Directory, ensure_buckets
 from fallback.mailbox.passwords import verify_password
+from fallback.ops import failover
 from tests.servers import free_port
 from tests.slapd import PEOPLE_DN, READER_DN, READER_PASSWORD, SIZE_LIMIT, LdapUser, SlapdServer, ssha
 from tests.test_sync import snapshot
@@ -297,3 +307,146 @@ def test_ldap_alias_removal_limit_counts_ldap_aliases_only(
         sorted(f"a{i}@example.com" for i in range(2, 20))
     assert sum(origin == VIRTUAL for _, origin in stored.values()) == 100
     assert verify_password("new", directory(r).get("u19@example.com").password_hash)
+
+
+# --- ldaps:// with a CA of the operator's (--ldap-ca-file) --------------------------------------
+
+def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def _pem(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def tls_files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """(the CA's certificate, slapd's certificate and key signed by it for 127.0.0.1, another CA)."""
+    ca, ca_key = _ca("fallback test LDAP CA")
+    other, _ = _ca("someone else's CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return (_pem(tmp_path / "ca.pem", ca.public_bytes(pem)),
+            _pem(tmp_path / "slapd.pem", cert.public_bytes(pem)), _pem(tmp_path / "slapd.key", key_pem),
+            _pem(tmp_path / "other-ca.pem", other.public_bytes(pem)))
+
+
+def test_ldaps_with_the_operators_ca_and_a_wrong_one(
+        slapd_factory: Callable[..., SlapdServer], r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ca, cert, key, other = tls_files(tmp_path)
+    server = slapd_factory([LdapUser("alice", "alice@example.com", ssha("pw-a"))], tls=(cert, key))
+    assert server.url.startswith("ldaps://127.0.0.1:")
+    # Not trusted by the system's CAs, nor by another CA: one line each, nothing stored.
+    for extra, reason in (
+            ([], "its TLS certificate is not signed by a CA the system trusts (give --ldap-ca-file)"),
+            (["--ldap-ca-file", str(other)], f"its TLS certificate is not signed by a CA in {other}")):
+        rc, out, err = run([*reader_args(server, tmp_path), *extra], redis_url, capsys)
+        assert (rc, out, err) == (1, "", f"fallback provision: LDAP {server.url} unreachable: {reason}\n")
+        assert directory(r).count() == 0
+    rc, out, err = run([*reader_args(server, tmp_path), "--ldap-ca-file", str(ca)], redis_url, capsys)
+    assert (rc, err) == (0, ""), out + err
+    assert verify_password("pw-a", directory(r).get("alice@example.com").password_hash)
+
+
+def test_bad_ldap_ca_file_is_one_line(r: redis.Redis, redis_url: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    missing = tmp_path / "missing.pem"
+    url = f"ldaps://127.0.0.1:{free_port()}"
+    for ldap_url, ca_file, message in (
+            (url, missing, f"--ldap-ca-file: {missing} does not exist"),
+            (url, not_pem, f"--ldap-ca-file: {not_pem} holds no PEM certificate"),
+            ("ldap://127.0.0.1:389", not_pem, "--ldap-ca-file is for ldaps:// URLs; ldap://127.0.0.1:389 "
+                                              "is not encrypted")):
+        rc, out, err = run(["--ldap-url", ldap_url, "--ldap-base", PEOPLE_DN, "--ldap-ca-file", str(ca_file)],
+                           redis_url, capsys)
+        assert (rc, out, err) == (1, "", f"fallback provision: {message}\n")
+    assert directory(r).count() == 0
+
+
+# --- alternate=ATTR and alias=ATTR ----------------------------------------------------------------
+
+def test_alternate_is_the_contact_address_and_alias_addresses_receive_mail(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, settings: Any, tmp_path: Path,
+        receiver_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`alias=mailAlternateAddress`: each value an address of the mailbox, delivered to it by the
+    real receiver; `alternate=ATTR`: the one outside address failover notices go to (no alias)."""
+    server = slapd_factory([
+        LdapUser("alice", "alice@example.com", ssha("pw-a"), extra_classes=["extensibleObject"],
+                 extra=["mailAlternateAddress: a.smith@example.com",
+                        "mailAlternateAddress: alice@example.org",
+                        "contactMail: alice.private@remote.test"]),
+        LdapUser("bob", "bob@example.com", ssha("pw-b"), extra_classes=["extensibleObject"],
+                 extra=["contactMail: bob@home.test", "contactMail: bob@work.test"]),
+    ])
+    mapping = ["--ldap-map", "alias=mailAlternateAddress,alternate=contactMail",
+               "--mailstore", "store1"]
+    rc, out, err = run([*reader_args(server, tmp_path), *mapping], redis_url, capsys)
+    # bob's two contact addresses: his entry is refused by DN, alice's loads.
+    assert rc == 1
+    assert f"uid=bob,{PEOPLE_DN}: 2 values of contactMail (the alternate address); expected one" in out
+    assert err == "fallback provision: 1 invalid LDAP entry; the other entries were loaded\n"
+    d = directory(r)
+    assert d.get("bob@example.com") is None
+    alice = d.get("alice@example.com")
+    assert (alice.mailstore, alice.alternate) == ("store1", "alice.private@remote.test")
+    book = Aliases(r, d.buckets)
+    assert book.get("a.smith@example.com").targets == ("alice@example.com",)
+    assert book.get("alice@example.org").targets == ("alice@example.com",)
+    assert book.get("alice.private@remote.test") is None  # the contact address receives nothing here
+    failover.start(r, ["store1"])
+    rt = receiver_factory()
+    with smtplib.SMTP("127.0.0.1", rt.port, source_address=("127.0.0.2", 0), timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("sender@remote.test")
+        assert s.rcpt("A.Smith@example.com") == (250, b"2.1.5 Recipient OK")
+        assert s.rcpt("alice.private@remote.test")[0] == 550
+        assert s.data(b"Subject: to the alternate address\r\n\r\nhi\r\n")[0] == 250
+    with smtplib.SMTP("127.0.0.1", rt.port, source_address=("127.0.0.3", 0), timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("sender@remote.test")
+        assert s.rcpt("alice@example.org")[0] == 250
+        assert s.data(b"Subject: to the other domain\r\n\r\nhi\r\n")[0] == 250
+    reader = store.MailboxReader(r, "alice@example.com")
+    raws = sorted(reader.raw(i) or b"" for i in reader.ids("INBOX"))
+    assert len(raws) == 2
+    assert sum(b"\r\nDelivered-To: a.smith@example.com\r\n" in raw for raw in raws) == 1
+    assert sum(b"\r\nDelivered-To: alice@example.org\r\n" in raw for raw in raws) == 1
+
+
+def test_ldap_sync_that_finds_nobody_is_refused_even_with_force(
+        slapd_factory: Factory, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    server = slapd_factory([LdapUser(f"u{i}", f"u{i}@example.com", ssha(f"pw{i}")) for i in range(3)])
+    assert run(reader_args(server, tmp_path), redis_url, capsys)[0] == 0
+    before = snapshot(r)
+    nobody = [*reader_args(server, tmp_path), "--ldap-filter", "(uid=left-the-company)", "--sync"]
+    rc, out, err = run([*nobody, "--force"], redis_url, capsys)
+    assert (rc, out, err) == (1, "", f"fallback provision: {server.url} {PEOPLE_DN} has no entries; refusing "
+                                     "to empty the directory (3 mailboxes), even with --force: give "
+                                     "--allow-empty if that is what you want\n")
+    assert snapshot(r) == before
+    rc, _, err = run([*nobody, "--allow-empty"], redis_url, capsys)
+    assert (rc, err) == (0, "") and directory(r).count() == 0

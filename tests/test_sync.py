@@ -384,8 +384,9 @@ def test_alias_sync_at_the_removal_limit_passes_and_one_past_refuses(
     code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", *flags)
     assert (code, err) == (0, "")
     assert sorted(stored_aliases(r, settings)) == everyone[at:]
+    # Emptying the aliases takes --allow-empty (--force alone is refused: see the empty-source tests).
     code, _, err = run(capsys, redis_url, "provision", str(virtual_file(src, {})), "--format", "virtual",
-                       "--sync", "--force")
+                       "--sync", "--allow-empty")
     assert (code, err) == (0, "") and stored_aliases(r, settings) == {}
     assert directory(r, settings).count() == 100
     assert alias_store(r, settings).domains() == {}
@@ -475,10 +476,124 @@ def test_virtual_sync_keeps_ldap_and_manual_aliases_and_counts_its_own_against_t
     origins = {a.address: a.origin for a in store.entries()}
     assert origins == {**{a: VIRTUAL for a in virtual_ones[1:]}, ldap_ones[0]: VIRTUAL,
                        **{a: LDAP for a in ldap_ones[1:]}, "hand@example.com": MANUAL}
-    # An empty file (forced) removes every virtual-file alias and nothing else.
+    # An empty file (--allow-empty) removes every virtual-file alias and nothing else.
     code, out, err = run(capsys, redis_url, "provision", str(virtual_file(src, {})), "--format", "virtual",
-                         "--sync", "--force")
+                         "--sync", "--allow-empty")
     assert (code, err) == (0, "")
     assert {a.address: a.origin for a in store.entries()} == {
         **{a: LDAP for a in ldap_ones[1:]}, "hand@example.com": MANUAL}
     assert stored_aliases(r, settings)["hand@example.com"] == ("bob@example.com",)
+
+
+# --- a source with no entries at all -----------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "text", "fmt"), [
+    ("header-only.csv", "address,password,mailstore\n", []),
+    ("comments.passwd", "# exported by the main system\n\n   \n# nothing else\n", ["--format", "passwd"]),
+    ("empty.csv", "", ["--format", "csv"]),
+])
+def test_sync_of_an_empty_source_is_refused_even_with_force(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], name: str, text: str, fmt: list[str]) -> None:
+    provision(r, settings, names(3))
+    src = tmp_path / name
+    src.write_text(text)
+    before = snapshot(r)
+    message = (f"fallback provision: {src} has no entries; refusing to empty the directory (3 mailboxes), "
+               "even with --force: give --allow-empty if that is what you want\n")
+    for flags in (["--force"], ["--max-remove", "100%"], []):
+        code, out, err = run(capsys, redis_url, "provision", str(src), *fmt, "--sync", *flags)
+        assert (code, out, err) == (1, "", message)
+        assert snapshot(r) == before
+    # A dry run says so and changes nothing either.
+    code, out, err = run(capsys, redis_url, "provision", str(src), *fmt, "--sync", "--dry-run")
+    assert (code, err) == (1, message)
+    assert "would be removed (3)" in out and snapshot(r) == before
+    # The operator who means it: the directory is emptied, nothing else is needed.
+    code, out, err = run(capsys, redis_url, "provision", str(src), *fmt, "--sync", "--allow-empty")
+    assert (code, err) == (0, ""), out
+    assert directory(r, settings).count() == 0
+
+
+def test_empty_source_rules(settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    src = users_csv(tmp_path / "none.csv", [])
+    # Nothing to remove: an empty file into an empty directory is no refusal.
+    code, _, err = run(capsys, redis_url, "provision", str(src), "--sync")
+    assert (code, err) == (0, "")
+    # --allow-empty belongs to --sync, like --force.
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--allow-empty")
+    assert (code, out, err) == (1, "", "fallback provision: --allow-empty is only for --sync\n")
+    # One entry is not an empty source: the usual --max-remove applies (and --force passes it).
+    provision(r, settings, names(3))
+    one = users_csv(tmp_path / "one.csv", [(names(3)[0], HASH, "default")])
+    code, _, err = run(capsys, redis_url, "provision", str(one), "--sync")
+    assert code == 1 and "--sync would remove 2 of 3 mailboxes" in err
+    code, _, err = run(capsys, redis_url, "provision", str(one), "--sync", "--force")
+    assert (code, err) == (0, "") and directory(r, settings).count() == 1
+
+
+def test_alias_sync_of_an_empty_virtual_file_is_refused_even_with_force(
+        settings: Settings, r: redis.Redis, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    provision(r, settings, names(2))
+    virtual = tmp_path / "virtual"
+    virtual.write_text(f"sales@example.com {names(2)[0]}\ninfo@example.com {names(2)[1]}\n")
+    assert run(capsys, redis_url, "provision", str(virtual), "--format", "virtual")[0] == 0
+    virtual.write_text("# the export lost its lines\n")
+    before = snapshot(r)
+    code, out, err = run(capsys, redis_url, "provision", str(virtual), "--format", "virtual", "--sync",
+                         "--force")
+    assert (code, out, err) == (1, "", f"fallback provision: {virtual} has no entries; refusing to empty the "
+                                       "directory (2 aliases from virtual files), even with --force: give "
+                                       "--allow-empty if that is what you want\n")
+    assert snapshot(r) == before
+    code, _, err = run(capsys, redis_url, "provision", str(virtual), "--format", "virtual", "--sync",
+                       "--allow-empty")
+    assert (code, err) == (0, "")
+    assert Aliases(r, ensure_buckets(r, settings.directory_buckets)).count() == 0
+    assert directory(r, settings).count() == 2  # the mailboxes are another sync's
+
+
+@pytest.mark.dovecot
+def test_a_removed_mailbox_is_reconciled_into_dovecot_by_all(
+        settings: Settings, r: redis.Redis, redis_url: str, mailboxes: list[str], dovecot: Any,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14: mail of a user removed by --sync is kept, and `reconcile --all` puts it into the
+    real main store (a Dovecot) and counts it in its report; then purge frees it."""
+    from tests.dovecot import MainStoreView
+    from tests.reconcile_helpers import cli_args, message, put, read_report, reconcile_settings
+
+    bob = "bob@example.com"
+    kept = [message(bob, f"kept {n}") for n in range(2)]
+    for msg_id, raw in kept:
+        put(r, bob, raw, msg_id)
+    alice_id, alice_raw = message("alice@example.com", "alice's")
+    put(r, "alice@example.com", alice_raw, alice_id)
+    src = users_csv(tmp_path / "users.csv", [(a, HASH, "default") for a in mailboxes if a != bob])
+    code, out, err = run(capsys, redis_url, "provision", str(src), "--sync", "--max-remove", "1")
+    assert code == 0, err
+    assert f"kept mail (1) (removed, mail kept until reconcile --all and purge): {bob}" in out
+    assert directory(r, settings).get(bob) is None
+    s = reconcile_settings(settings, dovecot, tmp_path)
+    report_path = tmp_path / "reconcile.json"
+    assert main(cli_args(s, "--all", "--report", str(report_path))) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    report = read_report(report_path)
+    assert report["mailboxes"][bob]["appended"] == 2 and report["mailboxes"][bob]["left"] == 0
+    assert report["mailboxes"]["alice@example.com"]["appended"] == 1
+    assert report["totals"]["appended"] == 3
+    view = MainStoreView(dovecot, bob)
+    try:
+        assert sorted(m["raw"] for m in view.messages("INBOX")) == sorted(raw for _, raw in kept)
+    finally:
+        view.close()
+    # Once reconciled, purge frees the removed mailbox like any other; status stops listing it.
+    code, out, err = run(capsys, redis_url, "purge", "--reconciled", "--yes")
+    assert code == 0, err
+    code, out, err = run(capsys, redis_url, "status", "--format", "json")
+    assert code == 0 and json.loads(out)["removed_with_mail"] == []
+    # A second --all finds nothing left to append (exactly once).
+    report_path.unlink()
+    assert main(cli_args(s, "--all", "--report", str(report_path))) == 0
+    assert read_report(report_path)["totals"]["appended"] == 0

@@ -15,8 +15,14 @@ from flask import Flask
 
 from fallback.config import Settings, admin_token, cookie_secure, webmail_secret
 from fallback.ops import failover, metrics
+from fallback.ops.trace import TraceBuffer
 from fallback.redisconn import resolve_url, sync_client
-from web import admin, auth, compose, filters, mailbox, monitoring, pages, security
+from web import admin, auth, compose, filters, mailbox, monitoring, pages, prefs, security
+from web import console as admin_console  # issue 16: the admin console
+from web import contacts as suggestions  # issue 15: address suggestions
+from web import conversations as conversation_views  # issue 15: conversations
+from web import drafts as draft_saving  # issue 15: drafts
+from web import undo as undo_send  # issue 15: undo send
 from web.context import WebState, state
 from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
@@ -48,12 +54,19 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
         throttle=LoginThrottle(r, settings.login_source_failures, settings.login_account_failures),
         password_checks=PasswordChecks(settings.password_check_queue, settings.password_check_timeout),
         scope=failover.ScopeCache(settings.failover_cache_ttl),
-        counters=metrics.Counters(settings.metrics_flush_interval),
+        counters=metrics.Counters(settings.metrics_flush_interval,
+                                  trace=TraceBuffer.for_settings(settings, "webmail")),
         admin_token=admin_token(settings),
     )
     security.install(app)
+    prefs.install(app)
     filters.install(app)
     monitoring.install(app)
     for bp in (auth.bp, mailbox.bp, compose.bp, pages.bp, monitoring.bp, admin.bp):
         app.register_blueprint(bp)
+    app.register_blueprint(draft_saving.bp)  # issue 15: drafts
+    app.register_blueprint(undo_send.bp)  # issue 15: undo send
+    app.register_blueprint(suggestions.bp)
+    app.register_blueprint(conversation_views.bp)
+    app.register_blueprint(admin_console.bp)  # issue 16: the admin console at /admin/
     return app

@@ -13,7 +13,7 @@ from flask import current_app
 
 from fallback.config import Settings
 from fallback.mailbox import directory, passwords
-from fallback.ops import failover, metrics
+from fallback.ops import failover, incident, metrics
 from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
@@ -31,6 +31,8 @@ class WebState:
     password_checks: PasswordChecks
     # The failover scope, re-read at most every failover_cache_ttl seconds.
     scope: failover.ScopeCache = field(default_factory=lambda: failover.ScopeCache(2.0))
+    # The operator's live incident text, re-read at most every couple of seconds (web.pages).
+    incident: incident.IncidentCache = field(default_factory=incident.IncidentCache)
     # Log-in counts, added to the shared ones in Redis now and then (web.monitoring).
     counters: metrics.Counters = field(default_factory=metrics.Counters)
     # The admin API's bearer token; None: the API is off.

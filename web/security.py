@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CSRF_FIELD = "csrf_token"
 LOGIN_ENDPOINT = "auth.login"
 ADMIN_API = "/admin/api/"
+CONSOLE = "console"  # the admin console's blueprint: its own session cookie and CSRF check (web/console)
 
 
 def app_csp(nonce: str) -> str:
@@ -39,6 +40,7 @@ def app_csp(nonce: str) -> str:
         f"script-src 'nonce-{nonce}'; "
         f"style-src 'self' 'nonce-{nonce}'; "
         "img-src 'self'; "
+        "connect-src 'self'; "  # issue 15: suggest.js and the drafts' autosave fetch from here only
         "frame-src 'self'; "
         "form-action 'self'; "
         "base-uri 'none'; "
@@ -70,7 +72,7 @@ def _load_session() -> None:
     g.nonce = secrets.token_urlsafe(16)
     # The stylesheet needs no session (nor a Redis round trip); the admin API uses a
     # bearer token and must never act on a browser's cookie.
-    if request.endpoint == "static" or request.path.startswith(ADMIN_API):
+    if request.endpoint == "static" or request.path.startswith(ADMIN_API) or request.blueprint == CONSOLE:
         g.session = g.user = None
         return
     g.session = state().sessions.load(request.cookies.get(COOKIE))
@@ -80,6 +82,8 @@ def _load_session() -> None:
 def _check_csrf() -> Response | None:
     if request.method != "POST" or request.path.startswith(ADMIN_API):  # token auth, no cookies
         return None
+    if request.blueprint == CONSOLE:
+        return None  # checked by the console's own guard against its own session (web/console)
     token = request.form.get(CSRF_FIELD)
     if request.endpoint == LOGIN_ENDPOINT:
         ok = check_login_token(state().secret, request.cookies.get(PRE_COOKIE), token)
@@ -137,13 +141,15 @@ def install(app: Flask) -> None:
     app.after_request(_headers)
 
     from web.auth import mailbox_restored
+    from web.pages import live_incident
 
     @app.context_processor
     def _inject() -> dict[str, Any]:
         session = getattr(g, "session", None)
         return {"csrf_token": session.csrf if session else "", "csp_nonce": getattr(g, "nonce", ""),
                 "user": getattr(g, "user", None),
-                "incident_message": state().settings.incident_message,
+                "incident_message": live_incident() or state().settings.incident_message,
+                "incident_live": live_incident(),
                 "mailbox_restored": mailbox_restored}
 
     @app.errorhandler(HTTPException)

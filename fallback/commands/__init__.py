@@ -5,10 +5,12 @@ from __future__ import annotations
 from fallback.commands import (
     affected,
     alias,
+    audit,
     check,
     dns,
     export,
     failover,
+    incident,
     mailbox,
     provision,
     purge,
@@ -16,7 +18,10 @@ from fallback.commands import (
     reconcile,
     smtp,
     status,
+    token,
+    trace,
     up,
+    watch,
     web,
     worker,
 )
@@ -26,4 +31,8 @@ REGISTRY = [
     provision.register, mailbox.register, alias.register, export.register, status.register,  # mailboxes
     queue.register, reconcile.register, purge.register,                 # the queues, after the outage
     failover.register, affected.register, dns.register, check.register,  # outage operations
+    incident.register,
+    watch.register,                                                     # the mailstore watcher
+    token.register, audit.register,                                     # reseller tokens, the audit log
+    trace.register,                                                     # issue 16: the message trace
 ]

@@ -63,7 +63,7 @@ def server_options() -> argparse.ArgumentParser:
         ("max-connections", "N"), ("max-connections-per-ip", "N"), ("max-commands", "N"),
         ("connection-timeout", "SECONDS"), ("idle-timeout", "SECONDS"), ("tls-cert", "PEM"),
         ("tls-key", "PEM"), ("redis-server", "PATH"), ("redis-maxmemory", "BYTES"),
-        ("mail-log", "FILE"), ("smtp-workers", "N"), ("workers", "N"), ("replica-acks", "N"),
+        ("mail-log", "DEST"), ("smtp-workers", "N"), ("workers", "N"), ("replica-acks", "N"),
         ("replica-ack-timeout", "SECONDS"),
         # The webmail (secret_key itself only by environment or TOML: flags show in `ps`).
         ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
@@ -78,6 +78,14 @@ def server_options() -> argparse.ArgumentParser:
         ("send-limit-per-hour", "N"), ("send-limit-per-day", "N"), ("metrics-token-file", "FILE"),
         # Issue 14: addresses besides mailboxes.
         ("recipient-delimiter", "CHARS"), ("postmaster-address", "ADDRESS"),
+        # Issue 15: undo send.
+        ("undo-send-seconds", "SECONDS"),
+        # Issue 15: address suggestions.
+        ("contacts-directory", "BOOL"),
+        # Issue 15: live incident text.
+        ("status-show-scope", "BOOL"),
+        # Issue 16: the message trace.
+        ("trace-retention", "SECONDS"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,

@@ -11,6 +11,7 @@ from fallback.commands.context import Context
 from fallback.errors import InputError, NotFound
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
+from fallback.ops import audit
 from fallback.ops.export import write_maildir, write_mbox
 
 
@@ -42,4 +43,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
             raise InputError(f"{output} exists and is not a directory")
         count = write_maildir(reader, output, folders)
     ctx.console.print(f"exported {count} message(s) of {address} to {output} ({args.format})")
+    # An admin reading a user's mail: always on the record.
+    audit.write(ctx.redis(), ctx.settings.audit_log, "export", audit.actor_name(),
+                {"address": address, "format": args.format, "output": str(output), "folders": list(folders)},
+                f"ok: {count} message(s)", warn_as="fallback export")
     return 0

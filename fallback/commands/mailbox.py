@@ -14,6 +14,7 @@ from fallback.mailbox import logins, passwords, quota, removed
 from fallback.mailbox.directory import DEFAULT_MAILSTORE, Mailbox, check_mailstore
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.store import MailboxReader
+from fallback.ops import audit
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -69,12 +70,23 @@ def add_mailbox(ctx: Context, args: argparse.Namespace) -> int:
         stored = old.password_hash  # the same plain password again: keep its hash (and sessions)
     directory.put(Mailbox(address, mailstore, stored, alternate))
     ctx.console.print(f"{'added' if old is None else 'updated'} {address} (mailstore {mailstore})")
+    ended = 0
     if old is not None and old.password_hash != stored:
         # A new password is often the answer to a stolen one: the old sessions end now.
         ended = logins.end_sessions(ctx.redis(), address)
         if ended:
             ctx.console.print(f"password changed: ended {_sessions(ended)} of {address}")
+    _audit(ctx, "mailbox add", address,
+           f"ok: {'added' if old is None else 'updated'}"
+           + ("; password changed" if old is not None and old.password_hash != stored else "")
+           + (f"; ended {_sessions(ended)}" if ended else ""), mailstore=mailstore)
     return 0
+
+
+def _audit(ctx: Context, action: str, address: str, outcome: str, **given: Any) -> None:
+    """Who changed which mailbox (never a password or its hash)."""
+    audit.write(ctx.redis(), ctx.settings.audit_log, action, audit.actor_name(),
+                {"address": address, **given}, outcome, warn_as="fallback mailbox")
 
 
 def _same_password(given: str, old_hash: str) -> bool:
@@ -103,6 +115,8 @@ def remove_mailbox(ctx: Context, args: argparse.Namespace) -> int:
     ended = logins.end_sessions(ctx.redis(), address)
     ctx.console.print(f"removed {address}" + (f" ({held} message(s) kept in Redis)" if held else "")
                       + (f"; ended {_sessions(ended)}" if ended else ""))
+    _audit(ctx, "mailbox remove", address, f"ok: removed; {held} message(s) kept; ended {_sessions(ended)}",
+           mailstore=mailbox.mailstore, force=bool(args.force))
     return 0
 
 
@@ -112,6 +126,7 @@ def logout_mailbox(ctx: Context, args: argparse.Namespace) -> int:
         raise NotFound(f"{address} is not provisioned")
     ended = logins.end_sessions(ctx.redis(), address)
     ctx.console.print(f"ended {_sessions(ended)} of {address}", markup=False)
+    _audit(ctx, "mailbox logout", address, f"ok: ended {_sessions(ended)}")
     return 0
 
 

@@ -12,11 +12,13 @@ from rich.table import Table
 from fallback.commands import provision_ldap, provision_sync
 from fallback.commands.context import Context
 from fallback.errors import InputError
+from fallback.mailbox import dirindex
 from fallback.mailbox.aliases import Aliases
 from fallback.mailbox.directory import ensure_buckets
 from fallback.mailbox.provision import Provisioner, Report
 from fallback.mailbox.sync import FileEntries
 from fallback.mailbox.virtualfile import import_file, looks_like_virtual
+from fallback.ops import audit
 
 SHOW_INVALID = 50
 
@@ -46,6 +48,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 def run(ctx: Context, args: argparse.Namespace) -> int:
     if (args.file is None) == (args.ldap_url is None):
         args.usage_error("give either FILE or --ldap-url")   # exits 2 with the usage
+    # Issue 15: a directory provisioned before the name index for suggestions existed gets it
+    # once, before this run's writes (which keep it up to date).
+    d = ctx.directory()
+    dirindex.ensure(ctx.redis(), (m.address for m in d.iter_mailboxes()))
     if args.ldap_url is not None:
         return provision_ldap.run(ctx, args)
     path: Path = args.file
@@ -106,3 +112,7 @@ def print_report(ctx: Context, path: Path, report: Report) -> None:
         ctx.console.print(f"{path}:{item.line}: {item.reason}", markup=False, soft_wrap=True)
     if len(report.invalid) > SHOW_INVALID:
         ctx.console.print(f"... and {len(report.invalid) - SHOW_INVALID} more invalid lines")
+    audit.write(ctx.redis(), ctx.settings.audit_log, "provision", audit.actor_name(), {"source": str(path)},
+                f"{'ok' if report.loaded else 'nothing loaded'}: {report.added} added, {report.updated} "
+                f"updated, {report.unchanged} unchanged, {len(report.invalid)} invalid",
+                warn_as="fallback provision")

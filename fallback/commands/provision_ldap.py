@@ -13,6 +13,7 @@ from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.mailbox.ldapsource import DEFAULT_FILTER, LdapEntries, LdapQuery, load, load_aliases
 from fallback.mailbox.provision import Provisioner, Report
+from fallback.ops import audit
 
 SHOW_INVALID = 50
 
@@ -20,7 +21,9 @@ SHOW_INVALID = 50
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LDAP source (instead of FILE)")
     g.add_argument("--ldap-url", metavar="URL", help="ldap://HOST:PORT or ldaps://HOST:PORT (certificate "
-                   "checked against the system's CAs)")
+                   "checked against the system's CAs, or --ldap-ca-file's)")
+    g.add_argument("--ldap-ca-file", type=Path, metavar="FILE",
+                   help="ldaps://: trust the CA certificates in this PEM bundle instead of the system's")
     g.add_argument("--ldap-base", metavar="DN", help="search base, e.g. ou=people,dc=example,dc=com")
     g.add_argument("--ldap-bind-dn", metavar="DN", help="bind as this DN (default: anonymous)")
     g.add_argument("--ldap-password-file", type=Path, metavar="FILE", help="the bind DN's password")
@@ -33,7 +36,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     query = LdapQuery.from_options(args.ldap_url, args.ldap_base, args.ldap_bind_dn,
-                                   args.ldap_password_file, args.ldap_filter, args.ldap_map)
+                                   args.ldap_password_file, args.ldap_filter, args.ldap_map,
+                                   args.ldap_ca_file)
     provision_sync.check_arguments(args)
     directory = ctx.directory()
     provisioner = Provisioner(directory, ctx.settings.password_scheme, args.mailstore,
@@ -99,6 +103,11 @@ def print_report(ctx: Context, query: LdapQuery, entries: LdapEntries, report: R
                    + [f"{p.where}: {p.reason}" for p in entries.alias_problems])
     if aliases:
         ctx.console.print(f"{aliases} new alias(es)")
+    audit.write(ctx.redis(), ctx.settings.audit_log, "provision", audit.actor_name(),
+                {"source": f"{query.url} {query.base}"},
+                f"{'ok' if report.loaded else 'nothing loaded'}: {report.added} added, {report.updated} "
+                f"updated, {report.unchanged} unchanged, {len(report.invalid)} invalid, {aliases} new "
+                "alias(es)", warn_as="fallback provision")
 
 
 def print_problems(ctx: Context, problems: list[str]) -> None:

@@ -46,13 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --sync: refuse to remove more than N mailboxes or P%% of the "
                    "directory (default 10%%)")
     g.add_argument("--force", action="store_true", help="with --sync: remove past --max-remove")
+    g.add_argument("--allow-empty", action="store_true",
+                   help="with --sync: let a source with no entries at all empty the directory "
+                   "(refused otherwise, even with --force)")
     g.add_argument("--report", type=Path, metavar="FILE.json",
                    help="write every added, changed and removed address here")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse sync-only flags without --sync before anything is read."""
-    for flag, given in (("--max-remove", args.max_remove is not None), ("--force", args.force)):
+    for flag, given in (("--max-remove", args.max_remove is not None), ("--force", args.force),
+                        ("--allow-empty", args.allow_empty)):
         if given and not args.sync:
             raise InputError(f"{flag} is only for --sync")
     if args.max_remove is not None:
@@ -69,7 +73,7 @@ def run_sync(ctx: Context, args: argparse.Namespace, provisioner: Provisioner,
     limit = None if args.max_remove is None else parse_max_remove(args.max_remove)
     return _run(ctx, args, source, "mailboxes", lambda: sync(
         provisioner, entries, dry_run=args.dry_run, max_remove=limit, force=args.force,
-        remove=args.sync, before_write=before_write))
+        remove=args.sync, before_write=before_write, allow_empty=args.allow_empty, source=source))
 
 
 def ldap_alias_sync(ctx: Context, args: argparse.Namespace, aliases: dict[str, list[str]],
@@ -97,7 +101,7 @@ def run_alias_sync(ctx: Context, args: argparse.Namespace, path: Path) -> int:
     store = Aliases(r, ensure_buckets(r, ctx.settings.directory_buckets))
     return _run(ctx, args, str(path), "aliases", lambda: sync_aliases(
         store, ctx.directory(), path, dry_run=args.dry_run, max_remove=limit, force=args.force,
-        remove=args.sync))
+        remove=args.sync, allow_empty=args.allow_empty))
 
 
 def _run(ctx: Context, args: argparse.Namespace, source: str, kind: str,

@@ -16,13 +16,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
+
 from fallback import keys
 from fallback.commands.context import Context
 from fallback.errors import InputError
 from fallback.mailbox import fields, removed
 from fallback.mailbox.fields import FOLDERS
 from fallback.mailbox.purge import delete_reconciled
-from fallback.ops import audit
+from fallback.maillog import MailLog
+from fallback.ops import audit, metrics
+from fallback.ops.trace import TraceBuffer
 
 _BATCH = 500
 
@@ -92,10 +96,20 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
             ctx.console.print("nothing deleted")
             return 1
     deleted = freed = 0
+    # Issue 16: each purge is a mail-log line, counted and kept in the message's trace.
+    counters = metrics.Counters(trace=TraceBuffer.for_settings(ctx.settings, "purge"))
+    mail = MailLog(counters=metrics.MailCounters(counters))
     for address in addresses:
         for ids, _ in list(candidates(r, address, cutoff_ms)):
-            n, b = delete_reconciled(r, address, ids, cutoff_ms)
+            gone: list[str] = []
+            n, b = delete_reconciled(r, address, ids, cutoff_ms, gone)
             deleted, freed = deleted + n, freed + b
+            for msg_id in gone:
+                mail.purged(msg_id, address)
+            try:
+                counters.flush(r)
+            except (redis.RedisError, OSError) as exc:  # figures and trace only: the purge goes on
+                print(f"fallback purge: warning: counts not written: {exc}", file=sys.stderr)
     removed.prune(r, directory)  # those left empty need no finding any more
     entry = audit.Entry(action="purge", actor=audit.actor_name(args.actor),
                         args={"reconciled": True, "older_than_days": args.older_than},

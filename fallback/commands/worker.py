@@ -15,6 +15,7 @@ from fallback.commands.context import Context
 from fallback.config import SMARTHOST_TLS
 from fallback.errors import ConfigError
 from fallback.ops import metrics
+from fallback.ops.trace import TraceBuffer
 from fallback.redisconn import async_client, resolve_url
 
 
@@ -77,6 +78,7 @@ async def _serve(settings: Any) -> None:
     r = async_client(resolve_url(settings))
     try:
         await r.ping()
-        await worker.run(settings, r, stop, *metrics.mail_counting(settings.metrics_flush_interval))
+        await worker.run(settings, r, stop, *metrics.mail_counting(
+            settings.metrics_flush_interval, TraceBuffer.for_settings(settings, "outbound")))
     finally:
         await r.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fallback import maillog
 from fallback.addresses import normalize_address
 from fallback.config.limits import validate_limits
 from fallback.config.redisurl import parse_topology, redact_url
@@ -37,12 +38,20 @@ def validate(s: Settings) -> None:
         raise ConfigError("workers: must be 0 (one per CPU) or more")
     if s.replica_acks < 0:
         raise ConfigError("replica_acks: must be 0 (no replica acknowledgement) or more")
+    if not 0 <= s.undo_send_seconds <= 300:  # issue 15: longer and people think it was sent
+        raise ConfigError("undo_send_seconds: must be 0 (no undo) to 300 seconds")
+    if s.trace_retention < 0:  # issue 16: the message trace
+        raise ConfigError("trace_retention: must be 0 (no trace) or more seconds (e.g. 14d)")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
     _together(s, "tls_cert", "tls_key")
     _readable_files(s, "tls_cert", "tls_key")
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    try:
+        maillog.check_destination(s.mail_log)
+    except ValueError as exc:
+        raise ConfigError(f"mail_log: {exc}") from None
     if s.password_scheme.upper() not in HASHABLE_SCHEMES:
         raise ConfigError(
             f"password_scheme: {s.password_scheme!r} is not one of {', '.join(HASHABLE_SCHEMES)}"

@@ -96,7 +96,9 @@ class Settings:
         unit="seconds")
     # Logging.
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR")
-    mail_log: str = setting("-", "Mail log destination: - for stderr, or a file path")
+    mail_log: str = setting("-", "Mail log destination: - (stderr; under systemd, the journal), syslog "
+                            "(/dev/log, facility mail), syslog:/path/to/socket, syslog:HOST:PORT (UDP), "
+                            "or a file path")
     demo: bool = setting(False, "Provision a demo mailbox at start (fallback up)")
     # Reconcile.
     imap_url: str | None = setting(None, "Main store for reconcile: imap://HOST:PORT or imaps://HOST:PORT")
@@ -238,3 +240,42 @@ class Settings:
         None, "Where postmaster@ and abuse@ of every served domain go when no alias names them "
         "(a mailbox here is stored, another address forwarded); unset: forwarded as addressed "
         "to the main system")
+    # Issue 18 (the mailstore watcher, fallback/ops/watch.py): `fallback watch`.
+    watch_targets: object = setting(
+        None, "Mailstores `fallback watch` probes: a TOML table [watch_targets] of NAME = "
+        "\"imap://HOST:PORT/PROBE_USER\", or NAME=URL,NAME=URL in the environment; --target wins")
+    watch_master_user: str | None = setting(
+        None, "fallback watch --master-user: the Dovecot master user the probes log in through")
+    watch_master_password_file: Path | None = setting(
+        None, "fallback watch --master-password-file: the file holding the master user's password")
+    watch_interval: float = setting(
+        30.0, "fallback watch --interval: how often each mailstore is probed, seconds", unit="seconds")
+    watch_fail_after: int = setting(
+        3, "fallback watch --fail-after: failed probes in a row after which a mailstore is alerted "
+        "on (and failed over with auto-failover)")
+    watch_slow_after: float = setting(
+        5.0, "fallback watch --slow-after: a probe slower than this in total (or a step not answering "
+        "in it) fails, seconds",
+        unit="seconds")
+    watch_healthy_after: float = setting(
+        600.0, "fallback watch --healthy-after: how long a failed-over mailstore must answer every "
+        "probe before the watcher says it looks healthy again, seconds", unit="seconds")
+    watch_auto_failover: bool = setting(
+        False, "fallback watch --auto-failover: run failover start for a mailstore past fail-after "
+        "(off: alert only)")
+    # Issue 15 (undo send, fallback/queues/delayed.py): how long a sent message waits for Undo.
+    undo_send_seconds: float = setting(
+        10, "After Send, how long the message waits (and the webmail offers Undo) before it "
+        "leaves, local copies included, seconds; 0: sent at once, no Undo", unit="seconds")
+    # Issue 15 (address suggestions, fallback/mailbox/contacts.py): what compose suggests.
+    contacts_directory: bool = setting(
+        True, "Address suggestions in compose include the users of the user's own mail domain "
+        "from the directory (false: only people the user wrote to or heard from here)")
+    # Issue 15 (live incident text, fallback/ops/incident.py): what the public /status page tells.
+    status_show_scope: bool = setting(
+        False, "The public /status page names the mailstores that are failed over (off: it says "
+        "only since when the service is active)")
+    # Issue 16 (message trace, fallback/ops/trace.py): how long `fallback trace` can see a message.
+    trace_retention: float = setting(
+        14 * 86400.0, "How long each message's trace (fallback trace) is kept after its last event, "
+        "seconds (e.g. 14d); 0: no trace is kept", unit="seconds")

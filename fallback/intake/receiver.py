@@ -209,13 +209,13 @@ class Receiver:
                                   await self.scope.get_async(self.r), self.quota)
             boxes = routes.mailboxes
             copies, fixed = self._with_trace(server, session, envelope, msg_id, boxes,
-                                             shared=bool(routes.forward))
-            raw = copies[0][1]
+                                             forwarding=bool(routes.forward))
+            raw = copies[0][1]  # with forwards: the copy that names nobody but a single recipient
             size = len(raw)
             if routes.forward:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-                await forward.accept_async(self.r, boxes, routes.forward, msg_id, raw,
+                await forward.accept_async(self.r, copies, routes.forward, msg_id, raw,
                                            sender or "", self.replicas, digest)
             elif len(copies) == 1:  # most messages: one copy for all, the batched fast path
                 await delivery.deliver_async(self.r, boxes, msg_id, raw, batcher=self.batcher,
@@ -265,15 +265,15 @@ class Receiver:
 
     def _with_trace(self, server: FallbackSMTP, session: Session, envelope: FallbackEnvelope,
                     msg_id: str, boxes: list[delivery.Delivery],
-                    shared: bool) -> tuple[list[tuple[list[delivery.Delivery], bytes]], bool]:
+                    forwarding: bool) -> tuple[list[tuple[list[delivery.Delivery], bytes]], bool]:
         """The stored copies: our Received: line, then the message with bare CR/LF made CRLF
         (see normalize_line_ends), as (mailboxes, bytes) pairs; always at least one pair.
 
         A mailbox reached through one other address (alias, subaddress, ...) gets a copy naming
         it (`for <...>` and Delivered-To:, like Postfix's per-recipient copy), so the user and
         reconcile see which; the others share one copy that names nobody unless the message had
-        one recipient (so a Bcc stays hidden).  `shared`: one copy for all, naming nobody but a
-        single recipient (the forward records carry it to the main system too).
+        one recipient (so a Bcc stays hidden).  `forwarding`: that shared copy comes first even
+        with no mailbox in it, for the forward records to carry to the main system.
         The envelope lets go of the message as it is read, so that a large one is held at
         most once per copy while the stored bytes are built (docs/performance.md)."""
         content = envelope.original_content or b""
@@ -282,8 +282,8 @@ class Receiver:
         del content  # when the line ends were fixed, `body` is a new copy: the old one goes now
         protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        groups: dict[str | None, list[delivery.Delivery]] = {}
-        if shared or single is not None or not envelope.resolved:
+        groups: dict[str | None, list[delivery.Delivery]] = {None: []} if forwarding else {}
+        if single is not None or not envelope.resolved:
             groups[None] = boxes
         else:
             reached: dict[str, list[str]] = {}

@@ -6,7 +6,8 @@ Delivery to every recipient is one atomic step (a Lua script, or MULTI/EXEC):
 it either all happened or none did, which is what lets the receiver answer
 250.  Ways in: the receiver's batched script calls (`deliver_async` through
 batcher.DeliveryBatcher), the receiver's mixed mailbox-and-forward write
-(`delivery_calls` + `run_atomic`), the webmail's sync write (`deliver`) and a
+(`copy_calls` + `run_atomic`, one copy per original
+recipient as in `deliver_copies_async`), the webmail's sync write (`deliver`) and a
 caller's own MULTI (`queue_delivery`, the outbound queue's Sent copy).  On a
 Redis Cluster each runs per hash slot (`slot_groups`), guarded by keys.dedupe.
 The script itself, with the quota check it makes in the same step as the
@@ -183,20 +184,38 @@ async def deliver_copies_async(r: aioredis.Redis, copies: list[tuple[list[Delive
     original recipient it was reached through) as the receiver's one write: on one Redis one
     MULTI/EXEC of a script call per copy (run_atomic, quotas WATCHed); on a Redis Cluster one
     call per copy and slot, each guarded by `digest` so the sender's retry stores nothing twice."""
-    now_ms = int(time.time() * 1000)
     clustered = is_cluster(r)
+    calls, parts = copy_calls(copies, msg_id, int(time.time() * 1000), clustered,
+                              digest if clustered else None)
+    await count_copies_async(r, parts, await run_atomic(r, calls, replicas), clustered)
+
+
+def copy_calls(copies: list[tuple[list[Delivery], bytes]], msg_id: str, now_ms: int, clustered: bool,
+               digest: str | None) -> tuple[list[tuple[str, list[str], list[Any]]],
+                                            list[tuple[list[Delivery], int]]]:
+    """The scripted writes of `copies` (copies without mailboxes skipped): one per copy, on a
+    cluster one per copy and slot (guarded by `digest` when given), with the (mailboxes, size)
+    each writes, in the same order (for count_copies_async)."""
     calls: list[tuple[str, list[str], list[Any]]] = []
     parts: list[tuple[list[Delivery], int]] = []
     for group, raw in copies:
+        if not group:
+            continue
         meta = summarize(raw)
         for part in slot_groups(group) if clustered else [group]:
             keys_, args = deliver_call(part, msg_id, raw, meta, now_ms, stats=not clustered,
-                                       digest=digest if clustered else None)
+                                       digest=digest)
             calls.append((DELIVER_LUA, keys_, args))
             parts.append((part, len(raw)))
-    results = await run_atomic(r, calls, replicas)
-    for (part, size), result in zip(parts, results, strict=True):
-        if check_result(result, part, size) and clustered:  # 0: stored already (a retry)
+    return calls, parts
+
+
+async def count_copies_async(r: aioredis.Redis, parts: list[tuple[list[Delivery], int]],
+                             results: list[Any], clustered: bool) -> None:
+    """After copy_calls' writes (their results first in `results`): raise MailboxFull for a
+    refused one; on a cluster add the status counters of the parts really stored (0: a retry)."""
+    for (part, size), result in zip(parts, results, strict=False):
+        if check_result(result, part, size) and clustered:
             await count_stored_async(r, part, size)
 
 
@@ -330,24 +349,6 @@ async def _run_watched(r: aioredis.Redis, calls: list[tuple[str, list[str], list
             raise errors[0] if errors else short  # type: ignore[misc]
         return list(executed)
     raise StorageError(f"mailbox usage changed under {WATCH_TRIES} tries of one write")
-
-
-def delivery_calls(r: Any, deliveries: list[Delivery], msg_id: str, raw: bytes, meta: dict[str, str],
-                   now_ms: int, digest: str | None) -> list[tuple[str, list[str], list[Any]]]:
-    """The scripted writes that store a message for `deliveries`: one, or one per slot on a cluster
-    (guarded by `digest` when there are several, see keys.dedupe)."""
-    if not deliveries:
-        return []
-    if not is_cluster(r):
-        keys_, args = deliver_call(deliveries, msg_id, raw, meta, now_ms)
-        return [(DELIVER_LUA, keys_, args)]
-    groups = slot_groups(deliveries)
-    out = []
-    for group in groups:
-        keys_, args = deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=digest)
-        out.append((DELIVER_LUA, keys_, args))
-    return out
-
 
 
 def deliver(r: redis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,

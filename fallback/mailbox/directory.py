@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from fallback import keys
 from fallback.errors import InputError
+from fallback.mailbox import dirindex
 
 _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
@@ -116,6 +117,7 @@ class Directory:
         pipe = self.r.pipeline(transaction=False)
         for bucket, mapping in records.items():
             pipe.hset(bucket, mapping=mapping)
+        dirindex.queue_add(pipe, (a for mapping in records.values() for a in mapping))  # issue 15
         for domain, n in domains.items():
             pipe.hincrby(keys.DIR_DOMAINS, domain, n)
         for store, n in stores.items():
@@ -137,7 +139,8 @@ class Directory:
         pipe.hdel(keys.dir_bucket(address, self.buckets), address)
         pipe.hincrby(keys.DIR_DOMAINS, mailbox.domain, -1)
         pipe.hincrby(keys.DIR_MAILSTORES, mailbox.mailstore, -1)
-        _, domain_left, store_left = pipe.execute()
+        dirindex.queue_remove(pipe, [address])  # issue 15: the name index for suggestions
+        _, domain_left, store_left, _ = pipe.execute()
         if int(domain_left) <= 0:
             self.r.hdel(keys.DIR_DOMAINS, mailbox.domain)
         if int(store_left) <= 0:
@@ -158,6 +161,9 @@ class Directory:
         for store, n in stores.items():
             pipe.hincrby(keys.DIR_MAILSTORES, store, -n)
         left = pipe.execute()[len(groups):]
+        with self.r.pipeline(transaction=False) as names:  # issue 15: the name index for suggestions
+            dirindex.queue_remove(names, (m.address for m in mailboxes))
+            names.execute()
         counted = [(keys.DIR_DOMAINS, d) for d in domains] + [(keys.DIR_MAILSTORES, s) for s in stores]
         pipe = self.r.pipeline(transaction=False)
         for (key, name), n in zip(counted, left, strict=True):

@@ -121,15 +121,28 @@ def display(value: bytes | None) -> str:
 # Display metadata kept on each message hash: field -> header name.
 _SUMMARY = {F.FROM: b"from", F.TO: b"to", F.CC: b"cc", F.SUBJECT: b"subject", F.DATE: b"date",
             F.MSGID: b"message-id"}
-_SUMMARY_NAMES = frozenset((*_SUMMARY.values(), b"content-type"))
+_SUMMARY_NAMES = frozenset((*_SUMMARY.values(), b"content-type", b"in-reply-to", b"references"))
+# Issue 15 (conversations): what threading keeps of In-Reply-To and References: the well-formed
+# ids only (mail anyone can send), the nearest THREAD_IDS of them.
+_MSG_ID = re.compile(rb"<([!-;=?-~]{1,250})>")
+THREAD_IDS = 20
+
+
+def thread_ids(value: bytes | None, keep: int = THREAD_IDS) -> str:
+    """The ids (without <>) in a threading header, the last `keep`, space separated."""
+    if not value:
+        return ""
+    return " ".join(m.decode("ascii") for m in _MSG_ID.findall(value[:100_000])[-keep:])
 
 
 def summarize(raw: bytes) -> dict[str, str]:
-    """Display metadata parsed from the headers (fields.DISPLAY); never raises on malformed input."""
+    """Display and threading metadata from the headers (fields.PARSED); never raises on bad input."""
     found = first(raw, _SUMMARY_NAMES)
     # NUL never reaches display metadata (it also separates the scripted write's fields).
     out = {key: display(found.get(name)).replace("\0", "") for key, name in _SUMMARY.items()}
     ctype = display(found.get(b"content-type")).lower()
     has_attach = ctype.startswith("multipart/mixed") or b"attachment;" in raw[:1_000_000].lower()
     out[F.ATTACH] = "1" if has_attach else "0"
+    out[F.INREPLYTO] = thread_ids(found.get(b"in-reply-to"), keep=1)
+    out[F.REFERENCES] = thread_ids(found.get(b"references"))
     return out

@@ -93,18 +93,37 @@ class LdapQuery:
     filter: str = DEFAULT_FILTER
     mapping: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MAP))
     page_size: int = PAGE_SIZE
+    ca_file: Path | None = None     # ldaps://: the CAs of its certificate (None: the system's)
 
     @classmethod
     def from_options(cls, url: str, base: str | None, bind_dn: str | None, password_file: Path | None,
-                     filter_: str | None, mapping: str | None) -> LdapQuery:
+                     filter_: str | None, mapping: str | None, ca_file: Path | None = None) -> LdapQuery:
         """Checked before anything connects: one line for the first bad option."""
         if not base:
             raise InputError("--ldap-url needs --ldap-base DN (where the users are)")
         if (bind_dn is None) != (password_file is None):
             raise InputError("--ldap-bind-dn and --ldap-password-file go together")
+        url = check_url(url)
+        if ca_file is not None:
+            check_ca_file(url, ca_file)
         password = None if password_file is None else read_secret_file("--ldap-password-file",
                                                                        password_file, keep_spaces=True)
-        return cls(check_url(url), base, bind_dn, password, filter_ or DEFAULT_FILTER, parse_map(mapping))
+        return cls(url, base, bind_dn, password, filter_ or DEFAULT_FILTER, parse_map(mapping),
+                   ca_file=ca_file)
+
+
+def check_ca_file(url: str, ca_file: Path) -> None:
+    """--ldap-ca-file: for ldaps:// only, and a bundle of PEM certificates ssl can load."""
+    if not url.startswith("ldaps:"):
+        raise InputError(f"--ldap-ca-file is for ldaps:// URLs; {url} is not encrypted")
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise InputError(f"--ldap-ca-file: {ca_file} does not exist") from None
+    except ssl.SSLError:  # before OSError, whose subclass it is
+        raise InputError(f"--ldap-ca-file: {ca_file} holds no PEM certificate") from None
+    except OSError as exc:
+        raise InputError(f"--ldap-ca-file: cannot read {ca_file}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -114,7 +133,10 @@ class Problem:
 
 
 def _connect(query: LdapQuery) -> ldap3.Connection:
-    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED) if query.url.startswith("ldaps:") else None
+    tls = None
+    if query.url.startswith("ldaps:"):
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED,
+                        ca_certs_file=None if query.ca_file is None else str(query.ca_file))
     server = ldap3.Server(query.url, get_info=ldap3.NONE, connect_timeout=TIMEOUT, tls=tls)
     conn = ldap3.Connection(server, user=query.bind_dn, password=query.password, read_only=True,
                             raise_exceptions=True, receive_timeout=TIMEOUT, auto_referrals=False)
@@ -124,7 +146,7 @@ def _connect(query: LdapQuery) -> ldap3.Connection:
         text = str(exc).lower()
         reason = ("connection refused" if "refused" in text
                   else "timed out" if "timed out" in text or "timeout" in text
-                  else str(exc))
+                  else _tls_reason(query, text) or str(exc))
         raise DirectoryUnavailable(f"LDAP {query.url} unreachable: {reason}") from None
     except ldap_errors.LDAPException as exc:
         raise DirectoryUnavailable(f"LDAP {query.url} unreachable: {exc}") from None
@@ -139,6 +161,16 @@ def _connect(query: LdapQuery) -> ldap3.Connection:
         conn.unbind()
         raise DirectoryUnavailable(f"LDAP {query.url}: bind failed: {exc}") from None
     return conn
+
+
+def _tls_reason(query: LdapQuery, text: str) -> str | None:
+    """ldap3's TLS failures, said in the operator's terms (None: not one of them)."""
+    if "certificate verify failed" in text:
+        return ("its TLS certificate is not signed by a CA the system trusts (give --ldap-ca-file)"
+                if query.ca_file is None else f"its TLS certificate is not signed by a CA in {query.ca_file}")
+    if "hostname" in text and ("match" in text or "mismatch" in text):
+        return "its TLS certificate does not name that host"
+    return None
 
 
 def _search(query: LdapQuery, conn: ldap3.Connection) -> Iterator[tuple[str, dict[str, list[bytes]]]]:

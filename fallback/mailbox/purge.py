@@ -35,8 +35,10 @@ return size
 """
 
 
-def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_ms: int) -> tuple[int, int]:
+def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_ms: int,
+                      deleted: list[str] | None = None) -> tuple[int, int]:
     """Delete messages reconcile has finished with (see _PURGE_LUA); (count, bytes) deleted.
+    `deleted`, when given, gets the ids deleted (for the mail log and the message trace).
 
     The per-mailbox keys change atomically per message; the sharded stats
     counters (another slot) follow in a second step.
@@ -48,7 +50,10 @@ def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_m
         # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
         pipe.execute_command("EVAL", _PURGE_LUA, 1 + len(mbx_keys), keys.message(address, msg_id),
                              *mbx_keys, msg_id, cutoff_ms)
-    sizes = [int(x) for x in pipe.execute() if int(x) >= 0]
+    results = [int(x) for x in pipe.execute()]
+    sizes = [x for x in results if x >= 0]
+    if deleted is not None:
+        deleted.extend(i for i, x in zip(msg_ids, results, strict=True) if x >= 0)
     if sizes:
         stored: Any = r.hget(keys.info(address), "mailstore")
         mailstore = _text(stored or b"default")

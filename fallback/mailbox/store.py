@@ -15,7 +15,7 @@ import redis
 
 from fallback import keys
 from fallback.mailbox import fields as F
-from fallback.mailbox.fields import FOLDERS, INBOX, SEEN
+from fallback.mailbox.fields import FOLDERS, SEEN
 
 
 def _text(value: bytes | str) -> str:
@@ -163,7 +163,8 @@ def _summary(msg_id: str, values: list[Any]) -> dict[str, str]:
 # (one hash tag, one cluster slot); the message keys are built from the prefix.
 _LIST_PAGE_LUA = """
 local total = redis.call('ZCARD', KEYS[1])
-local unread = redis.call('ZINTERCARD', 2, KEYS[2], KEYS[3], 'LIMIT', ARGV[4])
+local unread = {}
+for i = 3, #KEYS do unread[#unread + 1] = redis.call('ZINTERCARD', 2, KEYS[i], KEYS[2], 'LIMIT', ARGV[4]) end
 local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
 local out = {total, unread, ids}
 local fields = {}
@@ -176,23 +177,28 @@ return out
 
 
 def list_page(r: redis.Redis, address: str, folder: str, start: int, count: int,
-              unread_limit: int = 1000) -> tuple[int, list[dict[str, str]], int]:
+              unread_limit: int = 1000,
+              count_folders: tuple[str, ...] = FOLDERS) -> tuple[int, list[dict[str, str]], dict[str, int]]:
     """(messages in folder, summaries of `count` messages from `start` newest first,
-    unread messages in INBOX counted up to `unread_limit`).
+    unread messages of each of `count_folders`, counted up to `unread_limit`).
+
+    Unread counts come from the unseen set, which every write path keeps (the delivery
+    scripts, flag changes; a move leaves it as it is): intersected with a folder's index,
+    bounded by the LIMIT, in the same call as the page.
 
     A Lua script rather than pipelines: on a busy threaded web worker every
     round trip is another wait for the interpreter lock, so one beats three.
     """
     script = r.register_script(_LIST_PAGE_LUA)
-    reply: Any = script(keys=[keys.folder(address, folder), keys.folder(address, INBOX),
-                              keys.unseen(address)],
+    reply: Any = script(keys=[keys.folder(address, folder), keys.unseen(address),
+                              *(keys.folder(address, f) for f in count_folders)],
                         args=[keys.message(address, ""), start, start + count - 1, unread_limit,
                               *LIST_FIELDS])
     total, unread, raw_ids, values = reply[0], reply[1], reply[2], reply[3:]
     ids = [_text(i) for i in raw_ids]
     # A message moved or deleted between the index read and now has no fields: leave it out.
     rows = [_summary(i, v) for i, v in zip(ids, values, strict=True) if v[1] is not None]
-    return int(total), rows, int(unread)
+    return int(total), rows, {f: int(n) for f, n in zip(count_folders, unread, strict=True)}
 
 
 def summaries(r: redis.Redis, address: str, ids: list[str]) -> list[dict[str, str]]:
@@ -228,6 +234,16 @@ def search(r: redis.Redis, address: str, folder: str, query: str, start: int, co
                 if needle in (_text(sender or b"") + "\n" + _text(subject or b"")).casefold():
                     matches.append(msg_id)
     return len(matches), summaries(r, address, matches[start : start + count])
+
+
+def unread_counts(r: redis.Redis, address: str, folders: tuple[str, ...] = FOLDERS,
+                  limit: int = 1000) -> dict[str, int]:
+    """Unread messages of each folder, counted up to `limit`, in one round trip."""
+    with r.pipeline(transaction=False) as pipe:
+        for f in folders:
+            pipe.execute_command("ZINTERCARD", 2, keys.folder(address, f), keys.unseen(address),
+                                 "LIMIT", limit)
+        return {f: int(n) for f, n in zip(folders, pipe.execute(), strict=True)}
 
 
 def unseen_count(r: redis.Redis, address: str, folder: str, limit: int = 1000) -> int:

@@ -135,9 +135,15 @@ def refusal(removing: int, total: int, limit: RemovalLimit, noun: str = "mailbox
             f"--max-remove {limit}; a truncated export? Check the file, or give --force")
 
 
+def empty_refusal(source: str, total: int, noun: str = "mailboxes") -> str:
+    return (f"{source} has no entries; refusing to empty the directory ({total:,} {noun}), even "
+            "with --force: give --allow-empty if that is what you want")
+
+
 def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_run: bool,
          max_remove: RemovalLimit | int | None, force: bool, remove: bool = True,
-         before_write: Callable[[], None] = lambda: None) -> SyncReport:
+         before_write: Callable[[], None] = lambda: None, allow_empty: bool = False,
+         source: str = "the source") -> SyncReport:
     """Make the directory equal to `entries` (Entry or Invalid items, as read_entries yields).
 
     `entries` is read twice when it can be (a list, FileEntries, any re-iterable); a one-shot
@@ -147,6 +153,8 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
     run reports it in `refused` instead.  `remove=False` plans or loads without removing.
     `before_write` runs after the first read and the guard, before anything is written: a
     caller's own guard (LDAP's aliases, collected by that read) may raise there.
+    A source with no entries at all (an export that wrote only its header) would remove
+    everything: refused like a mass removal but even with `force`, unless `allow_empty`.
     """
     if iter(entries) is entries:
         entries = list(entries)
@@ -167,13 +175,19 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
             report.invalid.sort(key=lambda i: i.line)
             return report
         gone = [m for m in directory.iter_mailboxes() if m.address not in named]
+        named_any = bool(named)
         report.before = directory.count()
         if not remove:
             gone = []
         del named
         report.removed = sorted(m.address for m in gone)
-        if gone and not force and not limit.allows(len(gone), report.before):
+        message = ""
+        if gone and not named_any:
+            # --allow-empty is the operator saying exactly this, so no --force is needed too.
+            message = "" if allow_empty else empty_refusal(source, report.before)
+        elif gone and not force and not limit.allows(len(gone), report.before):
             message = refusal(len(gone), report.before, limit)
+        if message:
             if not dry_run:
                 raise InputError(message)
             report.refused = message
@@ -185,7 +199,8 @@ def sync(provisioner: Provisioner, entries: Iterable[Entry | Invalid], *, dry_ru
 
 
 def sync_aliases(store: Aliases, directory: Directory, path: Path, *, dry_run: bool,
-                 max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
+                 max_remove: RemovalLimit | None, force: bool, remove: bool = True,
+                 allow_empty: bool = False) -> SyncReport:
     """Make the stored aliases of virtual files equal to a virtual(5) file, as sync() does for
     mailboxes.
 
@@ -195,7 +210,7 @@ def sync_aliases(store: Aliases, directory: Directory, path: Path, *, dry_run: b
     removing more than `max_remove` (None: 10 %) of them raises InputError unless `force`;
     a dry run reports it in `refused`.  An alias holds no mail, so removing one leaves
     nothing to keep: its address gets 550 5.1.1 (or the catch-all of its domain) from the
-    next RCPT on.
+    next RCPT on.  A file without any alias is refused as sync() refuses an empty source.
     """
     parsed = parse_file(path)
     invalid = sorted(parsed.invalid + check_chains(parsed, store, directory, stored=False),
@@ -204,7 +219,7 @@ def sync_aliases(store: Aliases, directory: Directory, path: Path, *, dry_run: b
         return SyncReport(dry_run=dry_run, invalid=invalid)
     wanted = [alias for _, alias in parsed.aliases.values()]
     return sync_alias_set(store, wanted, VIRTUAL, dry_run=dry_run, max_remove=max_remove,
-                          force=force, remove=remove)
+                          force=force, remove=remove, empty_source=str(path), allow_empty=allow_empty)
 
 
 def sync_ldap_aliases(store: Aliases, aliases: dict[str, list[str]], *, dry_run: bool,
@@ -216,11 +231,14 @@ def sync_ldap_aliases(store: Aliases, aliases: dict[str, list[str]], *, dry_run:
 
 
 def sync_alias_set(store: Aliases, wanted: list[Alias], origin: str, *, dry_run: bool,
-                   max_remove: RemovalLimit | None, force: bool, remove: bool = True) -> SyncReport:
+                   max_remove: RemovalLimit | None, force: bool, remove: bool = True,
+                   empty_source: str | None = None, allow_empty: bool = False) -> SyncReport:
     """Write `wanted` (all of `origin`) and remove the stored aliases of `origin` it does not name.
 
     The limit counts against the stored aliases of `origin` only (`before`); a refusal
-    raises InputError before anything is written, unless `force` or `dry_run`."""
+    raises InputError before anything is written, unless `force` or `dry_run`.  With
+    `empty_source` (the source's name) an empty `wanted` is refused even with `force`, unless
+    `allow_empty`."""
     limit = parse_max_remove(DEFAULT_MAX_REMOVE) if max_remove is None else max_remove
     report = SyncReport(dry_run=dry_run)
     named = {alias.address for alias in wanted}
@@ -228,9 +246,13 @@ def sync_alias_set(store: Aliases, wanted: list[Alias], origin: str, *, dry_run:
     report.before = len(mine)
     gone = sorted(a for a in mine if a not in named) if remove else []
     report.removed = gone
-    if gone and not force and not limit.allows(len(gone), report.before):
-        source = "virtual files" if origin == VIRTUAL else ORIGINS[origin]
+    source = "virtual files" if origin == VIRTUAL else ORIGINS[origin]
+    message = ""
+    if gone and not wanted and empty_source is not None:
+        message = "" if allow_empty else empty_refusal(empty_source, report.before, f"aliases from {source}")
+    elif gone and not force and not limit.allows(len(gone), report.before):
         message = refusal(len(gone), report.before, limit, f"aliases from {source}")
+    if message:
         if not dry_run:
             raise InputError(message)
         report.refused = message

@@ -128,3 +128,15 @@ def since(r: redis.Redis, seconds: float | None, count: int = 10_000,
     low = "-" if seconds is None else str(max(int((now - seconds) * 1000), 0))
     entries: Any = r.xrevrange(keys.AUDIT_STREAM, max="+", min=low, count=count)
     return [Entry.from_fields(fields) for _id, fields in reversed(entries or [])]
+
+
+def page(r: redis.Redis, before: str | None = None, count: int = 50) -> tuple[list[Entry], str | None]:
+    """One page of the log, newest first: at most `count` entries older than the stream id
+    `before` (None: from the newest), and the id to ask for the next page (None: no more)."""
+    high = "+" if not before else f"({before}"
+    entries: Any = r.xrevrange(keys.AUDIT_STREAM, max=high, min="-", count=count + 1)
+    entries = list(entries or [])
+    more = len(entries) > count
+    rows = [Entry.from_fields(f) for _id, f in entries[:count]]
+    last = entries[count - 1][0] if more else None
+    return rows, (last.decode() if isinstance(last, bytes) else last)

@@ -36,6 +36,7 @@ from fallback import keys
 from fallback.mailbox.store import mailstore_stats
 from fallback.maillog import MailLog
 from fallback.ops import failover, health, intakerate, watch
+from fallback.ops.trace import TraceBuffer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class Counters:
     """One process's counts since its last flush; thread-safe (webmail threads share one)."""
 
     def __init__(self, interval: float = 5.0, shard: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, trace: TraceBuffer | None = None) -> None:
+        # Issue 16: the message trace rides on the same flushes (fallback/ops/trace.py).
+        self.trace = trace
         # A random shard per process: flushes of many processes spread over the hashes.
         self.shard = secrets.randbelow(keys.METRICS_SHARDS) if shard is None else shard
         self.interval = interval
@@ -96,6 +99,8 @@ class Counters:
 
     def flush(self, r: redis.Redis) -> None:
         """Add the counts to Redis; on failure they stay here for the next flush."""
+        if self.trace is not None:
+            self.trace.flush(r)  # never raises: a trace is diagnostics
         counts = self._take()
         if not counts:
             return
@@ -110,6 +115,8 @@ class Counters:
             raise
 
     async def flush_async(self, r: aioredis.Redis) -> None:
+        if self.trace is not None:
+            await self.trace.flush_async(r)  # never raises: a trace is diagnostics
         counts = self._take()
         if not counts:
             return
@@ -163,6 +170,8 @@ class MailCounters:
 
     def event(self, event: str, fields: Mapping[str, Any]) -> None:
         outcome = fields.get("outcome")
+        if self.counters.trace is not None:
+            self.counters.trace.event(event, fields)
         self.counters.add(MAIL_EVENTS, event=event, outcome=outcome_label(outcome))
         queue = fields.get("route") or fields.get("stage")
         if queue in QUEUES:
@@ -170,9 +179,10 @@ class MailCounters:
                               outcome=outcome_label(outcome or fields.get("reply")))
 
 
-def mail_counting(interval: float) -> tuple[MailLog, Counters]:
-    """A mail log that counts what it logs, and the counters to flush (`Counters.run_async`)."""
-    counters = Counters(interval)
+def mail_counting(interval: float, trace: TraceBuffer | None = None) -> tuple[MailLog, Counters]:
+    """A mail log that counts (and traces) what it logs, and the counters to flush
+    (`Counters.run_async`)."""
+    counters = Counters(interval, trace=trace)
     return MailLog(counters=MailCounters(counters)), counters
 
 
@@ -275,11 +285,14 @@ class ServiceCollector:
                                 "How long the oldest waiting message of a queue has waited", labels=["queue"])
         dead = GaugeMetricFamily("fallback_queue_dead_letters", "Messages parked as dead letters",
                                  labels=["queue"])
+        held = GaugeMetricFamily("fallback_queue_held", "Messages an operator holds in a queue",
+                                 labels=["queue"])
         for b in health.backlogs(r):
             depth.add_metric([b.name], b.depth)
             age.add_metric([b.name], b.age(now_ms))
             dead.add_metric([b.name], b.dead)
-        yield from (depth, age, dead)
+            held.add_metric([b.name], b.held)
+        yield from (depth, age, dead, held)
 
         mem = health.memory(r)
         used = GaugeMetricFamily("fallback_redis_memory_used_bytes", "Memory Redis uses")

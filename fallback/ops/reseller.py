@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +60,10 @@ def parse_paging(limit: str | None, cursor: str | None, buckets: int) -> tuple[i
 
 def affected_page(directory: Directory, scope: failover.Scope, domains: Iterable[str] | None,
                   only: Iterable[str] | None, limit: int, bucket: int, offset: int,
-                  scan_budget: int = SCAN_BUDGET, batch: int = 64) -> Page:
-    """Affected mailboxes of these domains (None: all) from the cursor on, at most `limit`."""
+                  scan_budget: int = SCAN_BUDGET, batch: int = 64,
+                  match: Callable[[str], bool] | None = None) -> Page:
+    """Affected mailboxes of these domains (None: all) from the cursor on, at most `limit`;
+    `match` (the console's search) also filters on the address."""
     wanted_domains = set(domains) if domains is not None else None
     wanted_stores = set(only) if only else None
     rows: list[Mailbox] = []
@@ -79,7 +81,8 @@ def affected_page(directory: Directory, scope: failover.Scope, domains: Iterable
                 read += 1
                 m = Mailbox.decode(address.decode(), value)
                 if ((wanted_domains is None or m.domain in wanted_domains) and scope.covers(m.mailstore)
-                        and (wanted_stores is None or m.mailstore in wanted_stores)):
+                        and (wanted_stores is None or m.mailstore in wanted_stores)
+                        and (match is None or match(m.address))):
                     rows.append(m)
                     if len(rows) == limit:
                         more = i + 1 < len(entries) or n + 1 < directory.buckets

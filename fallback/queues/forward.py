@@ -52,7 +52,7 @@ import redis.asyncio as aioredis
 
 from fallback import keys
 from fallback.config import Settings
-from fallback.mailbox import delivery, headers
+from fallback.mailbox import delivery
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.queues import reliable
@@ -124,22 +124,25 @@ return 1
 """
 
 
-async def accept_async(r: aioredis.Redis, deliveries: list[delivery.Delivery], forwards: list[str],
-                       msg_id: str, raw: bytes, sender: str, replicas: ReplicaAcks | None = None,
-                       digest: str | None = None) -> None:
-    """The receiver's write when some recipients are forwarded: mailbox copies and forward
-    records with their stream entries, as one write (delivery.run_atomic).
+async def accept_async(r: aioredis.Redis, copies: list[tuple[list[delivery.Delivery], bytes]],
+                       forwards: list[str], msg_id: str, raw: bytes, sender: str,
+                       replicas: ReplicaAcks | None = None, digest: str | None = None) -> None:
+    """The receiver's write when some recipients are forwarded: the mailbox copies (each its
+    own bytes, as delivery.deliver_copies_async takes them: a mailbox reached through an
+    alias or a subaddress names it) and the forward records of `raw` (the copy that names
+    nobody but a single recipient, so a Bcc stays hidden) with their stream entries, as one
+    write (delivery.run_atomic: one MULTI/EXEC on one Redis).
 
     On a Redis Cluster the parts sit in different slots and are written one
     per slot; each is guarded by `digest` (keys.dedupe), so the sender's
     retry after a partial failure completes the message without doubles.
     """
     now = time.time()
-    meta = headers.summarize(raw) if deliveries else {}
     clustered = is_cluster(r)
-    units = len(delivery.slot_groups(deliveries)) + len(forwards) if clustered else 1
+    units = (sum(len(delivery.slot_groups(g)) for g, _ in copies if g) + len(forwards)
+             if clustered else 1)
     guard = digest if units > 1 else None
-    calls = delivery.delivery_calls(r, deliveries, msg_id, raw, meta, int(now * 1000), guard)
+    calls, parts = delivery.copy_calls(copies, msg_id, int(now * 1000), clustered, guard)
     for rcpt in forwards:
         keys_ = [keys.forward_record(rcpt, msg_id), keys.forward_stream(rcpt)]
         if guard is not None:
@@ -147,12 +150,8 @@ async def accept_async(r: aioredis.Redis, deliveries: list[delivery.Delivery], f
         calls.append((_FORWARD_LUA, keys_, [str(keys.DEDUPE_TTL_MS) if guard else "", msg_id, rcpt,
                                             sender, raw, repr(now), keys.SCHEMA_VERSION]))
     results = await delivery.run_atomic(r, calls, replicas)
-    if clustered and deliveries:
-        # The mailbox calls come first, one per slot group; 0 means already stored (a retry).
-        groups = delivery.slot_groups(deliveries)
-        stored = [d for group, result in zip(groups, results, strict=False) if result for d in group]
-        if stored:
-            await delivery.count_stored_async(r, stored, len(raw))
+    # The mailbox calls come first; 0 means already stored (a retry), so not counted again.
+    await delivery.count_copies_async(r, parts, results, clustered)
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,8 @@ class Forwarder(reliable.StreamWorker):
 
     label = "forward"
 
-    def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None) -> None:
+    def __init__(self, settings: Settings, r: aioredis.Redis, hostname: str | None = None,
+                 mail: MailLog | None = None, counters: reliable.Flushing | None = None) -> None:
         self.s = settings
         self.hostname = hostname or settings.hostname or socket.gethostname()
         super().__init__(
@@ -178,9 +178,9 @@ class Forwarder(reliable.StreamWorker):
                    for n in range(keys.FORWARD_SHARDS)],
             consumer=reliable.consumer_name(self.hostname),
             concurrency=settings.worker_concurrency, claim_timeout=settings.claim_timeout,
-            retry_base=settings.forward_retry_base)
+            retry_base=settings.forward_retry_base, counters=counters)
         self.hop = NextHop.from_settings(settings, self.hostname)
-        self.mail = MailLog()
+        self.mail = mail or MailLog()  # a counting one (and its counters) from the owner
 
     async def start(self) -> str:
         await self.start_loops()
@@ -296,7 +296,7 @@ class Forwarder(reliable.StreamWorker):
         refused_for = round(now - since)
         log.error("forward: next hop %s refused %s for %s with 5xx for %ds (%s); parked as a dead letter",
                   self.hop.name, e.msg_id, e.recipient, refused_for, reply.text)
-        self.mail.failed(e.msg_id, sender, e.recipient, stage="forward",
+        self.mail.failed(e.msg_id, sender, e.recipient, stage="forward", outcome="dead-letter",
                          reason=f"parked as dead letter: next hop refused with 5xx for {refused_for}s: "
                                 f"{reply.text}")
 
@@ -318,11 +318,14 @@ class ForwardComponent:
     r: aioredis.Redis
     name: str = "forward"
     forwarder: Forwarder | None = None
+    # What it logs is counted for /metrics when the owner gives a counting log and its counters.
+    mail: MailLog | None = None
+    counters: reliable.Flushing | None = None
 
     async def start(self) -> str:
         if not self.settings.forward_to:
             return "forward worker: off (no --forward-to); mail for users not failed over waits in the queue"
-        self.forwarder = Forwarder(self.settings, self.r)
+        self.forwarder = Forwarder(self.settings, self.r, mail=self.mail, counters=self.counters)
         return await self.forwarder.start()
 
     async def stop(self) -> None:

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -54,6 +54,13 @@ READ_BLOCK_MS = 1000
 CLUSTER_POLL = 0.1  # seconds between polls of empty streams on a Redis Cluster
 PROMOTE_BATCH = 500
 STOP_GRACE = 10.0
+
+
+class Flushing(Protocol):
+    """What counts a worker's mail-log events (fallback.ops.metrics.Counters): flushed to Redis
+    every few seconds until cancelled, then once more."""
+
+    async def run_async(self, r: aioredis.Redis) -> None: ...
 
 
 def consumer_name(hostname: str) -> str:
@@ -106,8 +113,10 @@ class StreamWorker:
 
     def __init__(self, r: aioredis.Redis, *, group: str, streams: list[str],
                  retry: list[tuple[str, str]], consumer: str, concurrency: int,
-                 claim_timeout: float, retry_base: float) -> None:
+                 claim_timeout: float, retry_base: float, counters: Flushing | None = None) -> None:
         self.r = r
+        self.counters = counters
+        self.flusher: asyncio.Task[None] | None = None
         self.clustered = is_cluster(r)
         self.group = group
         self.streams = streams
@@ -140,6 +149,8 @@ class StreamWorker:
                       asyncio.create_task(self._scheduler(), name=f"{self.label}-scheduler")]
         for task in self.tasks:
             task.add_done_callback(self._report_crash)
+        if self.counters is not None:
+            self.flusher = asyncio.create_task(self.counters.run_async(self.r), name=f"{self.label}-counts")
 
     async def stop(self) -> None:
         """Stop taking work; let deliveries under way finish (bounded), then cancel.
@@ -152,6 +163,8 @@ class StreamWorker:
         if self.busy:
             await asyncio.wait(set(self.busy), timeout=STOP_GRACE)
         await cancel_all(list(self.busy), self.label)
+        if self.flusher is not None:  # after the deliveries: their counts are flushed too
+            await cancel_all([self.flusher], self.label)
 
     def _report_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
