@@ -36,6 +36,7 @@ the virtual format takes --sync, the same for the aliases with 1 % changes.
 from __future__ import annotations
 
 import argparse
+import binascii
 import json
 import os
 import shutil
@@ -59,16 +60,16 @@ TARGET_BYTES = 140.0
 
 
 def fake_bcrypt_hashes(n: int) -> list[str]:
-    """n distinct, well-formed bcrypt strings: 22 salt + 31 hash chars from bcrypt's alphabet."""
-    table = bytes(_BCRYPT_ALPHABET[b % 64] for b in range(256))
-    blob = os.urandom(53 * n).translate(table)
-    # bcrypt's last salt character only carries 2 bits: keep it in the valid set.
-    out = []
-    for i in range(n):
-        chunk = blob[53 * i : 53 * i + 53]
-        salt = chunk[:21] + b"."  # '.' is a valid final salt char (00 low bits)
-        out.append("{BLF-CRYPT}$2y$10$" + (salt + chunk[22:]).decode())
-    return out
+    """n distinct, well-formed bcrypt strings, as bcrypt writes them: a random 16-byte salt and
+    23-byte digest in bcrypt's base64 (22 + 31 characters, the spare low bits zero)."""
+    table = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+                            _BCRYPT_ALPHABET)
+    blob = os.urandom(39 * n)
+    b2a = binascii.b2a_base64
+    return ["{BLF-CRYPT}$2y$10$" + (b2a(blob[39 * i : 39 * i + 16], newline=False)[:22]
+                                    + b2a(blob[39 * i + 16 : 39 * i + 39], newline=False)[:31]
+                                    ).translate(table).decode()
+            for i in range(n)]
 
 
 def write_csv(path: Path, n: int, domains: int = 100, mailstores: int = 4) -> None:

@@ -45,7 +45,8 @@ CONCURRENCY = (1, 10, 50)
 
 # --- the servers, each in its own process --------------------------------------------
 
-async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = True) -> None:
+async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = True,
+                        trace_retention: str | None = None) -> None:
     from fallback.cli import setup_logging
     from fallback.config import load_settings
     from fallback.mailbox import directory
@@ -55,7 +56,11 @@ async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = 
     settings = load_settings({"redis_url": redis_url, "smtp_port": port, "hostname": "bench.test",
                               "smtp_workers": 1, "mail_log": mail_log,
                               "max_connections_per_ip": 1000, "max_commands": 1_000_000,
-                              "max_messages_per_ip_per_minute": 0}, env={})
+                              "max_messages_per_ip_per_minute": 0,
+                              # Issue 16: the trace on (14d) or off (0), flushed every second so
+                              # that its writes fall inside even a short run.
+                              **({"trace_retention": trace_retention, "metrics_flush_interval": "1"}
+                                 if trace_retention is not None else {})}, env={})
     setup_logging(settings)
     r = async_client(redis_url)
     buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)
@@ -132,13 +137,22 @@ def main() -> int:
                     help="messages per point (default: 2000 at 4 KiB, 1000 at 100 KiB)")
     ap.add_argument("--sizes", default="4KiB,100KiB")
     ap.add_argument("--concurrency", default="1,10,50")
+    ap.add_argument("--trace-rounds", type=int, default=0, metavar="N",
+                    help="issue 16: instead of the table, N interleaved rounds of the receiver with "
+                         "the message trace on and off (--trace-retention 0), 4 KiB at 10 connections")
     args = ap.parse_args()
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
+        traced = {"trace-on": "14d", "trace-off": "0"}.get(kind)
         server = (serve_noop(port) if kind == "noop"
-                  else serve_durable(port, args.serve[2], args.serve[3], store=kind == "durable"))
+                  else serve_durable(port, args.serve[2], args.serve[3],
+                                     store=kind in ("durable", "trace-on", "trace-off"),
+                                     trace_retention=traced))
         asyncio.run(server)
         return 0
+    if args.trace_rounds:
+        return trace_cost(args.trace_rounds, args.messages or 2000,
+                          int(args.concurrency.split(",")[0]) if args.concurrency != "1,10,50" else 10)
 
     work = Path(tempfile.mkdtemp(prefix="fallback-bench-smtp-"))
     redis_server = RedisServer(work / "redis").start()
@@ -166,6 +180,73 @@ def main() -> int:
         print(f"stored: {r.zcard('mbx:{' + RCPT + '}:f:INBOX')} messages, "
               f"aof fsync policy {r.config_get('appendfsync')['appendfsync']}; "
               f"durable mail log: {len((work / 'durable-mail.log').read_bytes().splitlines())} lines")
+        r.close()
+    finally:
+        for proc in procs.values():
+            stop_pid(proc)
+        redis_server.stop()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def trace_cost(rounds: int, messages: int, sessions: int) -> int:
+    """Issue 16: what the message trace costs at intake, as paired ratios of interleaved rounds
+    (the machine may be busy with other work: each pair shares its moment), and the Redis
+    bytes its records take per message (MEMORY USAGE of every trace key)."""
+    import statistics
+
+    import redis
+
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-trace-"))
+    redis_server = RedisServer(work / "redis").start()
+    provision(redis_server.url)
+    kinds = ("trace-on", "trace-off")
+    ports = {kind: free_port() for kind in kinds}
+    procs = {kind: start_server(kind, port, redis_server.url, work) for kind, port in ports.items()}
+    print(f"{rounds} rounds of {messages} x 4 KiB at {sessions} connections, on then off "
+          "(odd rounds) or off then on (even)")
+    ratios = []
+    cpu = dict.fromkeys(kinds, 0.0)  # the receiver processes' own CPU seconds: steadier under load
+    try:
+        drive(ports["trace-on"], 4096, sessions, 200)  # warm both up
+        drive(ports["trace-off"], 4096, sessions, 200)
+        time.sleep(1.5)
+        for kind in kinds:
+            cpu[kind] -= cpu_seconds(procs[kind].pid)
+        for n in range(rounds):
+            order = kinds if n % 2 == 0 else kinds[::-1]
+            rates = {kind: drive(ports[kind], 4096, sessions, messages) for kind in order}
+            ratios.append(rates["trace-on"] / rates["trace-off"])
+            print(f"round {n + 1:>2}: on {rates['trace-on']:>6.0f}/s  off {rates['trace-off']:>6.0f}/s  "
+                  f"on/off {ratios[-1]:.3f}", flush=True)
+        print(f"on/off: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}, "
+              f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+        time.sleep(2.5)  # the last flush (every second) is written, on the on server's CPU
+        for kind in kinds:  # both idle between their runs: all they used is for the messages
+            cpu[kind] += cpu_seconds(procs[kind].pid)
+        per = {kind: cpu[kind] / (rounds * messages) * 1e6 for kind in kinds}
+        print(f"receiver CPU per message: on {per['trace-on']:.0f} us, off {per['trace-off']:.0f} us "
+              f"(off/on {per['trace-off'] / per['trace-on']:.3f})")
+        r = redis.Redis.from_url(redis_server.url)
+        records = list(r.scan_iter(match="trace:{*", count=1000))
+        index = list(r.scan_iter(match="trace:a:{*", count=1000))
+        pipe = r.pipeline(transaction=False)
+        for key in records + index:
+            pipe.memory_usage(key, samples=0)
+        sizes = pipe.execute()
+        per_record = sum(sizes[:len(records)]) / max(1, len(records))
+        lines = sum(int(r.llen(k)) for k in records[:200]) / max(1, min(200, len(records)))
+        print(f"trace records: {len(records)} messages, {per_record:.0f} bytes each "
+              f"({lines:.1f} lines); per-address index: {len(index)} keys, "
+              f"{sum(sizes[len(records):])} bytes in all (capped at 1000 messages per address)")
         r.close()
     finally:
         for proc in procs.values():

@@ -46,7 +46,10 @@ ALICE, BOB = "alice@example.com", "bob@example.com"
 def test_connection_dropped_mid_append(r, settings, dovecot, tmp_path: Path, mode: str) -> None:
     proxy = CuttingProxy(dovecot.port, nth=3, mode=mode).start()
     try:
-        direct = reconcile_settings(settings, dovecot, tmp_path, reconcile_concurrency=1)
+        # One APPEND per message: the cut hits the third message (MULTIAPPEND batches cut
+        # mid-command: tests/test_reconcile_batch.py).
+        direct = reconcile_settings(settings, dovecot, tmp_path, reconcile_concurrency=1,
+                                    reconcile_append_batch=1)
         via_proxy = replace(direct, imap_url=proxy.url)
         # Reconcile goes in id order; ids made in the same millisecond are not ordered among
         # themselves, so sort them to know which one is the third APPEND.

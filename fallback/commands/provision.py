@@ -46,12 +46,18 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    rc = _run(ctx, args)
+    if rc == 0 and not getattr(args, "dry_run", False):
+        # Issue 15: a directory provisioned before the name index for suggestions existed gets
+        # it once, after a run that succeeded (a refused or dry run writes nothing); the directory's
+        # writes keep it up to date from then on.
+        dirindex.ensure(ctx.redis(), (m.address for m in ctx.directory().iter_mailboxes()))
+    return rc
+
+
+def _run(ctx: Context, args: argparse.Namespace) -> int:
     if (args.file is None) == (args.ldap_url is None):
         args.usage_error("give either FILE or --ldap-url")   # exits 2 with the usage
-    # Issue 15: a directory provisioned before the name index for suggestions existed gets it
-    # once, before this run's writes (which keep it up to date).
-    d = ctx.directory()
-    dirindex.ensure(ctx.redis(), (m.address for m in d.iter_mailboxes()))
     if args.ldap_url is not None:
         return provision_ldap.run(ctx, args)
     path: Path = args.file

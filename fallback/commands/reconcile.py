@@ -74,6 +74,11 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                       help="Sent folder when the server announces no \\Sent (default Sent)")
     more.add_argument("--reconcile-trash-folder", metavar="NAME",
                       help="Trash folder when the server announces no \\Trash (default Trash)")
+    more.add_argument("--reconcile-append-batch", type=int, metavar="N",
+                      help="messages per APPEND where the server offers MULTIAPPEND (default 50; "
+                      "1: one each)")
+    more.add_argument("--reconcile-mailbox-connections", type=int, metavar="N",
+                      help="connections for one big mailbox, 100 messages each in turn (default 4)")
     p.set_defaults(handler=run)
 
 

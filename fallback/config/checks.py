@@ -40,6 +40,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("replica_acks: must be 0 (no replica acknowledgement) or more")
     if not 0 <= s.undo_send_seconds <= 300:  # issue 15: longer and people think it was sent
         raise ConfigError("undo_send_seconds: must be 0 (no undo) to 300 seconds")
+    if not 1 <= s.reconcile_append_batch <= 1000:  # issue 17: one command's bytes stay bounded
+        raise ConfigError("reconcile_append_batch: must be 1 (one APPEND per message) to 1000")
+    if not 1 <= s.reconcile_mailbox_connections <= 10:  # Dovecot's default per-user limit is 10
+        raise ConfigError("reconcile_mailbox_connections: must be 1 to 10")
     if s.trace_retention < 0:  # issue 16: the message trace
         raise ConfigError("trace_retention: must be 0 (no trace) or more seconds (e.g. 14d)")
     if s.smtp_workers < 0:

@@ -279,3 +279,10 @@ class Settings:
     trace_retention: float = setting(
         14 * 86400.0, "How long each message's trace (fallback trace) is kept after its last event, "
         "seconds (e.g. 14d); 0: no trace is kept", unit="seconds")
+    # Issue 17 (reconcile throughput, fallback/reconcile/job.py): messages per APPEND command.
+    reconcile_append_batch: int = setting(
+        50, "fallback reconcile: messages sent in one APPEND command where the main store offers "
+        "MULTIAPPEND and LITERAL+ (one round trip for them all; 1: one APPEND per message)")
+    reconcile_mailbox_connections: int = setting(
+        4, "fallback reconcile: IMAP connections one mailbox with more than 100 messages to append "
+        "is worked over, each taking the next 100 (up to concurrency x this connections in all)")

@@ -1,8 +1,9 @@
 """The directory of provisioned mailboxes: who exists, their mailstore and password hash.
 
 Millions of users must fit in little memory, so records live in bucketed
-hashes (`dir:{n}`, see keys.py) whose values are one tab-separated string:
-small hashes with short values stay listpack-encoded.  The same functions
+hashes (`dir:{n}`, see keys.py) whose values are one short binary record
+(Mailbox.encode; the hash in hashcodec's form): small hashes with values under
+64 bytes stay listpack-encoded even on a stock Redis.  The same functions
 serve the sync client (CLI, webmail) and the async one (receiver), which only
 needs `lookup_async` and `domain_known_async`.
 """
@@ -20,10 +21,11 @@ import redis.asyncio as aioredis
 
 from fallback import keys
 from fallback.errors import InputError
-from fallback.mailbox import dirindex
+from fallback.mailbox import dirindex, hashcodec
 
 _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
+RECORD_V1 = b"\x01"  # first byte of a binary directory record (issue 17)
 
 
 
@@ -41,14 +43,22 @@ class Mailbox:
     password_hash: str
     alternate: str = ""
 
-    def encode(self) -> str:
-        fields = [self.mailstore, self.password_hash]
-        if self.alternate:
-            fields.append(self.alternate)
-        return "\t".join(fields)
+    def encode(self) -> bytes:
+        """RECORD_V1, the mailstore (length-prefixed), the hash (hashcodec), the alternate
+        address (the rest): about 50 bytes for a bcrypt hash, under a stock Redis'
+        hash-max-listpack-value of 64 (issue 17)."""
+        store = self.mailstore.encode()
+        return (RECORD_V1 + bytes((len(store),)) + store + hashcodec.pack(self.password_hash)
+                + self.alternate.encode())
 
     @classmethod
     def decode(cls, address: str, value: bytes | str) -> Mailbox:
+        if isinstance(value, bytes) and value[:1] == RECORD_V1:
+            end = 2 + value[1]
+            password_hash, at = hashcodec.unpack(value, end)
+            return cls(address, value[2:end].decode(), password_hash, value[at:].decode())
+        # Written before issue 17: "mailstore<TAB>hash[<TAB>alternate]" (a mailstore name
+        # never starts with RECORD_V1), still read as it is; `provision` rewrites it.
         text = value.decode() if isinstance(value, bytes) else value
         parts = text.split("\t")
         return cls(address, parts[0], parts[1] if len(parts) > 1 else "",

@@ -20,7 +20,8 @@ KIND = "kind"          # received, sent, notice, ...
 FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH = "from", "to", "cc", "subject", "date", "msgid", "attach"
 DISPLAY = (FROM, TO, CC, SUBJECT, DATE, MSGID, ATTACH)
 # Issue 15 (conversations): the threading headers, parsed at delivery like the display fields
-# (headers.summarize): the well-formed ids of In-Reply-To and the last of References, space separated.
+# (headers.summarize): well-formed ids only, space separated: In-Reply-To's last, References'
+# last 20 (headers.THREAD_IDS).
 INREPLYTO, REFERENCES = "irt", "refs"
 THREADING = (INREPLYTO, REFERENCES)
 PARSED = (*DISPLAY, *THREADING)  # what headers.summarize writes on every record

@@ -13,6 +13,7 @@ import csv
 import gc
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from fallback.errors import InputError
 from fallback.mailbox import logins, passwords
 from fallback.mailbox.directory import (
     DEFAULT_MAILSTORE,
+    RECORD_V1,
     Directory,
     Mailbox,
     check_mailstore,
@@ -42,6 +44,7 @@ class Entry:
     password: str      # as given: {SCHEME}hash or plain text
     mailstore: str
     alternate: str = ""
+    checked: bool = False  # address, mailstore and hash already validated (_FAST_ROW)
 
 
 @dataclass
@@ -90,42 +93,77 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str | None, int]]:
                 yield n, None, done
 
 
-def _parse_csv(lines: Iterator[tuple[int, str | None, int]],
-               progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
+# The common line of a large import, matched whole in C: a canonical address (what
+# normalize_address returns unchanged), a bcrypt hash (what check_stored returns unchanged)
+# and a mailstore name (check_mailstore).  Every other line takes _csv_row, which gives the
+# same result for these; issue 17 measured it (docs/performance.md).
+_FAST_ROW = re.compile(
+    rb"([a-z0-9._+-]{1,64}@[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+),"
+    rb"(\{BLF-CRYPT\}\$2[abxy]?\$[0-9][0-9]\$[./0-9A-Za-z]{53}),"
+    rb"([A-Za-z0-9][A-Za-z0-9._-]{0,63})\n?")
+READ_HINT = 1 << 20  # bytes of lines read at once
+
+
+def _csv_header(n: int, text: str) -> list[str]:
+    try:
+        row = next(csv.reader([text], strict=True))
+    except (csv.Error, StopIteration) as exc:
+        raise InputError(f"line {n}: unreadable CSV header: {exc}") from None
+    columns = [c.strip().lower() for c in row]
+    missing = [c for c in CSV_COLUMNS if c not in columns]
+    unknown = [c for c in columns if c not in CSV_COLUMNS + CSV_OPTIONAL]
+    if missing or unknown:
+        raise InputError(
+            f"line {n}: CSV header must be 'address,password,mailstore' "
+            f"(optional: alternate); "
+            + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
+        )
+    return columns
+
+
+def _csv_row(n: int, text: str, columns: list[str]) -> Entry | Invalid:
+    try:
+        # Lines without quotes (nearly all) need no CSV machinery.
+        row = text.split(",") if '"' not in text else next(csv.reader([text], strict=True))
+    except (csv.Error, StopIteration) as exc:
+        return Invalid(n, f"broken CSV: {exc}")
+    if len(row) != len(columns):
+        return Invalid(n, f"broken CSV: expected {len(columns)} fields, found {len(row)}")
+    values = dict(zip(columns, row, strict=True))
+    return Entry(n, values["address"], values["password"], values["mailstore"].strip(),
+                 values.get("alternate", "").strip())
+
+
+def _parse_csv(path: Path, progress: Callable[[int], None]) -> Iterator[Entry | Invalid]:
+    """The rows of a CSV file: lines read a megabyte at a time, the common ones (_FAST_ROW)
+    made into checked entries at once, the others parsed and checked one by one."""
     columns: list[str] | None = None
-    for n, text, done in lines:
-        if n % PROGRESS_EVERY == 0:
+    fast = None
+    n = done = 0
+    with open(path, "rb") as fh:
+        while block := fh.readlines(READ_HINT):
+            for raw in block:
+                n += 1
+                m = fast(raw) if fast is not None else None
+                if m is not None and b".." not in m[1]:
+                    yield Entry(n, m[1].decode(), m[2].decode(), m[3].decode(), "", True)
+                    continue
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    yield Invalid(n, "not UTF-8 text")
+                    continue
+                if not text.strip():
+                    continue
+                if columns is None:
+                    columns = _csv_header(n, text)
+                    fast = _FAST_ROW.fullmatch if columns == list(CSV_COLUMNS) else None
+                    continue
+                yield _csv_row(n, text, columns)
+            done += sum(map(len, block))
             progress(done)
-        if text is None:
-            yield Invalid(n, "not UTF-8 text")
-            continue
-        if not text.strip():
-            continue
-        try:
-            # Lines without quotes (nearly all) need no CSV machinery.
-            row = text.split(",") if '"' not in text else next(csv.reader([text], strict=True))
-        except (csv.Error, StopIteration) as exc:
-            if columns is None:
-                raise InputError(f"line {n}: unreadable CSV header: {exc}") from None
-            yield Invalid(n, f"broken CSV: {exc}")
-            continue
-        if columns is None:
-            columns = [c.strip().lower() for c in row]
-            missing = [c for c in CSV_COLUMNS if c not in columns]
-            unknown = [c for c in columns if c not in CSV_COLUMNS + CSV_OPTIONAL]
-            if missing or unknown:
-                raise InputError(
-                    f"line {n}: CSV header must be 'address,password,mailstore' "
-                    f"(optional: alternate); "
-                    + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
-                )
-            continue
-        if len(row) != len(columns):
-            yield Invalid(n, f"broken CSV: expected {len(columns)} fields, found {len(row)}")
-            continue
-        values = dict(zip(columns, row, strict=True))
-        yield Entry(n, values["address"], values["password"], values["mailstore"].strip(),
-                    values.get("alternate", "").strip())
 
 
 def _passwd_hash(n: int, user: str, field: str, default_scheme: str | None) -> str | Invalid:
@@ -197,7 +235,8 @@ def read_entries(path: Path, fmt: str | None, default_mailstore: str,
     """Every line of the file as an Entry (checked) or an Invalid, duplicates included.
     `default_scheme` (checked with passwords.check_scheme_name) is the scheme of passwd-file
     hashes without a {SCHEME} prefix."""
-    lines: Iterator[tuple[int, str | None, int]] = _decode_lines(path)
+    decoded = _decode_lines(path)
+    lines: Iterator[tuple[int, str | None, int]] = decoded
     if fmt is None:
         # Guess from the first line that is not blank or a passwd-file comment.
         head: list[tuple[int, str | None, int]] = []
@@ -212,12 +251,16 @@ def read_entries(path: Path, fmt: str | None, default_mailstore: str,
         if fmt is None:
             return
         lines = itertools.chain(head, lines)
-    parsed = (_parse_csv(lines, progress) if fmt == "csv"
-              else _parse_passwd(lines, default_mailstore, progress, default_scheme))
+    parsed: Iterator[Entry | Invalid]
+    if fmt == "csv":
+        decoded.close()
+        parsed = _parse_csv(path, progress)  # reads the file from its start again
+    else:
+        parsed = _parse_passwd(lines, default_mailstore, progress, default_scheme)
     seen: dict[str, int] = {}
     for item in parsed:
         if isinstance(item, Entry):
-            checked = _check(item)
+            checked = item if item.checked else _check(item)
             if isinstance(checked, Entry):
                 if checked.address in seen:
                     yield Invalid(checked.line, f"duplicate address {checked.address} "
@@ -327,19 +370,22 @@ class Provisioner:
         olds = [None if v is None else Mailbox.decode(e.address, v)
                 for e, v in zip(entries, existing, strict=True)]
         # Only plain-text passwords cost real time (hashing); the thread pool is for them alone.
-        slow = [i for i, e in enumerate(entries) if _needs_hashing(e.password)]
-        hashes: list[str | InputError] = [_check_hash(e.password) for e in entries]
+        slow = [i for i, e in enumerate(entries) if not e.checked and _needs_hashing(e.password)]
+        hashes: list[str | InputError] = [e.password if e.checked else _check_hash(e.password)
+                                          for e in entries]
         prepared = self.pool.map(self._prepare, [entries[i] for i in slow], [olds[i] for i in slow])
         for i, stored in zip(slow, prepared, strict=True):
             hashes[i] = stored
         writes: list[tuple[Mailbox, Mailbox | None]] = []
-        for entry, old, stored in zip(entries, olds, hashes, strict=True):
+        for entry, old, stored, raw in zip(entries, olds, hashes, existing, strict=True):
             if isinstance(stored, InputError):
                 report.invalid.append(Invalid(entry.line, stored.reason))
                 continue
             new = Mailbox(entry.address, entry.mailstore, stored, entry.alternate)
             if old == new:
                 report.unchanged += 1
+                if raw is not None and raw[:1] != RECORD_V1:
+                    writes.append((new, new))  # written before issue 17: now in the short form
                 continue
             writes.append((new, old))
             if old is None:

@@ -282,6 +282,8 @@ def _apply(provisioner: Provisioner, entries: Iterable[Entry | Invalid], report:
         writes = provisioner.plan_chunk(chunk, counts)
         chunk.clear()
         for new, old in writes:
+            if old is new:  # unchanged, only rewritten in the short form (issue 17)
+                continue
             (report.added if old is None else report.changed).append(new.address)
         if not dry_run:
             provisioner.write(writes)

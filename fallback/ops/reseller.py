@@ -61,15 +61,17 @@ def parse_paging(limit: str | None, cursor: str | None, buckets: int) -> tuple[i
 def affected_page(directory: Directory, scope: failover.Scope, domains: Iterable[str] | None,
                   only: Iterable[str] | None, limit: int, bucket: int, offset: int,
                   scan_budget: int = SCAN_BUDGET, batch: int = 64,
-                  match: Callable[[str], bool] | None = None) -> Page:
+                  match: Callable[[str], bool] | None = None, bucket_budget: int | None = None) -> Page:
     """Affected mailboxes of these domains (None: all) from the cursor on, at most `limit`;
-    `match` (the console's search) also filters on the address."""
+    `match` (the console's search) also filters on the address, and `bucket_budget` bounds the
+    buckets one page reads (a sparse directory has few entries per bucket)."""
     wanted_domains = set(domains) if domains is not None else None
     wanted_stores = set(only) if only else None
     rows: list[Mailbox] = []
     read = 0
-    while bucket < directory.buckets and read < scan_budget:
-        last = min(bucket + batch, directory.buckets)
+    stop = directory.buckets if bucket_budget is None else min(directory.buckets, bucket + bucket_budget)
+    while bucket < stop and read < scan_budget:
+        last = min(bucket + batch, stop)
         with directory.r.pipeline(transaction=False) as pipe:
             for n in range(bucket, last):
                 pipe.hgetall(keys.dir_bucket_n(n))

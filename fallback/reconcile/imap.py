@@ -3,10 +3,11 @@
 It owns the wire details: the master-user login (`user*master`, or SASL
 PLAIN with an authorization id), quoting, modified UTF-7 mailbox names,
 SPECIAL-USE discovery, APPEND with flags and INTERNALDATE (reading APPENDUID;
-a literal8 for a message with NUL bytes where the server speaks BINARY), UID
-SEARCH / FETCH / STORE / MOVE, and what IMAP lets a client see of the bytes a
-server stored (`byte_changes`).  Two kinds of failure are kept apart because
-exactly-once depends on it: `ServerRefused` means the server answered NO/BAD
+many messages in one MULTIAPPEND where offered; a literal8 for a message
+with NUL bytes where the server speaks BINARY), UID SEARCH / FETCH / STORE /
+MOVE, and what IMAP lets a client see of the bytes a server stored
+(`byte_changes`).  Two kinds of failure are kept apart because exactly-once
+depends on it: `ServerRefused` means the server answered NO/BAD
 (the command certainly did nothing), `ConnectionLost` means the outcome is
 unknown (an APPEND may or may not have been stored).  It uses aioimaplib's
 public client only; what reaches under it is in imap_adapter.py.
@@ -34,6 +35,7 @@ from fallback.reconcile import imap_adapter as adapter
 
 T = TypeVar("T")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
+_APPENDUID_SET = re.compile(rb"\[APPENDUID (\d+) ([\d:,]+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID \d+ [\d:,]+ (\d+)\]", re.I)
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.I)
 _LIST_LINE = re.compile(rb'^\((?P<attrs>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") (?P<name>.+)$')
@@ -117,6 +119,16 @@ def decode_mailbox(name: str) -> str:
 def imap_flags(flags: Iterable[str]) -> list[str]:
     """Only well-formed flag atoms reach the wire; \\Recent can never be set by a client."""
     return [f for f in flags if _FLAG.match(f) and f.lower() != "\\recent"]
+
+
+def uid_set(text: str) -> list[int]:
+    """An RFC 4315 uid-set ("7:9,12") as its UIDs in order; a range may run downwards."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        a, b = int(lo), int(hi or lo)
+        out += range(a, b + 1) if a <= b else range(a, b - 1, -1)
+    return out
 
 
 def search_date(ts_ms: int) -> str:
@@ -339,6 +351,33 @@ class Session:
             m = _APPENDUID.search(bytes(line))
             if m:
                 return int(m.group(1)), int(m.group(2))
+        return None, None
+
+    def can_multiappend(self) -> bool:
+        """Several messages per APPEND (RFC 3502), sent in one write: needs LITERAL+ as well."""
+        return self.has("MULTIAPPEND") and self.has("LITERAL+")
+
+    async def append_many(self, folder: str, messages: list[tuple[bytes, list[str], int]]
+                          ) -> tuple[int | None, list[int] | None]:
+        """MULTIAPPEND of (raw, flags, ts_ms) without NUL bytes: all stored or none (RFC 3502).
+
+        Returns UIDVALIDITY and the UIDs in the messages' order from APPENDUID, or
+        (None, None) without UIDPLUS.  ServerRefused: none was stored.
+        """
+        if not adapter.no_command_pending(self.client):
+            raise ConnectionLost("APPEND: another command is in flight")
+        parts = [("(" + " ".join(imap_flags(flags)) + ")",
+                  aioimaplib.time2internaldate(dt.datetime.fromtimestamp(ts // 1000, dt.UTC)), raw)
+                 for raw, flags, ts in messages]
+        aw = adapter.append_multi_literal_plus(self.client, quote(folder), parts, self.target.timeout)
+        response = await self._call(aw, "APPEND", timed=False)
+        if response.result != "OK":
+            raise ServerRefused(_text(response))
+        for line in response.lines:
+            m = _APPENDUID_SET.search(bytes(line))
+            if m:
+                uids = uid_set(m.group(2).decode())
+                return int(m.group(1)), (uids if len(uids) == len(messages) else None)
         return None, None
 
     async def find(self, folder: str, msg_id: str, ts_ms: int) -> list[int]:

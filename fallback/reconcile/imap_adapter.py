@@ -17,6 +17,8 @@ this module reaches under it, into `IMAP4ClientProtocol` and `Command`:
   speak: the command and the message go out in one write, registered as the
   pending sync command the way `execute` registers one; LOGOUT without
   waiting for the goodbye.  Needs `transport.write()` / `close()`.
+- MULTIAPPEND (RFC 3502): several messages in one APPEND command, each a
+  LITERAL+ literal, written at once and registered the same way.
 - APPEND with a literal8 (`~{N}`, RFC 3516 BINARY) for a message holding NUL
   bytes: in the LITERAL+ write above, or, without LITERAL+, as a synchronizing
   literal that aioimaplib's continuation handler sends on the server's "+"
@@ -183,6 +185,32 @@ async def append_literal_plus(client: aioimaplib.IMAP4, mailbox: str, flags: str
                              loop=proto.loop, timeout=timeout)
     proto.pending_sync_command = cmd
     proto.transport.write(str(cmd).encode() + b"\r\n" + raw + b"\r\n")
+    try:
+        await cmd.wait()
+    except aioimaplib.CommandTimeout:
+        proto.pending_sync_command = None
+        raise
+    return cmd.response
+
+
+async def append_multi_literal_plus(client: aioimaplib.IMAP4, mailbox: str,
+                                    messages: list[tuple[str, str, bytes]], timeout: float | None) -> Any:
+    """MULTIAPPEND (RFC 3502) of (flags, date, raw) messages, every literal non-synchronizing.
+
+    One command, one write and one tagged reply for the lot: `append_literal_plus`
+    with the further messages' `flags date {N+}` parts after the first literal.
+    Plain literals only (no NUL bytes); only when `no_command_pending(client)`.
+    """
+    proto = client.protocol
+    flags, date, raw = messages[0]
+    cmd = aioimaplib.Command("APPEND", proto.new_tag(), mailbox, flags, date, _literal(raw, False, False),
+                             loop=proto.loop, timeout=timeout)
+    out = [str(cmd).encode(), b"\r\n", raw]
+    for flags, date, raw in messages[1:]:
+        out += [f" {flags} {date} {_literal(raw, False, False)}\r\n".encode(), raw]
+    out.append(b"\r\n")
+    proto.pending_sync_command = cmd
+    proto.transport.writelines(out)
     try:
         await cmd.wait()
     except aioimaplib.CommandTimeout:

@@ -64,6 +64,24 @@ RAW_BATCH_BYTES = 8 * 1024 * 1024  # raw bytes fetched from Redis at once
 _ROLES = {SENT: "\\sent", TRASH: "\\trash", DRAFTS: "\\drafts"}  # RFC 6154 SPECIAL-USE
 
 
+def _runs(batch: list[Item], raws: list[bytes | None], most: int) -> list[list[tuple[Item, bytes | None]]]:
+    """The batch cut into APPEND commands: consecutive messages of one box, at most `most`.
+
+    A message with NUL bytes (a literal8 and a check after it) or deleted meanwhile
+    (raw None) goes alone.
+    """
+    out: list[list[tuple[Item, bytes | None]]] = []
+    for item, raw in zip(batch, raws, strict=True):
+        alone = raw is None or b"\0" in raw
+        last = out[-1] if out else None
+        if (last is not None and not alone and len(last) < most and last[0][1] is not None
+                and b"\0" not in last[0][1] and last[0][0].rbox == item.rbox):
+            last.append((item, raw))
+        else:
+            out.append([(item, raw)])
+    return out
+
+
 class MailboxJob:
     """The state of one mailbox's run: its session, folder names and pending outcomes."""
 
@@ -229,14 +247,17 @@ class MailboxJob:
                                                      RFOLDER: item.rfolder, RFLAGS: item.rflags}))
         await self.states.record(self.address, marks)
         attempted = 0
+        per_command = self.rec.settings.reconcile_append_batch if self.s.can_multiappend() else 1
         try:
             for batch in size_batches(items, RAW_BATCH_BYTES):
                 raws = await self.states.raws(self.address, batch)
-                for item, raw in zip(batch, raws, strict=True):
-                    attempted += 1
-                    if raw is None:
-                        continue  # deleted meanwhile: the record script drops it from pending
-                    await self._append(item, raw)
+                for run in _runs(batch, raws, per_command):
+                    attempted += len(run)
+                    sendable = [(item, raw) for item, raw in run if raw is not None]
+                    if len(sendable) > 1:
+                        await self._append_many(sendable)
+                    elif sendable:   # none: deleted meanwhile, the record script drops it
+                        await self._append(*sendable[0])
         except ConnectionLost:
             # Sent-but-unanswered stays `appending` (looked up next run); never-sent goes back.
             await self.states.unmark(self.address, items[attempted:])
@@ -255,6 +276,35 @@ class MailboxJob:
             self.report.failed.append(Failure(item.id, item.folder, reason))
             self.outcomes.append(Record(item.id, NEVER, "", {RERROR: reason}))
             raise
+        self._appended(item, validity, uid, raw)
+        if b"\0" in raw:
+            await self._check_stored(item, raw)
+
+    async def _append_many(self, run: list[tuple[Item, bytes]]) -> None:
+        """One MULTIAPPEND for a run of one box: all stored or none (RFC 3502).
+
+        Refused (one message over quota, say): none was stored, so each goes again on its
+        own and only the ones the server refuses fail.  Connection lost: every one of
+        them stays `appending`, looked up by id next run.
+        """
+        box = run[0][0].rbox
+        try:
+            validity, uids = await self.s.append_many(box, [(raw, i.flag_list, i.ts) for i, raw in run])
+        except ServerRefused:
+            for item, raw in run:
+                await self._append(item, raw)
+            return
+        except ConnectionLost as exc:
+            reason = (f"connection lost during APPEND ({exc.reason}): outcome unknown, the next run "
+                      "looks it up by id before appending again")
+            for item, _ in run:
+                self.report.failed.append(Failure(item.id, item.folder, reason))
+                self.outcomes.append(Record(item.id, NEVER, "", {RERROR: reason}))
+            raise
+        for n, (item, raw) in enumerate(run):
+            self._appended(item, validity if uids else None, uids[n] if uids else None, raw)
+
+    def _appended(self, item: Item, validity: int | None, uid: int | None, raw: bytes) -> None:
         item.rstate, item.ruidvalidity, item.ruid = DONE, validity, uid
         self.report.appended += 1
         if item.folder == DRAFTS:
@@ -264,8 +314,6 @@ class MailboxJob:
             self.maillog.reconciled(item.id, self.address, outcome="appended",
                                     folder=decode_mailbox(item.rbox), uid=uid)
         self.rec.progress.messages(1)
-        if b"\0" in raw:
-            await self._check_stored(item, raw)
 
     async def _check_stored(self, item: Item, raw: bytes) -> None:
         """A message with NUL bytes: fetch it back and report it when the server changed it.

@@ -133,7 +133,8 @@ class Reconciler:
         self.dry_run = dry_run
         self.progress = progress or NoProgress()
         self.maillog = maillog or MailLog()
-        self.log_on = self.maillog.logger.isEnabledFor(logging.INFO)
+        # Counted (and traced, issue 16) even when the log's lines are off.
+        self.log_on = self.maillog.logger.isEnabledFor(logging.INFO) or self.maillog.counters is not None
 
     async def _login(self, address: str) -> Session:
         s = self.settings
@@ -186,6 +187,42 @@ class Reconciler:
         report.finished = time.time()
         return report
 
+    async def _lanes(self, address: str, report: MailboxReport, first: Session, chunks: list[list[str]],
+                     lanes: int) -> None:
+        """A mailbox's chunks, in order, over `lanes` sessions: a big mailbox is not one connection's
+        round trips after another.  Each chunk is one lane's alone, so each id has one writer;
+        the first failure stops the lanes taking more, and is raised once all have settled.
+        """
+        queue: asyncio.Queue[list[str]] = asyncio.Queue()
+        for c in chunks:
+            queue.put_nowait(c)
+        stop = asyncio.Event()
+
+        async def lane(session: Session | None) -> None:
+            if session is None:
+                try:
+                    session = await self._login(address)
+                except ReconcileError as exc:   # the first lane goes on: fewer lanes, same outcome
+                    log.warning("reconcile of %s: an extra connection failed (%s)", address, exc.reason)
+                    return
+            session.readonly = self.dry_run   # EXAMINE, never SELECT: nothing changes
+            job = MailboxJob(self, session, address, report)
+            try:
+                while not stop.is_set() and not queue.empty():
+                    await job.chunk(queue.get_nowait())
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                await asyncio.gather(job.settle(), session.close())
+
+        results = await asyncio.gather(lane(first), *(lane(None) for _ in range(lanes - 1)),
+                                       return_exceptions=True)
+        report.folders_created[:] = list(dict.fromkeys(report.folders_created))  # each lane's CREATE
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def mailbox(self, address: str) -> MailboxReport:
         """One mailbox, start to end; every failure ends up in the report, never raised."""
         report = MailboxReport(address)
@@ -194,19 +231,15 @@ class Reconciler:
             report.left = len(ids)
             if not ids:
                 return report
+            chunks = [ids[start : start + CHUNK] for start in range(0, len(ids), CHUNK)]
+            lanes = 1 if self.dry_run else min(self.settings.reconcile_mailbox_connections, len(chunks))
             try:
-                session = await self._login(address)
+                first = await self._login(address)
             except ReconcileError as exc:
                 report.error = exc.reason
                 self.progress.messages(len(ids))
                 return report
-            session.readonly = self.dry_run   # EXAMINE, never SELECT: nothing changes
-            job = MailboxJob(self, session, address, report)
-            try:
-                for start in range(0, len(ids), CHUNK):
-                    await job.chunk(ids[start : start + CHUNK])
-            finally:
-                await asyncio.gather(job.settle(), session.close())
+            await self._lanes(address, report, first, chunks, lanes)
         except (ReconcileError, StorageError) as exc:
             report.error = exc.reason
         except Exception as exc:  # one mailbox's surprise never stops the others
