@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, g, jsonify, render_template, request
+from flask_babel import LazyString, gettext, lazy_gettext
 from werkzeug.exceptions import HTTPException
 
 from web.context import state
@@ -95,9 +96,9 @@ def _check_csrf() -> Response | None:
         return None  # already logged out (expired): nothing to protect, just go to the login page
     if request.endpoint == LOGIN_ENDPOINT:
         return None  # the login view re-renders its form with the error (keeps the address typed)
-    return error_page(400, "This form has expired or did not come from this site, so nothing was "
-                           "done. Use your browser's Back button to get back to what you typed, "
-                           "and log in again if you are asked to.")
+    return error_page(400, gettext("This form has expired or did not come from this site, so nothing was "
+                                   "done. Use your browser's Back button to get back to what you typed, "
+                                   "and log in again if you are asked to."))
 
 
 def _headers(response: Response) -> Response:
@@ -124,8 +125,17 @@ def current_view() -> Any:
     return current_app.view_functions.get(request.endpoint)
 
 
-def error_page(code: int, text: str) -> Response:
-    response = Response(render_template("error.html", code=code, text=text), status=code)
+# The texts of the error pages (the admin API answers in English: it is for operators).
+NOT_FOUND = lazy_gettext("There is nothing here (or it is not yours).")
+NOT_ALLOWED = lazy_gettext("That action is not available here.")
+DID_NOT_WORK = lazy_gettext("That did not work.")
+STORE_DOWN = lazy_gettext("The mail store is not answering right now. Nothing was lost; "
+                          "please try again in a minute.")
+OUR_FAULT = lazy_gettext("Something went wrong on our side. Please try again.")
+
+
+def error_page(code: int, text: str | LazyString) -> Response:
+    response = Response(render_template("error.html", code=code, text=str(text)), status=code)
     return response
 
 
@@ -156,29 +166,29 @@ def install(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Any:
         if exc.code is not None and exc.code < 400:
             return exc.get_response()  # routing redirects (a missing trailing slash)
-        texts = {
-            404: "There is nothing here (or it is not yours).",
-            405: "That action is not available here.",
-            413: (f"That is too big to send: attachments may be "
-                  f"{state().settings.max_upload_size // (1024 * 1024)} MiB in total. Nothing was sent; "
-                  "go back to keep your text and attach smaller files."),
-        }
         code = exc.code or 500
         if request.path.startswith(ADMIN_API):
             return _json_error(code, exc.description or "That did not work.")
-        return error_page(code, texts.get(code, exc.description or "That did not work."))
+        texts = {404: NOT_FOUND, 405: NOT_ALLOWED}
+        if code == 413:
+            return error_page(code, gettext(
+                "That is too big to send: attachments may be %(mib)s MiB in total. Nothing was sent; "
+                "go back to keep your text and attach smaller files.",
+                mib=state().settings.max_upload_size // (1024 * 1024)))
+        # Our own 4xx carry their text, translated when raised; werkzeug's defaults are English.
+        own = exc.description if exc.description != type(exc).description else None
+        return error_page(code, texts.get(code) or own or DID_NOT_WORK)
 
     @app.errorhandler(redis.RedisError)
     def _storage_error(exc: redis.RedisError) -> Response:
         log.error("webmail: Redis error on %s: %s", request.path, exc)
         if request.path.startswith(ADMIN_API):
             return _json_error(503, "Redis is not answering")
-        return error_page(503, "The mail store is not answering right now. Nothing was lost; "
-                               "please try again in a minute.")
+        return error_page(503, STORE_DOWN)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("webmail: unexpected error on %s", request.path)
         if request.path.startswith(ADMIN_API):
             return _json_error(500, "internal error (see the server log)")
-        return error_page(500, "Something went wrong on our side. Please try again.")
+        return error_page(500, OUR_FAULT)
