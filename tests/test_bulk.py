@@ -25,7 +25,7 @@ from fallback.ops import metrics
 from tests.dovecot import MainStoreView
 from tests.reconcile_helpers import ids_on_disk, reconcile_settings, run_engine
 from tests.servers import wait_for
-from tests.webutil import log_in_as, put_message, simple
+from tests.webutil import log_in_as, put_message, served, simple
 from web.bulk import MAX_IDS
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -348,18 +348,8 @@ def test_deleted_for_good_is_not_appended_and_is_counted(client, r, settings, do
 
 @pytest.fixture
 def webmail(settings, receiver) -> Any:
-    from dataclasses import replace
-
-    from fallback.webserver import WebComponent
-    from tests.servers import free_port
-    from tests.webutil import SECRET
-
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4, status_show_scope=True)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings, status_show_scope=True) as url:
+        yield url
 
 
 @pytest.mark.browser

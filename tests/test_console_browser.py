@@ -6,7 +6,6 @@ text and logging out are done by clicking, as an operator would."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,11 +15,10 @@ from fallback import ids
 from fallback.config import Settings
 from fallback.ops import failover, incident
 from fallback.queues import forward, outbound
-from fallback.webserver import WebComponent
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT
 from tests.test_web_a11y import browser, check  # noqa: F401 - fixture
 from tests.test_web_browser import smtp_send
-from tests.webutil import SECRET, simple
+from tests.webutil import served, simple
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -31,12 +29,8 @@ BODY = b"From: a@example.org\r\nTo: bob@example.com\r\nSubject: fwd\r\n\r\nhello
 
 @pytest.fixture
 def console(settings: Settings, receiver: Any) -> Iterator[str]:
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4, admin_token=ADMIN)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings, admin_token=ADMIN) as url:
+        yield url
 
 
 def shot(page: Any, name: str) -> None:

@@ -5,18 +5,15 @@ the draft survives a logout, reopens, is sent, undone, and is back in Drafts; ax
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from fallback import keys
 from fallback.mailbox import fields
-from fallback.webserver import WebComponent
-from tests.servers import free_port
 from tests.test_web_a11y import check
 from tests.test_web_browser import ARGS, ARTIFACTS, CHROMIUM, DESKTOP, PHONE, log_in, log_out
-from tests.webutil import SECRET
+from tests.webutil import served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -26,12 +23,8 @@ WAIT_MS = 20_000  # every wait for the page is bounded
 
 @pytest.fixture
 def webmail(settings, mailboxes) -> Iterator[str]:
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4, undo_send_seconds=60)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings, undo_send_seconds=60) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,17 +10,14 @@ pressing them with Ctrl, does nothing but type.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from fallback import keys
-from fallback.mailbox import fields
-from fallback.webserver import WebComponent
-from tests.servers import free_port
+from fallback.mailbox import fields, store
 from tests.test_web_browser import ARGS, CHROMIUM, DESKTOP, log_in, smtp_send
-from tests.webutil import SECRET, simple
+from tests.webutil import served, simple
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,12 +26,8 @@ ALICE = "alice@example.com"
 
 @pytest.fixture
 def webmail(settings, receiver) -> Iterator[str]:
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings) as url:
+        yield url
 
 
 def active_row(page: Any) -> str:
@@ -50,7 +43,7 @@ def selected(page: Any) -> list[str]:
 
 def inbox_subjects(r: Any) -> set[str]:
     ids = [i.decode() for i in r.zrange(keys.folder(ALICE, fields.INBOX), 0, -1)]
-    return {(r.hget(keys.message(ALICE, i), "subject") or b"").decode() for i in ids}
+    return {(store.MailboxReader(r, ALICE).meta(i) or {}).get(fields.SUBJECT, "") for i in ids}
 
 
 def test_keyboard_walk(webmail, receiver, r) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,10 +20,8 @@ import pytest
 
 from fallback import keys
 from fallback.mailbox import fields
-from fallback.webserver import WebComponent
-from tests.servers import free_port
 from tests.test_web_browser import ARGS, CHROMIUM, log_in, smtp_send
-from tests.webutil import SECRET, log_in_as, put_message, simple
+from tests.webutil import log_in_as, put_message, served, simple
 from web import filters, prefs
 
 ALICE = "alice@example.com"
@@ -134,12 +131,8 @@ def script_errors(page: Any) -> list[str]:
 
 @pytest.fixture
 def webmail(settings, receiver) -> Iterator[str]:
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings) as url:
+        yield url
 
 
 @pytest.mark.browser

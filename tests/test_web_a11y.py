@@ -6,15 +6,13 @@ character a header cannot carry) and 429 (the send limit)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from fallback.webserver import WebComponent
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT
 from tests.test_web_browser import ARGS, CHROMIUM, DESKTOP, PHONE, log_in, smtp_send
-from tests.webutil import SECRET
+from tests.webutil import served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,13 +22,8 @@ AXE = ROOT / ".tools" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
 @pytest.fixture
 def webmail(settings, receiver) -> Iterator[str]:
     """gunicorn as `fallback up` runs it, with limits low enough to reach in a test."""
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4, login_source_failures=1, login_account_failures=50,
-                send_limit_per_hour=1)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings, login_source_failures=1, login_account_failures=50, send_limit_per_hour=1) as url:
+        yield url
 
 
 @pytest.fixture

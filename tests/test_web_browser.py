@@ -12,16 +12,14 @@ import http.server
 import smtplib
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fallback.webserver import WebComponent
 from tests.hostile import as_mail, bodies
-from tests.servers import ROOT, free_port
-from tests.webutil import SECRET
+from tests.servers import ROOT
+from tests.webutil import served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,12 +34,8 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture
 def webmail(settings, receiver) -> Iterator[str]:
     """gunicorn serving the webmail on a free port, started and stopped like `fallback up` does."""
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings) as url:
+        yield url
 
 
 class Listener:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from fallback.webserver import WebComponent
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT
 from tests.test_web_a11y import AXE
 from tests.test_web_browser import ARGS, CHROMIUM, DESKTOP, PHONE, log_in, smtp_send
-from tests.webutil import SECRET
+from tests.webutil import served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -33,12 +31,8 @@ SEVERE = ("serious", "critical")
 
 @pytest.fixture
 def webmail(settings: Any, receiver: Any) -> Iterator[str]:
-    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
-                web_threads=4)
-    component = WebComponent(s, s.redis_url or "")
-    component.start_sync()
-    yield f"http://127.0.0.1:{component.port}"
-    component.stop_sync()
+    with served(settings) as url:
+        yield url
 
 
 def mail(subject: str, body: str, ctype: str = "text/plain", extra: str = "") -> bytes:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -18,11 +20,26 @@ from flask.testing import FlaskClient
 from fallback.config import Settings
 from fallback.ids import new_id
 from fallback.mailbox import delivery, directory, fields
+from fallback.webserver import WebComponent
+from tests.servers import free_port
 from web import create_app
 from web.sessions import COOKIE
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
+
+
+@contextmanager
+def served(settings: Settings, **overrides: Any) -> Iterator[str]:
+    """gunicorn serving the webmail as `fallback up` runs it, on a free port: its base URL."""
+    s = replace(settings, secret_key=SECRET, http_port=free_port(), cookie_secure=False, web_workers=1,
+                web_threads=4, **overrides)
+    component = WebComponent(s, s.redis_url or "")
+    component.start_sync()
+    try:
+        yield f"http://127.0.0.1:{component.port}"
+    finally:
+        component.stop_sync()
 
 
 def make_app(settings: Settings, r: redis.Redis, **overrides: Any) -> Flask:
