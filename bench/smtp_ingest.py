@@ -20,6 +20,21 @@ durable/lean ratio.
 
     .venv/bin/python bench/smtp_ingest.py                 # the full table
     .venv/bin/python bench/smtp_ingest.py --messages 500  # quicker
+
+Issue 16, the message trace's cost: `--trace-rounds N` runs two durable receivers
+instead, one with the trace on (14 d) and one off (`--trace-retention 0`), both
+flushing every second, in N interleaved rounds (4 KiB, 10 connections or the one
+`--concurrency` given); prints each round's on/off, their median, the receivers'
+CPU per message (/proc) and MEMORY USAGE of the trace keys per message.
+
+    .venv/bin/python bench/smtp_ingest.py --trace-rounds 20 --messages 2000 [--concurrency 50]
+
+Issue 17: `--postfix-rounds N` compares the durable receiver with a queue-only Postfix
+backup MX (bench/postfix_mx.py) and the no-op, in N interleaved rounds, with one new
+connection per message and with kept connections (bench/versus_postfix.py); prints
+messages/s and CPU per message of each, and the receiver/postfix and receiver/no-op ratios.
+
+    .venv/bin/python bench/smtp_ingest.py --postfix-rounds 5 --messages 2000   # 10 and 50 connections
 """
 
 from __future__ import annotations
@@ -46,7 +61,7 @@ CONCURRENCY = (1, 10, 50)
 # --- the servers, each in its own process --------------------------------------------
 
 async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = True,
-                        trace_retention: str | None = None) -> None:
+                        trace_retention: str | None = None, compression: str | None = None) -> None:
     from fallback.cli import setup_logging
     from fallback.config import load_settings
     from fallback.mailbox import directory
@@ -60,7 +75,9 @@ async def serve_durable(port: int, redis_url: str, mail_log: str, store: bool = 
                               # Issue 16: the trace on (14d) or off (0), flushed every second so
                               # that its writes fall inside even a short run.
                               **({"trace_retention": trace_retention, "metrics_flush_interval": "1"}
-                                 if trace_retention is not None else {})}, env={})
+                                 if trace_retention is not None else {}),
+                              # Issue 17: stored bytes in zstd (the default) or as received.
+                              **({"store_compression": compression} if compression else {})}, env={})
     setup_logging(settings)
     r = async_client(redis_url)
     buckets = await directory.ensure_buckets_async(r, settings.directory_buckets)
@@ -107,9 +124,10 @@ def start_server(kind: str, port: int, redis_url: str = "",
 
 # --- the load ------------------------------------------------------------------------
 
-def drive(port: int, size: int, sessions: int, messages: int) -> float:
-    """messages/s that smtp-source achieved (connections kept open between messages)."""
-    cmd = [*postfix_tool("smtp-source"), "-d", "-s", str(sessions), "-m", str(messages),
+def drive(port: int, size: int, sessions: int, messages: int, keep: bool = True) -> float:
+    """messages/s that smtp-source achieved (keep: connections kept open between messages,
+    `-d`; else one new connection per message, with its greeting, EHLO and QUIT)."""
+    cmd = [*postfix_tool("smtp-source"), *(["-d"] if keep else []), "-s", str(sessions), "-m", str(messages),
            "-l", str(size), "-f", "load@remote.test", "-t", RCPT, "-M", "source.test", f"127.0.0.1:{port}"]
     started = time.monotonic()
     done = subprocess.run(cmd, env=postfix_env(), capture_output=True, text=True, timeout=900, check=False)
@@ -140,14 +158,25 @@ def main() -> int:
     ap.add_argument("--trace-rounds", type=int, default=0, metavar="N",
                     help="issue 16: instead of the table, N interleaved rounds of the receiver with "
                          "the message trace on and off (--trace-retention 0), 4 KiB at 10 connections")
+    ap.add_argument("--postfix-rounds", type=int, default=0, metavar="N",
+                    help="issue 17: instead of the table, N interleaved rounds of the receiver, a "
+                         "queue-only Postfix backup MX and the no-op aiosmtpd, 4 KiB, at 10 and 50 "
+                         "connections (--concurrency), new and kept connections")
     args = ap.parse_args()
+    if args.postfix_rounds:
+        from bench.versus_postfix import versus_postfix
+
+        conns = ((10, 50) if args.concurrency == "1,10,50"
+                 else tuple(int(c) for c in args.concurrency.split(",")))
+        return versus_postfix(args.postfix_rounds, args.messages or 2000, conns)
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
         traced = {"trace-on": "14d", "trace-off": "0"}.get(kind)
         server = (serve_noop(port) if kind == "noop"
                   else serve_durable(port, args.serve[2], args.serve[3],
-                                     store=kind in ("durable", "trace-on", "trace-off"),
-                                     trace_retention=traced))
+                                     store=kind in ("durable", "trace-on", "trace-off", "zstd", "off"),
+                                     trace_retention=traced,
+                                     compression=kind if kind in ("zstd", "off") else None))
         asyncio.run(server)
         return 0
     if args.trace_rounds:

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
+from flask_babel import gettext, lazy_gettext, ngettext
 
 from fallback.errors import InputError
 from fallback.ids import is_id, new_id
@@ -30,7 +31,7 @@ from fallback.intake.submission import Draft, send
 from fallback.mailbox import contacts, fields, store, threads
 from fallback.maillog import MailLog
 from fallback.ops.metrics import MailCounters
-from web import drafts, render
+from web import drafts, i18n, render
 from web.auth import login_required
 from web.context import state
 from web.mailbox import raw_or_404
@@ -45,8 +46,9 @@ from web.sessions import sign
 bp = Blueprint("compose", __name__)
 
 FIELDS = ("to", "cc", "bcc", "subject", "body")
-UNDONE = "Sending undone: the message is back in Drafts. Nothing was sent."
-SAVED = "Draft saved."
+UNDONE = lazy_gettext("Sending undone: the message is back in Drafts. Nothing was sent.")
+SAVED = lazy_gettext("Draft saved.")
+NOTHING_SENT = lazy_gettext("Nothing was sent.")
 
 
 def _original(msg_id: str) -> bytes | None:
@@ -55,11 +57,13 @@ def _original(msg_id: str) -> bytes | None:
 
 
 def _quote(raw: bytes) -> str:
-    who = render.find_header(raw, "From") or "someone"
+    who = render.find_header(raw, "From") or gettext("someone")
     when = render.find_header(raw, "Date")
     text = render.body_text(raw)
     quoted = "\n".join("> " + line if line else ">" for line in text.rstrip("\n").split("\n"))
-    return f"\n\nOn {when}, {who} wrote:\n{quoted}\n" if when else f"\n\n{who} wrote:\n{quoted}\n"
+    said = (gettext("On %(when)s, %(who)s wrote:", when=when, who=who) if when
+            else gettext("%(who)s wrote:", who=who))
+    return f"\n\n{said}\n{quoted}\n"
 
 
 def _prefixed(prefix: str, subject: str) -> str:
@@ -93,7 +97,7 @@ def _forward_values(raw: bytes) -> dict[str, str]:
                      if render.find_header(raw, n))
     text = render.body_text(raw)
     return {"subject": _prefixed("Fwd:", render.find_header(raw, "Subject")),
-            "body": f"\n\n---------- Forwarded message ----------\n{head}\n\n{text}"}
+            "body": f"\n\n---------- {gettext('Forwarded message')} ----------\n{head}\n\n{text}"}
 
 
 def _form(values: dict[str, str], error: str | None = None, status: int = 200,
@@ -127,7 +131,7 @@ def compose_form() -> Any:
             abort(404)
         values.update(found[0])
         values["saved"] = request.args["draft"]
-        note = UNDONE if request.args.get("undone") == "1" else None
+        note = str(UNDONE) if request.args.get("undone") == "1" else None
         return _form(values, attached=drafts.listed(found[1]), note=note)
     if reply:
         raw = _original(reply)
@@ -157,10 +161,10 @@ def send_message() -> Any:
     if not is_id(draft_id) or not hmac.compare_digest(
             sign(st.secret, g.user, draft_id), form.get("draft_sig", "")):
         values["draft"] = ""
-        return _form(values, "This form is out of date; check your message and send it again.", 400,
-                     kept)
+        return _form(values, gettext("This form is out of date; check your message and send it again."),
+                     400, kept)
     if form.get("action") == "save":
-        return _form(values, kept=kept, note=SAVED)
+        return _form(values, kept=kept, note=str(SAVED))
     if form.get("action") == "discard":  # to Trash, where it can be restored or deleted for good
         store.move(st.r, g.user, kept.draft_id, fields.TRASH)
         return redirect(url_for("mailbox.folder", name="drafts"))
@@ -172,27 +176,29 @@ def send_message() -> Any:
         bcc = parse_addresses("Bcc", values["bcc"])
         check_header_text("Subject", values["subject"])
         if len(values["subject"]) > MAX_SUBJECT:
-            raise InputError("subject too long", public="The subject is too long.")
+            raise InputError("subject too long", public=gettext("The subject is too long."))
         if not (to or cc or bcc):
-            raise InputError("no recipients", public="Add at least one recipient in To, Cc or Bcc.")
+            raise InputError("no recipients", public=gettext("Add at least one recipient in To, Cc or Bcc."))
         draft = Draft(g.user, to, cc, bcc, values["subject"], values["body"], list(kept.attachments))
         if len(draft.recipients()) > st.settings.max_recipients:
-            raise InputError("too many recipients", public=f"Too many recipients: at most "
-                             f"{st.settings.max_recipients} in one message.")
+            raise InputError("too many recipients", public=gettext(
+                "Too many recipients: at most %(n)s in one message.", n=st.settings.max_recipients))
         _apply_reply(draft, values)
         limits = sendlimits.Limits(st.settings.send_limit_per_hour, st.settings.send_limit_per_day)
         out = send(st.r, st.directory(), st.scope, draft, draft_id, st.settings.hostname or "localhost",
                    request.remote_addr or "unknown", limits, Policy.of(st.settings),
                    undo_seconds=st.settings.undo_send_seconds, saved=kept.draft_id,
-                   form={k: values[k] for k in drafts.FORM_FIELDS})
+                   form={k: values[k] for k in drafts.FORM_FIELDS},
+                   log=MailLog(counters=MailCounters(st.counters)))  # counted and traced
     except InputError as exc:
-        return _form(values, exc.public + " Nothing was sent." + _again(kept), 400, kept)
+        return _form(values, f"{i18n.public_text(exc)} {NOTHING_SENT}{_again(kept)}", 400, kept)
     if out.limited is not None:
         _log_limited(out.limited, draft, draft_id)
-        return _form(values, limit_text(out.limited, time.time()) + " Nothing was sent.", 429, kept)
+        return _form(values, f"{limit_text(out.limited, time.time())} {NOTHING_SENT}", 429, kept)
     if out.in_progress:
-        return _form(values, "This message is being sent right now, or its last attempt was cut "
-                     "short. Look in Sent in a minute; if it is not there, send it again.", 409, kept)
+        return _form(values, gettext("This message is being sent right now, or its last attempt was cut "
+                                     "short. Look in Sent in a minute; if it is not there, send it "
+                                     "again."), 409, kept)
     drafts.delete_sent(kept.draft_id)
     if not out.already_sent:
         # Issue 15: Bcc is in no stored copy, so it is remembered here; the Sent copy's To and
@@ -212,7 +218,7 @@ def send_message() -> Any:
 
 def _again(kept: drafts.Kept) -> str:
     """Only a refused upload must be chosen again: the others are kept with the draft."""
-    return " Attach your files again: a browser cannot keep them." if kept.error else ""
+    return " " + gettext("Attach your files again: a browser cannot keep them.") if kept.error else ""
 
 
 def _log_limited(refusal: sendlimits.Refusal, draft: Draft, msg_id: str) -> None:
@@ -239,26 +245,39 @@ def _clock(ts: float) -> str:
 def _wait(seconds: float) -> str:
     minutes = max(1, math.ceil(seconds / 60))
     if minutes < 120:
-        return f"in {minutes} minute{'s' if minutes != 1 else ''}"
-    return f"in about {round(minutes / 60)} hours"
+        return ngettext("in %(num)s minute", "in %(num)s minutes", minutes)
+    return gettext("in about %(n)s hours", n=round(minutes / 60))
+
+
+def _per(window: str) -> str:
+    return gettext("per hour") if window == "hour" else gettext("per day")
+
+
+def _last(window: str) -> str:
+    return gettext("in the last hour") if window == "hour" else gettext("in the last day")
 
 
 def limit_text(refusal: sendlimits.Refusal, now: float) -> str:
     """What the user reads on the 429 page: which limit, and when sending works again."""
-    per = f"per {refusal.window}"
-    last = f"in the last {refusal.window}"
+    per, last = _per(refusal.window), _last(refusal.window)
     if refusal.retry_at is None:
-        return (f"This message has {refusal.wanted} recipients, more than the {refusal.limit} {per} "
-                "this service allows during the outage. Send it to fewer recipients.")
+        return gettext("This message has %(wanted)s recipients, more than the %(limit)s %(per)s "
+                       "this service allows during the outage. Send it to fewer recipients.",
+                       wanted=refusal.wanted, limit=refusal.limit, per=per)
     when = f"{_clock(refusal.retry_at)} ({_wait(refusal.retry_at - now)})"
     if refusal.used >= refusal.limit:
-        return (f"You have sent to {refusal.used} recipients {last}, the limit for this service "
-                f"during the outage. You can send again at {when}.")
+        return gettext("You have sent to %(used)s recipients %(last)s, the limit for this service "
+                       "during the outage. You can send again at %(when)s.",
+                       used=refusal.used, last=last, when=when)
     room = refusal.limit - refusal.used
-    return (f"This message has {refusal.wanted} recipients, but you have sent to {refusal.used} "
-            f"{last} and the limit for this service during the outage is {refusal.limit} {per}. "
-            f"You can send it at {when}, or send it now to at most {room} recipient"
-            f"{'s' if room != 1 else ''}.")
+    return ngettext("This message has %(wanted)s recipients, but you have sent to %(used)s %(last)s "
+                    "and the limit for this service during the outage is %(limit)s %(per)s. You can "
+                    "send it at %(when)s, or send it now to at most %(num)s recipient.",
+                    "This message has %(wanted)s recipients, but you have sent to %(used)s %(last)s "
+                    "and the limit for this service during the outage is %(limit)s %(per)s. You can "
+                    "send it at %(when)s, or send it now to at most %(num)s recipients.",
+                    room, wanted=refusal.wanted, used=refusal.used, last=last, limit=refusal.limit,
+                    per=per, when=when)
 
 
 def _apply_reply(draft: Draft, values: dict[str, str]) -> None:

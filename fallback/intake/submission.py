@@ -150,7 +150,8 @@ class Outcome:
 def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draft, msg_id: str,
          hostname: str, client_ip: str, limits: sendlimits.Limits = NO_LIMITS,
          policy: Policy | None = None, undo_seconds: float = 0.0,
-         form: dict[str, str] | None = None, saved: str = "") -> Outcome:
+         form: dict[str, str] | None = None, saved: str = "",
+         log: MailLog | None = None) -> Outcome:
     """File the Sent copy, queue remote recipients, then each of the others; at most once per msg_id.
 
     Over a send limit nothing is written and `limited` says why.  InputError:
@@ -210,7 +211,7 @@ def send(r: redis.Redis, d: directory.Directory, scopes: ScopeCache, draft: Draf
         raise
     with contextlib.suppress(redis.RedisError):  # filed: a lost marker only shortens the guard
         r.set(once, SENT, ex=ONCE_TTL)
-    log = MailLog()
+    log = log or MailLog()  # the webmail's counts (and message trace, issue 16)
     for addr in routes.outbound:
         log.queued(msg_id, sender, addr, route="outbound", via=VIA)
     if out.undo_until:

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from fallback import keys
+from fallback.mailbox import search
 from fallback.mailbox.fields import FOLDERS
 
 
@@ -55,6 +56,7 @@ def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_m
     if deleted is not None:
         deleted.extend(i for i, x in zip(msg_ids, results, strict=True) if x >= 0)
     if sizes:
+        search.forget(r, address, len(sizes))  # their search entries no longer match: counted for compaction
         stored: Any = r.hget(keys.info(address), "mailstore")
         mailstore = _text(stored or b"default")
         pipe = r.pipeline(transaction=False)
