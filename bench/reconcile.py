@@ -10,18 +10,20 @@ appended by a bare loop: the same master login, `APPEND INBOX (\\Seen) date
 connections, nothing else; (2) stored in Redis and reconciled by
 `fallback.reconcile.reconciler.Reconciler` -- state machine, Redis round trips
 and all -- with the default `reconcile_append_batch` (MULTIAPPEND); (3) the
-same with `reconcile_append_batch = 1` (one APPEND per message, what reconcile
-did before issue 17).  Each round runs the three into fresh mailboxes of the
-same Dovecot, back to back, in an order rotated every round; printed per user
-count: the median rate of each, the median of the per-round ratios against the
-bare loop and their spread (min-max).
+same with `reconcile_append_batch = 1` and `reconcile_mailbox_connections = 1`
+(one APPEND per message, one connection per mailbox: reconcile before issue
+17).  Each round runs the three into fresh mailboxes of the same Dovecot,
+back to back, in an order rotated every round; printed per user count: the
+median rate of each, the median of the per-round ratios against the bare
+loop and their spread (min-max).
 
 (b) Peer.  A second private Dovecot holds one account with the same number of
 messages (filled by APPEND).  Each round the migration tool copies that
 account into a fresh account of the first Dovecot -- `imapsync` when it is on
 PATH, else `mbsync` (Debian `isync`): Debian 12 has no imapsync package -- and
 `fallback reconcile --user` (the CLI, a whole process like the tool's)
-reconciles the same messages' bytes from Redis into another fresh account;
+reconciles the same messages' bytes from Redis into another fresh account,
+as does the same command with one APPEND per message over one connection (before);
 the wall time of each whole process is the measure.  Printed: messages per
 second of each (median, spread) and the median ratio of the rounds.
 
@@ -137,16 +139,16 @@ def spread_work(users: list[str], messages: int, size: int) -> Work:
     return work
 
 
-KINDS = ("bare", "reconcile", "reconcile-1")   # reconcile-1: one APPEND per message
+KINDS = ("bare", "reconcile", "reconcile-1")   # reconcile-1: one APPEND per message, one connection
 
 
 def pairs(args: argparse.Namespace, r: redis.Redis, dovecot: DovecotServer, settings: Settings,
           names: Callable[[str, int, int], list[str]]) -> None:
-    single = replace(settings, reconcile_append_batch=1)
+    single = replace(settings, reconcile_append_batch=1, reconcile_mailbox_connections=1)
     print(f"\n(a) {args.messages} messages of {args.size} bytes, concurrency {args.concurrency}, "
           f"{args.rounds} rounds, order rotated each round; msg/s median (min-max)")
-    print(f"{'users':>5} {'bare APPEND':>20} {'reconcile':>20} {'reconcile, 1/APPEND':>20} "
-          f"{'reconcile/bare':>18} {'(1/APPEND)/bare':>18}")
+    print(f"{'users':>5} {'bare APPEND':>20} {'reconcile':>20} {'before (1/APPEND)':>20} "
+          f"{'reconcile/bare':>18} {'before/bare':>18}")
     for nusers in args.user_counts:
         rates: dict[str, list[float]] = {k: [] for k in KINDS}
         ratios: dict[str, list[float]] = {"reconcile": [], "reconcile-1": []}
@@ -241,12 +243,12 @@ def peer(args: argparse.Namespace, tmp: Path, r: redis.Redis, source: DovecotSer
     print(f"\n(b) {args.messages} messages of {args.size} bytes in one account, {args.peer_rounds} rounds; "
           f"{tool} (Dovecot to Dovecot) vs `fallback reconcile --user` (Redis to Dovecot), whole "
           "processes, msg/s")
-    tool_rates: list[float] = []
-    ours: list[float] = []
+    rates: dict[str, list[float]] = {tool: [], "ours": [], "before": []}
     for rnd in range(args.peer_rounds):
         this: dict[str, float] = {}
-        for kind in ((tool, "ours") if rnd % 2 == 0 else ("ours", tool)):
-            dst = f"{'peer' if kind == tool else 'ours'}{rnd}@bench.test"
+        kinds = list(rates)
+        for kind in kinds[rnd % 3:] + kinds[:rnd % 3]:
+            dst = f"{'peer' if kind == tool else kind}{rnd}@bench.test"
             if kind == tool:
                 cmd = peer_command(tmp, source, target, src, dst)
             else:
@@ -254,22 +256,32 @@ def peer(args: argparse.Namespace, tmp: Path, r: redis.Redis, source: DovecotSer
                 cmd = [str(ROOT / ".venv/bin/fallback"), "reconcile", "--user", dst,
                        "--redis-url", settings.redis_url or "", "--imap-url", target.url,
                        "--master-user", MASTER_USER, "--master-password-file", str(pw)]
+                if kind == "before":
+                    cmd += ["--reconcile-append-batch", "1", "--reconcile-mailbox-connections", "1"]
             started = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, check=False)
             took = time.perf_counter() - started
             if done.returncode != 0:
                 raise SystemExit(f"{kind} failed ({done.returncode}): {done.stderr.decode()[-800:]}")
             this[kind] = args.messages / took
-        for who, kind in ((f"peer{rnd}@bench.test", tool), (f"ours{rnd}@bench.test", "reconcile")):
+        for kind in rates:
+            who = f"{'peer' if kind == tool else kind}{rnd}@bench.test"
             got = count_messages(target, who)
             assert got == args.messages, f"{kind} copied {got} of {args.messages}"
-        tool_rates.append(this[tool])
-        ours.append(this["ours"])
-    ratios = [o / t for o, t in zip(ours, tool_rates, strict=True)]
-    print(f"{tool:>10}: {statistics.median(tool_rates):,.0f} msg/s ({spread(tool_rates)})")
-    print(f"{'reconcile':>10}: {statistics.median(ours):,.0f} msg/s ({spread(ours)})")
-    print(f"{'ratio':>10}: {statistics.median(ratios):.2f} median of rounds ({spread(ratios, '.2f')})",
-          flush=True)
+            rates[kind].append(this[kind])
+    idle = []   # the fixed cost of the command: start-up, imports, preflight login, nothing to do
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([str(ROOT / ".venv/bin/fallback"), "reconcile", "--user", "ours0@bench.test",
+                        "--redis-url", settings.redis_url or "", "--imap-url", target.url,
+                        "--master-user", MASTER_USER, "--master-password-file", str(pw)],
+                       capture_output=True, check=True)
+        idle.append(time.perf_counter() - started)
+    print(f"`fallback reconcile` with nothing to do: {statistics.median(idle):.2f} s ({spread(idle, '.2f')})")
+    for kind, label in ((tool, tool), ("ours", "reconcile"), ("before", "before")):
+        ratios = [o / t for o, t in zip(rates[kind], rates[tool], strict=True)]
+        print(f"{label:>10}: {statistics.median(rates[kind]):>6,.0f} msg/s ({spread(rates[kind])}); "
+              f"/ {tool}: median {statistics.median(ratios):.2f} ({spread(ratios, '.2f')})", flush=True)
 
 
 def count_messages(server: DovecotServer, user: str) -> int:
@@ -324,7 +336,8 @@ def main() -> int:
         for rnd in range(args.rounds):
             for kind in KINDS:
                 dovecot.add_users(names(kind, rnd, nusers))
-    dovecot.add_users([f"{k}{n}@bench.test" for n in range(args.peer_rounds) for k in ("peer", "ours")])
+    dovecot.add_users([f"{k}{n}@bench.test" for n in range(args.peer_rounds)
+                       for k in ("peer", "ours", "before")])
     dovecot.add_users(names("profile", 0, args.profile_users))
     source.add_users(["source@bench.test"])
     dovecot.start()

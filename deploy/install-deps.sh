@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the service (run) or the test suite (test) needs on a fresh
+# Installs what the service (run), the test suite (test) or the benchmarks (bench) need on a fresh
 # Debian machine: OS packages through apt-get, Postfix's smtp-source/smtp-sink
 # unpacked (not installed) under .tools/, and the Python packages in .venv.
 # Safe to re-run: each step is skipped when its result is already there.
 set -euo pipefail
 mode=${1:-run}
+bench=""
+if [ "$mode" = bench ]; then  # the benchmarks: the test set plus their peer tools
+  mode=test
+  bench=1
+fi
 cd "$(dirname "$0")/.."
 
 SUDO=""
@@ -25,6 +30,12 @@ if [ "$mode" = test ]; then
   want wrk  # HTTP load generator of bench/web_load.py
   want prometheus  # promtool: tests/test_alert_rules.py checks deploy/prometheus/fallback.rules.yml
   command -v npm >/dev/null || want npm  # axe-core for tests/test_web_a11y.py
+fi
+if [ -n "$bench" ]; then
+  # bench/reconcile.py's peer: imapsync where Debian packages it (Debian 12 does not), else
+  # mbsync from isync, the packaged IMAP-to-IMAP copier it falls back to.
+  want isync
+  if apt-cache show imapsync >/dev/null 2>&1; then want imapsync; fi
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
@@ -74,3 +85,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".$extra"
   touch "$stamp"
 fi
+
+# The webmail's languages: the .mo files are built here from the .po files in the repository
+# (not committed); without them the webmail is English.
+.venv/bin/pybabel compile -d web/translations >/dev/null

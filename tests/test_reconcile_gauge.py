@@ -82,7 +82,9 @@ def test_gauge_follows_a_partial_reconcile_and_purge(r: redis.Redis, settings: S
     server.add_users([ALICE, CAROL])
     server.add_users([BOB], quota="12K")   # room for two of bob's four
     server.write_users()
-    direct = reconcile_settings(settings, server, tmp_path, reconcile_concurrency=1)
+    # One APPEND per message (issue 17's MULTIAPPEND would cut all of alice's at once).
+    direct = reconcile_settings(settings, server, tmp_path, reconcile_concurrency=1,
+                                reconcile_append_batch=1)
     proxy = CuttingProxy(server.port, nth=2, mode="reply").start()
     try:
         report = run_engine(replace(direct, imap_url=proxy.url), [ALICE, BOB])

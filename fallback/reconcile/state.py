@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from fallback import keys
+from fallback.mailbox import record
 from fallback.mailbox.fields import (
     FLAGS,
     FOLDER,
@@ -204,7 +205,8 @@ class MessageStates:
         return sum(1 for v in found if v is not None)
 
     async def raws(self, address: str, items: list[Item]) -> list[bytes | None]:
-        return list(await self._raw(keys=[keys.message(address, i.id) for i in items]))
+        # The exact bytes whichever way they are stored (zstd or not: mailbox/record.py).
+        return [record.raw_of(v) for v in await self._raw(keys=[keys.message(address, i.id) for i in items])]
 
     def _counted_keys(self, address: str) -> tuple[list[str], str]:
         """The counters' keys and ARGV[1] of the state scripts: the counts shard is among the
