@@ -17,21 +17,23 @@ from collections.abc import Sequence
 import redis
 
 from fallback import maillog
-from fallback.commands import REGISTRY
+from fallback.commands import COMMANDS, registrar
 from fallback.commands.context import Context, Handler, common_options, server_options
 from fallback.config import Settings, load_settings, redact_url
 from fallback.errors import ConfigError, FallbackError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: when it names a command, only that command's module is loaded."""
     parser = argparse.ArgumentParser(
         prog="fallback",
         description="Emergency fallback mailbox service: durable SMTP intake, webmail, reconcile.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = {"common": common_options(), "server": server_options()}
-    for register in REGISTRY:
-        register(sub, parents)
+    chosen = [argv[0]] if argv and argv[0] in COMMANDS else COMMANDS
+    for command in chosen:
+        registrar(command)(sub, parents)
     return parser
 
 
@@ -52,7 +54,8 @@ def setup_logging(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     # A subcommand may fail with another status: `check` is a Nagios plugin (3 = UNKNOWN).

@@ -1,38 +1,27 @@
-"""The subcommands of `fallback`, one module each; REGISTRY is their order in --help."""
+"""The subcommands of `fallback`, one module each, named as its command; COMMANDS is their order in --help.
+
+A command's module is imported only when that command runs (all of them for --help or a
+mistyped command): `fallback reconcile` at the end of an outage, or a cron's `fallback check`,
+need not load the LDAP, DNS and web libraries first (docs/performance.md, "Issue 17: reconcile").
+"""
 
 from __future__ import annotations
 
-from fallback.commands import (
-    affected,
-    alias,
-    audit,
-    check,
-    dns,
-    export,
-    failover,
-    incident,
-    mailbox,
-    provision,
-    purge,
-    queue,
-    reconcile,
-    smtp,
-    status,
-    token,
-    trace,
-    up,
-    watch,
-    web,
-    worker,
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+COMMANDS = (
+    "up", "smtp", "web", "worker",                                   # running the service
+    "provision", "mailbox", "alias", "export", "status",             # mailboxes
+    "queue", "reconcile", "purge",                                   # the queues, after the outage
+    "failover", "affected", "dns", "check", "incident",              # outage operations
+    "watch",                                                         # the mailstore watcher
+    "token", "audit", "trace",                                       # resellers, the audit log, the trace
 )
 
-REGISTRY = [
-    up.register, smtp.register, web.register, worker.register,          # running the service
-    provision.register, mailbox.register, alias.register, export.register, status.register,  # mailboxes
-    queue.register, reconcile.register, purge.register,                 # the queues, after the outage
-    failover.register, affected.register, dns.register, check.register,  # outage operations
-    incident.register,
-    watch.register,                                                     # the mailstore watcher
-    token.register, audit.register,                                     # reseller tokens, the audit log
-    trace.register,                                                     # issue 16: the message trace
-]
+
+def registrar(command: str) -> Callable[..., Any]:
+    """The `register(subparsers, parents)` of one command's module."""
+    register: Callable[..., Any] = importlib.import_module(f"fallback.commands.{command}").register
+    return register
