@@ -22,6 +22,7 @@ from web import console as admin_console  # issue 16: the admin console
 from web import contacts as suggestions  # issue 15: address suggestions
 from web import conversations as conversation_views  # issue 15: conversations
 from web import drafts as draft_saving  # issue 15: drafts
+from web import i18n as languages  # issue 15: languages
 from web import undo as undo_send  # issue 15: undo send
 from web.context import WebState, state
 from web.passwordcheck import PasswordChecks
@@ -58,6 +59,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
                                   trace=TraceBuffer.for_settings(settings, "webmail")),
         admin_token=admin_token(settings),
     )
+    languages.install(app)  # issue 15: languages (before the pages: their context needs the locale)
     security.install(app)
     prefs.install(app)
     filters.install(app)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
+from flask_babel import LazyString, gettext, lazy_gettext, ngettext
 
 from fallback.addresses import normalize_address
 from fallback.errors import InputError
@@ -36,9 +37,12 @@ from web.sessions import COOKIE, PRE_COOKIE, check_login_token, login_token
 
 bp = Blueprint("auth", __name__)
 
-WRONG = "Wrong address or password."
-BUSY = "The webmail is busy, try again in a moment."
-TIMED_OUT = "Checking your password took too long. Please try again in a minute."
+WRONG = lazy_gettext("Wrong address or password.")
+BUSY = lazy_gettext("The webmail is busy, try again in a moment.")
+TIMED_OUT = lazy_gettext("Checking your password took too long. Please try again in a minute.")
+EXPIRED = lazy_gettext("This log-in form has expired. Please log in again.")
+EMPTY = lazy_gettext("Enter your email address and your password.")
+LOGGED_OUT = lazy_gettext("You have logged out.")
 BUSY_RETRY = 5       # seconds, for Retry-After: the queue empties within a few checks
 TIMED_OUT_RETRY = 60
 
@@ -63,12 +67,13 @@ def _secure() -> bool:
     return bool(current_app.config["SESSION_COOKIE_SECURE"])
 
 
-def _form(username: str = "", error: str | None = None, status: int = 200,
-          notice: str | None = None, retry_after: int | None = None) -> Response:
+def _form(username: str = "", error: str | LazyString | None = None, status: int = 200,
+          notice: str | LazyString | None = None, retry_after: int | None = None) -> Response:
     pre = request.cookies.get(PRE_COOKIE)
     if not pre or len(pre) > 100:
         pre = secrets.token_urlsafe(32)
-    html = render_template("login.html", username=username, error=error, notice=notice,
+    html = render_template("login.html", username=username, error=error and str(error),
+                           notice=notice and str(notice),
                            login_token=login_token(state().secret, pre))
     response = make_response(html, status)
     _set_cookie(response, PRE_COOKIE, pre)
@@ -78,14 +83,15 @@ def _form(username: str = "", error: str | None = None, status: int = 200,
 
 
 def wait_text(seconds: int) -> str:
-    return f"Too many attempts. Try again in {seconds} second{'' if seconds == 1 else 's'}."
+    return ngettext("Too many attempts. Try again in %(num)s second.",
+                    "Too many attempts. Try again in %(num)s seconds.", seconds)
 
 
 @bp.get("/login")
 def login_form() -> Any:
     if g.user is not None:
         return redirect(url_for("mailbox.inbox"))
-    notice = "You have logged out." if request.args.get("out") else None
+    notice = LOGGED_OUT if request.args.get("out") else None
     return _form(notice=notice)
 
 
@@ -95,9 +101,9 @@ def login() -> Any:
     username = request.form.get("username", "").strip()[:320]
     password = request.form.get("password", "")
     if not check_login_token(st.secret, request.cookies.get(PRE_COOKIE), request.form.get("csrf_token")):
-        return _form(username, "This log-in form has expired. Please log in again.", 400)
+        return _form(username, EXPIRED, 400)
     if not username or not password:
-        return _form(username, "Enter your email address and your password.", 400)
+        return _form(username, EMPTY, 400)
     ip = request.remote_addr or "unknown"
     try:
         address: str | None = normalize_address(username)
@@ -120,8 +126,9 @@ def login() -> Any:
     if len(password) > limit:
         # Not hashed (that is the point) and not truncated (that would test another password).
         failed("password too long")
-        return _form(username, f"That password is longer than {limit} characters; no password "
-                     "here is that long. Check what was pasted and try again.", 400)
+        return _form(username, gettext("That password is longer than %(limit)s characters; no password "
+                                       "here is that long. Check what was pasted and try again.",
+                                       limit=limit), 400)
     mailbox = st.directory().get(address) if address else None
     if mailbox is not None:
         stored = st.timing_hash = mailbox.password_hash

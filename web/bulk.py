@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
+from flask_babel import lazy_gettext, ngettext
 
 from fallback.ids import is_id
 from fallback.mailbox import bulk, expunge
@@ -27,21 +28,42 @@ from fallback.mailbox.fields import DRAFTS, FLAGGED, SEEN, TRASH
 MAX_IDS = 500  # ids one request may name: ten pages of 50; bounds the work of one POST
 
 ACTIONS = ("read", "unread", "flag", "unflag", "delete", "restore", "expunge")
-# What the user reads, in one place (translations wrap these later).
+# What the user reads, in one place: each sentence whole, so every language can say it its way.
 DONE = {
-    "read": "marked read", "unread": "marked unread", "flag": "flagged", "unflag": "unflagged",
-    "delete": "moved to Trash", "restore": "restored", "expunge": "deleted for good",
+    "read": lambda n: ngettext("%(num)s message marked read.", "%(num)s messages marked read.", n),
+    "unread": lambda n: ngettext("%(num)s message marked unread.", "%(num)s messages marked unread.", n),
+    "flag": lambda n: ngettext("%(num)s message flagged.", "%(num)s messages flagged.", n),
+    "unflag": lambda n: ngettext("%(num)s message unflagged.", "%(num)s messages unflagged.", n),
+    "delete": lambda n: ngettext("%(num)s message moved to Trash.", "%(num)s messages moved to Trash.", n),
+    "restore": lambda n: ngettext("%(num)s message restored.", "%(num)s messages restored.", n),
+    "expunge": lambda n: ngettext("%(num)s message deleted for good.",
+                                  "%(num)s messages deleted for good.", n),
 }
-SKIPPED = {"delete": "already in Trash", "restore": "not in Trash", "expunge": "not in Trash"}
+
+
+def _not_in_trash(n: int) -> str:
+    return ngettext("%(num)s message was not in Trash.", "%(num)s messages were not in Trash.", n)
+
+
+SKIPPED = {
+    "delete": lambda n: ngettext("%(num)s message was already in Trash.",
+                                 "%(num)s messages were already in Trash.", n),
+    "restore": _not_in_trash, "expunge": _not_in_trash,
+}
+COUNTED = {
+    "missing": lambda n: ngettext("%(num)s message could not be found.",
+                                  "%(num)s messages could not be found.", n),
+    "elsewhere": lambda n: ngettext("%(num)s message was not in this folder.",
+                                    "%(num)s messages were not in this folder.", n),
+    "sending": lambda n: ngettext("%(num)s message is still being sent, so kept in Trash.",
+                                  "%(num)s messages are still being sent, so kept in Trash.", n),
+}
 TEXT = {
-    "missing": "could not be found",
-    "elsewhere": "not in this folder",
-    "sending": "still being sent, so kept in Trash",
-    "none": "No messages were selected, so nothing was changed.",
-    "too_many": (f"You can act on at most {MAX_IDS} messages at once, so nothing was changed. "
-                 "Select fewer messages and try again."),
-    "bad_action": "That action is not available here, so nothing was changed.",
-    "trash_only": "Messages can be deleted for good from Trash only, so nothing was changed.",
+    "none": lazy_gettext("No messages were selected, so nothing was changed."),
+    "too_many": lazy_gettext("You can act on at most %(n)s messages at once, so nothing was changed. "
+                             "Select fewer messages and try again.", n=MAX_IDS),
+    "bad_action": lazy_gettext("That action is not available here, so nothing was changed."),
+    "trash_only": lazy_gettext("Messages can be deleted for good from Trash only, so nothing was changed."),
 }
 
 
@@ -66,7 +88,7 @@ class Result:
 def selected_ids(values: list[str]) -> tuple[list[str], int]:
     """(well-formed ids in the order given, without repeats; how many others were named)."""
     if len(values) > MAX_IDS:
-        raise TooMany(TEXT["too_many"])
+        raise TooMany(str(TEXT["too_many"]))
     unique = list(dict.fromkeys(values))
     good = [v for v in unique if is_id(v)]
     return good, len(unique) - len(good)
@@ -104,10 +126,6 @@ def empty_trash(r: redis.Redis, address: str) -> Result:
     return Result("expunge", changed=gone.deleted, missing=0, skipped=0, sending=gone.sending)
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} message{'' if n == 1 else 's'} {what}."
-
-
 def _number(args: Mapping[str, str], name: str) -> int:
     value = args.get(name, "0")
     return min(int(value), 10**9) if value.isdigit() else 0
@@ -117,21 +135,17 @@ def notice(args: Mapping[str, str]) -> str | None:
     """The sentence that reports a bulk action, from the counts the redirect carried."""
     action = args.get("done")
     if action == "none":
-        return TEXT["none"]
+        return str(TEXT["none"])
     if action not in DONE:
         return None
-    parts = [_count(_number(args, "n"), DONE[action])]
+    parts = [DONE[action](_number(args, "n"))]
     if _number(args, "missing"):
-        parts.append(_count(_number(args, "missing"), TEXT["missing"]))
+        parts.append(COUNTED["missing"](_number(args, "missing")))
     if _number(args, "skipped") and action in SKIPPED:
-        skipped = _number(args, "skipped")
-        parts.append(_count(skipped, ("was " if skipped == 1 else "were ") + SKIPPED[action]))
-    if _number(args, "elsewhere"):
-        elsewhere = _number(args, "elsewhere")
-        parts.append(_count(elsewhere, ("was " if elsewhere == 1 else "were ") + TEXT["elsewhere"]))
-    if _number(args, "sending"):
-        sending = _number(args, "sending")
-        parts.append(_count(sending, ("is " if sending == 1 else "are ") + TEXT["sending"]))
+        parts.append(SKIPPED[action](_number(args, "skipped")))
+    for what in ("elsewhere", "sending"):
+        if _number(args, what):
+            parts.append(COUNTED[what](_number(args, what)))
     return " ".join(parts)
 
 

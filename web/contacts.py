@@ -13,25 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
+from flask_babel import lazy_gettext
 
 from fallback.errors import InputError
 from fallback.mailbox import contacts, threads
+from web import i18n
 from web.context import state
 
 bp = Blueprint("contacts", __name__)
 
 # What a person (or the script, which shows nothing for them) reads besides the list.
-NOT_LOGGED_IN = "Log in again to get address suggestions."
+NOT_LOGGED_IN = lazy_gettext("Log in again to get address suggestions.")
 
 
 @bp.get("/contacts")
 def suggest() -> Any:
     if g.user is None:
-        return _json({"error": NOT_LOGGED_IN}, 401)
+        return _json({"error": str(NOT_LOGGED_IN)}, 401)
     try:
         q = contacts.check_query(request.args.get("q", ""))
     except InputError as exc:
-        return _json({"error": exc.public}, 400)
+        return _json({"error": i18n.public_text(exc)}, 400)
     if not q:
         return _json([], 200)
     st = state()

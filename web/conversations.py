@@ -19,9 +19,10 @@ from typing import Any
 
 import nh3
 from flask import Blueprint, abort, g, redirect, request, url_for
+from flask_babel import gettext
 
 from fallback import keys
-from fallback.mailbox import fields, store, threads
+from fallback.mailbox import compression, fields, record, store, threads
 from web import filters
 from web.auth import login_required
 from web.context import state
@@ -37,11 +38,13 @@ GROUPED = {"inbox": fields.INBOX, "sent": fields.SENT, "trash": fields.TRASH}  #
 # One round trip for a conversation: each message's list fields and the start of its bytes.
 _ROWS_LUA = """
 local out = {}
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   local key = ARGV[1] .. ARGV[i]
-  local row = redis.call('HMGET', key, 'ts', 'from', 'to', 'subject', 'kind', 'folder', 'flags')
+  local row = redis.call('HMGET', key, 'ts', 'from', 'to', 'subject', 'kind', 'folder', 'flags', 'm')
   local raw = redis.call('HGET', key, 'raw')
-  row[#row + 1] = raw and string.sub(raw, 1, tonumber(ARGV[2])) or false
+  local n = tonumber(ARGV[2])
+  if raw and string.sub(raw, 1, 4) == ARGV[3] then n = tonumber(ARGV[4]) end  -- zstd: a whole block
+  row[#row + 1] = raw and string.sub(raw, 1, n) or false
   out[#out + 1] = row
 end
 return out
@@ -63,20 +66,26 @@ def for_message(msg_id: str) -> dict[str, Any]:
     script = r.register_script(_ROWS_LUA)
     # The key names the mailbox's slot; the message keys are built from the prefix there.
     values: Any = script(keys=[keys.info(g.user)],
-                         args=[keys.message(g.user, ""), SNIPPET_BYTES, *ids])
+                         args=[keys.message(g.user, ""), SNIPPET_BYTES, compression.MAGIC,
+                               compression.BLOCK_STORED, *ids])
     now = time.time()
     rows, gone = [], []
     for i, v in zip(ids, values, strict=True):
         if v[0] is None:
             gone.append(i)  # deleted for good since it was indexed
             continue
-        ts, sender, to, subject, kind, folder, flags, _ = (_text(x) if x else "" for x in v)
+        # Either layout of the record (issue 17): display values packed in 'm', or one field each.
+        names = (fields.TS, fields.FROM, fields.TO, fields.SUBJECT, fields.KIND, fields.FOLDER, fields.FLAGS,
+                 fields.PACKED)
+        row = {**dict.fromkeys(names, ""), **record.decode(names, v[:8])}
+        ts, sender, to, subject, kind, folder, flags = (row[n] for n in names[:7])
         rows.append({
             "id": i, "current": i == msg_id, "sent": kind == "sent",
             "who": filters.sender_name(to if kind == "sent" else sender),
-            "date": filters.list_time(ts, now), "subject": subject or "(no subject)",
+            "date": filters.list_time(ts, now), "subject": subject or gettext("(no subject)"),
             "folder": FOLDER_LABELS.get(folder, folder), "unread": fields.SEEN not in flags.split(),
-            "snippet": first_line(v[7] if isinstance(v[7], bytes) else b""),
+            "snippet": first_line(compression.unpack_prefix(v[8], SNIPPET_BYTES)
+                                  if isinstance(v[8], bytes) else b""),
         })
     threads.forget(r, g.user, gone)
     return {"rows": rows, "total": total - len(gone), "hidden": max(0, total - len(ids))}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
+from flask_babel import lazy_gettext
 from werkzeug.datastructures import MultiDict
 
 from fallback import keys
@@ -35,10 +36,11 @@ bp = Blueprint("drafts", __name__)
 # What the draft keeps of the form as typed (the bytes hold the rest).
 FORM_FIELDS = ("to", "cc", "bcc", "subject", "body", "reply_to", "forward_of")
 MESSAGES = {
-    "too_big": "The attachments are too big: at most {size} in total. Attach smaller files.",
-    "gone": "This draft is no longer here (it was sent or deleted): what you typed is kept as a new draft.",
-    "sent": "This message was sent; it is no longer a draft.",
-    "not_found": "There is no such draft.",
+    "too_big": lazy_gettext("The attachments are too big: at most %(size)s in total. Attach smaller files."),
+    "gone": lazy_gettext("This draft is no longer here (it was sent or deleted): what you typed is kept "
+                         "as a new draft."),
+    "sent": lazy_gettext("This message was sent; it is no longer a draft."),
+    "not_found": lazy_gettext("There is no such draft."),
 }
 
 Attachment = tuple[str, str, bytes]  # (file name, content type, bytes)
@@ -93,8 +95,8 @@ def _uploads(limit: int, already: int) -> tuple[list[Attachment], str | None]:
             if total > limit:
                 mib = 1024 * 1024
                 size = f"{limit // mib} MiB" if limit % mib == 0 else filters.human_size(limit)
-                raise InputError("attachments too big", public=MESSAGES["too_big"].format(size=size))
-            check_header_text("The attachment's name", upload.filename)
+                raise InputError("attachments too big", public=str(MESSAGES["too_big"]) % {"size": size})
+            check_header_text("Attachment", upload.filename)
         except InputError as exc:
             return [], exc.public
         out.append((upload.filename, upload.mimetype or "", data))
@@ -106,12 +108,12 @@ def keep(form: MultiDict[str, str], values: dict[str, str], send_id: str, upload
     st = state()
     r = st.r
     if is_id(send_id) and r.get(keys.compose_once(g.user, send_id)) == submission.SENT:
-        return Kept(values.get("saved", ""), error=MESSAGES["sent"])  # a late autosave of a sent form
+        return Kept(values.get("saved", ""), error=str(MESSAGES["sent"]))  # a late autosave of a sent form
     saved = values.get("saved", "")
     found = _load(saved) if saved else None
     kept = Kept(saved if found is not None else new_id())
     if saved and found is None:
-        kept.notice = MESSAGES["gone"]
+        kept.notice = str(MESSAGES["gone"])
     if found is not None:
         gone = set(form.getlist("remove"))
         kept.attachments = [a for a in render.original_parts(found[1]) if digest(a[2]) not in gone]
@@ -128,7 +130,7 @@ def keep(form: MultiDict[str, str], values: dict[str, str], send_id: str, upload
     try:
         drafts.save(r, g.user, mailstore, kept.draft_id, raw, {k: values.get(k, "") for k in FORM_FIELDS})
     except drafts.NotADraft:  # the id of some other message of theirs: never overwritten
-        kept.draft_id, kept.notice = new_id(), MESSAGES["gone"]
+        kept.draft_id, kept.notice = new_id(), str(MESSAGES["gone"])
         drafts.save(r, g.user, mailstore, kept.draft_id, raw, {k: values.get(k, "") for k in FORM_FIELDS})
     kept.stored = True
     return kept
@@ -182,7 +184,7 @@ def autosave() -> Any:
     for name in ("to", "cc", "bcc", "subject"):
         values[name] = values[name][:MAX_SUBJECT * 4]
     if values["saved"] and _load(values["saved"]) is None:
-        return jsonify(error=MESSAGES["not_found"]), 404
+        return jsonify(error=str(MESSAGES["not_found"])), 404
     kept = keep(form, values, form.get("draft", ""), uploads=False)
     if not kept.stored:
         return jsonify(error=kept.error), 409

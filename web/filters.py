@@ -3,7 +3,8 @@
 Times are shown in the reader's time zone (web.prefs: the browser's, once it told us), each
 as a `<time datetime="ISO">`; while the zone is not known yet the text says "UTC", so no one
 reads a UTC time as their own.  Today's mail shows the time, this year's the day and month
-("3 Nov"), older mail the full date ("3 Nov 2025").
+("3 Nov"), older mail the full date ("3 Nov 2025"), with the month and day names of the
+page's language (Babel's CLDR data; web.i18n picks the language).
 
 `frame_scheme` decides the message frame's colour scheme: a mail that sets its own colours
 keeps them on a light page; one without follows the reader's light or dark mode.
@@ -16,15 +17,22 @@ import time
 from datetime import UTC, datetime, tzinfo
 from email.utils import parsedate_to_datetime
 
+from babel.dates import format_datetime
 from flask import Flask
+from flask_babel import gettext
 from markupsafe import Markup, escape
 
+from web import i18n
 from web.prefs import Zone, current_zone
 
-# Shown to people: kept together so they can be translated in one place.
-MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-NO_SENDER = "(no sender)"
+# CLDR patterns per language: (this year's day, an older day, the whole moment before its zone).
+# English keeps the day-month order people here read ("3 Nov"); the others their own.
+PATTERNS = {
+    "en": ("d MMM", "d MMM y", "EEE d MMM y, HH:mm"),
+    "fr": ("d MMM", "d MMM y", "EEE d MMM y, HH:mm"),
+    "de": ("d. MMM", "d. MMM y", "EEE, d. MMM y, HH:mm"),
+    "es": ("d MMM", "d MMM y", "EEE, d MMM y, HH:mm"),
+}
 
 
 def human_size(value: str | int) -> str:
@@ -33,10 +41,12 @@ def human_size(value: str | int) -> str:
     except (TypeError, ValueError):
         return ""
     if n < 1024:
-        return f"{n} B"
+        return gettext("%(n)s B", n=n)
     if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
+        kb = f"{n / 1024:.0f}"
+        return gettext("%(n)s KB", n=kb)
+    mb = f"{n / (1024 * 1024):.1f}"
+    return gettext("%(n)s MB", n=mb)
 
 
 def _local(seconds: float, tz: tzinfo) -> datetime | None:
@@ -57,19 +67,21 @@ def _zone_label(d: datetime) -> str:
     return d.tzname() or d.strftime("%z")
 
 
+def _patterns() -> tuple[str, str, str]:
+    return PATTERNS.get(i18n.current(), PATTERNS["en"])
+
+
 def _long(d: datetime) -> str:
-    """'Mon 23 Nov 2026, 18:30 JST': the whole moment, with its zone."""
-    return (f"{DAYS[d.weekday()]} {d.day} {MONTHS[d.month - 1]} {d.year}, "
-            f"{d.hour:02d}:{d.minute:02d} {_zone_label(d)}")
+    """'Mon 23 Nov 2026, 18:30 JST' ('Mo., 23. Nov. 2026, 18:30 JST'): the whole moment, with its zone."""
+    return f"{format_datetime(d, _patterns()[2], locale=i18n.locale())} {_zone_label(d)}"
 
 
 def _short(d: datetime, today: datetime, zone: Zone) -> str:
     if d.date() == today.date():
         clock = f"{d.hour:02d}:{d.minute:02d}"
         return clock if zone.known else f"{clock} {_zone_label(d)}"
-    if d.year == today.year:
-        return f"{d.day} {MONTHS[d.month - 1]}"
-    return f"{d.day} {MONTHS[d.month - 1]} {d.year}"
+    this_year, older, _ = _patterns()
+    return format_datetime(d, this_year if d.year == today.year else older, locale=i18n.locale())
 
 
 def _time_element(d: datetime, text: str) -> Markup:
@@ -97,6 +109,28 @@ def list_time(ts_ms: str | int, now: float | None = None, zone: Zone | None = No
     if d is None or today is None:
         return Markup("")
     return _time_element(d, _short(d, today, zone))
+
+
+def list_times(values: list[str], now: float) -> list[Markup]:
+    """list_time of a page of rows (issue 17): the zone read once, and each distinct minute
+    formatted once (Babel's formatting is most of a folder page's cost otherwise)."""
+    zone = current_zone()
+    today = _local(now, zone.tz)
+    texts: dict[int, tuple[str, str]] = {}  # minute -> (short, long): both show minutes at most
+    out = []
+    for value in values:
+        seconds = _seconds(value)
+        d = None if seconds is None else _local(seconds, zone.tz)
+        if d is None or today is None or seconds is None:
+            out.append(Markup(""))
+            continue
+        minute = int(seconds // 60)
+        if minute not in texts:
+            texts[minute] = (_short(d, today, zone), _long(d))
+        short, long = texts[minute]
+        out.append(Markup('<time datetime="{}" title="{}">{}</time>').format(
+            d.isoformat(timespec="seconds"), long, short))
+    return out
 
 
 def full_date(ts_ms: str | int, zone: Zone | None = None) -> Markup:
@@ -137,8 +171,8 @@ def sender_name(value: str) -> str:
     """
     m = _NAME_ADDR.match(value or "")
     if m:
-        return m.group(1).strip() or m.group(2).strip() or NO_SENDER
-    return (value or "").strip() or NO_SENDER
+        return m.group(1).strip() or m.group(2).strip() or gettext("(no sender)")
+    return (value or "").strip() or gettext("(no sender)")
 
 
 # A colour a mail sets itself: CSS colours/backgrounds and the old HTML attributes.

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
+from flask_babel import gettext
 from werkzeug.exceptions import BadRequest
 
 from fallback import keys
@@ -95,19 +96,21 @@ def _folder_view(folder: str) -> Any:
     start = (page - 1) * PAGE_SIZE
     grouped = not query and folder in conversations.GROUPED.values() and conversations.grouping(folder)
     sizes: list[int] = []
+    more = False  # a search with more matches than it counts (search.COUNT_LIMIT)
     if grouped:  # issue 15: one row per conversation (web/conversations.py)
         total, rows, sizes = conversations.grouped_page(folder, start, PAGE_SIZE)
         counts = store.unread_counts(r, g.user)
     elif query:
-        total, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
+        total, more, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
         counts = store.unread_counts(r, g.user)
     else:
         # The folders' unread counts come with the page: one round trip for the whole list view.
         total, rows, counts = store.list_page(r, g.user, folder, start, PAGE_SIZE)
-    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE) + (1 if more else 0)
     return render_template(
         "folder.html", folder=folder, rows=display_rows(rows), total=total, page=page, pages=pages,
-        query=query, grouped=grouped, sizes=sizes, can_group=folder in conversations.GROUPED.values(),
+        query=query, more=more, grouped=grouped, sizes=sizes,
+        can_group=folder in conversations.GROUPED.values(),
         unread=counts.get(fields.INBOX, 0), unread_counts=counts, folders=fields.FOLDERS,
         notice=bulk.notice(request.args), actions=bulk.offered(folder),
     )
@@ -116,14 +119,20 @@ def _folder_view(folder: str) -> Any:
 def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """What each list row shows, computed in one Python pass: cheaper than filters per cell."""
     now = time.time()
+    no_subject = gettext("(no subject)")
+    # Translated once, formatted per row (the template escapes the result, names included).
+    pick = gettext("Select message from %(who)s: %(subject)s")
     out = []
-    for m in rows:
+    times = filters.list_times([m["ts"] for m in rows], now)
+    for m, when in zip(rows, times, strict=True):
         flags = m["flags"].split()
+        who = filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"])
+        subject = m["subject"] or no_subject
         out.append({
             "id": m["id"], "unread": fields.SEEN not in flags, "flagged": fields.FLAGGED in flags,
-            "who": filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"]),
-            "subject": m["subject"] or "(no subject)", "attach": m["attach"] == "1",
-            "date": filters.list_time(m["ts"], now), "size": filters.human_size(m["size"]),
+            "who": who, "subject": subject, "pick": pick % {"who": who, "subject": subject},
+            "attach": m["attach"] == "1",
+            "date": when, "size": filters.human_size(m["size"]),
         })
     return out
 
@@ -153,7 +162,7 @@ def message(msg_id: str) -> Any:
 def _delivery_status(msg_id: str, meta: dict[str, str]) -> list[dict[str, Any]]:
     """One row per recipient: delivered here at once, or the outbound queue's state."""
     rows: list[dict[str, Any]] = [
-        {"rcpt": a, "state": "delivered", "reply": "Delivered to the mailbox here", "next": 0}
+        {"rcpt": a, "state": "delivered", "reply": gettext("Delivered to the mailbox here"), "next": 0}
         for a in meta.get("local", "").split()
     ]
     for rcpt, status in sorted(outbound.recipient_status(state().r, g.user, msg_id).items()):
@@ -306,7 +315,7 @@ def bulk_action(name: str) -> Any:
     folder = folder_of(name)
     action = request.form.get("action", "")
     if not bulk.accepts(folder, action):
-        raise BadRequest(bulk.TEXT["trash_only" if action == "expunge" else "bad_action"])
+        raise BadRequest(str(bulk.TEXT["trash_only" if action == "expunge" else "bad_action"]))
     ids, bad = _selected()
     if not ids and not bad:
         return redirect(_folder_page(folder, done="none"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import email.utils
 import re
 
+from flask_babel import gettext, lazy_gettext
+
 from fallback.addresses import normalize_address
 from fallback.errors import InputError
 
@@ -19,12 +21,16 @@ MAX_THREAD_IDS = 20  # References kept from the original: the nearest ones threa
 # of them, and email's policy refuses them or folds there: a header injection or a half-built
 # message), NUL and the other control characters.  Tab is whitespace and stays.
 _UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_NAMES = {0x00: "NUL", 0x0A: "line feed", 0x0B: "vertical tab", 0x0C: "form feed",
-          0x0D: "carriage return", 0x1C: "file separator", 0x1D: "group separator",
-          0x1E: "record separator", 0x7F: "delete", 0x85: "next line", 0x2028: "line separator",
-          0x2029: "paragraph separator"}
-_LABELS = {"To": "The To field", "Cc": "The Cc field", "Bcc": "The Bcc field",
-           "Subject": "The subject"}
+_NAMES = {0x00: "NUL", 0x0A: lazy_gettext("line feed"), 0x0B: lazy_gettext("vertical tab"),
+          0x0C: lazy_gettext("form feed"), 0x0D: lazy_gettext("carriage return"),
+          0x1C: lazy_gettext("file separator"), 0x1D: lazy_gettext("group separator"),
+          0x1E: lazy_gettext("record separator"), 0x7F: lazy_gettext("delete"),
+          0x85: lazy_gettext("next line"), 0x2028: lazy_gettext("line separator"),
+          0x2029: lazy_gettext("paragraph separator")}
+_LABELS = {"To": lazy_gettext("The To field"), "Cc": lazy_gettext("The Cc field"),
+           "Bcc": lazy_gettext("The Bcc field"), "Subject": lazy_gettext("The subject"),
+           "Attachment": lazy_gettext("The attachment's name")}
+_FIELDS = {"To": lazy_gettext("To"), "Cc": lazy_gettext("Cc"), "Bcc": lazy_gettext("Bcc")}
 _MSG_ID = re.compile(r"<[!-;=?-~]{1,250}>")  # printable ASCII without <>: what a msg-id may hold
 
 
@@ -34,7 +40,7 @@ def unsendable(value: str) -> str | None:
     if m is None:
         return None
     code = ord(m.group(0))
-    return f"{_NAMES.get(code, 'control character')} U+{code:04X}"
+    return f"{_NAMES.get(code) or gettext('control character')} U+{code:04X}"
 
 
 def check_header_text(name: str, value: str) -> None:
@@ -43,8 +49,9 @@ def check_header_text(name: str, value: str) -> None:
     bad = unsendable(value)
     if bad is not None:
         label = _LABELS.get(name, name)
-        raise InputError(f"unsendable character ({bad}) in {name}", public=(
-            f"{label} contains a character that cannot be sent ({bad}). Remove it and try again."))
+        raise InputError(f"unsendable character ({bad}) in {name}", public=gettext(
+            "%(label)s contains a character that cannot be sent (%(char)s). Remove it and try again.",
+            label=label, char=bad))
 
 
 def clean_header_text(value: str) -> str:
@@ -75,8 +82,9 @@ def parse_addresses(name: str, value: str) -> list[tuple[str, str]]:
                 raise InputError("no address")
             normal = normalize_address(addr)
         except InputError:
-            raise InputError(f"bad address in {name}", public=f"{name}: {piece.strip()!r} "
-                             "is not an email address.") from None
+            raise InputError(f"bad address in {name}", public=gettext(
+                "%(field)s: %(piece)s is not an email address.", field=_FIELDS.get(name, name),
+                piece=repr(piece.strip()))) from None
         out.append((display, normal))
     return out
 

@@ -151,6 +151,7 @@ def install(app: Flask) -> None:
     app.after_request(_headers)
 
     from web.auth import mailbox_restored
+    from web.i18n import incident_text
     from web.pages import live_incident
 
     @app.context_processor
@@ -158,7 +159,7 @@ def install(app: Flask) -> None:
         session = getattr(g, "session", None)
         return {"csrf_token": session.csrf if session else "", "csp_nonce": getattr(g, "nonce", ""),
                 "user": getattr(g, "user", None),
-                "incident_message": live_incident() or state().settings.incident_message,
+                "incident_message": incident_text(live_incident() or state().settings.incident_message),
                 "incident_live": live_incident(),
                 "mailbox_restored": mailbox_restored}
 

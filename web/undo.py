@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
+from flask_babel import lazy_gettext
 
 from fallback.ids import is_id, new_id
 from fallback.intake import sendlimits, submission
@@ -24,7 +25,7 @@ from web.context import state
 bp = Blueprint("undo", __name__)
 
 MESSAGES = {
-    "too_late": "Too late to undo: this message was already sent.",
+    "too_late": lazy_gettext("Too late to undo: this message was already sent."),
 }  # and compose.UNDONE on the draft it puts back
 
 
@@ -49,7 +50,7 @@ def undo(msg_id: str) -> Any:
     st = state()
     got = delayed.undo(st.r, g.user, _id_or_404(msg_id))
     if got is None:
-        return render_template("undo.html", msg_id=msg_id, left=0, error=MESSAGES["too_late"]), 409
+        return render_template("undo.html", msg_id=msg_id, left=0, error=str(MESSAGES["too_late"])), 409
     sendlimits.refund(st.r, g.user, msg_id, got.counted)
     draft_id = got.saved if is_id(got.saved) else new_id()
     raw = submission.received_line(draft_id, st.settings.hostname or "localhost",

@@ -22,7 +22,8 @@
   function saved(reply) {
     if (reply && reply.id) {
       form.elements.saved.value = reply.id;
-      status.textContent = "Draft saved";
+      // The words come from the page (data-msg-*), in its language.
+      status.textContent = status.getAttribute("data-msg-saved") || "Draft saved";
     }
   }
 
@@ -33,7 +34,9 @@
     dirty = false;
     fetch(url, { method: "POST", body: data(), credentials: "same-origin" })
       .then(function (resp) { return resp.ok ? resp.json() : null; })
-      .then(saved, function () { status.textContent = "Draft not saved: no connection"; })
+      .then(saved, function () {
+        status.textContent = status.getAttribute("data-msg-unsaved") || "Draft not saved: no connection";
+      })
       .then(function () { busy = false; if (dirty) { later(); } });
   }
 

@@ -12,6 +12,6 @@
     if (s > 0) { left.textContent = String(s); return; }
     window.clearInterval(timer);
     form.hidden = true;
-    status.textContent = "Your message was sent.";
+    status.textContent = status.getAttribute("data-msg-sent") || "Your message was sent.";  // the page's language
   }, 500);
 })();

@@ -1,0 +1,136 @@
+"""The webmail's languages: which one a request is shown in, the switcher, and the texts of
+fallback's errors translated at the web edge.
+
+English is the source; French, German and Spanish come from the gettext catalogues in
+web/translations/ (Flask-Babel; `make translations` extracts, updates and compiles them).
+The language is the `lang` cookie's when it names one of ours (set by the switcher,
+`GET /lang/<code>?next=/path`, on every page), else the best match of the browser's
+`Accept-Language`, else English.  Without compiled catalogues (.mo) every page is English.
+
+fallback/ never imports web/, so the errors it raises for the user (InputError's `public`
+text) arrive in English; `public_text` maps the known ones to translatable messages here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from babel import Locale
+from flask import Blueprint, Flask, abort, current_app, redirect, request
+from flask_babel import Babel, get_locale, gettext
+
+from fallback.config import Settings
+from fallback.errors import FallbackError
+
+bp = Blueprint("i18n", __name__)
+
+LANGUAGES = ("en", "fr", "de", "es")
+DEFAULT = "en"
+# Each language named in itself, as the switcher shows it (never translated).
+NAMES = {"en": "English", "fr": "Français", "de": "Deutsch", "es": "Español"}
+COOKIE = "lang"
+COOKIE_AGE = 365 * 24 * 3600
+TRANSLATIONS = Path(__file__).parent / "translations"
+
+
+def select_locale() -> str:
+    """The `lang` cookie when it names one of ours, else Accept-Language's best match, else English."""
+    chosen = request.cookies.get(COOKIE, "")
+    if chosen in LANGUAGES:
+        return chosen
+    return request.accept_languages.best_match(LANGUAGES, default=DEFAULT) or DEFAULT
+
+
+def current() -> str:
+    """This request's language code ('en' outside a request)."""
+    locale = get_locale()
+    return locale.language if locale is not None else DEFAULT
+
+
+def locale() -> Locale:
+    """This request's Babel locale, for dates (English outside a request)."""
+    return get_locale() or Locale.parse(DEFAULT)
+
+
+def _safe_next(target: str) -> str:
+    """Only a path of this site: never another host (//x, /\\x) nor a scheme."""
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+@bp.get("/lang/<code>")
+def switch(code: str) -> Any:
+    """The switcher: remember the language a year, back to the page it was chosen on.  A GET:
+    it changes only this browser's preference, so a cross-site link can do no harm."""
+    if code not in LANGUAGES:
+        abort(404)
+    response = redirect(_safe_next(request.args.get("next", "")))
+    response.set_cookie(COOKIE, code, max_age=COOKIE_AGE, samesite="Lax", path="/", httponly=True,
+                        secure=bool(current_app.config["SESSION_COOKIE_SECURE"]))
+    return response
+
+
+# fallback's user-facing error texts (English), and what each is shown as.
+_FALLBACK_TEXTS: tuple[tuple[re.Pattern[str], Callable[..., str]], ...] = (
+    (re.compile(r"Type at most (?P<n>\d+) characters to look up an address\."),
+     lambda n: gettext("Type at most %(n)s characters to look up an address.", n=n)),
+    (re.compile(r"This message cannot be sent as it is: a field holds a character mail cannot carry\. .*"),
+     lambda: gettext("This message cannot be sent as it is: a field holds a character mail cannot "
+                     "carry. Check To, Cc, Bcc, the subject and the attachments' names.")),
+    (re.compile(r"Mail to (?P<address>\S+) cannot be delivered now: that address is an alias that loops\..*"),
+     lambda address: gettext("Mail to %(address)s cannot be delivered now: that address is an alias "
+                             "that loops. Nothing was sent; please tell your mail administrator.",
+                             address=address)),
+)
+
+
+def public_text(exc: FallbackError) -> str:
+    """The user's text of an error, in their language: fallback's known texts are mapped to
+    ours; the web's own were translated when raised; anything else stays as it is."""
+    text = str(getattr(exc, "public", "") or "")
+    for pattern, message in _FALLBACK_TEXTS:
+        m = pattern.fullmatch(text)
+        if m is not None:
+            return message(**m.groupdict())
+    return text
+
+
+def folder_names() -> dict[str, str]:
+    """The folders as the pages name them (the store's names are English: INBOX, Sent, ...)."""
+    inbox = gettext("Inbox")
+    return {"INBOX": inbox, "Inbox": inbox, "Sent": gettext("Sent"), "Drafts": gettext("Drafts"),
+            "Trash": gettext("Trash")}
+
+
+# The built-in incident text, shown while the operator has set none of their own.
+DEFAULT_INCIDENT = next(f.default for f in dataclasses.fields(Settings) if f.name == "incident_message")
+
+
+def incident_text(text: str) -> str:
+    """The operator's incident text as they wrote it; the built-in default in the page's language."""
+    if text == DEFAULT_INCIDENT:
+        return gettext("Our main mail system is down. We are working on it.")
+    return text
+
+
+def install(app: Flask) -> None:
+    app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", str(TRANSLATIONS))
+    Babel(app, locale_selector=select_locale)
+    # {% trans %} blocks are extracted with their whitespace collapsed (babel.cfg): render them so.
+    app.jinja_env.policies["ext.i18n.trimmed"] = True
+    app.register_blueprint(bp)
+
+    @app.context_processor
+    def _languages() -> dict[str, Any]:
+        # Back to this page after switching; a page drawn for a POST goes back to the inbox.
+        here = request.full_path.rstrip("?") if request.method == "GET" else "/"
+        return {"page_lang": current(), "languages": NAMES, "lang_next": here, "folder_names": folder_names()}
+
+
+__all__ = ["LANGUAGES", "NAMES", "current", "folder_names", "incident_text", "install", "locale",
+           "public_text"]
