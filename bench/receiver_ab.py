@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="4KiB")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--new-connections", action="store_true",
+                    help="one new connection per message (smtp-source without -d)")
     args = ap.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, tree in trees.items():
@@ -69,16 +71,18 @@ def main() -> int:
                     stdout=subprocess.DEVNULL)
                 try:
                     wait_port(port)
-                    drive(port, size, args.conns, args.conns * 10)
+                    keep = not args.new_connections
+                    drive(port, size, args.conns, args.conns * 10, keep=keep)
                     before = cpu_seconds(proc.pid)
-                    rates[name].append(drive(port, size, args.conns, args.messages))
+                    rates[name].append(drive(port, size, args.conns, args.messages, keep=keep))
                     cpu[name].append((cpu_seconds(proc.pid) - before) / args.messages * 1e6)
                 finally:
                     stop_pid(proc)
         finally:
             redis_server.stop()
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.kind} receiver, {args.size}, {args.conns} connections, {args.rounds} rounds of "
+    print(f"{args.kind} receiver, {args.size}, {args.conns} connections"
+          f"{' (a new one per message)' if args.new_connections else ''}, {args.rounds} rounds of "
           f"{args.messages} messages")
     for name in trees:
         each = ", ".join(f"{x:.0f}" for x in rates[name])

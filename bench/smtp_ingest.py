@@ -162,13 +162,15 @@ def main() -> int:
                     help="issue 17: instead of the table, N interleaved rounds of the receiver, a "
                          "queue-only Postfix backup MX and the no-op aiosmtpd, 4 KiB, at 10 and 50 "
                          "connections (--concurrency), new and kept connections")
+    ap.add_argument("--receiver-workers", type=int, default=1, metavar="N",
+                    help="issue 17, with --postfix-rounds: also `fallback smtp --smtp-workers N`")
     args = ap.parse_args()
     if args.postfix_rounds:
         from bench.versus_postfix import versus_postfix
 
         conns = ((10, 50) if args.concurrency == "1,10,50"
                  else tuple(int(c) for c in args.concurrency.split(",")))
-        return versus_postfix(args.postfix_rounds, args.messages or 2000, conns)
+        return versus_postfix(args.postfix_rounds, args.messages or 2000, conns, args.receiver_workers)
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
         traced = {"trace-on": "14d", "trace-off": "0"}.get(kind)

@@ -47,8 +47,14 @@ from fallback.ids import new_id
 from fallback.intake import addressing, routing
 from fallback.intake.clientlimits import ClientLimits
 from fallback.intake.memoryguard import MemoryGuard
-from fallback.intake.smtpd_adapter import ConnectionTracker, FallbackEnvelope, FallbackSMTP, Session
-from fallback.mailbox import aliases, delivery, directory, quota, received
+from fallback.intake.smtpd_adapter import (
+    ConnectionTracker,
+    FallbackEnvelope,
+    FallbackSMTP,
+    ProtocolFactory,
+    Session,
+)
+from fallback.mailbox import aliases, compression, delivery, directory, quota, received
 from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.mailbox.ttlcache import TtlCache
@@ -90,6 +96,7 @@ class Receiver:
         self.resolutions: TtlCache[addressing.Resolution] = TtlCache(settings.directory_cache_ttl)
         self.policy = addressing.Policy.of(settings)
         self.batcher = DeliveryBatcher(r)
+        self.codec = compression.codec(settings.store_compression)  # issue 17: zstd or off
         self.guard = MemoryGuard(r, settings.memory_reserve)
         self.quota = settings.mailbox_quota
         self.usage = quota.UsageCache()
@@ -216,12 +223,13 @@ class Receiver:
                 # aiosmtpd spells the null sender (MAIL FROM:<>) "<>"; the record keeps "".
                 sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
                 await forward.accept_async(self.r, copies, routes.forward, msg_id, raw,
-                                           sender or "", self.replicas, digest)
+                                           sender or "", self.replicas, digest, self.codec)
             elif len(copies) == 1:  # most messages: one copy for all, the batched fast path
                 await delivery.deliver_async(self.r, boxes, msg_id, raw, batcher=self.batcher,
-                                             digest=digest)
+                                             digest=digest, how=self.codec)
             else:
-                await delivery.deliver_copies_async(self.r, copies, msg_id, self.replicas, digest)
+                await delivery.deliver_copies_async(self.r, copies, msg_id, self.replicas, digest,
+                                                    self.codec)
             del raw
         except MailboxFull as full:
             # Nothing was stored (on a cluster: the parts stored are guarded, the retry completes
@@ -346,6 +354,7 @@ class ReceiverServer:
         self.tls = tls_context(settings)
         self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
+        self.protocols = ProtocolFactory(self._protocol)
 
     def _protocol(self) -> FallbackSMTP:
         s = self.settings
@@ -360,7 +369,7 @@ class ReceiverServer:
         await self.handler.prepare()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            self._protocol, host=self.settings.smtp_host, port=self.settings.smtp_port,
+            self.protocols, host=self.settings.smtp_host, port=self.settings.smtp_port,
             reuse_port=self.reuse_port or None,
         )
         return int(self.server.sockets[0].getsockname()[1])

@@ -8,7 +8,7 @@ of it, so that an aiosmtpd upgrade fails in tests/test_smtpd_adapter.py
 rather than in production:
 
 * the connection caps per client prefix (clientlimits) and the whole-connection
-  deadline (connection_made, connection_lost, transport, loop);
+  deadline (connection_made, connection_lost, transport, loop), kept by the idle timer;
 * the idle timer (_reset_timeout, _timeout_cb, _timeout_handle), which aiosmtpd
   restarts before every command it knows: here only a command that moves a
   transaction forward restarts it, it is shorter while the receiver is under
@@ -25,7 +25,11 @@ rather than in production:
 * our envelope (_create_envelope), which carries the message id and each
   recipient's mailstore from RCPT to DATA;
 * aiosmtpd's own reply for a declared SIZE over the limit, rewritten into our
-  enhanced code (push, SIZE_REPLY).
+  enhanced code (push, SIZE_REPLY);
+* the EHLO reply written at once (smtp_EHLO), not one write and drain per line;
+* one instance per connection made without aiosmtpd's constructor each time
+  (ProtocolFactory: a copy of a template's state, with the stream protocol's state,
+  the command table _smtp_methods and the AUTH table _auth_methods made anew).
 """
 
 from __future__ import annotations
@@ -36,16 +40,19 @@ import math
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
+from types import MethodType
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, syntax
 
 from fallback.errors import MessageTooBig, TooManyConnections, TooManyMessages
 from fallback.intake.addressing import Resolution
 from fallback.intake.clientlimits import STRESS_SHARE, Client, ClientLimits
 from fallback.intake.smtpsyntax import read_data, simple_path
 
-__all__ = ["RELIES_ON", "SIZE_REPLY", "ConnectionTracker", "FallbackEnvelope", "FallbackSMTP", "Session"]
+__all__ = ["RELIES_ON", "SIZE_REPLY", "ConnectionTracker", "FallbackEnvelope", "FallbackSMTP",
+           "ProtocolFactory", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,9 @@ RELIES_ON: tuple[str, ...] = (
     "SMTP(timeout=)", "SMTP(command_call_limit=)", "SMTP(enable_SMTPUTF8=)",
     "SMTP.line_length_limit", "SMTP.local_part_limit",
     "SMTP._getaddr", "SMTP._getparams", "SMTP._create_envelope", "SMTP._call_handler_hook",
-    "SMTP._set_post_data_state",
+    "SMTP._set_post_data_state", "SMTP.smtp_EHLO", "SMTP.command_size_limits",
+    "aiosmtpd.smtp._AuthMechAttr", "SMTP()._smtp_methods", "SMTP()._auth_methods",
+    "SMTP()._handle_hooks", "SMTP._cb_client_connected",
     "SMTP.check_helo_needed", "SMTP.check_auth_needed", "SMTP.push", "SMTP.smtp_DATA",
     "SMTP.connection_made", "SMTP.connection_lost", "SMTP.data_received",
     "SMTP._reset_timeout", "SMTP._timeout_cb", "SMTP()._timeout_handle",
@@ -181,7 +190,9 @@ class FallbackSMTP(SMTP):
         self.client = Client("", ())
         self.admitted = False
         self.storing = False
-        self._deadline: asyncio.TimerHandle | None = None
+        # The whole-connection deadline (loop time), kept by the idle timer: one timer per
+        # connection, not two (a new connection per message pays for each).
+        self._ends_at = math.inf
         # The idle timer runs from the last progress (connection, TLS handshake, accepted MAIL,
         # RCPT, DATA); in DATA, bytes keep it going if they come at min_data_rate or faster.
         self._progress_at = 0.0
@@ -189,6 +200,7 @@ class FallbackSMTP(SMTP):
         self._bytes_in = 0
         self._in_data = False
         self._in_hook = False
+        self._gathering: list[bytes] | None = None  # the EHLO reply's lines, while it is made
 
     def _create_envelope(self) -> FallbackEnvelope:
         return FallbackEnvelope()
@@ -205,7 +217,7 @@ class FallbackSMTP(SMTP):
                 self.on_limit(self, reply, reason=self._cap_reason())
                 return
             self.admitted = True
-            self._deadline = self.loop.call_later(self.connection_timeout, self._time_is_up)
+            self._ends_at = self.loop.time() + self.connection_timeout
         # A new connection, or (called again by STARTTLS) the TLS handshake done.
         self._progress_at, self._progress_bytes = self.loop.time(), self._bytes_in
         super().connection_made(transport)
@@ -223,8 +235,6 @@ class FallbackSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if not self.admitted:
             return
-        if self._deadline is not None:
-            self._deadline.cancel()
         self.tracker.release(self, self.client)
         super().connection_lost(error)
 
@@ -244,10 +254,10 @@ class FallbackSMTP(SMTP):
 
     def rearm(self) -> None:
         """(Re)start the idle timer for what is left of the idle time since the last progress
-        (at once when the idle time just got shorter: stress)."""
+        (at once when the idle time just got shorter: stress), or of the connection's time."""
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-        left = self._progress_at + self.tracker.idle_timeout - self.loop.time()
+        left = min(self._progress_at + self.tracker.idle_timeout, self._ends_at) - self.loop.time()
         self._timeout_handle = self.loop.call_later(max(0.0, left), self._timeout_cb)
 
     def _progress(self) -> None:
@@ -255,6 +265,9 @@ class FallbackSMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         now = self.loop.time()
+        if now >= self._ends_at:  # whatever it is doing, even waiting for the handler
+            self._time_is_up()
+            return
         if now < self._progress_at + self.tracker.idle_timeout:  # progress since it was set
             self.rearm()
             return
@@ -370,6 +383,18 @@ class FallbackSMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd writes (and drains) each line of the reply on its own: five system calls
+        # where one does, a tenth of the time of a connection that brings one message.
+        self._gathering = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            lines, self._gathering = self._gathering, None
+        if lines:
+            await super().push(b"\r\n".join(lines))
+
     async def push(self, status: Any) -> None:
         raw = status.encode("ascii", "replace") if isinstance(status, str) else bytes(status)
         rewritten = _REPLY_REWRITES.get(raw)
@@ -377,4 +402,48 @@ class FallbackSMTP(SMTP):
             raw = rewritten
             # aiosmtpd enforces these limits itself, before our handler sees the message.
             self.on_limit(self, raw.decode())
+        if self._gathering is not None:
+            self._gathering.append(raw)
+            return
         await super().push(raw)
+
+
+class ProtocolFactory:
+    """Makes the FallbackSMTP of each new connection, at a fraction of aiosmtpd's constructor.
+
+    SMTP.__init__ looks the handler and itself over (inspect.getmembers, dir) to build its
+    tables of commands, hooks and AUTH mechanisms, and logs those: a fifth of the receiver's
+    time when every message comes on a connection of its own (docs/performance.md, issue 17).
+    The outcome is the same for every connection, so it is made once, on a template that
+    never serves, and each connection's instance starts as a copy of the template's state
+    with what must be its own made anew: the stream protocol's reader, futures and buffers
+    (StreamReaderProtocol.__init__), the command and AUTH tables bound to it, and a copy of
+    every other table.  tests/test_protocol_factory.py compares such an instance with one that
+    aiosmtpd's constructor made.  As with aiosmtpd, the handler's hooks are looked up when
+    the template is made, at the first connection: a hook replaced later is not seen."""
+
+    def __init__(self, make: Callable[[], FallbackSMTP]) -> None:
+        self.make = make
+        self._template: FallbackSMTP | None = None
+
+    def __call__(self) -> FallbackSMTP:
+        template = self._template
+        if template is None:  # made on the first connection: in the loop that serves
+            template = self._template = self.make()
+        conn: FallbackSMTP = FallbackSMTP.__new__(FallbackSMTP)
+        state = conn.__dict__
+        state.update(template.__dict__)
+        for key, value in state.items():
+            if isinstance(value, dict):
+                state[key] = dict(value)
+        asyncio.StreamReaderProtocol.__init__(
+            conn, asyncio.StreamReader(loop=conn.loop, limit=conn.line_length_limit),
+            client_connected_cb=conn._cb_client_connected, loop=conn.loop)
+        conn._smtp_methods = {name: MethodType(method.__func__, conn)
+                              for name, method in template._smtp_methods.items()}
+        conn._auth_methods = {  # the built-in mechanisms are methods of the instance
+            name: _AuthMechAttr(MethodType(mech.method.__func__, conn), True)  # type: ignore[attr-defined]
+            if mech.is_builtin else mech
+            for name, mech in template._auth_methods.items()}
+        conn.command_size_limits.clear()  # as SMTP.__init__ does (a table of the class, not ours)
+        return conn
