@@ -92,14 +92,14 @@ def check_stored(url: str, addresses: list[str], raw: bytes) -> int:
     import redis
 
     from fallback import keys
-    from fallback.mailbox import fields
+    from fallback.mailbox import fields, record
 
     r = redis.Redis.from_url(url)
     good = 0
     for address in addresses:
         ids = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
         if len(ids) == 1:
-            stored = r.hget(keys.message(address, ids[0].decode()), fields.RAW) or b""
+            stored = record.raw_of(r.hget(keys.message(address, ids[0].decode()), fields.RAW)) or b""
             good += stored.endswith(raw) and stored.startswith(b"Received: ")
     r.close()
     return good

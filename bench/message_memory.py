@@ -1,34 +1,39 @@
-"""Redis memory per stored message against its size, and what zstd would save.
+"""Redis memory per stored message against its size, zstd on a realistic mix, and intake.
 
-Part 1 (memory): messages of about 1 KiB, 4 KiB, 16 KiB, 100 KiB and 1 MiB
-(each size jittered by +-10 %, so that no run sits on one allocator size
-class) go through the real store path, `fallback.mailbox.delivery.deliver`, into a fresh
-redis-server configured like the embedded one (AOF, appendfsync always,
-noeviction, the listpack settings).  Each size gets its own mailboxes, a fixed
-number of messages per mailbox (default 50).  Printed per size: used_memory
-after minus before divided by the number of messages (everything one stored
-message costs: its hash with `raw` and metadata, its entries in the folder
-zset and the unseen/pending sets, its share of the mailbox's info hash and of
-the status counters), `MEMORY USAGE` of one message hash, and the overhead
-over the raw size in bytes and as a ratio.
+Part 1 (memory by size): messages of about 1 KiB, 4 KiB, 16 KiB, 100 KiB and
+1 MiB of plain text (each size jittered by +-10 %, so that no run sits on one
+allocator size class) stored into a fresh redis-server configured like the
+embedded one (AOF, appendfsync always, noeviction, the listpack settings), 50
+per mailbox, twice: as the code before issue 17 stored them (record layout 1,
+written by `layout1`) and through the real store path,
+`fallback.mailbox.delivery.deliver` (layout 2, zstd unless
+`--store-compression off`).  Printed per size and layout: used_memory after
+minus before per message, the stored `raw` value's mean length, the fixed
+bytes (Redis bytes less the stored value), `MEMORY USAGE` of the hash, and
+"MU fixed": MEMORY USAGE of the hash less its `raw` plus the message's share of
+the folder zset, the unseen and pending sets and the info hash.
 
-Part 2 (compression, nothing stored): a mix of realistic messages made with
-Python's email package -- plain-text mails, HTML newsletters (text and HTML
-alternatives), mails with a base64 PDF or DOCX attachment, mails with a base64
-JPEG -- compressed with zstd at levels 1 and 3.  Text comes from the docstrings
-of Python's standard library (real English prose); base64 of random bytes
-stands in for already-compressed content (a JPEG; the deflated streams of a
-PDF; a DOCX, which is a zip).  Printed per kind and for the whole mix: the
+Part 2 (the realistic mix, stored): the mix below (and its text-only part)
+stored in both layouts: Redis bytes per message against raw bytes.
+
+Part 3 (compression levels, nothing stored): a mix of realistic messages made
+with Python's email package -- plain-text mails, HTML newsletters (text and
+HTML alternatives), mails with a base64 PDF or DOCX attachment, mails with a
+base64 JPEG -- compressed with zstd at levels 1, 3 and 6.  Text comes from the
+docstrings of Python's standard library (real English prose); base64 of random
+bytes stands in for already-compressed content (a JPEG; the deflated streams
+of a PDF; a DOCX, which is a zip).  Printed per kind and for the whole mix: the
 compression ratio (raw / compressed) and CPU microseconds per message to
 compress and to decompress, on this process's CPU time.  Every round trip is
 checked to give back the exact bytes.
 
-    .venv/bin/python bench/message_memory.py            # both parts
-    .venv/bin/python bench/message_memory.py --quick    # fewer messages
-    .venv/bin/python bench/message_memory.py --no-redis # compression only
+Part 4 (`--intake-rounds N`, instead of the others): the durable receiver with
+`--store-compression zstd` against `off` under smtp-source, rounds interleaved.
 
-zstd comes from the `zstandard` package: `make bench-deps` (or
-`.venv/bin/pip install -e '.[bench]'`).
+    .venv/bin/python bench/message_memory.py            # parts 1-3
+    .venv/bin/python bench/message_memory.py --quick    # fewer messages
+    .venv/bin/python bench/message_memory.py --no-redis # part 3 only
+    .venv/bin/python bench/message_memory.py --intake-rounds 16 --conns 10
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fallback import keys  # noqa: E402
 from fallback.mailbox import (  # noqa: E402
+    compression,
     delivery,
     headers,
 )
+from fallback.mailbox import fields as F  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
 SIZES = {"1KiB": 1024, "4KiB": 4096, "16KiB": 16 * 1024, "100KiB": 100 * 1024, "1MiB": 1024 * 1024}
@@ -212,21 +220,90 @@ def message_key(size_name: str, i: int, per_mailbox: int) -> str:
     return f"mbx:{{{mailbox_of(size_name, i, per_mailbox)}}}:m:{size_name}-{i:06d}"
 
 
-def split_layout_usage(r: Any, key: str) -> int:
-    """MEMORY USAGE of the same message stored the other way: `raw` in a string key of its
-    own and the metadata in a small hash, which then stays listpack-encoded.  Not what the
-    service does; written under scratch keys (same slot) and deleted again."""
-    fields = r.hgetall(key)
-    raw = fields.pop(b"raw")
-    meta_key, raw_key = key + ":alt-meta", key + ":alt-raw"
-    r.hset(meta_key, mapping=fields)
-    r.set(raw_key, raw)
-    usage = int(r.memory_usage(meta_key, samples=0) or 0) + int(r.memory_usage(raw_key, samples=0) or 0)
-    r.delete(meta_key, raw_key)
-    return usage
+def layout1(r: Any, d: delivery.Delivery, msg_id: str, raw: bytes, meta: dict[str, str]) -> None:
+    """Store one message as the code before issue 17 did (record layout 1: raw as received, one
+    field per display value, v and rstate written), for the before/after rows of one run."""
+    now_ms = int(time.time() * 1000)
+    with r.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.message(d.address, msg_id), mapping={
+            F.VERSION: "1", F.RAW: raw, F.FOLDER: d.folder, F.FLAGS: "", F.TS: now_ms, F.SIZE: len(raw),
+            F.KIND: d.kind, F.RSTATE: F.PENDING, **meta})
+        delivery._queue_indexes(pipe, d, msg_id, len(raw), now_ms)
+        pipe.execute()
 
 
-def memory_table(counts: dict[str, int], per_mailbox: int) -> None:
+def fixed_usage(r: Any, name: str, count: int, per_mailbox: int) -> float:
+    """MEMORY USAGE per message less its stored `raw` value: the message hash's other fields
+    and its key, plus its share of the mailbox's index structures (folder zset, unseen and
+    pending sets, info hash)."""
+    pipe = r.pipeline(transaction=False)
+    for i in range(count):
+        pipe.memory_usage(message_key(name, i, per_mailbox), samples=0)
+        pipe.hstrlen(message_key(name, i, per_mailbox), F.RAW)
+    mailboxes = sorted({mailbox_of(name, i, per_mailbox) for i in range(count)})
+    for address in mailboxes:
+        for key in (keys.folder(address, F.INBOX), keys.unseen(address), keys.pending(address),
+                    keys.info(address)):
+            pipe.memory_usage(key, samples=0)
+    got = [int(x or 0) for x in pipe.execute()]
+    hashes = sum(got[0 : 2 * count : 2]) - sum(got[1 : 2 * count : 2])
+    return (hashes + sum(got[2 * count :])) / count
+
+
+def store_all(r: Any, name: str, raws: list[bytes], metas: list[dict[str, str]], per_mailbox: int,
+              layout: int, how: compression.Codec) -> tuple[float, float, float, float]:
+    """(Redis bytes per message, mean raw bytes, mean stored `raw` bytes, fixed bytes per
+    message by MEMORY USAGE) of storing `raws`."""
+    before = used_memory(r)
+    for i, (raw, meta) in enumerate(zip(raws, metas, strict=True)):
+        d = delivery.Delivery(mailbox_of(name, i, per_mailbox), "store0")
+        if layout == 1:
+            layout1(r, d, f"{name}-{i:06d}", raw, meta)
+        else:
+            delivery.deliver(r, [d], f"{name}-{i:06d}", raw, meta, how=how)
+    per = (used_memory(r) - before) / len(raws)
+    stored = statistics.fmean(int(r.hstrlen(message_key(name, i, per_mailbox), F.RAW))
+                              for i in range(len(raws)))
+    return per, statistics.fmean(map(len, raws)), stored, fixed_usage(r, name, len(raws), per_mailbox)
+
+
+def mix_table(total: int, per_mailbox: int, how: compression.Codec) -> None:
+    """Redis bytes against raw bytes of the realistic mix and of its text-only part, stored
+    both ways in one fresh server: layout 1 as received (before issue 17) and layout 2."""
+    import redis
+
+    maker = Maker(seed=11)
+    rng = random.Random(3)
+    mix: list[tuple[str, bytes]] = []
+    for kind, (builder, share, (lo, hi)) in MIX.items():
+        make = getattr(maker, builder)
+        mix += [(kind, make(int(rng.uniform(lo, hi)))) for _ in range(max(int(total * share), 4))]
+    text = [raw for kind, raw in mix if kind in ("plain text", "HTML newsletter")]
+    every = [raw for _, raw in mix]
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-msgmix-"))
+    server = RedisServer(work / "redis").start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        print(f"{'messages':>24} {'layout':>7} {'msgs':>5} {'mean raw B':>11} {'stored raw B':>13} "
+              f"{'Redis B/msg':>12} {'fixed B/msg':>12} {'raw/Redis':>10} {'MU fixed':>9}")
+        for label, raws in (("realistic mix", every), ("text only (plain+HTML)", text)):
+            metas = [headers.summarize(raw) for raw in raws]
+            for layout in (1, 2):
+                name = f"{label[:4]}{layout}"
+                per, mean_raw, stored, fixed = store_all(r, name, raws, metas, per_mailbox, layout, how)
+                print(f"{label:>24} {layout:>7} {len(raws):>5} {mean_raw:>11,.0f} {stored:>13,.0f} "
+                      f"{per:>12,.0f} {per - stored:>12,.0f} {mean_raw / per:>10.2f} {fixed:>9,.0f}",
+                      flush=True)
+        r.close()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print("(fixed B/msg: used_memory per message less the stored `raw` value: the record's other "
+          "fields, its key, its index entries, allocator rounding; MU fixed: the same by MEMORY USAGE "
+          "of the hash less `raw`, plus its share of the folder zset, unseen/pending sets, info)")
+
+
+def memory_table(counts: dict[str, int], per_mailbox: int, how: compression.Codec) -> None:
     import redis
 
     maker = Maker()
@@ -236,8 +313,9 @@ def memory_table(counts: dict[str, int], per_mailbox: int) -> None:
         r = redis.Redis.from_url(server.url)
         print(f"redis-server {r.info('server')['redis_version']} (appendonly yes, appendfsync always); "
               f"{per_mailbox} messages per mailbox; sizes jittered +-10 %")
-        print(f"{'size':>7} {'msgs':>5} {'mean raw B':>11} {'Redis B/msg':>12} {'overhead B':>11} "
-              f"{'Redis/raw':>10} {'MEMORY USAGE hash':>18} {'hash/raw':>9} {'split layout':>13}")
+        print(f"{'size':>7} {'layout':>6} {'msgs':>5} {'mean raw B':>11} {'stored B':>9} "
+              f"{'Redis B/msg':>12} {'fixed B':>8} {'Redis/raw':>10} {'MEMORY USAGE hash':>18} "
+              f"{'MU fixed':>9}")
         for name, nominal in SIZES.items():
             count = counts[name]
             # One body per size, trimmed per message: building each with the email package
@@ -245,21 +323,16 @@ def memory_table(counts: dict[str, int], per_mailbox: int) -> None:
             template = maker.sized(int(nominal * 1.1) + 64)
             raws = [template[: int(nominal * maker.rng.uniform(0.9, 1.1))] for _ in range(count)]
             meta = headers.summarize(template)
-            before = used_memory(r)
-            for i, raw in enumerate(raws):
-                address, msg_id = mailbox_of(name, i, per_mailbox), f"{name}-{i:06d}"
-                delivery.deliver(r, [delivery.Delivery(address, "store0")], msg_id, raw, meta)
-            after = used_memory(r)
-            mean_raw = statistics.fmean(len(x) for x in raws)
-            per = (after - before) / count
-            sampled = range(0, count, max(count // 20, 1))
-            usage = statistics.fmean(int(r.memory_usage(message_key(name, i, per_mailbox), samples=0) or 0)
-                                     for i in sampled)
-            split = statistics.fmean(split_layout_usage(r, message_key(name, i, per_mailbox))
-                                     for i in sampled)
-            print(f"{name:>7} {count:>5} {mean_raw:>11,.0f} {per:>12,.0f} {per - mean_raw:>11,.0f} "
-                  f"{per / mean_raw:>10.3f} {usage:>18,.0f} {usage / mean_raw:>9.3f} {split:>13,.0f}",
-                  flush=True)
+            for layout in (1, 2):
+                per, mean_raw, stored, fixed = store_all(r, f"{name}L{layout}", raws, [meta] * count,
+                                                         per_mailbox, layout, how)
+                sampled = range(0, count, max(count // 20, 1))
+                usage = statistics.fmean(
+                    int(r.memory_usage(message_key(f"{name}L{layout}", i, per_mailbox), samples=0) or 0)
+                    for i in sampled)
+                print(f"{name:>7} {layout:>6} {count:>5} {mean_raw:>11,.0f} {stored:>9,.0f} {per:>12,.0f} "
+                      f"{per - stored:>8,.0f} {per / mean_raw:>10.3f} {usage:>18,.0f} {fixed:>9,.0f}",
+                      flush=True)
         info = r.info("memory")
         print(f"used_memory {int(info['used_memory']):,} B, "
               f"used_memory_rss {int(info['used_memory_rss']):,} B, "
@@ -300,7 +373,7 @@ def compression_table(total: int) -> None:
         make = getattr(maker, builder)
         mix[kind] = [make(int(rng.uniform(lo, hi)))
                      for _ in range(n)]
-    levels = (1, 3)
+    levels = (1, 3, 6)
     print(f"zstandard {zstandard.__version__} (libzstd {zstandard.ZSTD_VERSION}); "
           f"{sum(map(len, mix.values()))} messages; CPU us per message (process time, one core); "
           "ratio = raw bytes / compressed bytes")
@@ -348,6 +421,43 @@ def compression_table(total: int) -> None:
     print("(whole mix: ratio of summed bytes, i.e. weighted by size; CPU is the mean per message)")
 
 
+def intake_ab(rounds: int, messages: int, sessions: int) -> None:
+    """Part 4: the durable receiver with `--store-compression zstd` against `off`, each its own
+    process on one redis-server, under Postfix's smtp-source (4 KiB, kept connections), rounds
+    interleaved (zstd first in odd rounds): the median of the paired zstd/off ratios."""
+    from bench import smtp_ingest
+
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-zstd-ab-"))
+    server = RedisServer(work / "redis").start()
+    smtp_ingest.provision(server.url)
+    kinds = (compression.ZSTD, compression.OFF)
+    ports = {kind: smtp_ingest.free_port() for kind in kinds}
+    procs = {kind: smtp_ingest.start_server(kind, port, server.url, work) for kind, port in ports.items()}
+    cpu = dict.fromkeys(kinds, 0.0)
+    ratios: list[float] = []
+    try:
+        for kind in kinds:
+            smtp_ingest.drive(ports[kind], 4096, sessions, 200)  # warm up
+            cpu[kind] -= smtp_ingest.cpu_seconds(procs[kind].pid)
+        for n in range(rounds):
+            order = kinds if n % 2 == 0 else kinds[::-1]
+            rates = {kind: smtp_ingest.drive(ports[kind], 4096, sessions, messages) for kind in order}
+            ratios.append(rates[compression.ZSTD] / rates[compression.OFF])
+            print(f"round {n + 1:>2}: zstd {rates['zstd']:>6.0f}/s  off {rates['off']:>6.0f}/s  "
+                  f"zstd/off {ratios[-1]:.3f}", flush=True)
+        for kind in kinds:
+            cpu[kind] += smtp_ingest.cpu_seconds(procs[kind].pid)
+    finally:
+        for proc in procs.values():
+            smtp_ingest.stop_pid(proc)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"zstd/off: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f} "
+          f"({rounds} rounds of {messages} x 4 KiB at {sessions} connections)")
+    per = {kind: cpu[kind] / (rounds * messages) * 1e6 for kind in kinds}
+    print(f"receiver CPU per message: zstd {per['zstd']:.0f} us, off {per['off']:.0f} us")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a quarter of the messages")
@@ -355,10 +465,23 @@ def main() -> int:
     ap.add_argument("--mix", type=int, default=400, help="messages in the compression mix (default 400)")
     ap.add_argument("--no-redis", action="store_true", help="only the compression part")
     ap.add_argument("--no-zstd", action="store_true", help="only the memory part")
+    ap.add_argument("--store-compression", choices=compression.CHOICES, default=compression.ZSTD,
+                    help="how layout 2 stores the bytes (the setting of the same name)")
+    ap.add_argument("--intake-rounds", type=int, default=0, metavar="N",
+                    help="instead: N interleaved rounds of the receiver with --store-compression "
+                         "zstd and off (bench/smtp_ingest.py's durable receiver, smtp-source)")
+    ap.add_argument("--messages", type=int, default=2000, help="messages per intake round")
+    ap.add_argument("--conns", type=int, default=10, help="smtp-source connections per intake round")
     args = ap.parse_args()
+    if args.intake_rounds:
+        intake_ab(args.intake_rounds, args.messages, args.conns)
+        return 0
     scale = 4 if args.quick else 1
+    how = compression.codec(args.store_compression)
     if not args.no_redis:
-        memory_table({k: max(v // scale, 10) for k, v in COUNTS.items()}, args.per_mailbox)
+        memory_table({k: max(v // scale, 10) for k, v in COUNTS.items()}, args.per_mailbox, how)
+        print()
+        mix_table(args.mix // scale, args.per_mailbox, how)
         print()
     if not args.no_zstd:
         try:

@@ -15,7 +15,7 @@ import redis
 from fallback import keys
 from fallback.config import Settings
 from fallback.ids import new_id
-from fallback.mailbox import delivery, directory, fields, received
+from fallback.mailbox import delivery, directory, fields, received, record
 from fallback.reconcile.reconciler import Reconciler
 from fallback.reconcile.report import Report
 from fallback.redisconn import async_client
@@ -77,8 +77,7 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def state(r: redis.Redis, address: str, msg_id: str) -> dict[str, str]:
-    fields = r.hgetall(keys.message(address, msg_id))
-    return {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"raw"}
+    return record.decode_mapping(r.hgetall(keys.message(address, msg_id)))[0]  # either layout
 
 
 def ids_on_disk(server: DovecotServer, address: str) -> list[str]:

@@ -29,7 +29,7 @@ from redis.crc import key_slot
 from fallback import keys
 from fallback.cli import main
 from fallback.config import load_settings
-from fallback.mailbox import fields, store
+from fallback.mailbox import fields, record, store
 from fallback.ops import metrics
 from fallback.redisconn import sync_client
 from tests.conftest import ReceiverThread, add_mailbox, cached_hash
@@ -82,7 +82,7 @@ def provision(r: redis.Redis, settings: Any, tmp_path: Path, capsys: pytest.Capt
 
 def copies(r: redis.Redis, address: str, body: bytes) -> list[bytes]:
     ids = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
-    raws = [r.hget(keys.message(address, i.decode()), "raw") for i in ids]  # type: ignore[union-attr]
+    raws = [record.raw_of(r.hget(keys.message(address, i.decode()), "raw")) for i in ids]  # type: ignore[union-attr]
     return [x for x in raws if isinstance(x, bytes) and x.endswith(body)]
 
 
@@ -306,7 +306,8 @@ def test_primary_killed_mid_run_acknowledged_mail_survives(tmp_path: Path) -> No
             "no acknowledged message had gone to the killed primary's slots"
         check = sync_client(c.url)
         missing = [(rcpt, msg_id) for rcpt, msg_id, body, _ in acked
-                   if not (check.hget(keys.message(rcpt, msg_id), "raw") or b"").endswith(body)]
+                   if not (record.raw_of(check.hget(keys.message(rcpt, msg_id), "raw"))
+                           or b"").endswith(body)]
         assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages lost: {missing[:3]}"
 
         def accepted_again() -> bool:

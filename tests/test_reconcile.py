@@ -12,7 +12,7 @@ import pytest
 from fallback import keys
 from fallback.cli import build_parser, main
 from fallback.config import load_settings
-from fallback.mailbox import fields, store
+from fallback.mailbox import fields, record, store
 from fallback.reconcile.imap import decode_mailbox, encode_mailbox
 from tests.dovecot import MainStoreView
 from tests.reconcile_helpers import (
@@ -224,7 +224,7 @@ def test_over_quota_is_reported_kept_and_retried(r, settings, dovecot_factory, m
         st = state(r, BOB, f["id"])
         assert st["rstate"] == "failed" and "Quota exceeded" in st["rerror"]
         assert r.sismember(keys.pending(BOB), f["id"])
-        assert r.hget(keys.message(BOB, f["id"]), "raw")   # the message itself is kept
+        assert record.raw_of(r.hget(keys.message(BOB, f["id"]), "raw"))   # the message itself is kept
     assert state(r, ALICE, alice_id)["rstate"] == "done"
 
     server.add_users([BOB], quota="1M")   # the operator raises the quota and runs again

@@ -31,6 +31,7 @@ import redis
 from fallback import keys
 from fallback.cli import main
 from fallback.config import Settings, load_settings
+from fallback.mailbox import record
 from fallback.mailbox.store import MailboxReader
 from fallback.redisconn import sync_client
 from tests.conftest import ReceiverThread, add_mailbox
@@ -94,7 +95,7 @@ def stored_id(text: str) -> str:
 def held(r: redis.Redis, msg_id: str) -> bytes | None:
     """The stored bytes of `msg_id`, in whichever recipient's mailbox it is."""
     for addr in RCPTS:
-        raw = r.hget(keys.message(addr, msg_id), "raw")
+        raw = record.raw_of(r.hget(keys.message(addr, msg_id), "raw"))
         if isinstance(raw, bytes):
             return raw
     return None

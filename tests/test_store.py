@@ -7,7 +7,7 @@ import asyncio
 import redis
 
 from fallback import keys
-from fallback.mailbox import delivery, fields
+from fallback.mailbox import delivery, fields, record
 from fallback.mailbox.batcher import DeliveryBatcher
 from fallback.redisconn import async_client
 
@@ -40,10 +40,12 @@ def test_scripted_and_multi_writes_are_identical(r: redis.Redis, redis_url: str)
     assert left == right
     message = left["message"]
     assert isinstance(message, dict)
-    assert message[b"raw"] == RAW
-    assert message[b"subject"] == b"with a NUL inside"
-    assert message[b"from"].startswith("Jürgen".encode())
-    assert message[b"attach"] == b"1"
+    meta, raw = record.decode_mapping(message)  # layout 2: the display values packed (issue 17)
+    assert raw == RAW
+    assert meta[fields.SUBJECT] == "with a NUL inside"
+    assert meta[fields.FROM].startswith("Jürgen")
+    assert meta[fields.ATTACH] == "1"
+    assert meta[fields.VERSION] == fields.RECORD_VERSION
 
 
 def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url: str) -> None:
@@ -64,5 +66,5 @@ def test_batched_deliveries_succeed_or_fail_one_by_one(r: redis.Redis, redis_url
     ok, failed = asyncio.run(both())
     assert ok is None
     assert isinstance(failed, redis.ResponseError) and "WRONGTYPE" in str(failed)
-    assert r.hget(keys.message(good, "02ID"), "raw") == RAW
+    assert record.raw_of(r.hget(keys.message(good, "02ID"), "raw")) == RAW
     assert r.zcard(keys.folder(bad, fields.INBOX)) == 0

@@ -21,6 +21,7 @@ from fallback.cli import main
 from fallback.commands.context import Context
 from fallback.commands.reconcile import select_mailboxes
 from fallback.config import Settings
+from fallback.mailbox import record
 from fallback.mailbox.aliases import LDAP, MANUAL, VIRTUAL, Aliases, make_alias
 from fallback.mailbox.directory import Directory, Mailbox, ensure_buckets
 from fallback.mailbox.provision import Provisioner
@@ -88,7 +89,8 @@ def test_sync_removes_ends_sessions_keeps_mail_and_status_lists_it(
     assert d.get("bob@example.com") is None and d.get("erin@example.com") is not None
     assert d.count() == 4 and d.domains() == {"example.com": 2, "example.org": 2}
     # Kept: the message itself, its index and its reconcile state.
-    assert r.hget(keys.message("bob@example.com", msg_id), "raw") == simple(to="bob@example.com")
+    kept = record.raw_of(r.hget(keys.message("bob@example.com", msg_id), "raw"))
+    assert kept == simple(to="bob@example.com")
     assert r.sismember(keys.pending("bob@example.com"), msg_id)
     assert not logged_in(client)
     code, out, err = run(capsys, redis_url, "status", "--format", "json")

@@ -86,6 +86,8 @@ def server_options() -> argparse.ArgumentParser:
         ("status-show-scope", "BOOL"),
         # Issue 16: the message trace.
         ("trace-retention", "SECONDS"),
+        # Issue 17: stored messages compressed.
+        ("store-compression", "zstd|off"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,

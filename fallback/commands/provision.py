@@ -46,23 +46,27 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.ldap_url is None):
+        args.usage_error("give either FILE or --ldap-url")   # exits 2 with the usage
+    if args.file is not None and not args.file.is_file():
+        raise InputError(f"{args.file}: no such file")
+    # Issue 17: into an empty directory every mailbox goes through the directory's writes, which
+    # index it: nothing to read back for the name index (a second pass over a million records).
+    was_empty = not ctx.directory().domains()
     rc = _run(ctx, args)
     if rc == 0 and not getattr(args, "dry_run", False):
         # Issue 15: a directory provisioned before the name index for suggestions existed gets
         # it once, after a run that succeeded (a refused or dry run writes nothing); the directory's
         # writes keep it up to date from then on.
-        dirindex.ensure(ctx.redis(), (m.address for m in ctx.directory().iter_mailboxes()))
+        dirindex.ensure(ctx.redis(), () if was_empty else
+                        (m.address for m in ctx.directory().iter_mailboxes()))
     return rc
 
 
 def _run(ctx: Context, args: argparse.Namespace) -> int:
-    if (args.file is None) == (args.ldap_url is None):
-        args.usage_error("give either FILE or --ldap-url")   # exits 2 with the usage
     if args.ldap_url is not None:
         return provision_ldap.run(ctx, args)
     path: Path = args.file
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     if args.format == "virtual" or (args.format is None and looks_like_virtual(path)):
         if provision_sync.wanted(args):
             return provision_sync.run_alias_sync(ctx, args, path)

@@ -48,6 +48,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("trace_retention: must be 0 (no trace) or more seconds (e.g. 14d)")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
+    if s.store_compression not in ("zstd", "off"):  # issue 17: compression.CHOICES
+        raise ConfigError(f"store_compression: {s.store_compression!r} is not one of zstd, off")
     _together(s, "tls_cert", "tls_key")
     _readable_files(s, "tls_cert", "tls_key")
     if s.log_level.upper() not in _LOG_LEVELS:

@@ -286,3 +286,7 @@ class Settings:
     reconcile_mailbox_connections: int = setting(
         4, "fallback reconcile: IMAP connections one mailbox with more than 100 messages to append "
         "is worked over, each taking the next 100 (up to concurrency x this connections in all)")
+    # Issue 17 (RAM per stored message, fallback/mailbox/compression.py): stored bytes in zstd.
+    store_compression: str = setting(
+        "zstd", "How the receiver stores each message's bytes: zstd (compressed when that saves "
+        "5 % or more; read back byte-exact) or off (as received); quotas count the raw size either way")

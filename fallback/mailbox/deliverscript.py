@@ -17,6 +17,7 @@ import redis
 from fallback import keys
 from fallback.errors import MailboxFull
 from fallback.mailbox import fields as F
+from fallback.mailbox.record import Stored
 
 if TYPE_CHECKING:
     from fallback.mailbox.delivery import Delivery
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
 # receiver's CPU per message.  A script is atomic like MULTI/EXEC; when Redis
 # refuses writes (maxmemory) it fails at its first write, so nothing is half
 # done.  ARGV: the id, time, size, number of deliveries, the small common fields
-# (NUL-joined), the dedupe guard's TTL ('' for none) and whether the stats shard
-# is among the keys ('1'); then 6 per delivery (folder, flags, kind, mailstore,
-# seen, quota); the raw bytes last (so that pack_call can send them as they are).
+# (NUL-joined; the value of 'm', the packed display values, is last and taken whole), the
+# dedupe guard's TTL ('' for none) and whether the stats shard is among the keys ('1');
+# then 6 per delivery (folder, flags, kind, mailstore, seen, quota); the bytes to store
+# last (so that pack_call can send them as they are), compressed by the caller
+# (record.store), never here; `size` is the raw size.
 # KEYS: the guard first when there is one (see keys.dedupe: if it exists the
 # message is already here and nothing is written), then per delivery message,
 # folder, unseen, pending, info and, with stats, the stats shard.
@@ -56,7 +59,9 @@ if k0 == 1 then redis.call('SET', KEYS[1], id, 'PX', ARGV[6]) end
 local common, packed, pos = {}, ARGV[5], 1
 while true do
   local stop = string.find(packed, '\\0', pos, true)
-  if not stop then common[#common + 1] = string.sub(packed, pos); break end
+  if not stop or (#common % 2 == 1 and common[#common] == 'm') then
+    common[#common + 1] = string.sub(packed, pos); break
+  end
   common[#common + 1] = string.sub(packed, pos, stop - 1)
   pos = stop + 1
 end
@@ -64,8 +69,10 @@ local raw = ARGV[#ARGV]
 for d = 0, n - 1 do
   local k, a = k0 + d * stride, base + d * 6
   local mailstore = ARGV[a + 4]
-  redis.call('HSET', KEYS[k + 1], 'raw', raw, 'folder', ARGV[a + 1], 'flags', ARGV[a + 2],
-             'kind', ARGV[a + 3], unpack(common))
+  redis.call('HSET', KEYS[k + 1], 'raw', raw, 'folder', ARGV[a + 1], unpack(common))
+  -- Defaults are not stored (record.DEFAULTS): no flags, kind 'received'.
+  if ARGV[a + 2] ~= '' then redis.call('HSET', KEYS[k + 1], 'flags', ARGV[a + 2]) end
+  if ARGV[a + 3] ~= 'received' then redis.call('HSET', KEYS[k + 1], 'kind', ARGV[a + 3]) end
   redis.call('ZADD', KEYS[k + 2], now, id)
   if ARGV[a + 5] == '0' then redis.call('SADD', KEYS[k + 3], id) end
   redis.call('SADD', KEYS[k + 4], id)
@@ -82,22 +89,23 @@ return n
 DELIVER_SHA = hashlib.sha1(DELIVER_LUA.encode(), usedforsecurity=False).hexdigest()  # the script id
 
 
-def deliver_call(deliveries: list[Delivery], msg_id: str, raw: bytes, meta: dict[str, str],
+def deliver_call(deliveries: list[Delivery], msg_id: str, stored: Stored,
                  now_ms: int, stats: bool = True,
                  digest: str | None = None) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of one scripted delivery (see DELIVER_LUA)."""
+    """KEYS and ARGV of one scripted delivery (see DELIVER_LUA) of a record.store'd message."""
     # The small fields travel as one NUL-joined argument (split again in the script):
-    # packing forty short arguments was most of redis-py's cost per message.
-    common = [F.VERSION, keys.SCHEMA_VERSION, F.TS, str(now_ms), F.SIZE, str(len(raw)), F.RSTATE, F.PENDING]
-    for name, value in meta.items():
-        common += [name, value.replace("\0", "")]
-    packed = "\0".join(common)
+    # packing forty short arguments was most of redis-py's cost per message.  Layout 2
+    # (record.py): no rstate (absent is pending) and the display values in one field,
+    # which holds NULs of its own, so it is the last of the common fields, passed whole.
+    raw, size = stored.data, stored.size
+    extra = [part for name, value in stored.extra for part in (name, value.replace("\0", ""))]
+    packed = "\0".join([F.TS, str(now_ms), F.SIZE, str(size), *extra, F.PACKED]) + "\0" + stored.packed
     keys_: list[str] = []
     guard = ""
     if digest is not None:
         keys_.append(keys.dedupe(deliveries[0].address, digest))
         guard = str(keys.DEDUPE_TTL_MS)
-    args: list[Any] = [msg_id, now_ms, len(raw), len(deliveries), packed, guard, "1" if stats else "0"]
+    args: list[Any] = [msg_id, now_ms, size, len(deliveries), packed, guard, "1" if stats else "0"]
     for d in deliveries:
         keys_ += [keys.message(d.address, msg_id), keys.folder(d.address, d.folder),
                   keys.unseen(d.address), keys.pending(d.address), keys.info(d.address)]

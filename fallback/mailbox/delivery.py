@@ -33,6 +33,8 @@ from redis.crc import key_slot
 from fallback import keys
 from fallback.errors import MailboxFull, StorageError
 from fallback.mailbox import fields as F
+from fallback.mailbox import record
+from fallback.mailbox.compression import Codec
 from fallback.mailbox.deliverscript import (
     DELIVER_LUA,
     DELIVER_SHA,
@@ -68,26 +70,34 @@ class Delivery:
 
 
 def queue_delivery(pipe: Any, d: Delivery, msg_id: str, raw: bytes, meta: dict[str, str],
-                   now_ms: int, stats: bool = True) -> None:
+                   now_ms: int, stats: bool = True, how: Codec | None = None) -> None:
     """Queue one mailbox's writes on a (sync or async) MULTI pipeline.
 
     `stats=False` on a Redis Cluster, where the stats shard is another slot:
-    the caller then adds the counts afterwards (`count_stored`).
+    the caller then adds the counts afterwards (`count_stored`).  `how`: the
+    compression (record.store; default zstd).
     """
     fields: dict[str, Any] = {
-        F.VERSION: keys.SCHEMA_VERSION, F.RAW: raw, F.FOLDER: d.folder, F.FLAGS: " ".join(d.flags),
-        F.TS: now_ms, F.SIZE: len(raw), F.KIND: d.kind, F.RSTATE: F.PENDING, **meta,
+        **record.store(raw, meta, how).fields(), F.FOLDER: d.folder, F.TS: now_ms,
+        **record.non_defaults(d.flags, d.kind),
     }
     pipe.hset(keys.message(d.address, msg_id), mapping=fields)
+    _queue_indexes(pipe, d, msg_id, len(raw), now_ms, stats)
+
+
+def _queue_indexes(pipe: Any, d: Delivery, msg_id: str, size: int, now_ms: int,
+                   stats: bool = True) -> None:
+    """The writes besides the record: folder index, unseen and pending sets, usage (the raw
+    size, never the compressed one: quotas count what the user received), status counters."""
     pipe.zadd(keys.folder(d.address, d.folder), {msg_id: now_ms})
     if F.SEEN not in d.flags:
         pipe.sadd(keys.unseen(d.address), msg_id)
     pipe.sadd(keys.pending(d.address), msg_id)
     pipe.hincrby(keys.info(d.address), "messages", 1)
-    pipe.hincrby(keys.info(d.address), "bytes", len(raw))
+    pipe.hincrby(keys.info(d.address), "bytes", size)
     pipe.hset(keys.info(d.address), "mailstore", d.mailstore)
     if stats:
-        _queue_stats(pipe, [d], len(raw))
+        _queue_stats(pipe, [d], size)
 
 
 def _queue_stats(pipe: Any, deliveries: list[Delivery], size: int) -> None:
@@ -140,7 +150,8 @@ def _evalsha_sync(r: redis.Redis, keys_: list[str], args: list[Any]) -> int:
 
 async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,
                         meta: dict[str, str] | None = None,
-                        batcher: DeliveryBatcher | None = None, digest: str | None = None) -> None:
+                        batcher: DeliveryBatcher | None = None, digest: str | None = None,
+                        how: Codec | None = None) -> None:
     """Write the message to every recipient; raises on any failure (the sender gets 451), and
     MailboxFull (nothing written) when a delivery's quota would be passed.
 
@@ -149,11 +160,11 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
     when there are several, each carries the `digest` guard (keys.dedupe) so
     the sender's retry after a partial failure is not stored twice.
     """
-    meta = summarize(raw) if meta is None else meta
+    stored = record.store(raw, summarize(raw) if meta is None else meta, how)
     now_ms = int(time.time() * 1000)
     # The batcher knows already (asking costs microseconds, on the receiver's hottest path).
     if not (batcher.clustered if batcher is not None else is_cluster(r)):
-        keys_, args = deliver_call(deliveries, msg_id, raw, meta, now_ms)
+        keys_, args = deliver_call(deliveries, msg_id, stored, now_ms)
         done = await (batcher.run(keys_, args) if batcher is not None else _evalsha(r, keys_, args))
         check_result(done, deliveries, len(raw))
         return
@@ -164,7 +175,7 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
                                     for d in deliveries if d.quota > 0])
 
     async def one(group: list[Delivery]) -> None:
-        keys_, args = deliver_call(group, msg_id, raw, meta, now_ms, stats=False, digest=guard)
+        keys_, args = deliver_call(group, msg_id, stored, now_ms, stats=False, digest=guard)
         if batcher is not None:
             if check_result(await batcher.run(keys_, args), group, len(raw)):
                 batcher.count(group, len(raw))  # written with a later batch, not waited for
@@ -179,20 +190,20 @@ async def deliver_async(r: aioredis.Redis, deliveries: list[Delivery], msg_id: s
 
 async def deliver_copies_async(r: aioredis.Redis, copies: list[tuple[list[Delivery], bytes]],
                                msg_id: str, replicas: ReplicaAcks | None = None,
-                               digest: str | None = None) -> None:
+                               digest: str | None = None, how: Codec | None = None) -> None:
     """One message whose mailboxes get different bytes (each copy its own Delivered-To:, the
     original recipient it was reached through) as the receiver's one write: on one Redis one
     MULTI/EXEC of a script call per copy (run_atomic, quotas WATCHed); on a Redis Cluster one
     call per copy and slot, each guarded by `digest` so the sender's retry stores nothing twice."""
     clustered = is_cluster(r)
     calls, parts = copy_calls(copies, msg_id, int(time.time() * 1000), clustered,
-                              digest if clustered else None)
+                              digest if clustered else None, how)
     await count_copies_async(r, parts, await run_atomic(r, calls, replicas), clustered)
 
 
 def copy_calls(copies: list[tuple[list[Delivery], bytes]], msg_id: str, now_ms: int, clustered: bool,
-               digest: str | None) -> tuple[list[tuple[str, list[str], list[Any]]],
-                                            list[tuple[list[Delivery], int]]]:
+               digest: str | None, how: Codec | None = None,
+               ) -> tuple[list[tuple[str, list[str], list[Any]]], list[tuple[list[Delivery], int]]]:
     """The scripted writes of `copies` (copies without mailboxes skipped): one per copy, on a
     cluster one per copy and slot (guarded by `digest` when given), with the (mailboxes, size)
     each writes, in the same order (for count_copies_async)."""
@@ -201,9 +212,9 @@ def copy_calls(copies: list[tuple[list[Delivery], bytes]], msg_id: str, now_ms: 
     for group, raw in copies:
         if not group:
             continue
-        meta = summarize(raw)
+        stored = record.store(raw, summarize(raw), how)  # compressed once per copy
         for part in slot_groups(group) if clustered else [group]:
-            keys_, args = deliver_call(part, msg_id, raw, meta, now_ms, stats=not clustered,
+            keys_, args = deliver_call(part, msg_id, stored, now_ms, stats=not clustered,
                                        digest=digest)
             calls.append((DELIVER_LUA, keys_, args))
             parts.append((part, len(raw)))
@@ -352,23 +363,26 @@ async def _run_watched(r: aioredis.Redis, calls: list[tuple[str, list[str], list
 
 
 def deliver(r: redis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,
-            meta: dict[str, str] | None = None) -> None:
+            meta: dict[str, str] | None = None, how: Codec | None = None) -> None:
     """The same write from sync code (the webmail's local delivery and Sent copy).
 
     On a Redis Cluster: one guarded script call per slot, the message id as the
     guard, so a repeated call after a partial failure completes it.
     """
-    meta = summarize(raw) if meta is None else meta
+    stored = record.store(raw, summarize(raw) if meta is None else meta, how)
     now_ms = int(time.time() * 1000)
     if not is_cluster(r):
         with r.pipeline(transaction=True) as pipe:
             for d in deliveries:
-                queue_delivery(pipe, d, msg_id, raw, meta, now_ms)
+                fields: dict[Any, Any] = {**stored.fields(), F.FOLDER: d.folder, F.TS: now_ms,
+                                          **record.non_defaults(d.flags, d.kind)}
+                pipe.hset(keys.message(d.address, msg_id), mapping=fields)
+                _queue_indexes(pipe, d, msg_id, len(raw), now_ms)
             pipe.execute()
         return
     groups = slot_groups(deliveries)
     for group in groups:
-        keys_, args = deliver_call(group, msg_id, raw, meta, now_ms, stats=False,
+        keys_, args = deliver_call(group, msg_id, stored, now_ms, stats=False,
                                     digest=msg_id if len(groups) > 1 else None)
         if _evalsha_sync(r, keys_, args):
             count_stored(r, group, len(raw))

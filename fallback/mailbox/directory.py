@@ -11,21 +11,24 @@ needs `lookup_async` and `domain_known_async`.
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
 from fallback.errors import InputError
 from fallback.mailbox import dirindex, hashcodec
+from fallback.redisconn import is_cluster
 
 _MAILSTORE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAILSTORE = "default"
-RECORD_V1 = b"\x01"  # first byte of a binary directory record (issue 17)
+RECORD_V1 = 0x80  # high bit of a binary record's first byte (its mailstore's length; issue 17)
 
 
 
@@ -44,21 +47,22 @@ class Mailbox:
     alternate: str = ""
 
     def encode(self) -> bytes:
-        """RECORD_V1, the mailstore (length-prefixed), the hash (hashcodec), the alternate
-        address (the rest): about 50 bytes for a bcrypt hash, under a stock Redis'
-        hash-max-listpack-value of 64 (issue 17)."""
+        """RECORD_V1 | the mailstore's length (at most 64), the mailstore, the hash (hashcodec),
+        the alternate address (the rest): 47 bytes for a bcrypt hash and a 6-letter mailstore,
+        under a stock Redis' hash-max-listpack-value of 64 (issue 17)."""
         store = self.mailstore.encode()
-        return (RECORD_V1 + bytes((len(store),)) + store + hashcodec.pack(self.password_hash)
+        return (bytes((RECORD_V1 | len(store),)) + store + hashcodec.pack(self.password_hash)
                 + self.alternate.encode())
 
     @classmethod
     def decode(cls, address: str, value: bytes | str) -> Mailbox:
-        if isinstance(value, bytes) and value[:1] == RECORD_V1:
-            end = 2 + value[1]
+        if isinstance(value, bytes) and value and value[0] & RECORD_V1:
+            end = 1 + (value[0] & 0x7F)
             password_hash, at = hashcodec.unpack(value, end)
-            return cls(address, value[2:end].decode(), password_hash, value[at:].decode())
+            return cls(address, value[1:end].decode(), password_hash, value[at:].decode())
         # Written before issue 17: "mailstore<TAB>hash[<TAB>alternate]" (a mailstore name
-        # never starts with RECORD_V1), still read as it is; `provision` rewrites it.
+        # starts with an ASCII letter or digit: no high bit), still read as it is;
+        # `provision` rewrites it.
         text = value.decode() if isinstance(value, bytes) else value
         parts = text.split("\t")
         return cls(address, parts[0], parts[1] if len(parts) > 1 else "",
@@ -102,32 +106,35 @@ class Directory:
     def get_many(self, addresses: list[str]) -> list[bytes | None]:
         """Stored records of many addresses: one HMGET per bucket, pipelined."""
         groups = self._by_bucket(addresses)
-        pipe = self.r.pipeline(transaction=False)
-        for bucket, members in groups.items():
-            pipe.hmget(bucket, members)
+        replies = send_many(self.r, [("HMGET", bucket, *members) for bucket, members in groups.items()])
         found: dict[str, bytes | None] = {}
-        for members, values in zip(groups.values(), pipe.execute(), strict=True):
+        for members, values in zip(groups.values(), replies, strict=True):
             found.update(zip(members, values, strict=True))
         return [found[a] for a in addresses]
 
     def put_many(self, mailboxes: Iterable[tuple[Mailbox, Mailbox | None]]) -> None:
         """Write (new, old) pairs: one HSET per bucket, the per-domain and per-mailstore
         counts summed first (one HINCRBY per name, not per mailbox)."""
-        records: dict[str, dict[Any, Any]] = {}
-        domains: Counter[str] = Counter()
+        records: dict[int, list[Any]] = {}
+        added: list[str] = []
         stores: Counter[str] = Counter()
+        crc32, buckets = zlib.crc32, self.buckets  # keys.bucket_of, inlined: a million calls
         for new, old in mailboxes:
-            records.setdefault(keys.dir_bucket(new.address, self.buckets), {})[new.address] = new.encode()
+            address = new.address
+            fields = records.get(bucket := crc32(address.encode()) % buckets)
+            if fields is None:
+                fields = records[bucket] = ["HSET", keys.dir_bucket_n(bucket)]
+            fields += (address, new.encode())
             if old is None:
-                domains[new.domain] += 1
-            if old is None or old.mailstore != new.mailstore:
+                added.append(address)
                 stores[new.mailstore] += 1
-            if old is not None and old.mailstore != new.mailstore:
+            elif old.mailstore != new.mailstore:
+                stores[new.mailstore] += 1
                 stores[old.mailstore] -= 1
+        domains = Counter(a.rpartition("@")[2] for a in added)
+        send_many(self.r, [tuple(fields) for fields in records.values()])
         pipe = self.r.pipeline(transaction=False)
-        for bucket, mapping in records.items():
-            pipe.hset(bucket, mapping=mapping)
-        dirindex.queue_add(pipe, (a for mapping in records.values() for a in mapping))  # issue 15
+        dirindex.queue_add(pipe, (a for fields in records.values() for a in fields[2::2]))  # issue 15
         for domain, n in domains.items():
             pipe.hincrby(keys.DIR_DOMAINS, domain, n)
         for store, n in stores.items():
@@ -202,6 +209,36 @@ class Directory:
 
     def count(self) -> int:
         return sum(self.domains().values())
+
+
+def send_many(r: redis.Redis, commands: list[Any], batch: int = 2048) -> list[Any]:
+    """The replies of many commands (tuples of arguments), in order; an error reply raises
+    (redis-py's read_response).  On one server they are packed by hiredis and written a batch
+    at once, the next batch sent before the last one's replies are read, so that Redis works
+    while we pack:
+    redis-py's Pipeline spends more per field than Redis takes to store it (issue 17).  A
+    cluster client takes its pipeline (one slot per command)."""
+    if is_cluster(r):
+        pipe = r.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute())
+    replies: list[Any] = []
+    conn = r.connection_pool.get_connection()
+    try:
+        sent = 0
+        for start in range(0, len(commands), batch):
+            part = commands[start:start + batch]
+            conn.send_packed_command([b"".join(map(hiredis.pack_command, part))])
+            replies.extend(conn.read_response() for _ in range(sent))
+            sent = len(part)
+        replies.extend(conn.read_response() for _ in range(sent))
+    except BaseException:
+        conn.disconnect()  # replies may be left unread: not reusable as it is
+        raise
+    finally:
+        r.connection_pool.release(conn)
+    return replies
 
 
 async def lookup_async(r: aioredis.Redis, buckets: int, address: str) -> Mailbox | None:

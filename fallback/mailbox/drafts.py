@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import delivery, headers
+from fallback.mailbox import delivery, headers, record
 from fallback.mailbox import fields as F
 from fallback.redisconn import is_cluster
 
@@ -46,19 +46,21 @@ def save(r: redis.Redis, address: str, mailstore: str, draft_id: str, raw: bytes
         while True:
             try:
                 pipe.watch(key)
-                kind, size = pipe.hmget(key, (F.KIND, F.SIZE))
-                if kind is not None and _text(kind) != KIND:
+                kind, size, ts = pipe.hmget(key, (F.KIND, F.SIZE, F.TS))
+                # Every record has a time; a received one has no kind field (record.DEFAULTS).
+                if ts is not None and _text(kind or b"received") != KIND:
                     pipe.reset()
                     raise NotADraft(draft_id)
                 now_ms = int(time.time() * 1000)
                 pipe.multi()
-                if kind is None:
+                if ts is None:
                     d = delivery.Delivery(address, mailstore, F.DRAFTS, FLAGS, KIND)
                     delivery.queue_delivery(pipe, d, draft_id, raw, meta, now_ms, stats=not clustered)
                     grown, added = len(raw), 1
                 else:
                     grown, added = len(raw) - int(size or 0), 0
-                    update: dict[Any, Any] = {F.RAW: raw, F.SIZE: len(raw), F.TS: now_ms, **meta}
+                    # Layout 2 (record.py): the bytes maybe zstd, the display values packed.
+                    update: dict[Any, Any] = {**record.store(raw, meta).fields(), F.TS: now_ms}
                     pipe.hset(key, mapping=update)
                     pipe.zadd(keys.folder(address, F.DRAFTS), {draft_id: now_ms})  # newest save first
                     pipe.sadd(keys.pending(address), draft_id)
@@ -86,7 +88,7 @@ def load(r: redis.Redis, address: str, draft_id: str) -> tuple[dict[str, str], b
     except ValueError:
         values = {}  # a damaged form field: the bytes still hold To, Cc, the subject and body
     return ({str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {},
-            bytes(raw))  # type: ignore[arg-type]
+            record.raw_of(raw) or b"")
 
 
 def delete(r: redis.Redis, address: str, draft_id: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from fallback import keys
+from fallback.mailbox import search
 from fallback.mailbox.fields import TRASH
 
 BATCH = 500            # messages per pipeline when emptying a whole Trash
@@ -90,6 +91,7 @@ def expunge(r: redis.Redis, address: str, ids: list[str], now_ms: int | None = N
         else:
             out.sending += 1
     if out.deleted:
+        search.forget(r, address, out.deleted)  # their search entries no longer match: counted for compaction
         stored: Any = r.hget(keys.info(address), "mailstore")
         mailstore = _text(stored or b"default")
         pipe = r.pipeline(transaction=False)

@@ -3,7 +3,8 @@
 A message is one hash, `mbx:{addr}:m:<id>` (keys.message).  Every module that
 reads or writes one (the write path, the webmail's reads, reconcile, purge,
 the outbound queue) names its fields through these constants, so a field is
-renamed or added in one place.  The Lua scripts spell the same names inside
+renamed or added in one place.  Reading goes through record.py, which decodes both
+layouts of the record (issue 17).  The Lua scripts spell the same names inside
 their source (grep the constant's value); tests/test_headers.py checks that
 every name a script writes is declared here.
 """
@@ -11,8 +12,10 @@ every name a script writes is declared here.
 from __future__ import annotations
 
 # Written once, at delivery.
-RAW = "raw"            # the exact bytes, our Received: line first
-VERSION = "v"          # schema version of the record (keys.SCHEMA_VERSION)
+RAW = "raw"            # the exact bytes, our Received: line first (zstd-compressed: compression.py)
+VERSION = "v"          # layout 1: its version ("1"); layout 2 keeps it first in PACKED (record.py)
+RECORD_VERSION = "2"   # issue 17: the layout written now (record.py reads 1 and 2)
+PACKED = "m"           # layout 2: the PARSED values in one field (record.pack_meta)
 TS = "ts"              # received (or sent) time, ms
 SIZE = "size"          # len(raw)
 KIND = "kind"          # received, sent, notice, ...
@@ -37,8 +40,8 @@ RUIDVALIDITY, RUID = "ruidvalidity", "ruid"
 RTS, RERROR = "rts", "rerror"
 PENDING, APPENDING, DONE, FAILED = "pending", "appending", "done", "failed"
 
-ALL = (RAW, VERSION, TS, SIZE, KIND, *PARSED, FOLDER, FLAGS, LOCAL, REMOTE, RSTATE, RBOX, RFOLDER, RFLAGS,
-       RUIDVALIDITY, RUID, RTS, RERROR)
+ALL = (RAW, VERSION, PACKED, TS, SIZE, KIND, *PARSED, FOLDER, FLAGS, LOCAL, REMOTE, RSTATE, RBOX, RFOLDER,
+       RFLAGS, RUIDVALIDITY, RUID, RTS, RERROR)
 # What a folder page shows of each message.
 LIST = (FLAGS, TS, SIZE, FROM, TO, SUBJECT, ATTACH, KIND, FOLDER)
 

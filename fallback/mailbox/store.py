@@ -15,6 +15,8 @@ import redis
 
 from fallback import keys
 from fallback.mailbox import fields as F
+from fallback.mailbox import record
+from fallback.mailbox import search as search_index
 from fallback.mailbox.fields import FOLDERS, SEEN
 
 
@@ -39,7 +41,7 @@ class MailboxReader:
         return [i.decode() for i in raw]  # type: ignore[union-attr]
 
     def raw(self, msg_id: str) -> bytes | None:
-        return self.r.hget(keys.message(self.address, msg_id), F.RAW)  # type: ignore[return-value]
+        return record.raw_of(self.r.hget(keys.message(self.address, msg_id), F.RAW))
 
     def meta(self, msg_id: str) -> dict[str, str] | None:
         """The record without its bytes (which may be megabytes): the declared fields only."""
@@ -47,15 +49,14 @@ class MailboxReader:
         values: Any = self.r.hmget(keys.message(self.address, msg_id), names)
         if values[names.index(F.TS)] is None:
             return None
-        return {name: _text(v) for name, v in zip(names, values, strict=True) if v is not None}
+        return record.decode(names, values)
 
     def message(self, msg_id: str) -> tuple[dict[str, str], bytes] | None:
         """(metadata, raw bytes) in one read, for the message page."""
-        record: Any = self.r.hgetall(keys.message(self.address, msg_id))
-        if not record:
+        fields: Any = self.r.hgetall(keys.message(self.address, msg_id))
+        if not fields:
             return None
-        raw = bytes(record.pop(F.RAW.encode(), b""))
-        return {_text(k): _text(v) for k, v in record.items()}, raw
+        return record.decode_mapping(fields)
 
     def iter_messages(self, folders: tuple[str, ...] = FOLDERS,
                       batch: int = 100) -> Iterator[tuple[str, dict[str, str], bytes]]:
@@ -70,8 +71,7 @@ class MailboxReader:
                 for msg_id, fields in zip(chunk, pipe.execute(), strict=True):
                     if not fields:
                         continue  # deleted between the index read and now
-                    raw = fields.pop(F.RAW.encode(), b"")
-                    meta = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+                    meta, raw = record.decode_mapping(fields)
                     yield msg_id, meta, raw
 
     def info(self) -> dict[str, int]:
@@ -119,7 +119,7 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
     """Change a message's flags; marks it for reconcile.  False when the message is gone."""
 
     def change(pipe: Any, values: list[str]) -> None:
-        flags = [f for f in values[0].split() if f not in remove]
+        flags = [f for f in values[1].split() if f not in remove]
         flags += [f for f in add if f not in flags]
         pipe.hset(keys.message(address, msg_id), F.FLAGS, " ".join(flags))
         if SEEN in flags:
@@ -129,7 +129,8 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
         # Reconcile carries flag changes made after a message was appended.
         pipe.sadd(keys.pending(address), msg_id)
 
-    return _change_watched(r, keys.message(address, msg_id), (F.FLAGS,), change)
+    # The time first: it is on every record, the flags field only once there are flags.
+    return _change_watched(r, keys.message(address, msg_id), (F.TS, F.FLAGS), change)
 
 
 def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
@@ -148,13 +149,13 @@ def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
 
 
 # The webmail's folder views: one page of summaries in two round trips, whatever the folder's size.
-LIST_FIELDS = F.LIST
-SEARCH_LIMIT = 20000  # newest messages a search looks at; bounds the work of one request
+LIST_FIELDS = record.names_for(F.LIST)  # F.LIST, and the packed display values (layout 2)
+SEARCH_LIMIT = 20000  # newest messages the grouped list looks at (web/conversations.py); search sees all
 
 
 def _summary(msg_id: str, values: list[Any]) -> dict[str, str]:
-    row = {name: v.decode("utf-8", "replace") if isinstance(v, bytes) else (v or "")
-           for name, v in zip(LIST_FIELDS, values, strict=True)}
+    row = dict.fromkeys(F.LIST, "")
+    row.update(record.decode(LIST_FIELDS, values))
     row["id"] = msg_id
     return row
 
@@ -212,28 +213,13 @@ def summaries(r: redis.Redis, address: str, ids: list[str]) -> list[dict[str, st
     return [_summary(i, v) for i, v in zip(ids, results, strict=True) if v[1] is not None]
 
 
-def search(r: redis.Redis, address: str, folder: str, query: str, start: int, count: int,
-           batch: int = 500) -> tuple[int, list[dict[str, str]]]:
-    """Messages whose sender or subject contains `query` (case-insensitive), newest first.
-
-    A scan of the newest SEARCH_LIMIT messages in pipelined batches: at the sizes a
-    fallback mailbox reaches (days of mail) this beats keeping a search index.
-    """
-    needle = query.casefold()
-    found: Any = r.zrevrange(keys.folder(address, folder), 0, SEARCH_LIMIT - 1)
-    ids = [_text(i) for i in found]
-    matches: list[str] = []
-    for pos in range(0, len(ids), batch):
-        chunk = ids[pos : pos + batch]
-        with r.pipeline(transaction=False) as pipe:
-            for msg_id in chunk:
-                pipe.hmget(keys.message(address, msg_id), (F.FROM, F.SUBJECT))
-            for msg_id, (sender, subject) in zip(chunk, pipe.execute(), strict=True):
-                if sender is None and subject is None:
-                    continue
-                if needle in (_text(sender or b"") + "\n" + _text(subject or b"")).casefold():
-                    matches.append(msg_id)
-    return len(matches), summaries(r, address, matches[start : start + count])
+def search(r: redis.Redis, address: str, folder: str, query: str, start: int,
+           count: int) -> tuple[int, bool, list[dict[str, str]]]:
+    """Messages of `folder` whose sender or subject contains `query` (case-insensitive), newest
+    first: every message of the folder, through the mailbox's search index (search.py).
+    (matches counted up to search.COUNT_LIMIT, whether more match, the page's summaries)."""
+    total, more, ids = search_index.search(r, address, folder, query, start, count)
+    return total, more, summaries(r, address, ids)
 
 
 def unread_counts(r: redis.Redis, address: str, folders: tuple[str, ...] = FOLDERS,

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from fallback import keys
 from fallback.mailbox import delivery
 from fallback.mailbox import fields as F
+from fallback.mailbox.compression import unpack  # the Sent copy's bytes, maybe zstd (issue 17)
 from fallback.maillog import MailLog
 from fallback.queues import forward
 from fallback.redisconn import is_cluster
@@ -122,7 +123,7 @@ def undo(r: redis.Redis, sender: str, msg_id: str, now: float | None = None) -> 
         values = json.loads(_text(form)) if form else {}
     except ValueError:
         values = {}
-    return Undone(bytes(raw)[int(_text(cut) or 0):], {str(k): str(v) for k, v in values.items()},
+    return Undone(unpack(bytes(raw))[int(_text(cut) or 0):], {str(k): str(v) for k, v in values.items()},
                   _text(saved), int(_text(counted) or 0))
 
 

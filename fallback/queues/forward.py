@@ -53,6 +53,7 @@ import redis.asyncio as aioredis
 from fallback import keys
 from fallback.config import Settings
 from fallback.mailbox import delivery
+from fallback.mailbox.compression import Codec
 from fallback.mailbox.durability import ReplicaAcks
 from fallback.maillog import MailLog
 from fallback.queues import reliable
@@ -126,7 +127,8 @@ return 1
 
 async def accept_async(r: aioredis.Redis, copies: list[tuple[list[delivery.Delivery], bytes]],
                        forwards: list[str], msg_id: str, raw: bytes, sender: str,
-                       replicas: ReplicaAcks | None = None, digest: str | None = None) -> None:
+                       replicas: ReplicaAcks | None = None, digest: str | None = None,
+                       how: Codec | None = None) -> None:
     """The receiver's write when some recipients are forwarded: the mailbox copies (each its
     own bytes, as delivery.deliver_copies_async takes them: a mailbox reached through an
     alias or a subaddress names it) and the forward records of `raw` (the copy that names
@@ -142,7 +144,7 @@ async def accept_async(r: aioredis.Redis, copies: list[tuple[list[delivery.Deliv
     units = (sum(len(delivery.slot_groups(g)) for g, _ in copies if g) + len(forwards)
              if clustered else 1)
     guard = digest if units > 1 else None
-    calls, parts = delivery.copy_calls(copies, msg_id, int(now * 1000), clustered, guard)
+    calls, parts = delivery.copy_calls(copies, msg_id, int(now * 1000), clustered, guard, how)
     for rcpt in forwards:
         keys_ = [keys.forward_record(rcpt, msg_id), keys.forward_stream(rcpt)]
         if guard is not None:

@@ -41,6 +41,7 @@ from fallback import ids, keys
 from fallback.config import Settings
 from fallback.errors import FallbackError
 from fallback.mailbox import delivery
+from fallback.mailbox.record import raw_of  # the Sent copy's bytes, maybe zstd (issue 17)
 from fallback.maillog import MailLog
 from fallback.queues import delayed, dsn, hold, outbound, reliable
 from fallback.queues.dkim import Signer
@@ -134,7 +135,7 @@ class Worker(reliable.StreamWorker):
         flat = taken[2]
         record = dict(zip(flat[::2], flat[1::2], strict=True))
         await self._attempt(stream, entry_id, sender, msg_id, int(taken[1]), record,
-                            taken[3] if len(taken) > 3 else None)
+                            raw_of(taken[3]) if len(taken) > 3 else None)
 
     async def _attempt(self, stream: str, entry_id: str, sender: str, msg_id: str, runs: int,
                        record: dict[Any, Any], raw: bytes | None) -> None:
