@@ -124,6 +124,7 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     pick = gettext("Select message from %(who)s: %(subject)s")
     out = []
     times = filters.list_times([m["ts"] for m in rows], now)
+    size = filters.size_texts()
     for m, when in zip(rows, times, strict=True):
         flags = m["flags"].split()
         who = filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"])
@@ -132,7 +133,7 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
             "id": m["id"], "unread": fields.SEEN not in flags, "flagged": fields.FLAGGED in flags,
             "who": who, "subject": subject, "pick": pick % {"who": who, "subject": subject},
             "attach": m["attach"] == "1",
-            "date": when, "size": filters.human_size(m["size"]),
+            "date": when, "size": size(m["size"]),
         })
     return out
 
