@@ -13,10 +13,8 @@ own recipient validation (`reject_unverified_recipient`) Postfix refuses it at i
 
 from __future__ import annotations
 
-import os
 import shutil
 import smtplib
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +30,13 @@ from fallback.mailbox.aliases import Aliases, make_alias
 from fallback.mailbox.directory import ensure_buckets
 from fallback.ops import failover
 from tests.conftest import add_mailbox
+from tests.postfix import PrivatePostfix
+from tests.postfix import available as postfix_available
 from tests.servers import (
-    POSTFIX_DIR,
     ROOT,
     SmtpSink,
-    free_port,
-    postfix_env,
     sink_payload,
-    stop_pid,
     wait_for,
-    wait_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,31 +44,6 @@ pytestmark = pytest.mark.slow
 ALICE, BOB, DAVE = "alice@example.com", "bob@example.com", "dave@example.com"
 EXT = "boss@elsewhere.test"
 SENDER = "sender@sink.test"  # its domain is routed to smtp-sink, where Postfix's bounces land
-SERVICES = """\
-{port} inet n - n - - smtpd
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-flush unix n - n 1000? 0 flush
-proxymap unix - - n - - proxymap
-smtp unix - - n - - smtp
-relay unix - - n - - smtp
-showq unix n - n - - showq
-error unix - - n - - error
-retry unix - - n - - error
-discard unix - - n - - discard
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-postlog unix-dgram n - n - 1 postlogd
-"""
-QUEUE_DIRS = ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
-              "maildrop", "private", "public", "saved", "trace")
-
-
 def transport_table(receiver_port: int, sink_port: int) -> str:
     """deploy/postfix/transport with its next hop made the test's receiver, plus the sink."""
     lines = []
@@ -86,83 +56,26 @@ def transport_table(receiver_port: int, sink_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Postfix:
-    """A real Postfix master in the foreground (`master -d`), stopped by its PID."""
-
-    def __init__(self, base: Path, receiver_port: int, sink_port: int) -> None:
-        self.conf, self.queue, self.data = base / "etc", base / "queue", base / "data"
-        self.port = free_port()
-        self.log = base / "postfix.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        for d in (self.conf, self.queue / "pid", self.data):
-            d.mkdir(parents=True)
-        for name in QUEUE_DIRS:
-            (self.queue / name).mkdir()
-        subprocess.run(["chown", "-R", "daemon", str(self.data), *(str(self.queue / n) for n in QUEUE_DIRS)],
-                       check=True, timeout=30)
-        (self.conf / "transport").write_text(transport_table(receiver_port, sink_port))
-        # The snippet as it is, its hash: table (which needs postmap) read as text instead.
-        snippet = (ROOT / "deploy" / "postfix" / "main.cf.snippet").read_text()
-        assert "transport_maps = hash:/etc/postfix/transport" in snippet
-        snippet = snippet.replace("hash:/etc/postfix/transport", f"texthash:{self.conf / 'transport'}")
-        tools = POSTFIX_DIR / "usr"
-        (self.conf / "main.cf").write_text(
-            f"{snippet}\n"
-            "compatibility_level = 3.6\n"
-            f"queue_directory = {self.queue}\ndata_directory = {self.data}\n"
-            f"daemon_directory = {tools / 'lib' / 'postfix' / 'sbin'}\n"
-            f"command_directory = {tools / 'sbin'}\nshlib_directory = {tools / 'lib' / 'postfix'}\n"
-            f"meta_directory = {POSTFIX_DIR / 'etc' / 'postfix'}\n"
-            "mail_owner = daemon\nsetgid_group = mail\n"
-            "import_environment = MAIL_CONFIG MAIL_DEBUG TZ LANG=C LD_LIBRARY_PATH\n"
-            f"maillog_file = {self.log}\nmaillog_file_prefixes = {base}\n"
-            "inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n"
-            "myhostname = perimeter.test\nmydestination =\nlocal_recipient_maps =\nalias_maps =\n"
-            "relay_domains = example.com, example.org, catch.example\nmynetworks = 127.0.0.0/8\n"
-            "smtp_dns_support_level = disabled\nsmtp_tls_security_level = none\n"
-            "queue_run_delay = 1s\nminimal_backoff_time = 1s\nmaximal_backoff_time = 2s\n"
-            "address_verify_poll_delay = 1s\n")
-        (self.conf / "master.cf").write_text(SERVICES.format(port=f"127.0.0.1:{self.port}"))
-
-    def start(self) -> Postfix:
-        master = POSTFIX_DIR / "usr" / "lib" / "postfix" / "sbin" / "master"
-        env = {**postfix_env(), "MAIL_CONFIG": str(self.conf)}
-        self.proc = subprocess.Popen([str(master), "-c", str(self.conf), "-d"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(self.port, timeout=30)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"postfix did not start: {self.log_text()}") from None
-        return self
-
-    def restart_with(self, line: str) -> None:
-        """One more main.cf line, with a fresh master (a reload would let an old smtpd take
-        the next connection with the old settings)."""
-        self.stop()
-        with open(self.conf / "main.cf", "a") as f:
-            f.write(line + "\n")
-        self.start()
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
-
-    def queued(self) -> int:
-        """Messages still in Postfix's queue (any state)."""
-        return sum(1 for name in ("incoming", "active", "deferred", "hold")
-                   for _, _, files in os.walk(self.queue / name) for _ in files)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc)
-            self.proc = None
+def perimeter_postfix(base: Path, receiver_port: int, sink_port: int) -> PrivatePostfix:
+    """The perimeter: the snippet as it is, its transport table pointed at the receiver."""
+    conf = base / "etc"
+    conf.mkdir(parents=True)
+    (conf / "transport").write_text(transport_table(receiver_port, sink_port))
+    # The snippet as it is, its hash: table (which needs postmap) read as text instead.
+    snippet = (ROOT / "deploy" / "postfix" / "main.cf.snippet").read_text()
+    assert "transport_maps = hash:/etc/postfix/transport" in snippet
+    snippet = snippet.replace("hash:/etc/postfix/transport", f"texthash:{conf / 'transport'}")
+    return PrivatePostfix(base, "perimeter.test", (
+        "relay_domains = example.com, example.org, catch.example\nmynetworks = 127.0.0.0/8\n"
+        "smtp_dns_support_level = disabled\nsmtp_tls_security_level = none\n"
+        "queue_run_delay = 1s\nminimal_backoff_time = 1s\nmaximal_backoff_time = 2s\n"
+        "address_verify_poll_delay = 1s\n"), before=f"{snippet}\n")
 
 
 @pytest.fixture
 def perimeter(r: redis.Redis, settings: Settings,
-              receiver_factory: Any) -> Iterator[tuple[Postfix, SmtpSink]]:
-    master = POSTFIX_DIR / "usr" / "lib" / "postfix" / "sbin" / "master"
-    if not master.exists() or os.geteuid() != 0:
+              receiver_factory: Any) -> Iterator[tuple[PrivatePostfix, SmtpSink]]:
+    if not postfix_available():
         pytest.skip("needs Postfix unpacked by deploy/install-deps.sh test, run as root")
     add_mailbox(r, settings, ALICE, mailstore="store1")
     add_mailbox(r, settings, BOB, mailstore="store1")
@@ -177,7 +90,7 @@ def perimeter(r: redis.Redis, settings: Settings,
     # Not under pytest's tmp_path: that is private to root, and Postfix's daemons run as `daemon`.
     base = Path(tempfile.mkdtemp(prefix="postfix-"))
     base.chmod(0o755)
-    postfix = Postfix(base, rt.port, sink.port)
+    postfix = perimeter_postfix(base, rt.port, sink.port)
     try:
         yield postfix.start(), sink
     finally:
@@ -220,7 +133,8 @@ def forwarded(r: redis.Redis) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def test_whole_domains_routed_here_lose_nothing(perimeter: tuple[Postfix, SmtpSink], r: redis.Redis) -> None:
+def test_whole_domains_routed_here_lose_nothing(perimeter: tuple[PrivatePostfix, SmtpSink],
+                                                r: redis.Redis) -> None:
     postfix, sink = perimeter
     for rcpt in (ALICE, "sales@example.com", "alice+news@example.com", "postmaster@example.com",
                  "abuse@example.com", "anyone@catch.example", DAVE):
