@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from rich.console import Console
+from rich.table import Table
 
 from fallback.config import Settings
 
@@ -95,3 +96,9 @@ def server_options() -> argparse.ArgumentParser:
     return p
 
 
+def columns_table(title: str, columns: tuple[tuple[str, str], ...], fold: bool = True) -> Table:
+    """A listing's table: (name, "left"|"right") columns; long cells fold rather than cut."""
+    table = Table(title=title)
+    for col, just in columns:
+        table.add_column(col, justify=just, overflow="fold" if fold else "ellipsis")  # type: ignore[arg-type]
+    return table

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.commands.context import Context
+from fallback.commands.context import Context, columns_table
 from fallback.commands.queue import _span
 from fallback.errors import InputError
 from fallback.ops import audit
@@ -58,10 +58,9 @@ def list_dead(ctx: Context, args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"total": len(letters), "dead_letters": rows}, indent=1))
         return 0
-    table = Table(title=f"forward dead letters: {len(letters)}")
-    for col, just in (("id", "left"), ("from", "left"), ("to", "left"), ("first refused", "right"),
-                      ("parked", "right"), ("attempts", "right"), ("last reply", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    table = columns_table(f"forward dead letters: {len(letters)}", (
+        ("id", "left"), ("from", "left"), ("to", "left"), ("first refused", "right"),
+        ("parked", "right"), ("attempts", "right"), ("last reply", "left")))
     for row in rows:
         table.add_row(row["id"], row["sender"], row["recipient"], row["first_refused"], row["parked"],
                       str(row["attempts"]), row["last_reply"])
@@ -115,11 +114,9 @@ def list_forward(ctx: Context, args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"total": len(items), "messages": rows}, indent=1))
         return 0
-    table = Table(title=f"forward queue: {len(items)} message(s) (one row per recipient)")
-    for col, just in (("id", "left"), ("sender", "left"), ("recipient", "left"), ("state", "left"),
-                      ("age", "right"), ("attempts", "right"), ("next try", "left"),
-                      ("last reply", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    table = columns_table(f"forward queue: {len(items)} message(s) (one row per recipient)", (
+        ("id", "left"), ("sender", "left"), ("recipient", "left"), ("state", "left"), ("age", "right"),
+        ("attempts", "right"), ("next try", "left"), ("last reply", "left")))
     for row in rows:
         table.add_row(row["id"], row["sender"], row["recipient"], row["state"], row["age"],
                       str(row["attempts"]), row["next"], row["last_reply"] or "-")

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fallback import keys
 from fallback.addresses import normalize_address
-from fallback.commands.context import Context
+from fallback.commands.context import Context, columns_table
 from fallback.errors import InputError
 from fallback.ops import audit
 from fallback.queues import hold, outbound
@@ -119,11 +119,9 @@ def list_queue(ctx: Context, args: argparse.Namespace) -> int:
                           "held": [{"user": h.user, "since": h.since, "actor": h.actor,
                                     "reason": h.reason} for h in held]}, indent=1))
         return 0
-    table = Table(title=f"outbound queue: {len(items)} message(s)")
-    for col, just in (("id", "left"), ("sender", "left"), ("state", "left"), ("age", "right"),
-                      ("pending", "right"), ("attempts", "right"), ("next try", "left"),
-                      ("last reply", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    table = columns_table(f"outbound queue: {len(items)} message(s)", (
+        ("id", "left"), ("sender", "left"), ("state", "left"), ("age", "right"), ("pending", "right"),
+        ("attempts", "right"), ("next try", "left"), ("last reply", "left")))
     for row in rows:
         table.add_row(row["id"], row["sender"], row["state"], row["age"], row["recipients"],
                       str(row["attempts"]), row["next"], row["last_reply"] or "-")

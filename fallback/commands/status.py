@@ -6,9 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from rich.table import Table
-
-from fallback.commands.context import Context
+from fallback.commands.context import Context, columns_table
 from fallback.mailbox import quota, removed
 from fallback.mailbox.store import mailstore_stats
 from fallback.ops.health import redis_health
@@ -50,10 +48,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     if args.format == "json":
         ctx.console.print_json(json.dumps(data))
         return 0
-    table = Table(title="fallback status")
-    for col, just in (("mailstore", "left"), ("mailboxes", "right"), ("messages", "right"),
-                      ("bytes", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    table = columns_table("fallback status", (
+        ("mailstore", "left"), ("mailboxes", "right"), ("messages", "right"), ("bytes", "right")), fold=False)
     totals = [0, 0, 0]
     for name, row in data["mailstores"].items():
         table.add_row(name, str(row["mailboxes"]), str(row["messages"]), str(row["bytes"]))
