@@ -99,7 +99,7 @@ def check_stored(url: str, addresses: list[str], raw: bytes) -> int:
     for address in addresses:
         ids = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
         if len(ids) == 1:
-            stored = record.raw_of(r.hget(keys.message(address, ids[0].decode()), fields.RAW)) or b""
+            stored = record.read_raw(r, keys.message(address, ids[0].decode())) or b""
             good += stored.endswith(raw) and stored.startswith(b"Received: ")
     r.close()
     return good

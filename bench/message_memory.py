@@ -4,17 +4,18 @@ Part 1 (memory by size): messages of about 1 KiB, 4 KiB, 16 KiB, 100 KiB and
 1 MiB of plain text (each size jittered by +-10 %, so that no run sits on one
 allocator size class) stored into a fresh redis-server configured like the
 embedded one (AOF, appendfsync always, noeviction, the listpack settings), 50
-per mailbox, twice: as the code before issue 17 stored them (record layout 1,
-written by `layout1`) and through the real store path,
-`fallback.mailbox.delivery.deliver` (layout 2, zstd unless
-`--store-compression off`).  Printed per size and layout: used_memory after
-minus before per message, the stored `raw` value's mean length, the fixed
-bytes (Redis bytes less the stored value), `MEMORY USAGE` of the hash, and
+per mailbox, three times: as the code before issue 17 stored them (record layout 1,
+written by `layout1`), as its first step did (layout 2, the bytes inside the hash,
+`layout2`) and through the real store path, `fallback.mailbox.delivery.deliver`
+(layout 3, the bytes in a key of their own; zstd unless `--store-compression off`).
+Printed per size and layout: used_memory after minus before per message, the
+stored value's mean length, the fixed bytes (Redis bytes less the stored value),
+`MEMORY USAGE` of the record (the hash and, layout 3, the bytes' key), and
 "MU fixed": MEMORY USAGE of the hash less its `raw` plus the message's share of
 the folder zset, the unseen and pending sets and the info hash.
 
 Part 2 (the realistic mix, stored): the mix below (and its text-only part)
-stored in both layouts: Redis bytes per message against raw bytes.
+stored in every layout: Redis bytes per message against raw bytes.
 
 Part 3 (compression levels, nothing stored): a mix of realistic messages made
 with Python's email package -- plain-text mails, HTML newsletters (text and
@@ -30,10 +31,15 @@ checked to give back the exact bytes.
 Part 4 (`--intake-rounds N`, instead of the others): the durable receiver with
 `--store-compression zstd` against `off` under smtp-source, rounds interleaved.
 
+Part 5 (`--script-rounds N`, instead of the others): redis-server's own CPU (INFO
+cpu) per call of the receiver's delivery script as layout 2 wrote (the bytes in
+the hash) and as layout 3 writes (one more key per message), rounds interleaved.
+
     .venv/bin/python bench/message_memory.py            # parts 1-3
     .venv/bin/python bench/message_memory.py --quick    # fewer messages
     .venv/bin/python bench/message_memory.py --no-redis # part 3 only
     .venv/bin/python bench/message_memory.py --intake-rounds 16 --conns 10
+    .venv/bin/python bench/message_memory.py --script-rounds 6 --messages 5000
 """
 
 from __future__ import annotations
@@ -63,11 +69,13 @@ from fallback.mailbox import (  # noqa: E402
     compression,
     delivery,
     headers,
+    record,
 )
 from fallback.mailbox import fields as F  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
 SIZES = {"1KiB": 1024, "4KiB": 4096, "16KiB": 16 * 1024, "100KiB": 100 * 1024, "1MiB": 1024 * 1024}
+LAYOUTS = (1, 2, 3)  # record.py: 1 before issue 17, 2 its first step, 3 the bytes in a key of their own
 COUNTS = {"1KiB": 4000, "4KiB": 4000, "16KiB": 2000, "100KiB": 500, "1MiB": 60}
 
 
@@ -232,22 +240,68 @@ def layout1(r: Any, d: delivery.Delivery, msg_id: str, raw: bytes, meta: dict[st
         pipe.execute()
 
 
+def layout2(r: Any, d: delivery.Delivery, msg_id: str, raw: bytes, meta: dict[str, str],
+            how: compression.Codec) -> None:
+    """Store one message as issue 17's first step did (record layout 2: the bytes, maybe zstd,
+    inside the hash beside the packed display values), for the rows of one run."""
+    now_ms = int(time.time() * 1000)
+    packed = "\0".join(["2", *(meta.get(name, "").replace("\0", "") for name in F.PARSED)])
+    with r.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.message(d.address, msg_id), mapping={
+            F.RAW: how.pack(raw), F.SIZE: len(raw), F.PACKED: packed, F.FOLDER: d.folder, F.TS: now_ms})
+        delivery._queue_indexes(pipe, d, msg_id, len(raw), now_ms)
+        pipe.execute()
+
+
+# The stored value's length, any layout: the hash's `raw` field, or the bytes' own key (a string,
+# or a hash of pieces, record.PIECE).  KEYS: the record, its bytes' key.
+_STORED_LEN = """
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t == 'string' then return redis.call('STRLEN', KEYS[2]) end
+if t ~= 'hash' then return redis.call('HSTRLEN', KEYS[1], 'raw') end
+local n = 0
+for i = 1, redis.call('HLEN', KEYS[2]) do n = n + redis.call('HSTRLEN', KEYS[2], tostring(i)) end
+return n
+"""
+
+
+def queue_stored_len(pipe: Any, key: str) -> None:
+    """Two replies whose sum is the stored value's length (the second is always 0)."""
+    pipe.execute_command("EVAL", _STORED_LEN, 2, key, record.raw_key(key))
+    pipe.echo("0")
+
+
 def fixed_usage(r: Any, name: str, count: int, per_mailbox: int) -> float:
-    """MEMORY USAGE per message less its stored `raw` value: the message hash's other fields
-    and its key, plus its share of the mailbox's index structures (folder zset, unseen and
-    pending sets, info hash)."""
+    """MEMORY USAGE per message less its stored value: the message hash (and, layout 3, the
+    bytes' own key) less the value itself, plus its share of the mailbox's index structures
+    (folder zset, unseen and pending sets, info hash)."""
     pipe = r.pipeline(transaction=False)
     for i in range(count):
-        pipe.memory_usage(message_key(name, i, per_mailbox), samples=0)
-        pipe.hstrlen(message_key(name, i, per_mailbox), F.RAW)
+        key = message_key(name, i, per_mailbox)
+        pipe.memory_usage(key, samples=0)
+        pipe.memory_usage(record.raw_key(key), samples=0)
+        queue_stored_len(pipe, key)
     mailboxes = sorted({mailbox_of(name, i, per_mailbox) for i in range(count)})
     for address in mailboxes:
         for key in (keys.folder(address, F.INBOX), keys.unseen(address), keys.pending(address),
                     keys.info(address)):
             pipe.memory_usage(key, samples=0)
     got = [int(x or 0) for x in pipe.execute()]
-    hashes = sum(got[0 : 2 * count : 2]) - sum(got[1 : 2 * count : 2])
-    return (hashes + sum(got[2 * count :])) / count
+    records = sum(got[0 : 4 * count : 4]) + sum(got[1 : 4 * count : 4])
+    values = sum(got[2 : 4 * count : 4]) + sum(got[3 : 4 * count : 4])
+    return (records - values + sum(got[4 * count :])) / count
+
+
+def mean_stored(r: Any, name: str, count: int, per_mailbox: int) -> float:
+    pipe = r.pipeline(transaction=False)
+    for i in range(count):
+        queue_stored_len(pipe, message_key(name, i, per_mailbox))
+    return sum(int(x or 0) for x in pipe.execute()) / count
+
+
+def record_usage(r: Any, key: str) -> int:
+    """MEMORY USAGE of a message: its hash and, layout 3, its bytes' own key."""
+    return sum(int(r.memory_usage(k, samples=0) or 0) for k in (key, record.raw_key(key)))
 
 
 def store_all(r: Any, name: str, raws: list[bytes], metas: list[dict[str, str]], per_mailbox: int,
@@ -259,17 +313,18 @@ def store_all(r: Any, name: str, raws: list[bytes], metas: list[dict[str, str]],
         d = delivery.Delivery(mailbox_of(name, i, per_mailbox), "store0")
         if layout == 1:
             layout1(r, d, f"{name}-{i:06d}", raw, meta)
+        elif layout == 2:
+            layout2(r, d, f"{name}-{i:06d}", raw, meta, how)
         else:
             delivery.deliver(r, [d], f"{name}-{i:06d}", raw, meta, how=how)
     per = (used_memory(r) - before) / len(raws)
-    stored = statistics.fmean(int(r.hstrlen(message_key(name, i, per_mailbox), F.RAW))
-                              for i in range(len(raws)))
+    stored = mean_stored(r, name, len(raws), per_mailbox)
     return per, statistics.fmean(map(len, raws)), stored, fixed_usage(r, name, len(raws), per_mailbox)
 
 
 def mix_table(total: int, per_mailbox: int, how: compression.Codec) -> None:
     """Redis bytes against raw bytes of the realistic mix and of its text-only part, stored
-    both ways in one fresh server: layout 1 as received (before issue 17) and layout 2."""
+    every way in one fresh server: layout 1 as received (before issue 17), layouts 2 and 3."""
     import redis
 
     maker = Maker(seed=11)
@@ -288,7 +343,7 @@ def mix_table(total: int, per_mailbox: int, how: compression.Codec) -> None:
               f"{'Redis B/msg':>12} {'fixed B/msg':>12} {'raw/Redis':>10} {'MU fixed':>9}")
         for label, raws in (("realistic mix", every), ("text only (plain+HTML)", text)):
             metas = [headers.summarize(raw) for raw in raws]
-            for layout in (1, 2):
+            for layout in LAYOUTS:
                 name = f"{label[:4]}{layout}"
                 per, mean_raw, stored, fixed = store_all(r, name, raws, metas, per_mailbox, layout, how)
                 print(f"{label:>24} {layout:>7} {len(raws):>5} {mean_raw:>11,.0f} {stored:>13,.0f} "
@@ -323,13 +378,12 @@ def memory_table(counts: dict[str, int], per_mailbox: int, how: compression.Code
             template = maker.sized(int(nominal * 1.1) + 64)
             raws = [template[: int(nominal * maker.rng.uniform(0.9, 1.1))] for _ in range(count)]
             meta = headers.summarize(template)
-            for layout in (1, 2):
+            for layout in LAYOUTS:
                 per, mean_raw, stored, fixed = store_all(r, f"{name}L{layout}", raws, [meta] * count,
                                                          per_mailbox, layout, how)
                 sampled = range(0, count, max(count // 20, 1))
-                usage = statistics.fmean(
-                    int(r.memory_usage(message_key(f"{name}L{layout}", i, per_mailbox), samples=0) or 0)
-                    for i in sampled)
+                usage = statistics.fmean(record_usage(r, message_key(f"{name}L{layout}", i, per_mailbox))
+                                         for i in sampled)
                 print(f"{name:>7} {layout:>6} {count:>5} {mean_raw:>11,.0f} {stored:>9,.0f} {per:>12,.0f} "
                       f"{per - stored:>8,.0f} {per / mean_raw:>10.3f} {usage:>18,.0f} {fixed:>9,.0f}",
                       flush=True)
@@ -458,6 +512,70 @@ def intake_ab(rounds: int, messages: int, sessions: int) -> None:
     print(f"receiver CPU per message: zstd {per['zstd']:.0f} us, off {per['off']:.0f} us")
 
 
+# --- part 5: Redis CPU of the delivery script, layout 2 against layout 3 --------------------
+
+def layout2_script() -> str:
+    """The delivery script as issue 17's first step had it: the bytes into the hash (`raw`)."""
+    from fallback.mailbox import deliverscript
+
+    now = ("redis.call('HSET', KEYS[k + 1], 'folder', ARGV[a + 1], unpack(common))\n"
+           "  set_raw(KEYS[k + 6], raw)")
+    if now not in deliverscript.DELIVER_LUA:
+        raise SystemExit("the delivery script changed: update layout2_script")
+    return deliverscript.DELIVER_LUA.replace(
+        now, "redis.call('HSET', KEYS[k + 1], 'raw', raw, 'folder', ARGV[a + 1], unpack(common))")
+
+
+def redis_cpu(r: Any) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def script_ab(rounds: int, messages: int, size: int) -> None:
+    """Redis CPU per scripted delivery (one recipient), layout 2's script against layout 3's,
+    `rounds` interleaved rounds of `messages` calls each, the embedded settings (AOF always)."""
+    import redis
+
+    from fallback.mailbox import deliverscript
+
+    maker = Maker(seed=5)
+    raw = maker.sized(size)
+    stored = record.store(raw, headers.summarize(raw))
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-script-"))
+    server = RedisServer(work / "redis").start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        scripts = {2: r.register_script(layout2_script()), 3: r.register_script(deliverscript.DELIVER_LUA)}
+        per: dict[int, list[float]] = {2: [], 3: []}
+        inside: dict[int, list[float]] = {2: [], 3: []}  # the script's own time (commandstats)
+        for n in range(rounds):
+            for layout in ((2, 3) if n % 2 == 0 else (3, 2)):
+                r.config_resetstat()
+                before = redis_cpu(r)
+                for i in range(messages):
+                    d = delivery.Delivery(f"cpu{layout}-{i % 200}@example.com", "store0")
+                    keys_, args = deliverscript.deliver_call([d], f"R{n}-{i:06d}", stored,
+                                                             1_700_000_000_000 + i)
+                    scripts[layout](keys=keys_, args=args)
+                per[layout].append((redis_cpu(r) - before) / messages * 1e6)
+                inside[layout].append(float(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+            print(f"round {n + 1}: redis-server CPU per delivery (fsync included), "
+                  f"layout 2 {per[2][-1]:.1f} us, "
+                  f"layout 3 {per[3][-1]:.1f} us, ratio 3/2 {per[3][-1] / per[2][-1]:.3f}; in the script "
+                  f"{inside[2][-1]:.1f} / {inside[3][-1]:.1f} us, ratio {inside[3][-1] / inside[2][-1]:.3f}",
+                  flush=True)
+        for label, got in (("CPU per delivery", per), ("time in the script", inside)):
+            ratios = [b / a for a, b in zip(got[2], got[3], strict=True)]
+            print(f"{label}: median ratio layout 3 / layout 2 {statistics.median(ratios):.3f} "
+                  f"(min {min(ratios):.3f}, max {max(ratios):.3f}); medians {statistics.median(got[2]):.1f} "
+                  f"and {statistics.median(got[3]):.1f} us")
+        print(f"{len(stored.data):,} stored bytes per message")
+        r.close()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a quarter of the messages")
@@ -466,13 +584,20 @@ def main() -> int:
     ap.add_argument("--no-redis", action="store_true", help="only the compression part")
     ap.add_argument("--no-zstd", action="store_true", help="only the memory part")
     ap.add_argument("--store-compression", choices=compression.CHOICES, default=compression.ZSTD,
-                    help="how layout 2 stores the bytes (the setting of the same name)")
+                    help="how layouts 2 and 3 store the bytes (the setting of the same name)")
     ap.add_argument("--intake-rounds", type=int, default=0, metavar="N",
                     help="instead: N interleaved rounds of the receiver with --store-compression "
                          "zstd and off (bench/smtp_ingest.py's durable receiver, smtp-source)")
     ap.add_argument("--messages", type=int, default=2000, help="messages per intake round")
     ap.add_argument("--conns", type=int, default=10, help="smtp-source connections per intake round")
+    ap.add_argument("--script-rounds", type=int, default=0, metavar="N",
+                    help="instead: N interleaved rounds of the delivery script of layout 2 and 3, "
+                         "Redis CPU per call (--messages calls of --script-size bytes each)")
+    ap.add_argument("--script-size", type=int, default=4096, help="message size for --script-rounds")
     args = ap.parse_args()
+    if args.script_rounds:
+        script_ab(args.script_rounds, args.messages, args.script_size)
+        return 0
     if args.intake_rounds:
         intake_ab(args.intake_rounds, args.messages, args.conns)
         return 0

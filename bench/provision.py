@@ -31,6 +31,7 @@ the virtual format takes --sync, the same for the aliases with 1 % changes.
     .venv/bin/python bench/provision.py -n 100000        # a quick run
     .venv/bin/python bench/provision.py --mailboxes 100000 --aliases 20000   # quick, with issue 14
     .venv/bin/python bench/provision.py --aliases 0      # mailboxes only, as before issue 14
+    .venv/bin/python bench/provision.py --aliases 0 --domains 100000   # many small domains
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def run_import(label: str, url: str, csv_path: Path, n: int, primaries: list[red
     if not replicas:
         in_dir = key_bytes(primaries[0], "dir:{*}") / n
         print(f"{label}: of that, by MEMORY USAGE: {in_dir:.1f} bytes/mailbox "
-              f"in the directory's buckets, {key_bytes(primaries[0], 'dirx:*') / n:.1f} in the name "
+              f"in the directory's buckets, {key_bytes(primaries[0], 'dirn:*') / n:.1f} in the name "
               "index for suggestions (issue 15, dirindex.py)")
     # Re-run: nothing changes, everything is counted as unchanged.
     t0 = time.monotonic()
@@ -415,11 +416,16 @@ def main() -> int:
                     help="issue 17: a default-configured redis-server, one with the embedded Redis' "
                     "settings (AOF always, listpack sizes), or both in turn (default)")
     ap.add_argument("--rounds", type=int, default=1, help="import rounds per server, interleaved")
+    ap.add_argument("--domains", type=int, default=100,
+                    help="issue 17: domains the mailboxes are spread over (default 100; e.g. 100000 "
+                    "for many small ones; other than 100 only with --aliases 0)")
     args = ap.parse_args()
+    if args.domains != 100 and args.aliases:
+        ap.error("--domains other than 100 needs --aliases 0 (the aliases name 100 domains)")
     work = Path(tempfile.mkdtemp(prefix="fallback-bench-provision-"))
     csv_path = work / "users.csv"
     t0 = time.monotonic()
-    write_csv(csv_path, args.n)
+    write_csv(csv_path, args.n, args.domains)
     print(f"wrote {args.n:,} lines ({csv_path.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.1f}s")
     try:
         kinds = ["stock", "embedded"] if args.server == "both" else [args.server]

@@ -29,6 +29,14 @@ CPU per message (/proc) and MEMORY USAGE of the trace keys per message.
 
     .venv/bin/python bench/smtp_ingest.py --trace-rounds 20 --messages 2000 [--concurrency 50]
 
+`--trace-flush N` measures the trace's own work in this process, which other load disturbs
+far less: N rounds of 20,000 intake events through the receiver's MailLog -> MailCounters,
+flushed every 400 events (50 connections' second) into a redis-server, trace on and off
+interleaved; prints this thread's CPU per event (time.thread_time: the Python side, awaiting
+Redis excluded) and redis-server's time in the trace's EVAL per event (INFO commandstats).
+
+    .venv/bin/python bench/smtp_ingest.py --trace-flush 7
+
 Issue 17: `--postfix-rounds N` compares the durable receiver with a queue-only Postfix
 backup MX (bench/postfix_mx.py) and the no-op, in N interleaved rounds, with one new
 connection per message and with kept connections (bench/versus_postfix.py); prints
@@ -56,6 +64,7 @@ from tests.servers import RedisServer, free_port, postfix_env, postfix_tool, sto
 RCPT = "bench@example.com"
 SIZES = {"4KiB": 4 * 1024, "100KiB": 100 * 1024}
 CONCURRENCY = (1, 10, 50)
+SETTLE = 1.3  # seconds after a trace round: longer than the flush interval
 
 
 # --- the servers, each in its own process --------------------------------------------
@@ -164,7 +173,11 @@ def main() -> int:
                          "connections (--concurrency), new and kept connections")
     ap.add_argument("--receiver-workers", type=int, default=1, metavar="N",
                     help="issue 17, with --postfix-rounds: also `fallback smtp --smtp-workers N`")
+    ap.add_argument("--trace-flush", type=int, default=0, metavar="N",
+                    help="issue 16: N rounds of the trace's own CPU per event, in this process")
     args = ap.parse_args()
+    if args.trace_flush:
+        return trace_flush(args.trace_flush)
     if args.postfix_rounds:
         from bench.versus_postfix import versus_postfix
 
@@ -243,29 +256,42 @@ def trace_cost(rounds: int, messages: int, sessions: int) -> int:
     ports = {kind: free_port() for kind in kinds}
     procs = {kind: start_server(kind, port, redis_server.url, work) for kind, port in ports.items()}
     print(f"{rounds} rounds of {messages} x 4 KiB at {sessions} connections, on then off "
-          "(odd rounds) or off then on (even)")
+          f"(odd rounds) or off then on (even); load average before: {os.getloadavg()[0]:.2f}")
     ratios = []
-    cpu = dict.fromkeys(kinds, 0.0)  # the receiver processes' own CPU seconds: steadier under load
+    # CPU seconds per kind: the receiver process's own, and redis-server's while that receiver
+    # was driven (plus the settle time after each run, which holds its last trace flush).
+    cpu = {kind: {"receiver": [], "redis": []} for kind in kinds}
+    assert redis_server.proc is not None
+    redis_pid = redis_server.proc.pid
     try:
         drive(ports["trace-on"], 4096, sessions, 200)  # warm both up
         drive(ports["trace-off"], 4096, sessions, 200)
         time.sleep(1.5)
-        for kind in kinds:
-            cpu[kind] -= cpu_seconds(procs[kind].pid)
         for n in range(rounds):
             order = kinds if n % 2 == 0 else kinds[::-1]
-            rates = {kind: drive(ports[kind], 4096, sessions, messages) for kind in order}
+            rates = {}
+            for kind in order:
+                before = cpu_seconds(procs[kind].pid), cpu_seconds(redis_pid)
+                rates[kind] = drive(ports[kind], 4096, sessions, messages)
+                time.sleep(SETTLE)  # its last flush (every second) falls inside its own window
+                cpu[kind]["receiver"].append(cpu_seconds(procs[kind].pid) - before[0])
+                cpu[kind]["redis"].append(cpu_seconds(redis_pid) - before[1])
             ratios.append(rates["trace-on"] / rates["trace-off"])
+            on_cpu = cpu["trace-on"]["receiver"][-1]
+            off_cpu = cpu["trace-off"]["receiver"][-1]
             print(f"round {n + 1:>2}: on {rates['trace-on']:>6.0f}/s  off {rates['trace-off']:>6.0f}/s  "
-                  f"on/off {ratios[-1]:.3f}", flush=True)
-        print(f"on/off: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}, "
-              f"min {min(ratios):.3f}, max {max(ratios):.3f}")
-        time.sleep(2.5)  # the last flush (every second) is written, on the on server's CPU
-        for kind in kinds:  # both idle between their runs: all they used is for the messages
-            cpu[kind] += cpu_seconds(procs[kind].pid)
-        per = {kind: cpu[kind] / (rounds * messages) * 1e6 for kind in kinds}
-        print(f"receiver CPU per message: on {per['trace-on']:.0f} us, off {per['trace-off']:.0f} us "
-              f"(off/on {per['trace-off'] / per['trace-on']:.3f})")
+                  f"on/off {ratios[-1]:.3f}  receiver CPU off/on {off_cpu / on_cpu:.3f}", flush=True)
+        print(f"throughput on/off: median {statistics.median(ratios):.3f}, "
+              f"mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
+        for part in ("receiver", "redis"):
+            per = {kind: sum(cpu[kind][part]) / (rounds * messages) * 1e6 for kind in kinds}
+            pairs = [off / on for on, off in zip(cpu["trace-on"][part], cpu["trace-off"][part], strict=True)]
+            print(f"{part} CPU per message: on {per['trace-on']:.0f} us, off {per['trace-off']:.0f} us "
+                  f"(off/on {per['trace-off'] / per['trace-on']:.3f}; pairs median "
+                  f"{statistics.median(pairs):.3f}, {min(pairs):.3f}-{max(pairs):.3f})")
+        both = {kind: sum(cpu[kind]["receiver"]) + sum(cpu[kind]["redis"]) for kind in kinds}
+        print(f"receiver + redis-server CPU off/on {both['trace-off'] / both['trace-on']:.3f}; "
+              f"load average after: {os.getloadavg()[0]:.2f}")
         r = redis.Redis.from_url(redis_server.url)
         records = list(r.scan_iter(match="trace:{*", count=1000))
         index = list(r.scan_iter(match="trace:a:{*", count=1000))
@@ -282,6 +308,62 @@ def trace_cost(rounds: int, messages: int, sessions: int) -> int:
     finally:
         for proc in procs.values():
             stop_pid(proc)
+        redis_server.stop()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+async def _trace_round(url: str, traced: bool, events: int, per_flush: int) -> tuple[float, float]:
+    """Thread CPU seconds of `events` intake events with their flushes, and redis-server's
+    microseconds in EVAL (the trace's write) meanwhile."""
+    from fallback.maillog import MailLog
+    from fallback.ops import metrics
+    from fallback.ops.trace import TraceBuffer
+    from fallback.redisconn import async_client
+
+    r = async_client(url)
+    await r.config_resetstat()
+    counters = metrics.Counters(1.0, trace=TraceBuffer(14 * 86400, "intake") if traced else None)
+    mail = MailLog(counters=metrics.MailCounters(counters))
+    started = time.thread_time()
+    for i in range(events):  # the fields the receiver logs for one stored message
+        mail.received(f"01JDXBENCH{i:016d}", "load@remote.test", RCPT, size=4437, peer="127.0.0.1",
+                      took="0.004")
+        if (i + 1) % per_flush == 0:
+            await counters.flush_async(r)
+    await counters.flush_async(r)
+    took = time.thread_time() - started
+    stats = await r.info("commandstats")
+    await r.flushall()
+    await r.aclose()
+    return took, float(stats.get("cmdstat_eval", {}).get("usec", 0))
+
+
+def trace_flush(rounds: int, events: int = 20_000, per_flush: int = 400) -> int:
+    import logging
+    import statistics
+
+    logging.getLogger("fallback.mail").setLevel(logging.WARNING)  # as with the mail log in a file
+    work = Path(tempfile.mkdtemp(prefix="fallback-bench-trace-flush-"))
+    redis_server = RedisServer(work / "redis").start()
+    print(f"{rounds} rounds of {events} events, a flush every {per_flush}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    got: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    try:
+        for n in range(rounds):
+            for traced in ((True, False) if n % 2 == 0 else (False, True)):
+                got[traced].append(asyncio.run(_trace_round(redis_server.url, traced, events, per_flush)))
+        costs = sorted((on[0] - off[0]) / events * 1e6 for on, off in zip(got[True], got[False], strict=True))
+        on_us = statistics.median(x[0] for x in got[True]) / events * 1e6
+        off_us = statistics.median(x[0] for x in got[False]) / events * 1e6
+        redis_us = statistics.median(x[1] for x in got[True]) / events
+        print(f"python CPU per event: trace on {on_us:.1f} us, off {off_us:.1f} us; the trace's "
+              f"share per event (pairs): median {statistics.median(costs):.1f} us, "
+              f"{costs[0]:.1f}-{costs[-1]:.1f}; redis-server in EVAL: {redis_us:.1f} us per event; "
+              f"load average {os.getloadavg()[0]:.2f}")
+    finally:
         redis_server.stop()
         import shutil
 

@@ -74,6 +74,12 @@ def message(address: str, msg_id: str) -> str:
     return f"{mbx(address)}:m:{msg_id}"
 
 
+def message_raw(address: str, msg_id: str) -> str:
+    """string, or hash of pieces "1".."n": a message's stored bytes, record layout 3 (issue 17).
+    Derived from the message key by fallback/mailbox/record.py (raw_key), in Lua too."""
+    return f"{mbx(address)}:r:{msg_id}"
+
+
 def folder(address: str, name: str) -> str:
     """zset: message id -> received time (ms), one per folder (INBOX, Sent, Trash)."""
     return f"{mbx(address)}:f:{name}"
@@ -385,6 +391,18 @@ DIR_NAMES_BUILT = "dirx:built"  # string: when the name index was built over the
 def dir_name_prefixes(domain: str) -> str:
     """zset (all scores 0, read by lex range): the prefixes that have a dir_names hash."""
     return f"dirx:{{{domain}}}:p"
+
+
+# Issue 17 (provisioning into a stock Redis, session 7): the name index's layout since then;
+# dir_names, dir_name_prefixes and DIR_NAMES_BUILT are the layout before it (dirindex.ensure
+# deletes them).
+def dir_name_index(domain: str) -> str:
+    """hash: a domain's provisioned local parts by their first dirindex.PREFIX characters ->
+    the rest of each, sorted, one per line (deflated when long), for address suggestions."""
+    return f"dirn:{{{domain}}}"
+
+
+DIR_NAME_INDEX_BUILT = "dirn:built"  # string: when dir_name_index was built over the whole directory
 
 
 # Issue 16 (admin console): its sessions and the last hour of mail-log counts by minute.

@@ -82,7 +82,7 @@ def provision(r: redis.Redis, settings: Any, tmp_path: Path, capsys: pytest.Capt
 
 def copies(r: redis.Redis, address: str, body: bytes) -> list[bytes]:
     ids = r.zrange(keys.folder(address, fields.INBOX), 0, -1)
-    raws = [record.raw_of(r.hget(keys.message(address, i.decode()), "raw")) for i in ids]  # type: ignore[union-attr]
+    raws = [record.read_raw(r, keys.message(address, i.decode())) for i in ids]  # type: ignore[union-attr]
     return [x for x in raws if isinstance(x, bytes) and x.endswith(body)]
 
 
@@ -175,6 +175,7 @@ def test_webmail_read_and_send_with_outbound(r: redis.Redis, settings: Any, tmp_
     web = make_app(settings, r).test_client()
     log_in_as(web, alice)
     assert "read me on a cluster" in web.get("/").text
+    assert "read me on a cluster" in web.get("/?group=1").text  # conversations: alice's slot too
     assert web.get(f"/message/{msg_id}").status_code == 200
     assert not r.sismember(keys.unseen(alice), msg_id)  # read: \Seen, in alice's slot
     page = web.get("/compose").text
@@ -306,7 +307,7 @@ def test_primary_killed_mid_run_acknowledged_mail_survives(tmp_path: Path) -> No
             "no acknowledged message had gone to the killed primary's slots"
         check = sync_client(c.url)
         missing = [(rcpt, msg_id) for rcpt, msg_id, body, _ in acked
-                   if not (record.raw_of(check.hget(keys.message(rcpt, msg_id), "raw"))
+                   if not (record.read_raw(check, keys.message(rcpt, msg_id))
                            or b"").endswith(body)]
         assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages lost: {missing[:3]}"
 

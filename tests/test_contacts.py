@@ -137,10 +137,8 @@ def test_weight_prefers_recent_and_frequent() -> None:
 
 
 def test_name_index_by_prefix_buckets(r) -> None:
-    with r.pipeline(transaction=False) as pipe:
-        dirindex.queue_add(pipe, [f"user{n:05d}@big.test" for n in range(20000)]
-                           + ["x@small.test", "jo@small.test", "joe@small.test", "josé@small.test"])
-        pipe.execute()
+    dirindex.add(r, [f"user{n:05d}@big.test" for n in range(20000)]
+                 + ["x@small.test", "jo@small.test", "joe@small.test", "josé@small.test"])
     assert dirindex.lookup(r, "big.test", "user0001", 11) == [f"user{n:05d}@big.test" for n in range(10, 20)]
     assert dirindex.lookup(r, "big.test", "u", 11) == [f"user{n:05d}@big.test" for n in range(11)]
     assert dirindex.lookup(r, "small.test", "u", 11) == []
@@ -148,14 +146,13 @@ def test_name_index_by_prefix_buckets(r) -> None:
                                                           "josé@small.test"]
     assert dirindex.lookup(r, "small.test", "jos", 11) == ["josé@small.test"]
     assert dirindex.lookup(r, "big.test", "@", 11) == []
-    # Small buckets stay small hashes (listpack): a few bytes a name, like the directory.
-    assert r.object("encoding", keys.dir_names("small.test", "jo")) == b"listpack"
-    with r.pipeline(transaction=False) as pipe:
-        dirindex.queue_remove(pipe, ["joe@small.test"])
-        pipe.execute()
+    # A small domain is one small hash (listpack), a few bytes a name, like the directory.
+    assert r.object("encoding", keys.dir_name_index("small.test")) == b"listpack"
+    dirindex.remove(r, ["joe@small.test"])
     assert dirindex.lookup(r, "small.test", "jo", 11) == ["jo@small.test", "josé@small.test"]
-    assert dirindex.rebuild(r, ["late@big.test"]) == 1
+    assert dirindex.rebuild(r, ["late@big.test"]) == 1  # made again: only what it is given
     assert dirindex.lookup(r, "big.test", "la", 11) == ["late@big.test"]
+    assert dirindex.lookup(r, "big.test", "u", 11) == [] == dirindex.lookup(r, "small.test", "jo", 11)
 
 
 def test_a_directory_from_before_the_index_gets_it_at_the_next_provision(client, r, settings, redis_url,
@@ -163,7 +160,7 @@ def test_a_directory_from_before_the_index_gets_it_at_the_next_provision(client,
     from fallback.cli import main
 
     add_mailbox(r, settings, "bruno@example.com")
-    for key in r.scan_iter("dirx:*"):  # as a directory provisioned before the index existed
+    for key in r.scan_iter("dirn:*"):  # as a directory provisioned before the index existed
         r.delete(key)
     log_in_as(client, ALICE)
     assert suggest(client, "br") == []
@@ -172,6 +169,6 @@ def test_a_directory_from_before_the_index_gets_it_at_the_next_provision(client,
     assert main(["provision", str(src), "--redis-url", redis_url]) == 0
     capsys.readouterr()
     assert [f["address"] for f in suggest(client, "br")] == ["brigitte@example.com", "bruno@example.com"]
-    assert r.exists(keys.DIR_NAMES_BUILT)
+    assert r.exists(keys.DIR_NAME_INDEX_BUILT)
     # Built once: a later run does not read the whole directory again.
     assert dirindex.ensure(r, iter(["never@example.com"])) is None

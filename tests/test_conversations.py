@@ -262,8 +262,8 @@ def test_browser_suggestions_and_conversation(webmail, receiver, r, tmp_path) ->
                 and not resp.url.endswith("/favicon.ico") else None)
         log_in(page, base, ALICE)
         # The inbox grouped by conversation (the toggle is a button, its state announced).
-        page.get_by_role("button", name="Group by conversation").click()
-        page.wait_for_load_state()
+        with page.expect_navigation():  # the POST's redirect back to the inbox, not the old page
+            page.get_by_role("button", name="Group by conversation").click()
         toggle = page.get_by_role("button", name="Group by conversation")
         assert toggle.get_attribute("aria-pressed") == "true"
         assert page.get_by_text("1 conversation", exact=False).count() >= 1

@@ -26,7 +26,7 @@ import redis
 
 from fallback import keys, maillog
 from fallback.cli import main
-from fallback.mailbox import fields
+from fallback.mailbox import record
 from fallback.maillog import MailLog
 from tests.servers import free_port, stop_pid, wait_port
 from tests.webutil import simple
@@ -91,7 +91,7 @@ def test_smtp_receiver_logs_to_syslog_socket(syslog_socket: tuple[socket.socket,
     assert len(rejected) == 1 and " to=nobody@example.com " in rejected[0]
     assert ' outcome="550 5.1.1" ' in rejected[0]
     msg_id = re.search(r" id=(\S+)", received[0]).group(1)  # type: ignore[union-attr]
-    assert r.hget(keys.message("alice@example.com", msg_id), fields.RAW)  # what the line says was kept
+    assert record.read_raw(r, keys.message("alice@example.com", msg_id))  # what the line says was kept
     assert "event=" not in stderr  # the mail log went to syslog only, not twice
 
 

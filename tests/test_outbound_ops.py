@@ -138,7 +138,7 @@ def test_dkim_signature_verifies_with_the_published_key(r, sinks, workers, tmp_p
     # A changed body no longer verifies: the signature covers what was sent.
     assert not dkim.verify(sent.replace(b"Hello from", b"Hello FROM"), dnsfunc=dns)
     # The Sent copy is what the user composed, unsigned.
-    assert b"DKIM-Signature" not in (record.raw_of(r.hget(keys.message(SENDER, msg_id), "raw")) or b"")
+    assert b"DKIM-Signature" not in (record.read_raw(r, keys.message(SENDER, msg_id)) or b"")
 
 
 def test_domain_without_a_key_goes_unsigned(tmp_path: Path) -> None:
@@ -350,7 +350,7 @@ def test_sent_view_shows_each_recipients_outcome(r, client, workers) -> None:
         # What the smarthost got is the Sent copy, byte for byte (it kept its Message-ID and Date).
         [(rcpts, data)] = handler.delivered
         assert rcpts == ["ok@remote.test"]
-        assert data == record.raw_of(r.hget(keys.message(SENDER, msg_id), "raw"))
+        assert data == record.read_raw(r, keys.message(SENDER, msg_id))
     finally:
         ctl.stop()
 
@@ -399,7 +399,7 @@ def test_hold_stops_delivery_and_release_delivers_unchanged(r, settings, mailbox
     for dump in sink.messages():
         _, body = sink_payload(dump)
         msg_id = a if b"held one" in body else b
-        stored = record.raw_of(r.hget(keys.message(SENDER, msg_id), "raw")) or b""
+        stored = record.read_raw(r, keys.message(SENDER, msg_id)) or b""
         assert body == stored.replace(b"\r\n", b"\n")
     assert float(r.hget(keys.outbound_record(SENDER, a), "held") or 0) > 0
     assert [e.action for e in audit_entries(r)][-2:] == ["queue hold", "queue release"]

@@ -224,7 +224,7 @@ def test_over_quota_is_reported_kept_and_retried(r, settings, dovecot_factory, m
         st = state(r, BOB, f["id"])
         assert st["rstate"] == "failed" and "Quota exceeded" in st["rerror"]
         assert r.sismember(keys.pending(BOB), f["id"])
-        assert record.raw_of(r.hget(keys.message(BOB, f["id"]), "raw"))   # the message itself is kept
+        assert record.read_raw(r, keys.message(BOB, f["id"]))   # the message itself is kept
     assert state(r, ALICE, alice_id)["rstate"] == "done"
 
     server.add_users([BOB], quota="1M")   # the operator raises the quota and runs again

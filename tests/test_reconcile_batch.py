@@ -70,7 +70,7 @@ def test_runs_record_each_messages_own_uid(r, settings, dovecot, tmp_path: Path)
         st = state(r, ALICE, msg_id)
         assert st["rstate"] == "done"
         found = stored[int(st["ruid"])]
-        assert found["raw"] == record.raw_of(r.hget(keys.message(ALICE, msg_id), "raw"))   # byte for byte
+        assert found["raw"] == record.read_raw(r, keys.message(ALICE, msg_id))   # byte for byte
         assert ("\\Seen" in found["flags"]) == ("\\Seen" in st["flags"])
 
 
@@ -96,7 +96,7 @@ def test_connection_cut_mid_multiappend_then_rerun_appends_each_once(r, settings
         assert [state(r, ALICE, i)["rstate"] for i in alice] == ["done"] * 3 + ["appending"] * 3 + \
             ["pending"] * 2
         assert a.left == 5
-        assert all(record.raw_of(r.hget(keys.message(ALICE, i), "raw")) for i in alice)   # nothing deleted
+        assert all(record.read_raw(r, keys.message(ALICE, i)) for i in alice)   # nothing deleted
 
         report = run_engine(direct, [ALICE])
         assert report.ok, report.as_json()
@@ -131,7 +131,7 @@ def test_refused_multiappend_goes_again_one_by_one(r, settings, dovecot_factory,
     for msg_id in ids[2:]:
         st = state(r, BOB, msg_id)
         assert st["rstate"] == "failed" and "Quota exceeded" in st["rerror"]
-        assert r.sismember(keys.pending(BOB), msg_id) and r.hget(keys.message(BOB, msg_id), "raw")
+        assert r.sismember(keys.pending(BOB), msg_id) and record.read_raw(r, keys.message(BOB, msg_id))
 
 
 def test_big_mailbox_over_several_connections_each_message_once(r, settings, dovecot, tmp_path: Path

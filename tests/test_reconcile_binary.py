@@ -202,7 +202,7 @@ def test_a_part_the_server_re_encodes_on_binary_append_is_reported(
     assert changed.reason == (f"NUL bytes: stored, but the main store gives back {len(stored)} bytes for "
                               f"the {len(raw)} sent (it re-encoded or altered the message)")
     assert Counter(ids_on_disk(server, ALICE)) == Counter([msg_id, kept_id])
-    assert record.raw_of(r.hget(keys.message(ALICE, msg_id), "raw"))    # the fallback keeps what it received
+    assert record.read_raw(r, keys.message(ALICE, msg_id))    # the fallback keeps what it received
 
 
 # -- a server without BINARY -------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_without_binary_the_report_lists_the_messages_the_server_changed(
     assert Counter(ids_on_disk(server, ALICE)) == Counter(i for i, _ in msgs.values())
     assert Counter(ids_on_disk(server, BOB)) == Counter([bob])
     for msg_id, _ in msgs.values():
-        assert record.raw_of(r.hget(keys.message(ALICE, msg_id), "raw")) is not None
+        assert record.read_raw(r, keys.message(ALICE, msg_id)) is not None
         assert state(r, ALICE, msg_id)["rstate"] == "done"
     assert main(cli_args(s, "--user", ALICE, "--user", BOB)) == 0
     assert "nothing to reconcile" in capsys.readouterr().out
@@ -273,7 +273,7 @@ def test_a_nul_message_from_smtp_reaches_the_main_store_unchanged(
     assert report.ok and report.totals()["appended"] == 2 and report.totals()["changed"] == 0
     for address, body in bodies.items():
         [msg_id] = [i.decode() for i in r.zrange(keys.folder(address, fields.INBOX), 0, -1)]
-        raw = record.raw_of(r.hget(keys.message(address, msg_id), "raw"))
+        raw = record.read_raw(r, keys.message(address, msg_id))
         assert isinstance(raw, bytes) and raw.endswith(body)
         assert stored_files(server, address) == {msg_id: raw}
 

@@ -68,7 +68,7 @@ def test_connection_dropped_mid_append(r, settings, dovecot, tmp_path: Path, mod
         st = state(r, ALICE, alice[2])
         assert st["rstate"] == "appending" and "outcome unknown" in st["rerror"]
         assert [state(r, ALICE, i)["rstate"] for i in alice[3:]] == ["pending", "pending"]
-        assert all(record.raw_of(r.hget(keys.message(ALICE, i), "raw")) for i in alice)   # nothing deleted
+        assert all(record.read_raw(r, keys.message(ALICE, i)) for i in alice)   # nothing deleted
 
         report = run_engine(direct, [ALICE, BOB])
         assert report.ok, report.as_json()
@@ -160,7 +160,7 @@ def test_full_flow_smtp_webmail_reconcile(receiver, r, settings, dovecot, tmp_pa
         client.sendmail("sender@remote.test", [ALICE], raw_in)
         client.sendmail("spam@remote.test", [ALICE], junk_in)
     ids = [i.decode() for i in r.zrange(keys.folder(ALICE, fields.INBOX), 0, -1)]
-    stored = {i: record.raw_of(r.hget(keys.message(ALICE, i), "raw")) for i in ids}
+    stored = {i: record.read_raw(r, keys.message(ALICE, i)) for i in ids}
     [msg_id] = [i for i, raw in stored.items() if raw.endswith(raw_in)]
     [junk_id] = [i for i, raw in stored.items() if raw.endswith(junk_in)]
 

@@ -289,7 +289,7 @@ def test_in_chromium_429_keeps_the_form_and_the_same_form_sends_later(webmail, b
     page.wait_for_url(re.compile(r".*/message/[0-9A-Z]{26}\?sent=1$"))
     assert "Your message was sent." in page.content()
     (sent,) = [i.decode() for i in r.zrange(keys.folder(ALICE, "Sent"), 0, -1)]
-    sent_raw = record.raw_of(r.hget(keys.message(ALICE, sent), "raw")) or b""
+    sent_raw = record.read_raw(r, keys.message(ALICE, sent)) or b""
     assert b'filename="plan.txt"' in sent_raw  # never chosen again
     assert sorted(outbound.recipient_status(r, ALICE, sent)) == ["one@remote.test", "three@remote.test",
                                                 "two@remote.test"]

@@ -95,7 +95,7 @@ def stored_id(text: str) -> str:
 def held(r: redis.Redis, msg_id: str) -> bytes | None:
     """The stored bytes of `msg_id`, in whichever recipient's mailbox it is."""
     for addr in RCPTS:
-        raw = record.raw_of(r.hget(keys.message(addr, msg_id), "raw"))
+        raw = record.read_raw(r, keys.message(addr, msg_id))
         if isinstance(raw, bytes):
             return raw
     return None

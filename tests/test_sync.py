@@ -89,7 +89,7 @@ def test_sync_removes_ends_sessions_keeps_mail_and_status_lists_it(
     assert d.get("bob@example.com") is None and d.get("erin@example.com") is not None
     assert d.count() == 4 and d.domains() == {"example.com": 2, "example.org": 2}
     # Kept: the message itself, its index and its reconcile state.
-    kept = record.raw_of(r.hget(keys.message("bob@example.com", msg_id), "raw"))
+    kept = record.read_raw(r, keys.message("bob@example.com", msg_id))
     assert kept == simple(to="bob@example.com")
     assert r.sismember(keys.pending("bob@example.com"), msg_id)
     assert not logged_in(client)

@@ -14,6 +14,7 @@ import redis
 from flask import Flask
 
 from fallback.config import Settings, admin_token, cookie_secure, webmail_secret
+from fallback.mailbox.ttlcache import TtlCache
 from fallback.ops import failover, metrics
 from fallback.ops.trace import TraceBuffer
 from fallback.redisconn import resolve_url, sync_client
@@ -25,6 +26,7 @@ from web import drafts as draft_saving  # issue 15: drafts
 from web import i18n as languages  # issue 15: languages
 from web import undo as undo_send  # issue 15: undo send
 from web.context import WebState, state
+from web.pagecache import PageCache
 from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
@@ -58,6 +60,8 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
         counters=metrics.Counters(settings.metrics_flush_interval,
                                   trace=TraceBuffer.for_settings(settings, "webmail")),
         admin_token=admin_token(settings),
+        pages=PageCache(settings.web_page_cache),
+        mailstores=TtlCache(settings.failover_cache_ttl, 10_000),
     )
     languages.install(app)  # issue 15: languages (before the pages: their context needs the locale)
     security.install(app)

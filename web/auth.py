@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -173,8 +174,15 @@ def mailbox_restored() -> bool:
         return False
     if "restored" not in g:
         st = state()
-        mailbox = st.directory().get(g.user)
-        g.restored = mailbox is not None and not failover.is_affected(st.r, mailbox.mailstore, st.scope)
+        # The user's mailstore, re-read as often as the scope itself (failover_cache_ttl).
+        now = time.monotonic()
+        mailstore = st.mailstores.get(g.user, now)
+        if mailstore is None:
+            mailbox = st.directory().get(g.user)
+            mailstore = mailbox.mailstore if mailbox is not None else None
+            if mailstore is not None:
+                st.mailstores.put(g.user, mailstore, now)
+        g.restored = mailstore is not None and not failover.is_affected(st.r, mailstore, st.scope)
     return bool(g.restored)
 
 

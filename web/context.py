@@ -13,7 +13,9 @@ from flask import current_app
 
 from fallback.config import Settings
 from fallback.mailbox import directory, passwords
+from fallback.mailbox.ttlcache import TtlCache
 from fallback.ops import failover, incident, metrics
+from web.pagecache import PageCache
 from web.passwordcheck import PasswordChecks
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
@@ -35,6 +37,10 @@ class WebState:
     incident: incident.IncidentCache = field(default_factory=incident.IncidentCache)
     # Log-in counts, added to the shared ones in Redis now and then (web.monitoring).
     counters: metrics.Counters = field(default_factory=metrics.Counters)
+    # Each logged-in user's mailstore, for the "restored" banner (web.auth.mailbox_restored).
+    mailstores: TtlCache[str] = field(default_factory=lambda: TtlCache(2.0, 10_000))
+    # Drawn folder and message pages, for an identical next request (web.pagecache).
+    pages: PageCache = field(default_factory=lambda: PageCache(0))
     # The admin API's bearer token; None: the API is off.
     admin_token: str | None = None
     _buckets: int | None = None

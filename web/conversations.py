@@ -36,15 +36,13 @@ FOLDER_LABELS = {fields.INBOX: "Inbox", fields.SENT: "Sent", fields.TRASH: "Tras
 GROUPED = {"inbox": fields.INBOX, "sent": fields.SENT, "trash": fields.TRASH}  # folders in the index
 
 # One round trip for a conversation: each message's list fields and the start of its bytes.
-_ROWS_LUA = """
+# The start of the bytes through record.LUA's raw_head (any layout; zstd: a whole block).
+_ROWS_LUA = record.LUA + """
 local out = {}
 for i = 5, #ARGV do
   local key = ARGV[1] .. ARGV[i]
   local row = redis.call('HMGET', key, 'ts', 'from', 'to', 'subject', 'kind', 'folder', 'flags', 'm')
-  local raw = redis.call('HGET', key, 'raw')
-  local n = tonumber(ARGV[2])
-  if raw and string.sub(raw, 1, 4) == ARGV[3] then n = tonumber(ARGV[4]) end  -- zstd: a whole block
-  row[#row + 1] = raw and string.sub(raw, 1, n) or false
+  row[#row + 1] = raw_head(key, tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[3])
   out[#out + 1] = row
 end
 return out
@@ -59,8 +57,7 @@ def for_message(msg_id: str) -> dict[str, Any]:
     """The message page's conversation: {rows, total, hidden}; rows oldest first, the shown
     message marked `current`.  A conversation of one message has no rows."""
     r = state().r
-    threads.catch_up(r, g.user)
-    ids, total = threads.conversation(r, g.user, msg_id)
+    ids, total = threads.current_conversation(r, g.user, msg_id)
     if total <= 1:
         return {"rows": [], "total": total, "hidden": 0}
     script = r.register_script(_ROWS_LUA)

@@ -13,9 +13,12 @@ such as `?remote=1`) can turn them on.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import time
+from collections.abc import Callable, Hashable
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,9 +32,11 @@ from fallback.mailbox import fields, store
 from fallback.maillog import MailLog
 from fallback.ops.metrics import MailCounters
 from fallback.queues import outbound
-from web import bulk, conversations, filters, render
-from web.auth import login_required
+from web import bulk, conversations, filters, i18n, prefs, render
+from web.auth import login_required, mailbox_restored
 from web.context import state
+from web.pagecache import freeze
+from web.pages import live_incident
 from web.security import frame_csp, frameable
 
 bp = Blueprint("mailbox", __name__)
@@ -94,26 +99,40 @@ def _folder_view(folder: str) -> Any:
     page = _page()
     query = request.args.get("q", "").strip()[:200]
     start = (page - 1) * PAGE_SIZE
-    grouped = not query and folder in conversations.GROUPED.values() and conversations.grouping(folder)
+    can_group = folder in conversations.GROUPED.values()
+    asked = request.args.get("group")  # ?group=0|1 for this page, else the user's choice
+    listed = None
+    if not query and asked not in ("0", "1"):
+        # The page, the unread counts and the user's grouping choice: one round trip.
+        listed = store.folder_page(r, g.user, folder, start, PAGE_SIZE)
+    grouped = not query and can_group and (asked == "1" if listed is None else listed.grouped)
     sizes: list[int] = []
     more = False  # a search with more matches than it counts (search.COUNT_LIMIT)
     if grouped:  # issue 15: one row per conversation (web/conversations.py)
         total, rows, sizes = conversations.grouped_page(folder, start, PAGE_SIZE)
         counts = store.unread_counts(r, g.user)
+        data: Any = tuple(tuple(m.values()) for m in rows)
+        rows_of = rows.copy
     elif query:
         total, more, rows = store.search(r, g.user, folder, query, start, PAGE_SIZE)
         counts = store.unread_counts(r, g.user)
+        data = tuple(tuple(m.values()) for m in rows)
+        rows_of = rows.copy
     else:
-        # The folders' unread counts come with the page: one round trip for the whole list view.
-        total, rows, counts = store.list_page(r, g.user, folder, start, PAGE_SIZE)
+        if listed is None:
+            listed = store.folder_page(r, g.user, folder, start, PAGE_SIZE)
+        total, counts, data, rows_of = listed.total, listed.counts, listed.data, listed.rows
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE) + (1 if more else 0)
-    return render_template(
-        "folder.html", folder=folder, rows=display_rows(rows), total=total, page=page, pages=pages,
-        query=query, more=more, grouped=grouped, sizes=sizes,
-        can_group=folder in conversations.GROUPED.values(),
+    context = dict(
+        folder=folder, total=total, page=page, pages=pages,
+        query=query, more=more, grouped=grouped, sizes=sizes, can_group=can_group,
         unread=counts.get(fields.INBOX, 0), unread_counts=counts, folders=fields.FOLDERS,
         notice=bulk.notice(request.args), actions=bulk.offered(folder),
     )
+
+    # The rows' values as the store returned them are the page's data (web/pagecache.py);
+    # only a page not drawn before decodes them and works out what each row shows.
+    return _cached_page("folder.html", data, context, lambda: {"rows": display_rows(rows_of())})
 
 
 def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
@@ -151,13 +170,46 @@ def message(msg_id: str) -> Any:
         store.set_flags(r, g.user, msg_id, add=(fields.SEEN,))
         flags.append(fields.SEEN)
     remote = meta.get(fields.REMOTE) == "1"
-    shown = render.render(raw, remote=remote, own_hosts=own_hosts())
-    delivery = _delivery_status(msg_id, meta) if meta.get("kind") == "sent" else []
-    return render_template(
-        "message.html", msg_id=msg_id, meta=meta, flags=flags, m=shown, remote=remote,
-        delivery=delivery, folder=meta.get("folder", fields.INBOX), sent=request.args.get("sent"),
-        now=time.time(), conversation=conversations.for_message(msg_id),
+    hosts = own_hosts()
+    context = dict(
+        msg_id=msg_id, meta=meta, flags=flags, remote=remote,
+        delivery=_delivery_status(msg_id, meta) if meta.get("kind") == "sent" else [],
+        folder=meta.get("folder", fields.INBOX), sent=request.args.get("sent"),
+        conversation=conversations.for_message(msg_id),
     )
+    # The message's bytes (by digest) and where links may point are what the body is drawn from.
+    data = (hashlib.blake2b(raw, digest_size=16).digest(), hosts)
+    return _cached_page("message.html", data, context,
+                        lambda: {"m": render.render(raw, remote=remote, own_hosts=hosts)})
+
+
+def _cached_page(template: str, data: Hashable, context: dict[str, Any],
+                 late: Callable[[], dict[str, Any]]) -> str:
+    """render_template(template, **context, **late()), or the same page drawn before for the
+    same `data`, `context` and request inputs (web/pagecache.py says why that is always right).
+    `late` is what only a miss needs to compute, from `data`'s source."""
+    cache = state().pages
+    try:
+        key = (template, data, freeze(context), _request_inputs())
+    except TypeError:  # a value the key cannot hold: draw it, as without the cache
+        key = None
+    if cache.limit <= 0 or key is None:
+        return render_template(template, **context, **late())
+    page = cache.get(key)
+    if page is None:
+        page = render_template(template, **context, **late(),
+                               csp_nonce=cache.nonce_mark, csrf_token=cache.csrf_mark)
+        cache.put(key, page)
+    return cache.fill(page, g.nonce, g.session.csrf)
+
+
+def _request_inputs() -> tuple[Any, ...]:
+    """What base.html and the filters read from the request rather than from the view: the
+    user, the path and query (the language switcher's `next`), the language, the time zone and
+    today's date there (today's mail shows the time, older the date), the banners."""
+    zone = prefs.current_zone()
+    return (g.user, request.method, request.full_path, i18n.current(), zone.name, zone.known,
+            datetime.now(zone.tz).date(), live_incident(), mailbox_restored())
 
 
 def _delivery_status(msg_id: str, meta: dict[str, str]) -> list[dict[str, Any]]:

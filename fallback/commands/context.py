@@ -37,7 +37,8 @@ class Context:
         from fallback.mailbox.directory import Directory, ensure_buckets
 
         r = self.redis()
-        return Directory(r, ensure_buckets(r, self.settings.directory_buckets))
+        return Directory(r, ensure_buckets(r, self.settings.directory_buckets),
+                         name_index=self.settings.contacts_directory)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def server_options() -> argparse.ArgumentParser:
         # The webmail (secret_key itself only by environment or TOML: flags show in `ps`).
         ("secret-key-file", "FILE"), ("session-idle-timeout", "SECONDS"), ("cookie-secure", "BOOL"),
         ("max-upload-size", "SIZE"), ("incident-message", "TEXT"), ("web-workers", "N"),
-        ("web-threads", "N"),
+        ("web-threads", "N"), ("web-page-cache", "SIZE"),
         # Limits against a hostile Internet.
         ("mailbox-quota", "SIZE"), ("memory-reserve", "PERCENT|SIZE"), ("trusted-relays", "CIDR,..."),
         ("max-messages-per-ip-per-minute", "N"), ("stress-idle-timeout", "SECONDS"),

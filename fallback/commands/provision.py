@@ -39,6 +39,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="scheme of passwd-file hashes without a {SCHEME} prefix, as Dovecot's "
                    "default_pass_scheme (e.g. SHA512-CRYPT; FALLBACK_DEFAULT_SCHEME); "
                    "unset: such lines are refused")
+    p.add_argument("--contacts-directory", metavar="BOOL",
+                   help="index the mailboxes for address suggestions in compose (default: true, "
+                   "FALLBACK_CONTACTS_DIRECTORY, as the webmail's); false skips the index")
     provision_sync.add_arguments(p)
     provision_ldap.add_options(p)
     p.set_defaults(usage_error=p.error)
@@ -58,8 +61,13 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         # Issue 15: a directory provisioned before the name index for suggestions existed gets
         # it once, after a run that succeeded (a refused or dry run writes nothing); the directory's
         # writes keep it up to date from then on.
-        dirindex.ensure(ctx.redis(), () if was_empty else
-                        (m.address for m in ctx.directory().iter_mailboxes()))
+        # Issue 17: with `--contacts-directory false` nothing is indexed; the index is marked for
+        # a rebuild at the first run with it on again, so that it names every mailbox then.
+        if not ctx.settings.contacts_directory:
+            dirindex.forget(ctx.redis())
+        else:
+            dirindex.ensure(ctx.redis(), None if was_empty else
+                            (m.address for m in ctx.directory().iter_mailboxes()))
     return rc
 
 

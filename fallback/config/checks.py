@@ -46,6 +46,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("reconcile_mailbox_connections: must be 1 to 10")
     if s.trace_retention < 0:  # issue 16: the message trace
         raise ConfigError("trace_retention: must be 0 (no trace) or more seconds (e.g. 14d)")
+    if s.web_page_cache < 0:  # issue 17: web/pagecache.py
+        raise ConfigError("web_page_cache: must be 0 (off) or more bytes (e.g. 32MiB)")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
     if s.store_compression not in ("zstd", "off"):  # issue 17: compression.CHOICES

@@ -88,6 +88,11 @@ class Settings:
         "Operator's message on the public /status page and the login page")
     web_workers: int = setting(2, "gunicorn worker processes of the webmail")
     web_threads: int = setting(4, "Threads per gunicorn worker (concurrent requests each)")
+    # Issue 17 (webmail pages, web/pagecache.py): drawn pages kept for an identical next request.
+    web_page_cache: int = setting(
+        32 * MIB, "Memory for rendered folder and message pages kept per webmail worker, keyed "
+        "on everything they show (an identical next request is served from it); 0: off",
+        unit="bytes")
     # Directory and passwords.
     directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
     password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")

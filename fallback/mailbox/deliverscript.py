@@ -17,6 +17,7 @@ import redis
 from fallback import keys
 from fallback.errors import MailboxFull
 from fallback.mailbox import fields as F
+from fallback.mailbox import record
 from fallback.mailbox.record import Stored
 
 if TYPE_CHECKING:
@@ -34,20 +35,21 @@ if TYPE_CHECKING:
 # (record.store), never here; `size` is the raw size.
 # KEYS: the guard first when there is one (see keys.dedupe: if it exists the
 # message is already here and nothing is written), then per delivery message,
-# folder, unseen, pending, info and, with stats, the stats shard.
+# folder, unseen, pending, info, the message's bytes (keys.message_raw: record layout 3)
+# and, with stats, the stats shard.
 # The quota (bytes, 0 = none) is checked for every delivery before anything is
 # written: the info hash's `bytes` (what the mailbox holds) plus this message
 # must not pass it.  Returns how many mailboxes it was stored in, 0 when the
 # guard says it already was, or -k when the k-th delivery of the call is over
 # its quota (then nothing was written).
-DELIVER_LUA = """
+DELIVER_LUA = record.LUA + """
 local id, now, size, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local k0, stride, base = 0, 5, 7
+local k0, stride, base = 0, 6, 7
 if ARGV[6] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
   k0 = 1
 end
-if ARGV[7] == '1' then stride = 6 end
+if ARGV[7] == '1' then stride = 7 end
 for d = 0, n - 1 do
   local quota = tonumber(ARGV[base + d * 6 + 6])
   if quota > 0 then
@@ -69,7 +71,9 @@ local raw = ARGV[#ARGV]
 for d = 0, n - 1 do
   local k, a = k0 + d * stride, base + d * 6
   local mailstore = ARGV[a + 4]
-  redis.call('HSET', KEYS[k + 1], 'raw', raw, 'folder', ARGV[a + 1], unpack(common))
+  -- Layout 3 (record.py): the bytes in a key of their own beside the record.
+  redis.call('HSET', KEYS[k + 1], 'folder', ARGV[a + 1], unpack(common))
+  set_raw(KEYS[k + 6], raw)
   -- Defaults are not stored (record.DEFAULTS): no flags, kind 'received'.
   if ARGV[a + 2] ~= '' then redis.call('HSET', KEYS[k + 1], 'flags', ARGV[a + 2]) end
   if ARGV[a + 3] ~= 'received' then redis.call('HSET', KEYS[k + 1], 'kind', ARGV[a + 3]) end
@@ -79,9 +83,9 @@ for d = 0, n - 1 do
   redis.call('HINCRBY', KEYS[k + 5], 'messages', 1)
   redis.call('HINCRBY', KEYS[k + 5], 'bytes', size)
   redis.call('HSET', KEYS[k + 5], 'mailstore', mailstore)
-  if stride == 6 then
-    redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tmessages', 1)
-    redis.call('HINCRBY', KEYS[k + 6], mailstore .. '\\tbytes', size)
+  if stride == 7 then
+    redis.call('HINCRBY', KEYS[k + 7], mailstore .. '\\tmessages', 1)
+    redis.call('HINCRBY', KEYS[k + 7], mailstore .. '\\tbytes', size)
   end
 end
 return n
@@ -108,7 +112,8 @@ def deliver_call(deliveries: list[Delivery], msg_id: str, stored: Stored,
     args: list[Any] = [msg_id, now_ms, size, len(deliveries), packed, guard, "1" if stats else "0"]
     for d in deliveries:
         keys_ += [keys.message(d.address, msg_id), keys.folder(d.address, d.folder),
-                  keys.unseen(d.address), keys.pending(d.address), keys.info(d.address)]
+                  keys.unseen(d.address), keys.pending(d.address), keys.info(d.address),
+                  keys.message_raw(d.address, msg_id)]
         if stats:
             keys_.append(keys.stats_shard(d.address))
         args += [d.folder, " ".join(d.flags), d.kind, d.mailstore, "1" if F.SEEN in d.flags else "0",
@@ -134,7 +139,7 @@ def address_of_info(key: str) -> str:
 
 def _layout(keys_: list[str], args: list[Any]) -> tuple[int, int]:
     """(index of the first delivery's first key, keys per delivery) of one call."""
-    return (1 if args[5] != "" else 0), (6 if args[6] == "1" else 5)
+    return (1 if args[5] != "" else 0), (7 if args[6] == "1" else 6)
 
 
 def refused_address(keys_: list[str], args: list[Any], result: Any) -> str:

@@ -77,11 +77,8 @@ def queue_delivery(pipe: Any, d: Delivery, msg_id: str, raw: bytes, meta: dict[s
     the caller then adds the counts afterwards (`count_stored`).  `how`: the
     compression (record.store; default zstd).
     """
-    fields: dict[str, Any] = {
-        **record.store(raw, meta, how).fields(), F.FOLDER: d.folder, F.TS: now_ms,
-        **record.non_defaults(d.flags, d.kind),
-    }
-    pipe.hset(keys.message(d.address, msg_id), mapping=fields)
+    fields: dict[str, Any] = {F.FOLDER: d.folder, F.TS: now_ms, **record.non_defaults(d.flags, d.kind)}
+    record.queue_write(pipe, keys.message(d.address, msg_id), record.store(raw, meta, how), fields)
     _queue_indexes(pipe, d, msg_id, len(raw), now_ms, stats)
 
 
@@ -374,9 +371,9 @@ def deliver(r: redis.Redis, deliveries: list[Delivery], msg_id: str, raw: bytes,
     if not is_cluster(r):
         with r.pipeline(transaction=True) as pipe:
             for d in deliveries:
-                fields: dict[Any, Any] = {**stored.fields(), F.FOLDER: d.folder, F.TS: now_ms,
+                fields: dict[Any, Any] = {F.FOLDER: d.folder, F.TS: now_ms,
                                           **record.non_defaults(d.flags, d.kind)}
-                pipe.hset(keys.message(d.address, msg_id), mapping=fields)
+                record.queue_write(pipe, keys.message(d.address, msg_id), stored, fields)
                 _queue_indexes(pipe, d, msg_id, len(raw), now_ms)
             pipe.execute()
         return

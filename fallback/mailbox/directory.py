@@ -50,9 +50,7 @@ class Mailbox:
         """RECORD_V1 | the mailstore's length (at most 64), the mailstore, the hash (hashcodec),
         the alternate address (the rest): 47 bytes for a bcrypt hash and a 6-letter mailstore,
         under a stock Redis' hash-max-listpack-value of 64 (issue 17)."""
-        store = self.mailstore.encode()
-        return (bytes((RECORD_V1 | len(store),)) + store + hashcodec.pack(self.password_hash)
-                + self.alternate.encode())
+        return encode_record(self.mailstore, hashcodec.pack(self.password_hash), self.alternate)
 
     @classmethod
     def decode(cls, address: str, value: bytes | str) -> Mailbox:
@@ -73,6 +71,13 @@ class Mailbox:
         return self.address.rpartition("@")[2]
 
 
+def encode_record(mailstore: str, packed_hash: bytes, alternate: str = "") -> bytes:
+    """Mailbox.encode's record from the hash already in hashcodec's form (a fresh import packs
+    it straight from the line it matched, issue 17)."""
+    store = mailstore.encode()
+    return bytes((RECORD_V1 | len(store),)) + store + packed_hash + alternate.encode()
+
+
 def ensure_buckets(r: redis.Redis, default: int) -> int:
     """The bucket count is fixed by the first process that needs it; all others read it."""
     r.hsetnx(keys.DIR_META, "buckets", default)
@@ -89,9 +94,12 @@ async def ensure_buckets_async(r: aioredis.Redis, default: int) -> int:
 class Directory:
     """Sync access for the CLI and the webmail."""
 
-    def __init__(self, r: redis.Redis, buckets: int) -> None:
+    def __init__(self, r: redis.Redis, buckets: int, name_index: bool = True) -> None:
         self.r = r
         self.buckets = buckets
+        # Issue 15's name index for address suggestions; off with `--contacts-directory false`
+        # (issue 17: the command then marks it for a rebuild, dirindex.forget).
+        self.name_index = name_index
 
     def get(self, address: str) -> Mailbox | None:
         value = self.r.hget(keys.dir_bucket(address, self.buckets), address)
@@ -115,32 +123,42 @@ class Directory:
     def put_many(self, mailboxes: Iterable[tuple[Mailbox, Mailbox | None]]) -> None:
         """Write (new, old) pairs: one HSET per bucket, the per-domain and per-mailstore
         counts summed first (one HINCRBY per name, not per mailbox)."""
-        records: dict[int, list[Any]] = {}
+        rows: list[tuple[str, bytes]] = []
         added: list[str] = []
         stores: Counter[str] = Counter()
-        crc32, buckets = zlib.crc32, self.buckets  # keys.bucket_of, inlined: a million calls
         for new, old in mailboxes:
-            address = new.address
-            fields = records.get(bucket := crc32(address.encode()) % buckets)
-            if fields is None:
-                fields = records[bucket] = ["HSET", keys.dir_bucket_n(bucket)]
-            fields += (address, new.encode())
+            rows.append((new.address, new.encode()))
             if old is None:
-                added.append(address)
+                added.append(new.address)
                 stores[new.mailstore] += 1
             elif old.mailstore != new.mailstore:
                 stores[new.mailstore] += 1
                 stores[old.mailstore] -= 1
         domains = Counter(a.rpartition("@")[2] for a in added)
-        send_many(self.r, [tuple(fields) for fields in records.values()])
-        pipe = self.r.pipeline(transaction=False)
-        dirindex.queue_add(pipe, (a for fields in records.values() for a in fields[2::2]))  # issue 15
-        for domain, n in domains.items():
-            pipe.hincrby(keys.DIR_DOMAINS, domain, n)
-        for store, n in stores.items():
-            if n:
-                pipe.hincrby(keys.DIR_MAILSTORES, store, n)
-        pipe.execute()
+        self._write(rows, domains, stores, dirindex.group(a for a, _ in rows) if self.name_index else {})
+
+    def add_new(self, rows: list[tuple[str, bytes]], stores: list[str]) -> None:
+        """Write mailboxes known not to be in the directory, each address once (an import into
+        an empty one): (address, its record from encode_record) and each one's mailstore; as
+        put_many of (new, None) pairs, with each address split once for the counts and the index."""
+        groups = dirindex.group(a for a, _ in rows)
+        domains = Counter({domain: sum(map(len, fields.values())) for domain, fields in groups.items()})
+        self._write(rows, domains, Counter(stores), groups if self.name_index else {})
+
+    def _write(self, rows: list[tuple[str, bytes]], domains: Counter[str], stores: Counter[str],
+               names: dirindex.Groups) -> None:
+        records: dict[int, list[Any]] = {}
+        crc32, buckets = zlib.crc32, self.buckets  # keys.bucket_of, inlined: a million calls
+        for address, record in rows:
+            fields = records.get(bucket := crc32(address.encode()) % buckets)
+            if fields is None:
+                fields = records[bucket] = ["HSET", keys.dir_bucket_n(bucket)]
+            fields += (address, record)
+        send_many(self.r, [tuple(fields) for fields in records.values()]
+                  + [("HINCRBY", keys.DIR_DOMAINS, domain, n) for domain, n in domains.items()]
+                  + [("HINCRBY", keys.DIR_MAILSTORES, store, n) for store, n in stores.items() if n])
+        # Issue 15's name index: every address written (not only the new), so that a lost write heals.
+        dirindex.add_groups(self.r, names)
 
     def put(self, mailbox: Mailbox) -> bool:
         """Add or update one mailbox; True when it was new."""
@@ -156,8 +174,9 @@ class Directory:
         pipe.hdel(keys.dir_bucket(address, self.buckets), address)
         pipe.hincrby(keys.DIR_DOMAINS, mailbox.domain, -1)
         pipe.hincrby(keys.DIR_MAILSTORES, mailbox.mailstore, -1)
-        dirindex.queue_remove(pipe, [address])  # issue 15: the name index for suggestions
-        _, domain_left, store_left, _ = pipe.execute()
+        _, domain_left, store_left = pipe.execute()
+        if self.name_index:
+            dirindex.remove(self.r, [address])  # issue 15: the name index for suggestions
         if int(domain_left) <= 0:
             self.r.hdel(keys.DIR_DOMAINS, mailbox.domain)
         if int(store_left) <= 0:
@@ -178,9 +197,8 @@ class Directory:
         for store, n in stores.items():
             pipe.hincrby(keys.DIR_MAILSTORES, store, -n)
         left = pipe.execute()[len(groups):]
-        with self.r.pipeline(transaction=False) as names:  # issue 15: the name index for suggestions
-            dirindex.queue_remove(names, (m.address for m in mailboxes))
-            names.execute()
+        if self.name_index:  # issue 15: the name index for suggestions
+            dirindex.remove(self.r, (m.address for m in mailboxes))
         counted = [(keys.DIR_DOMAINS, d) for d in domains] + [(keys.DIR_MAILSTORES, s) for s in stores]
         pipe = self.r.pipeline(transaction=False)
         for (key, name), n in zip(counted, left, strict=True):

@@ -59,9 +59,9 @@ def save(r: redis.Redis, address: str, mailstore: str, draft_id: str, raw: bytes
                     grown, added = len(raw), 1
                 else:
                     grown, added = len(raw) - int(size or 0), 0
-                    # Layout 2 (record.py): the bytes maybe zstd, the display values packed.
-                    update: dict[Any, Any] = {**record.store(raw, meta).fields(), F.TS: now_ms}
-                    pipe.hset(key, mapping=update)
+                    # Layout 3 (record.py): the bytes maybe zstd in their own key, an older
+                    # layout's `raw` field dropped, the display values packed.
+                    record.queue_write(pipe, key, record.store(raw, meta), {F.TS: now_ms}, replacing=True)
                     pipe.zadd(keys.folder(address, F.DRAFTS), {draft_id: now_ms})  # newest save first
                     pipe.sadd(keys.pending(address), draft_id)
                     pipe.hincrby(keys.info(address), "bytes", grown)
@@ -80,7 +80,12 @@ def save(r: redis.Redis, address: str, mailstore: str, draft_id: str, raw: bytes
 
 def load(r: redis.Redis, address: str, draft_id: str) -> tuple[dict[str, str], bytes]:
     """(form as typed, raw) of one of this mailbox's drafts; NotADraft otherwise."""
-    kind, form, raw = r.hmget(keys.message(address, draft_id), (F.KIND, F.DRAFT_FORM, F.RAW))
+    key = keys.message(address, draft_id)
+    pipe = r.pipeline(transaction=False)
+    pipe.hmget(key, (F.KIND, F.DRAFT_FORM))
+    record.queue_raw(pipe, key)
+    (kind, form), stored = pipe.execute()
+    raw = record.raw_of(stored)
     if kind is None or _text(kind) != KIND or raw is None:
         raise NotADraft(draft_id)
     try:
@@ -88,7 +93,7 @@ def load(r: redis.Redis, address: str, draft_id: str) -> tuple[dict[str, str], b
     except ValueError:
         values = {}  # a damaged form field: the bytes still hold To, Cc, the subject and body
     return ({str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {},
-            record.raw_of(raw) or b"")
+            raw)
 
 
 def delete(r: redis.Redis, address: str, draft_id: str) -> bool:
@@ -105,7 +110,7 @@ def delete(r: redis.Redis, address: str, draft_id: str) -> bool:
                     return False
                 store_name = _text(pipe.hget(keys.info(address), "mailstore")) or "default"
                 pipe.multi()
-                pipe.delete(key)
+                record.queue_delete(pipe, key)
                 pipe.zrem(keys.folder(address, F.DRAFTS), draft_id)
                 pipe.srem(keys.unseen(address), draft_id)
                 pipe.srem(keys.pending(address), draft_id)

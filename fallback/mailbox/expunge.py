@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import search
+from fallback.mailbox import record, search
 from fallback.mailbox.fields import TRASH
 
 BATCH = 500            # messages per pipeline when emptying a whole Trash
@@ -26,13 +26,13 @@ DELETED, MISSING, NOT_IN_TRASH, SENDING = 1, 0, -1, -2
 
 # KEYS: message, pending, outbox, Trash zset, unseen, info, tombstones.  ARGV: id, now (ms).
 # Returns {outcome, size, rstate}: DELETED, MISSING, NOT_IN_TRASH or SENDING (see above).
-_EXPUNGE_LUA = """
+_EXPUNGE_LUA = record.LUA + """
 local v = redis.call('HMGET', KEYS[1], 'folder', 'size', 'rstate', 'ts')
 if not v[4] then return {0, 0, ''} end
 if v[1] ~= 'Trash' then return {-1, 0, ''} end
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return {-2, 0, ''} end
 local size = tonumber(v[2] or '0')
-redis.call('DEL', KEYS[1])
+del_message(KEYS[1])  -- the record and its bytes (record.py)
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'messages', -1)

@@ -1,6 +1,7 @@
 """The message record: its hash fields, the folders and the flags, declared once.
 
-A message is one hash, `mbx:{addr}:m:<id>` (keys.message).  Every module that
+A message is one hash, `mbx:{addr}:m:<id>` (keys.message), and since layout 3 its
+bytes in a string key beside it, `mbx:{addr}:m:<id>:r` (record.raw_key).  Every module that
 reads or writes one (the write path, the webmail's reads, reconcile, purge,
 the outbound queue) names its fields through these constants, so a field is
 renamed or added in one place.  Reading goes through record.py, which decodes both
@@ -12,10 +13,11 @@ every name a script writes is declared here.
 from __future__ import annotations
 
 # Written once, at delivery.
-RAW = "raw"            # the exact bytes, our Received: line first (zstd-compressed: compression.py)
+RAW = "raw"            # layouts 1-2: the exact bytes, our Received: line first (zstd: compression.py);
+                       # layout 3 keeps them in their own key (record.raw_key)
 VERSION = "v"          # layout 1: its version ("1"); layout 2 keeps it first in PACKED (record.py)
-RECORD_VERSION = "2"   # issue 17: the layout written now (record.py reads 1 and 2)
-PACKED = "m"           # layout 2: the PARSED values in one field (record.pack_meta)
+RECORD_VERSION = "3"   # issue 17: the layout written now (record.py reads 1, 2 and 3)
+PACKED = "m"           # layouts 2-3: the PARSED values in one field (record.pack_meta)
 TS = "ts"              # received (or sent) time, ms
 SIZE = "size"          # len(raw)
 KIND = "kind"          # received, sent, notice, ...

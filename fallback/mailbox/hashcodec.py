@@ -34,8 +34,11 @@ _STD_TO_CRYPT = bytes.maketrans(_STD, _CRYPT)
 # Only the canonical last characters (bcrypt writes its spare bits as zeros): 22 characters
 # carry 132 bits for 128 of salt (last one of ".Oeu"), 31 carry 186 for 184 of digest (last
 # one a multiple of 4 in bcrypt's alphabet), so every match packs and unpacks exactly.
-_BCRYPT_RE = re.compile(r"\{BLF-CRYPT\}\$2([abxy])\$([0-2][0-9]|3[01])\$"
-                        r"([./A-Za-z0-9]{21}[.Oeu])([./A-Za-z0-9]{30}[.CGKOSWaeimquy26])")
+# As bytes too, for a reader that matches whole lines (provision's _FAST_ROW) and then packs
+# with pack_bcrypt_matched, without matching again (issue 17).
+BCRYPT_PATTERN = (rb"\{BLF-CRYPT\}\$2[abxy]\$(?:[0-2][0-9]|3[01])\$"
+                  rb"[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]")
+_BCRYPT_RE = re.compile(BCRYPT_PATTERN.decode())
 _TAIL_RE = re.compile(r"(.*[$}])([./A-Za-z0-9]{4,255})", re.DOTALL)
 _STD_TAIL_RE = re.compile(r"(.*[$}])([+/A-Za-z0-9]{4,255})", re.DOTALL)
 TEXT, TAIL, STD_TAIL, BCRYPT = 0, 2, 3, 0x80
@@ -55,11 +58,31 @@ def _b64_unpack(raw: bytes, n: int) -> bytes:
 def _pack_bcrypt(stored: str) -> bytes | None:
     if _BCRYPT_RE.fullmatch(stored) is None:
         return None
-    text = stored.encode("ascii")  # {BLF-CRYPT}$2y$10$ + 22 salt + 31 digest characters
+    return pack_bcrypt_matched(stored.encode("ascii"))
+
+
+def pack_bcrypt_matched(text: bytes) -> bytes:
+    """pack() of a hash known to match BCRYPT_PATTERN whole (the caller matched it)."""
+    # {BLF-CRYPT}$2y$10$ + 22 salt + 31 digest characters
     chars = text[18:].translate(_BCRYPT_TO_STD)
     form = BCRYPT | _VARIANTS.index(text[13]) << 5 | (text[15] - 48) * 10 + text[16] - 48
     return (bytes((form,))
             + binascii.a2b_base64(chars[:22] + b"==") + binascii.a2b_base64(chars[22:] + b"="))
+
+
+def pack_bcrypt_many(texts: list[bytes]) -> list[bytes]:
+    """pack_bcrypt_matched of each (a fresh import's block of lines): one translate for all,
+    the variant-and-cost byte looked up once per kind (issue 17)."""
+    chars = b"".join([t[18:] for t in texts]).translate(_BCRYPT_TO_STD)  # 53 characters each
+    a2b = binascii.a2b_base64
+    forms: dict[bytes, bytes] = {}
+    out = []
+    for k, t in zip(range(0, 53 * len(texts), 53), texts, strict=True):
+        form = forms.get(kind := t[13:17])  # b"y$10"
+        if form is None:
+            form = forms[kind] = pack_bcrypt_matched(t)[:1]
+        out.append(form + a2b(chars[k:k + 22] + b"==") + a2b(chars[k + 22:k + 53] + b"="))
+    return out
 
 
 def _unpack_bcrypt(raw: bytes, at: int) -> tuple[str, int]:

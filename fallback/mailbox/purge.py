@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import search
+from fallback.mailbox import record, search
 from fallback.mailbox.fields import FOLDERS
 
 
@@ -20,14 +20,14 @@ def _text(value: bytes | str) -> str:
 # cutoff (ms).  Unseen and info are counted from the end: FOLDERS may grow.
 # Deletes only a message that reconcile finished (done, nothing pending, no outbound delivery
 # left) at or before the cutoff; returns its size, or -1 when it must stay.
-_PURGE_LUA = """
+_PURGE_LUA = record.LUA + """
 if redis.call('HGET', KEYS[1], 'rstate') ~= 'done' then return -1 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return -1 end
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return -1 end
 local when = tonumber(redis.call('HGET', KEYS[1], 'rts') or redis.call('HGET', KEYS[1], 'ts') or '0')
 if when > tonumber(ARGV[2]) then return -1 end
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
-redis.call('DEL', KEYS[1])
+del_message(KEYS[1])  -- the record and its bytes (record.py)
 for i = 4, #KEYS - 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 redis.call('SREM', KEYS[#KEYS - 1], ARGV[1])
 redis.call('HINCRBY', KEYS[#KEYS], 'messages', -1)

@@ -117,8 +117,9 @@ def _pending(r: redis.Redis, address: str) -> bool:
     """Whether the newest messages from the mark on (at most BATCH a folder) hold one the index
     has not seen: what is new comes last, so one look at the newest tells."""
     folders = [keys.folder(address, name) for name in FOLDERS]
-    return bool(r.eval(_PENDING_LUA, 2 + len(folders), keys.thread_mark(address),
-                       keys.thread_of(address), *folders, SKEW_MS, BATCH))
+    script = r.register_script(_PENDING_LUA)
+    return bool(script(keys=[keys.thread_mark(address), keys.thread_of(address), *folders],
+                       args=[SKEW_MS, BATCH]))
 
 
 def _candidates(r: redis.Redis, address: str, most: int) -> tuple[list[tuple[int, str]], bool]:
@@ -270,6 +271,38 @@ def conversation(r: redis.Redis, address: str, msg_id: str) -> tuple[list[str], 
         pipe.zrange(key, -CONVERSATION_LIMIT, -1)
         total, ids = pipe.execute()
     return [_text(i) for i in ids], int(total)
+
+
+# _PENDING_LUA's check, then the message's conversation (KEYS as there; ARGV: SKEW_MS, BATCH,
+# the message id, the conversation keys' prefix, CONVERSATION_LIMIT).  {1} when the index is
+# behind, else {0, messages in the conversation, the newest ids}: a message page's one round trip.
+_CONVERSATION_LUA = """
+local low = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1]))
+for f = 3, #KEYS do
+  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[f], '+inf', low, 'LIMIT', 0, tonumber(ARGV[2]))
+  if #ids > 0 then
+    local known = redis.call('HMGET', KEYS[2], unpack(ids))
+    for k = 1, #ids do if not known[k] then return {1} end end
+  end
+end
+local tid = redis.call('HGET', KEYS[2], ARGV[3])
+if not tid then return {0, 0, {}} end
+local key = ARGV[4] .. tid
+return {0, redis.call('ZCARD', key), redis.call('ZRANGE', key, -tonumber(ARGV[5]), -1)}
+"""
+
+
+def current_conversation(r: redis.Redis, address: str, msg_id: str) -> tuple[list[str], int]:
+    """catch_up, then conversation: in one round trip when the index is up to date (the usual
+    case, and what every message page asks)."""
+    folders = [keys.folder(address, name) for name in FOLDERS]
+    script = r.register_script(_CONVERSATION_LUA)
+    found: Any = script(keys=[keys.thread_mark(address), keys.thread_of(address), *folders],
+                        args=[SKEW_MS, BATCH, msg_id, keys.thread(address, ""), CONVERSATION_LIMIT])
+    if found[0]:
+        catch_up(r, address)
+        return conversation(r, address, msg_id)
+    return [_text(i) for i in found[2]], int(found[1])
 
 
 def forget(r: redis.Redis, address: str, msg_ids: list[str]) -> None:

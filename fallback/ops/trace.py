@@ -26,6 +26,7 @@ Keys (fallback/keys.py), each in its own cluster slot:
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fallback import keys
+from fallback.maillog import FIELDS
 from fallback.redisconn import is_cluster
 
 log = logging.getLogger(__name__)
@@ -55,22 +57,35 @@ _COMPONENT = {"received": "intake", "rejected": "intake", "queued": "intake", "s
 _NO_ADDRESS = ("", "-", "<>")
 
 # One call writes many records and address indexes (KEYS: the records, then the indexes).
-# ARGV: cap, head, ttl ms, address cap, number of records, and one JSON array with, per key,
-# a record's new lines or an index's flat [time, id, time, id...]: one argument, since
-# redis-py's packing of many small ones costs the receiver more than all the rest.  A record
-# past the cap keeps its first `head` lines; the lines after them go first, counted in one
-# marker line at index `head` (LTRIM cannot cut the middle of a list: the victims are
+# ARGV: cap, head, ttl ms, address cap, number of records, a JSON array with, per record, its
+# number of new lines and, per index, its flat [time, id, time, id...] (times as ZADD's score
+# strings; one ZADD per 500 of them, not one per entry); and every record's new
+# lines, in KEYS' order, each ended by "\n" (a JSON line never holds a raw newline: JSON
+# escapes every control character).  Lines travel as they are, not escaped again inside one
+# JSON document: that second encoding, and its decoding here, cost more than the rest.  A
+# record past the cap keeps its first `head` lines; the lines after them go first, counted in
+# one marker line at index `head` (LTRIM cannot cut the middle of a list: the victims are
 # overwritten with a NUL and removed with LREM).  RPUSH goes in chunks: unpack() has a
 # stack limit.
 _WRITE = """
 local cap, head, ttl, acap = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local nrec = tonumber(ARGV[5])
 local data = cjson.decode(ARGV[6])
+local blob, pos = ARGV[7], 1
 for i = 1, #KEYS do
   local k, d = KEYS[i], data[i]
   if i <= nrec then
-    local n = 0
-    for s = 1, #d, 500 do n = redis.call('RPUSH', k, unpack(d, s, math.min(s + 499, #d))) end
+    local n, left = 0, d
+    while left > 0 do
+      local chunk = {}
+      for j = 1, math.min(left, 500) do
+        local e = string.find(blob, '\\n', pos, true)
+        chunk[j] = string.sub(blob, pos, e - 1)
+        pos = e + 1
+      end
+      left = left - #chunk
+      n = redis.call('RPUSH', k, unpack(chunk))
+    end
     if n > cap then
       local excess = n - cap
       local mark = redis.call('LINDEX', k, head)
@@ -83,7 +98,7 @@ for i = 1, #KEYS do
       redis.call('LSET', k, head, '{"e":"trimmed","n":' .. (dropped + excess) .. '}')
     end
   else
-    for j = 1, #d, 2 do redis.call('ZADD', k, string.format('%.3f', d[j]), d[j + 1]) end
+    for s = 1, #d, 1000 do redis.call('ZADD', k, unpack(d, s, math.min(s + 999, #d))) end
     redis.call('ZREMRANGEBYRANK', k, 0, -acap - 1)
   end
   redis.call('PEXPIRE', k, ttl)
@@ -94,6 +109,10 @@ BATCH_ITEMS = 20_000  # lines and index entries of one call, about: each call ta
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_STR = json.encoder.encode_basestring  # the C function _JSON writes every string with
+# '"name":' of the mail log's keys, written once: a trace line spells them the way _JSON does.
+_KEYS = {k: _STR(k) + ":" for k in FIELDS}
+_OWN = frozenset(("t", "c", "e"))  # a line's own keys: a field of that name goes the slow way
 
 
 def _cut(value: Any) -> Any:
@@ -103,14 +122,47 @@ def _cut(value: Any) -> Any:
     return text if len(text) <= VALUE_CAP else text[:VALUE_CAP - 1] + "…"
 
 
-def encode(ts: float, component: str, event: str, fields: Mapping[str, Any]) -> str:
-    """One trace line: time, component, event, then the mail log's fields but the id."""
+def encode_slow(ts: float, component: str, event: str, fields: Mapping[str, Any]) -> str:
+    """One trace line by the json library: what `encode` must spell byte for byte."""
     line: dict[str, Any] = {"t": round(ts, 3), "c": component, "e": event}
-    for k, v in fields.items():  # the receiver's hot path: a plain loop, short strings as they are
+    for k, v in fields.items():
         if v is None or k == "id":
             continue
         line[k] = v if type(v) is str and len(v) <= VALUE_CAP else _cut(v)
     return _JSON(line)
+
+
+def encode(ts: float, component: str, event: str, fields: Mapping[str, Any]) -> str:
+    """One trace line: time, component, event, then the mail log's fields but the id."""
+    return _encode(repr(round(ts, 3)), ts, component, event, fields)
+
+
+def _encode(t: str, ts: float, component: str, event: str, fields: Mapping[str, Any]) -> str:
+    """`encode` with the time already written (`t`: the flush writes it once per event, for
+    the line and the address indexes' scores).
+
+    The receiver's hot path: strings and ints (nearly every field) are written the way the
+    json library writes them (its own C function for strings), at about half the cost of a
+    JSONEncoder call per line; anything else is left to `encode_slow`."""
+    parts = ['{"t":', t, ',"c":', _STR(component), ',"e":', _STR(event)]
+    for k, v in fields.items():
+        if v is None or k == "id":
+            continue
+        kind = type(v)
+        if kind is str:
+            value = _STR(v if len(v) <= VALUE_CAP else _cut(v))
+        elif kind is int:
+            value = int.__repr__(v)
+        else:  # a float, a bool, anything else: rare, the library's way
+            return encode_slow(ts, component, event, fields)
+        name = _KEYS.get(k)
+        if name is None:
+            if k in _OWN or type(k) is not str:
+                return encode_slow(ts, component, event, fields)
+            name = _STR(k) + ":"
+        parts += (",", name, value)
+    parts.append("}")
+    return "".join(parts)
 
 
 class TraceBuffer:
@@ -170,16 +222,26 @@ class TraceBuffer:
         """The EVAL calls that write `events`: few and large on one Redis; on a Cluster one
         per hash slot's keys (each record and index has its own tag)."""
         lines: dict[str, list[str]] = {}
-        seen: dict[str, dict[str, float]] = {}
-        for ts, event, fields in events:
-            msg_id = str(fields["id"])
-            component = self.component if self.component is not None else _COMPONENT.get(event, "-")
-            lines.setdefault(msg_id, []).append(encode(ts, component, event, fields))
+        seen: dict[str, dict[str, str]] = {}
+        own = self.component
+        for ts, event, fields in events:  # per event: the receiver's hot path, kept plain
+            msg_id = fields["id"]
+            if type(msg_id) is not str:
+                msg_id = str(msg_id)
+            t = repr(round(ts, 3))  # the line's time and the indexes' score, written once
+            line = _encode(t, ts, own if own is not None else _COMPONENT.get(event, "-"), event, fields)
+            record = lines.get(msg_id)
+            if record is None:
+                lines[msg_id] = [line]
+            else:
+                record.append(line)
             for who in (fields.get("from"), fields.get("to")):
-                if who is not None and str(who) not in _NO_ADDRESS:
-                    seen.setdefault(str(who).lower(), {})[msg_id] = ts
+                if who is not None:
+                    text = who if type(who) is str else str(who)
+                    if text not in _NO_ADDRESS:
+                        seen.setdefault(text.lower(), {})[msg_id] = t
         items: list[tuple[str, bool, list[Any]]] = [(keys.trace(i), True, b) for i, b in lines.items()]
-        items += [(keys.trace_address(a), False, [x for i, t in ids.items() for x in (round(t, 3), i)])
+        items += [(keys.trace_address(a), False, [x for i, t in ids.items() for x in (t, i)])
                   for a, ids in seen.items()]
         groups: dict[int, list[tuple[str, bool, list[Any]]]] = {}
         for item in items:
@@ -199,10 +261,12 @@ class TraceBuffer:
         return calls
 
     def _call(self, batch: list[tuple[str, bool, list[Any]]]) -> list[Any]:
-        records = sum(1 for _, is_record, _ in batch if is_record)
-        blob = json.dumps([args for _, _, args in batch], ensure_ascii=False, separators=(",", ":"))
+        records = [args for _, is_record, args in batch if is_record]
+        counts = [len(b) for b in records] + [args for _, is_record, args in batch if not is_record]
+        lines = [line for b in records for line in b]
+        blob = "\n".join(lines) + "\n" if lines else ""
         return ["EVAL", _WRITE, len(batch), *(k for k, _, _ in batch), self.cap, HEAD, self.ttl_ms,
-                self.address_cap, records, blob]
+                self.address_cap, len(records), _JSON(counts), blob]
 
     def flush(self, r: redis.Redis) -> None:
         """Write what waits; on a Redis error it is logged and kept for the next flush."""

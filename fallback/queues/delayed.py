@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
-from fallback.mailbox import delivery
+from fallback.mailbox import delivery, record
 from fallback.mailbox import fields as F
 from fallback.mailbox.compression import unpack  # the Sent copy's bytes, maybe zstd (issue 17)
 from fallback.maillog import MailLog
@@ -47,14 +47,15 @@ COUNTED = "counted"  # record field: recipients counted against the send limits
 
 # KEYS: record, lease, Sent copy, Sent folder, unseen, pending, info, outbox, Trash folder (the
 # copy may have been deleted meanwhile); ARGV: now, id.
-_UNDO = """
+_UNDO = record.LUA + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
 local due = redis.call('HGET', KEYS[1], 'undo')
 if not due or tonumber(due) <= tonumber(ARGV[1]) then return {0} end
-local raw = redis.call('HGET', KEYS[3], 'raw') or ''
+local raw = raw_of(KEYS[3]) or ''
 local size = tonumber(redis.call('HGET', KEYS[3], 'size') or '0')
 local rec = redis.call('HMGET', KEYS[1], 'form', 'saved', 'counted', 'cut', 'mailstore')
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1])
+del_message(KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('ZREM', KEYS[9], ARGV[2])
 redis.call('SREM', KEYS[5], ARGV[2])

@@ -28,7 +28,7 @@ import redis
 from fallback import ids, keys
 from fallback.errors import InputError, NotFound
 from fallback.mailbox import delivery, fields, headers
-from fallback.mailbox.record import raw_of  # a message's bytes, maybe zstd (issue 17)
+from fallback.mailbox.record import read_raw  # a message's bytes, any layout, maybe zstd (issue 17)
 from fallback.queues import dsn
 from fallback.redisconn import is_cluster
 
@@ -390,7 +390,7 @@ def delete(r: redis.Redis, msg_id: str, hostname: str, lease_ttl: float) -> Queu
             notice = None
             rec.rcpts.update(updates)
             if updates:
-                raw: Any = raw_of(r.hget(keys.message(item.sender, msg_id), fields.RAW)) or b""
+                raw: Any = read_raw(r, keys.message(item.sender, msg_id)) or b""
                 notice = (ids.new_id(), dsn.build(hostname, rec, list(updates), bytes(raw), None))
             clustered = is_cluster(r)
             with r.pipeline(transaction=True) as pipe:

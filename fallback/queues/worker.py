@@ -41,7 +41,8 @@ from fallback import ids, keys
 from fallback.config import Settings
 from fallback.errors import FallbackError
 from fallback.mailbox import delivery
-from fallback.mailbox.record import raw_of  # the Sent copy's bytes, maybe zstd (issue 17)
+from fallback.mailbox.record import LUA as RECORD_LUA  # the Sent copy's bytes, any layout (issue 17)
+from fallback.mailbox.record import raw_of
 from fallback.maillog import MailLog
 from fallback.queues import delayed, dsn, hold, outbound, reliable
 from fallback.queues.dkim import Signer
@@ -54,13 +55,13 @@ log = logging.getLogger(__name__)
 # Taking a message: lease, attempt count and what to send in one round trip (one slot:
 # every key is the sender's).  {0}: someone else holds it; {1}: no record; {2, runs, record, raw};
 # {3}: the operator holds the sender's mail.  Taking ends the time to undo it (queues/delayed.py).
-_TAKE = """
+_TAKE = RECORD_LUA + """
 if redis.call('EXISTS', KEYS[4]) == 1 then return {3} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
 redis.call('HDEL', KEYS[2], 'undo')
 local runs = redis.call('HINCRBY', KEYS[2], 'runs', 1)
-return {2, runs, redis.call('HGETALL', KEYS[2]), redis.call('HGET', KEYS[3], 'raw')}
+return {2, runs, redis.call('HGETALL', KEYS[2]), raw_of(KEYS[3])}
 """
 
 

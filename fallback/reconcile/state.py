@@ -113,9 +113,9 @@ local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end
 return out
 """
-_RAW_LUA = """
+_RAW_LUA = record.LUA + """
 local out = {}
-for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], 'raw') or false end
+for i = 1, #KEYS do out[i] = raw_of(KEYS[i]) end
 return out
 """
 # Puts a message marked `appending` but never sent back to `pending`.  KEYS: the message,

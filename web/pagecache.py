@@ -1,0 +1,86 @@
+"""Rendered pages kept for the next request that would draw exactly the same page (issue 17:
+a folder or message page at about the cost of a health check).
+
+A page is a function of what it shows: the view's data (the rows of a folder page as the
+store returned them, a message's record and a digest of its bytes) and the request's own
+inputs that base.html reads (the user, the path with its query, the language, the time zone
+and today's date in it, the incident texts, the restored banner).  The cache key is all of
+those, compared in full (the message's bytes by a 128-bit BLAKE2 digest), so an entry can never be shown for a
+page whose data changed: new mail, a flag, a move changes the rows and so the key.  Nothing
+needs invalidating, and a stale entry is only memory, dropped least recently used.
+
+Two values differ on every response and are never part of an entry: the CSP nonce and the
+session's CSRF token.  A page is drawn with marks in their place (random per process and
+never sent, so no mail can contain one) and each response gets the request's own values written in
+(web/mailbox.py's `_cached_page`, which also adds the request's inputs to the key).
+
+Bounded by the characters of the kept pages (`--web-page-cache` per worker process; 0: off;
+the keys, a folder page's row values, add up to about half as much again); a page over an
+eighth of it is never kept.  One lock: gunicorn runs several threads per worker.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+
+def freeze(value: Any) -> Hashable:
+    """The view's data as a key: dicts, lists and tuples become tuples, recursively; str
+    (Markup included), numbers, bools and None stay as they are."""
+    if isinstance(value, dict):
+        return tuple((k, freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, (str, int, float, bool, type(None), bytes, frozenset)):
+        return value
+    raise TypeError(f"cannot key a page on {type(value).__name__}")
+
+
+class PageCache:
+    """Least recently used pages, bounded by the characters of their text."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.largest = limit_bytes // 8
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._pages: OrderedDict[Hashable, str] = OrderedDict()
+        self._lock = threading.Lock()
+        token = secrets.token_hex(12)
+        self.nonce_mark = f"nonce{token}"
+        self.csrf_mark = f"csrf{token}"
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def get(self, key: Hashable) -> str | None:
+        with self._lock:
+            page = self._pages.get(key)
+            if page is None:
+                self.misses += 1
+                return None
+            self._pages.move_to_end(key)
+            self.hits += 1
+            return page
+
+    def put(self, key: Hashable, page: str) -> None:
+        if len(page) > self.largest:
+            return
+        with self._lock:
+            old = self._pages.pop(key, None)
+            if old is not None:
+                self.used -= len(old)
+            self._pages[key] = page
+            self.used += len(page)
+            while self.used > self.limit:
+                _, dropped = self._pages.popitem(last=False)
+                self.used -= len(dropped)
+
+    def fill(self, page: str, nonce: str, csrf: str) -> str:
+        """A kept page with this response's nonce and CSRF token."""
+        return page.replace(self.nonce_mark, nonce).replace(self.csrf_mark, csrf)
