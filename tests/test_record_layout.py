@@ -55,22 +55,28 @@ from tests.webutil import log_in_as
 ALICE = "alice@example.com"
 
 
-def write_layout1(r: redis.Redis, address: str, msg_id: str, raw: bytes, folder: str = fields.INBOX,
-                  flags: tuple[str, ...] = (), kind: str = "received") -> None:
-    """A record exactly as the code before issue 17 stored it, with its index entries."""
-    now_ms = int(time.time() * 1000)
+def _write_old(r: redis.Redis, address: str, msg_id: str, record: dict[Any, Any], size: int,
+               folder: str, flags: tuple[str, ...], now_ms: int) -> None:
+    """An old layout's record with its index entries, as the code of that layout wrote them."""
     with r.pipeline(transaction=True) as pipe:
-        old: dict[Any, Any] = {"v": "1", "raw": raw, "folder": folder, "flags": " ".join(flags), "ts": now_ms,
-                               "size": len(raw), "kind": kind, "rstate": "pending", **headers.summarize(raw)}
-        pipe.hset(keys.message(address, msg_id), mapping=old)
+        pipe.hset(keys.message(address, msg_id), mapping=record)
         pipe.zadd(keys.folder(address, folder), {msg_id: now_ms})
         if fields.SEEN not in flags:
             pipe.sadd(keys.unseen(address), msg_id)
         pipe.sadd(keys.pending(address), msg_id)
         pipe.hincrby(keys.info(address), "messages", 1)
-        pipe.hincrby(keys.info(address), "bytes", len(raw))
+        pipe.hincrby(keys.info(address), "bytes", size)
         pipe.hset(keys.info(address), "mailstore", "default")
         pipe.execute()
+
+
+def write_layout1(r: redis.Redis, address: str, msg_id: str, raw: bytes, folder: str = fields.INBOX,
+                  flags: tuple[str, ...] = (), kind: str = "received") -> None:
+    """A record exactly as the code before issue 17 stored it, with its index entries."""
+    now_ms = int(time.time() * 1000)
+    old: dict[Any, Any] = {"v": "1", "raw": raw, "folder": folder, "flags": " ".join(flags), "ts": now_ms,
+                           "size": len(raw), "kind": kind, "rstate": "pending", **headers.summarize(raw)}
+    _write_old(r, address, msg_id, old, len(raw), folder, flags, now_ms)
 
 
 def write_layout2(r: redis.Redis, address: str, msg_id: str, raw: bytes, folder: str = fields.INBOX,
@@ -79,22 +85,13 @@ def write_layout2(r: redis.Redis, address: str, msg_id: str, raw: bytes, folder:
     now_ms = int(time.time() * 1000)
     meta = headers.summarize(raw)
     packed = "\0".join(["2", *(meta.get(name, "").replace("\0", "") for name in fields.PARSED)])
-    with r.pipeline(transaction=True) as pipe:
-        two: dict[Any, Any] = {"raw": compression.codec().pack(raw), "size": len(raw), "m": packed,
-                               "ts": now_ms, "folder": folder}
-        if flags:
-            two["flags"] = " ".join(flags)
-        if kind != "received":
-            two["kind"] = kind
-        pipe.hset(keys.message(address, msg_id), mapping=two)
-        pipe.zadd(keys.folder(address, folder), {msg_id: now_ms})
-        if fields.SEEN not in flags:
-            pipe.sadd(keys.unseen(address), msg_id)
-        pipe.sadd(keys.pending(address), msg_id)
-        pipe.hincrby(keys.info(address), "messages", 1)
-        pipe.hincrby(keys.info(address), "bytes", len(raw))
-        pipe.hset(keys.info(address), "mailstore", "default")
-        pipe.execute()
+    two: dict[Any, Any] = {"raw": compression.codec().pack(raw), "size": len(raw), "m": packed,
+                           "ts": now_ms, "folder": folder}
+    if flags:
+        two["flags"] = " ".join(flags)
+    if kind != "received":
+        two["kind"] = kind
+    _write_old(r, address, msg_id, two, len(raw), folder, flags, now_ms)
 
 
 def orphans(r: redis.Redis) -> list[bytes]:

@@ -98,19 +98,19 @@ def catch_up(r: redis.Redis, address: str) -> int:
         r.delete(lock)
 
 
-# KEYS: the mark, thread_of, the folders.  ARGV: SKEW_MS, BATCH.  1 when a message is unindexed.
+# KEYS: the mark, thread_of, the folders.  ARGV: SKEW_MS, BATCH.  {1} when a message is unindexed.
 # One round trip (issue 17: it runs before every message page) instead of three.
-_PENDING_LUA = """
+_PENDING_CHECK = """
 local low = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1]))
 for f = 3, #KEYS do
   local ids = redis.call('ZREVRANGEBYSCORE', KEYS[f], '+inf', low, 'LIMIT', 0, tonumber(ARGV[2]))
   if #ids > 0 then
     local known = redis.call('HMGET', KEYS[2], unpack(ids))
-    for k = 1, #ids do if not known[k] then return 1 end end
+    for k = 1, #ids do if not known[k] then return {1} end end
   end
 end
-return 0
 """
+_PENDING_LUA = _PENDING_CHECK + "return {0}\n"
 
 
 def _pending(r: redis.Redis, address: str) -> bool:
@@ -118,8 +118,9 @@ def _pending(r: redis.Redis, address: str) -> bool:
     has not seen: what is new comes last, so one look at the newest tells."""
     folders = [keys.folder(address, name) for name in FOLDERS]
     script = r.register_script(_PENDING_LUA)
-    return bool(script(keys=[keys.thread_mark(address), keys.thread_of(address), *folders],
-                       args=[SKEW_MS, BATCH]))
+    found: Any = script(keys=[keys.thread_mark(address), keys.thread_of(address), *folders],
+                        args=[SKEW_MS, BATCH])
+    return bool(found[0])
 
 
 def _candidates(r: redis.Redis, address: str, most: int) -> tuple[list[tuple[int, str]], bool]:
@@ -273,18 +274,10 @@ def conversation(r: redis.Redis, address: str, msg_id: str) -> tuple[list[str], 
     return [_text(i) for i in ids], int(total)
 
 
-# _PENDING_LUA's check, then the message's conversation (KEYS as there; ARGV: SKEW_MS, BATCH,
+# The pending check, then the message's conversation (KEYS as there; ARGV: SKEW_MS, BATCH,
 # the message id, the conversation keys' prefix, CONVERSATION_LIMIT).  {1} when the index is
 # behind, else {0, messages in the conversation, the newest ids}: a message page's one round trip.
-_CONVERSATION_LUA = """
-local low = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1]))
-for f = 3, #KEYS do
-  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[f], '+inf', low, 'LIMIT', 0, tonumber(ARGV[2]))
-  if #ids > 0 then
-    local known = redis.call('HMGET', KEYS[2], unpack(ids))
-    for k = 1, #ids do if not known[k] then return {1} end end
-  end
-end
+_CONVERSATION_LUA = _PENDING_CHECK + """
 local tid = redis.call('HGET', KEYS[2], ARGV[3])
 if not tid then return {0, 0, {}} end
 local key = ARGV[4] .. tid
