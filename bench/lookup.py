@@ -62,6 +62,7 @@ def load(r: redis.Redis, m: int) -> tuple[list[str], list[str]]:
     hashes = fake_bcrypt_hashes(m)
     olds = [f"old{i:07d}@d{i % 100}.example.com" for i in range(m // 2)]
     news = [f"new{i:07d}@d{i % 100}.example.com" for i in range(m // 2)]
+    r.hset(keys.DIR_META, "buckets", BUCKETS)  # fixed as this bench writes and reads them
     pipe = r.pipeline(transaction=False)
     for i, address in enumerate(olds):
         pipe.hset(keys.dir_bucket(address, BUCKETS), address, f"store{i % 4}\t{hashes[i]}")

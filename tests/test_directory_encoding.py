@@ -184,3 +184,35 @@ def test_send_many_reads_every_reply_and_raises_an_error_reply(sr: redis.Redis) 
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         send_many(sr, [("HGET", "k1", "f"), ("LPUSH", "k1", "x")])
     assert sr.ping()  # the connection that saw the error was not left half-read
+
+
+def test_the_default_bucket_count_follows_the_servers_compact_hash_limit() -> None:
+    from fallback.config import load_settings
+    from fallback.mailbox import directory
+
+    assert load_settings({}, env={}).directory_buckets == directory.DEFAULT_BUCKETS
+    assert directory.first_count(65536, 1024) == 16384  # at the limit: four times fuller buckets
+    assert directory.first_count(65536, 1023) == 65536  # one under it: the default
+    assert directory.first_count(65536, None) == 65536  # CONFIG refused: the default
+    assert directory.first_count(64, 1024) == 64  # a count the operator chose stays
+
+
+def test_a_new_directory_on_a_stock_and_on_an_embedded_like_server(sr: redis.Redis, r: redis.Redis) -> None:
+    # sr: default configuration (512 fields); r: the embedded Redis' settings (1,024).
+    assert ensure_buckets(sr, 65536) == 65536
+    assert ensure_buckets(r, 65536) == 16384
+    assert ensure_buckets(r, 1000) == 16384  # fixed at first use: later processes read it
+    assert asyncio.run(_async_count(r)) == 16384
+    r.delete(keys.DIR_META)
+    assert asyncio.run(_async_count(r)) == 16384
+    assert r.hget(keys.DIR_META, "buckets") == b"16384"
+
+
+async def _async_count(r: redis.Redis) -> int:
+    ar = aioredis.Redis(connection_pool=aioredis.ConnectionPool(**r.connection_pool.connection_kwargs))
+    try:
+        from fallback.mailbox.directory import ensure_buckets_async
+
+        return await ensure_buckets_async(ar, 65536)
+    finally:
+        await ar.aclose()

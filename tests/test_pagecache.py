@@ -118,7 +118,8 @@ def test_a_message_page_is_kept_and_follows_its_flags(client, r) -> None:
     assert two.text == one.text.replace(_nonce(one), _nonce(two))
     assert f'value="{token}"' in two.text
     assert 'value="unflag"' not in two.text
-    assert client.post(f"/message/{msg}/flags", data={"csrf_token": token, "action": "flag"}).status_code == 302
+    flagged = client.post(f"/message/{msg}/flags", data={"csrf_token": token, "action": "flag"})
+    assert flagged.status_code == 302
     assert 'value="unflag"' in client.get(f"/message/{msg}").text
 
 

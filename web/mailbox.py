@@ -208,7 +208,7 @@ def _request_inputs() -> tuple[Any, ...]:
     user, the path and query (the language switcher's `next`), the language, the time zone and
     today's date there (today's mail shows the time, older the date), the banners."""
     zone = prefs.current_zone()
-    return (g.user, request.method, request.full_path, i18n.current(), zone.name, zone.known,
+    return (g.user, request.method, request.full_path, i18n.select_locale(), zone.name, zone.known,
             datetime.now(zone.tz).date(), live_incident(), mailbox_restored())
 
 

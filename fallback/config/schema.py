@@ -94,7 +94,9 @@ class Settings:
         "on everything they show (an identical next request is served from it); 0: off",
         unit="bytes")
     # Directory and passwords.
-    directory_buckets: int = setting(65536, "Hash buckets of the user directory (fixed at first use)")
+    directory_buckets: int = setting(
+        65536, "Hash buckets of the user directory (fixed at first use; the default becomes 16384 "
+        "on a Redis that keeps hashes of 1,024 fields compact, as the embedded one does)")
     password_scheme: str = setting("ARGON2ID", "Scheme used to hash plain-text passwords on import")
     directory_cache_ttl: float = setting(
         10.0, "Seconds a receiver reuses a found mailbox's directory record (0: look up every RCPT)",
