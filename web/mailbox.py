@@ -19,11 +19,12 @@ import re
 import time
 from collections.abc import Callable, Hashable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext
+from markupsafe import Markup
 from werkzeug.exceptions import BadRequest
 
 from fallback import keys
@@ -135,7 +136,22 @@ def _folder_view(folder: str) -> Any:
     return _cached_page("folder.html", data, context, lambda: {"rows": display_rows(rows_of())})
 
 
-def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+class Row(NamedTuple):
+    """What one list row shows.  Attributes, not a dict: Jinja looks `m.who` up as an attribute
+    first, and a dict's miss costs an exception per cell (about a tenth of a drawn page)."""
+
+    id: str
+    unread: bool
+    flagged: bool
+    who: str
+    subject: str
+    pick: str
+    attach: bool
+    date: Markup
+    size: str
+
+
+def display_rows(rows: list[dict[str, str]]) -> list[Row]:
     """What each list row shows, computed in one Python pass: cheaper than filters per cell."""
     now = time.time()
     no_subject = gettext("(no subject)")
@@ -148,12 +164,9 @@ def display_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         flags = m["flags"].split()
         who = filters.sender_name(m["to"] if m["kind"] == "sent" else m["from"])
         subject = m["subject"] or no_subject
-        out.append({
-            "id": m["id"], "unread": fields.SEEN not in flags, "flagged": fields.FLAGGED in flags,
-            "who": who, "subject": subject, "pick": pick % {"who": who, "subject": subject},
-            "attach": m["attach"] == "1",
-            "date": when, "size": size(m["size"]),
-        })
+        out.append(Row(m["id"], fields.SEEN not in flags, fields.FLAGGED in flags, who, subject,
+                       pick % {"who": who, "subject": subject}, m["attach"] == "1", when,
+                       size(m["size"])))
     return out
 
 
