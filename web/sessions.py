@@ -39,7 +39,8 @@ class Session:
     csrf: str
 
 
-def _digest(token: str) -> str:
+def token_digest(token: str) -> str:
+    """What a session is stored under: a digest of its cookie, never the cookie itself."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -54,7 +55,7 @@ class SessionStore:
             self.revoke(replaces)
         token = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(32)
-        digest = _digest(token)
+        digest = token_digest(token)
         key = keys.web_session(digest)
         created = time.time()
         with self.r.pipeline(transaction=True) as pipe:
@@ -73,7 +74,7 @@ class SessionStore:
         if not token or len(token) > 100:
             return None
         now = time.time() if now is None else now
-        digest = _digest(token)
+        digest = token_digest(token)
         key = keys.web_session(digest)
         with self.r.pipeline(transaction=False) as pipe:
             pipe.hmget(key, ("user", "csrf", "created"))
@@ -97,7 +98,7 @@ class SessionStore:
         return Session(token, user.decode(), csrf.decode())
 
     def revoke(self, token: str) -> None:
-        digest = _digest(token)
+        digest = token_digest(token)
         key = keys.web_session(digest)
         user: bytes | None = self.r.hget(key, "user")  # type: ignore[assignment]
         self.r.delete(key)

@@ -10,10 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.commands.context import Context
+from fallback.commands.context import Context, check_limit, duration_option
 from fallback.commands.token import when
-from fallback.config.units import parse_duration
-from fallback.errors import InputError
 from fallback.ops import audit
 
 
@@ -28,14 +26,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    seconds = None
-    if args.since is not None:
-        try:
-            seconds = parse_duration(args.since)
-        except ValueError as exc:
-            raise InputError(f"--since: {exc}") from None
-    if args.limit <= 0:
-        raise InputError("--limit must be greater than 0")
+    seconds = duration_option(args.since, "--since")
+    check_limit(args.limit)
     entries = audit.since(ctx.redis(), seconds, count=args.limit)
     if args.format == "json":
         print(json.dumps([asdict(e) for e in entries], indent=1))

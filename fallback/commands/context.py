@@ -13,8 +13,27 @@ from rich.console import Console
 from rich.table import Table
 
 from fallback.config import Settings
+from fallback.config.units import parse_duration
+from fallback.errors import InputError
 
 Handler = Callable[["Context", argparse.Namespace], int]
+LIMIT_POSITIVE = "--limit must be greater than 0"
+
+
+def duration_option(value: str | None, flag: str) -> float | None:
+    """A duration flag's seconds (None when it was not given); a bad one is refused naming it."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise InputError(f"{flag}: {exc}") from None
+
+
+def check_limit(limit: int) -> None:
+    """--limit N of the listings: N must be 1 or more."""
+    if limit <= 0:
+        raise InputError(LIMIT_POSITIVE)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.commands.context import Context, columns_table
+from fallback.commands.context import Context, check_limit, columns_table
 from fallback.commands.queue import _span
 from fallback.errors import InputError
 from fallback.ops import audit
@@ -50,8 +50,7 @@ def _row(d: DeadLetter, now: float) -> dict[str, Any]:
 
 
 def list_dead(ctx: Context, args: argparse.Namespace) -> int:
-    if args.limit <= 0:
-        raise InputError("--limit must be greater than 0")
+    check_limit(args.limit)
     now = time.time()
     letters = forward_dead.scan(ctx.redis())
     rows = [_row(d, now) for d in letters[: args.limit]]
@@ -106,8 +105,7 @@ def _item_row(item: ForwardItem, now: float) -> dict[str, Any]:
 
 
 def list_forward(ctx: Context, args: argparse.Namespace) -> int:
-    if args.limit <= 0:
-        raise InputError("--limit must be greater than 0")
+    check_limit(args.limit)
     now = time.time()
     items = forward_ops.scan(ctx.redis())
     rows = [_item_row(i, now) for i in items[: args.limit]]

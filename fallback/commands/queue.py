@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fallback import keys
 from fallback.addresses import normalize_address
-from fallback.commands.context import Context, columns_table
+from fallback.commands.context import Context, check_limit, columns_table
 from fallback.errors import InputError
 from fallback.ops import audit
 from fallback.queues import hold, outbound
@@ -108,8 +108,7 @@ def _forward(args: argparse.Namespace) -> Any:
 def list_queue(ctx: Context, args: argparse.Namespace) -> int:
     if (forward := _forward(args)) is not None:
         return int(forward(ctx, args))
-    if args.limit <= 0:
-        raise InputError("--limit must be greater than 0")
+    check_limit(args.limit)
     now = time.time()
     items = outbound.scan(ctx.redis())
     rows = [_row(i, now) for i in items[: args.limit]]

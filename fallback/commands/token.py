@@ -11,9 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fallback.commands.context import Context
-from fallback.config.units import parse_duration
-from fallback.errors import InputError
+from fallback.commands.context import Context, duration_option
 from fallback.ops import audit, tokens
 
 
@@ -45,12 +43,7 @@ def when(ts: float | None, never: str = "never") -> str:
 
 
 def create_token(ctx: Context, args: argparse.Namespace) -> int:
-    expires = None
-    if args.expires is not None:
-        try:
-            expires = parse_duration(args.expires)
-        except ValueError as exc:
-            raise InputError(f"--expires: {exc}") from None
+    expires = duration_option(args.expires, "--expires")
     actor = audit.actor_name(args.actor)
     r = ctx.redis()
     token, rec = tokens.create(r, args.domain, args.name, expires, actor)

@@ -12,9 +12,8 @@ from typing import Any
 from rich.table import Table
 
 from fallback.addresses import normalize_address
-from fallback.commands.context import Context
+from fallback.commands.context import Context, check_limit, duration_option
 from fallback.commands.token import when
-from fallback.config.units import parse_duration
 from fallback.errors import InputError, NotFound
 from fallback.ops import trace
 
@@ -22,7 +21,6 @@ from fallback.ops import trace
 NO_TRACE = "no trace of message {id} (an unknown id, or its trace is older than trace_retention)"
 ID_OR_ADDRESS = "give a message ID or --address ADDR, not both"
 SINCE_NEEDS_ADDRESS = "--since lists an address's messages: give --address ADDR with it"
-LIMIT_POSITIVE = "--limit must be greater than 0"
 
 # Shown in their own columns; the rest of an event's fields go to `detail`.
 _OWN = ("time", "component", "event", "to", "outcome", "reply", "from", "dropped")
@@ -51,14 +49,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         if args.since is not None:
             raise InputError(SINCE_NEEDS_ADDRESS)
         return _message(ctx, args.id.strip(), args.format)
-    if args.limit <= 0:
-        raise InputError(LIMIT_POSITIVE)
-    seconds = None
-    if args.since is not None:
-        try:
-            seconds = parse_duration(args.since)
-        except ValueError as exc:
-            raise InputError(f"--since: {exc}") from None
+    check_limit(args.limit)
+    seconds = duration_option(args.since, "--since")
     try:
         address = normalize_address(args.address)
     except InputError as exc:

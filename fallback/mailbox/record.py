@@ -94,7 +94,10 @@ end
 local function own_raw(key, upto)
   local rk = raw_key(key)
   local t = redis.call('TYPE', rk)['ok']
-  if t == 'string' then return redis.call('GET', rk) end
+  if t == 'string' then  -- the start only, when that is all that is asked (a snippet)
+    if upto then return redis.call('GETRANGE', rk, 0, upto - 1) end
+    return redis.call('GET', rk)
+  end
   if t ~= 'hash' then return false end
   local parts, got = {}, 0
   for i = 1, redis.call('HLEN', rk) do

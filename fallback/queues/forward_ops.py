@@ -24,6 +24,7 @@ import redis
 
 from fallback import ids, keys
 from fallback.errors import InputError, NotFound
+from fallback.queues.reliable import in_flight
 
 _FIELDS = ("sender", "created", "attempts", "reply", "dead", "held", "last")
 
@@ -82,12 +83,7 @@ class ForwardItem:
 
 def _shard_items(r: redis.Redis, n: int) -> list[ForwardItem]:
     stream = keys.forward_stream_n(n)
-    inflight: set[str] = set()
-    try:
-        for p in r.xpending_range(stream, keys.FORWARD_GROUP, min="-", max="+", count=100_000):
-            inflight.add(_text(p["message_id"]))
-    except redis.ResponseError:
-        pass  # no group yet: no worker ever ran, nothing is in flight
+    inflight = in_flight(r, stream, keys.FORWARD_GROUP)
     found: dict[tuple[str, str], ForwardItem] = {}
     entries: Any = r.xrange(stream)
     for entry_id, entry in entries:

@@ -30,6 +30,7 @@ from fallback.errors import InputError, NotFound
 from fallback.mailbox import delivery, fields, headers
 from fallback.mailbox.record import read_raw  # a message's bytes, any layout, maybe zstd (issue 17)
 from fallback.queues import dsn
+from fallback.queues.reliable import in_flight
 from fallback.redisconn import is_cluster
 
 QUEUED, DEFERRED, DELIVERED, FAILED = "queued", "deferred", "delivered", "failed"
@@ -265,12 +266,7 @@ def ensure_groups(r: redis.Redis) -> None:
 
 def _stream_items(r: redis.Redis, n: int) -> Iterable[QueueItem]:
     stream = keys.outbound_stream_n(n)
-    inflight: set[str] = set()
-    try:
-        for p in r.xpending_range(stream, keys.OUTBOUND_GROUP, min="-", max="+", count=100_000):
-            inflight.add(_text(p["message_id"]))
-    except redis.ResponseError:
-        pass  # no group yet: no worker ever ran, nothing is in flight
+    inflight = in_flight(r, stream, keys.OUTBOUND_GROUP)
     entries: Any = r.xrange(stream)
     for entry_id, entry in entries:
         eid = _text(entry_id)

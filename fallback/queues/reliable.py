@@ -72,6 +72,16 @@ def text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def in_flight(r: Any, stream: str, group: str, most: int = 100_000) -> set[str]:
+    """The entry ids of `stream` that a worker of `group` holds unacknowledged (sync client):
+    what the queue listings show as "sending".  No group yet (no worker ever ran): none."""
+    try:
+        pending: Any = r.xpending_range(stream, group, min="-", max="+", count=most)
+    except ResponseError:
+        return set()
+    return {text(p["message_id"]) for p in pending}
+
+
 def stream_pairs(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]:
     """XREADGROUP's answer as (stream, entries) pairs, for RESP2 (list) and RESP3 (dict) alike."""
     if not reply:

@@ -12,7 +12,6 @@ cookie (`fallback_console_login`), signed for the console only.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from web.sessions import sign
+from web.sessions import sign, token_digest
 
 COOKIE = "fallback_console"
 PRE_COOKIE = "fallback_console_login"
@@ -36,10 +35,6 @@ class ConsoleSession:
     csrf: str
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 class ConsoleSessions:
     def __init__(self, r: redis.Redis, idle_timeout: float, max_age: float) -> None:
         self.r = r
@@ -48,7 +43,7 @@ class ConsoleSessions:
 
     def create(self, who: str) -> ConsoleSession:
         token, csrf, created = secrets.token_urlsafe(32), secrets.token_urlsafe(32), time.time()
-        key = keys.console_session(_digest(token))
+        key = keys.console_session(token_digest(token))
         with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"who": who, "csrf": csrf, "created": repr(created)})
             pipe.pexpire(key, min(self.idle_ms, int(self.max_age * 1000)))
@@ -60,7 +55,7 @@ class ConsoleSessions:
         if not token or len(token) > 100:
             return None
         now = time.time() if now is None else now
-        key = keys.console_session(_digest(token))
+        key = keys.console_session(token_digest(token))
         found: Any = self.r.hmget(key, ("who", "csrf", "created"))
         who, csrf, created = found
         if who is None or csrf is None:
@@ -73,7 +68,7 @@ class ConsoleSessions:
         return ConsoleSession(token, who.decode(), csrf.decode())
 
     def revoke(self, token: str) -> None:
-        self.r.delete(keys.console_session(_digest(token)))
+        self.r.delete(keys.console_session(token_digest(token)))
 
 
 def login_token(secret: str, pre_cookie: str) -> str:
