@@ -187,12 +187,17 @@ def main() -> int:
     if args.serve:
         kind, port = args.serve[0], int(args.serve[1])
         traced = {"trace-on": "14d", "trace-off": "0"}.get(kind)
-        server = (serve_noop(port) if kind == "noop"
-                  else serve_durable(port, args.serve[2], args.serve[3],
-                                     store=kind in ("durable", "trace-on", "trace-off", "zstd", "off"),
-                                     trace_retention=traced,
-                                     compression=kind if kind in ("zstd", "off") else None))
-        asyncio.run(server)
+        if kind == "noop":  # plain aiosmtpd on asyncio's own loop: the reference
+            asyncio.run(serve_noop(port))
+            return 0
+        server = serve_durable(port, args.serve[2], args.serve[3],
+                               store=kind in ("durable", "trace-on", "trace-off", "zstd", "off"),
+                               trace_retention=traced,
+                               compression=kind if kind in ("zstd", "off") else None)
+        from fallback.config import load_settings
+        from fallback.eventloop import run
+
+        run(server, load_settings({}, env={}))  # the receiver's own loop, as `fallback smtp` runs it
         return 0
     if args.trace_rounds:
         return trace_cost(args.trace_rounds, args.messages or 2000,

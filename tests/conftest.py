@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from fallback import eventloop
 from fallback.config import Settings, load_settings
 from fallback.intake.receiver import ReceiverServer
 from fallback.mailbox import directory, passwords
@@ -87,7 +88,7 @@ class ReceiverThread:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop(settings)  # the product's loop: uvloop by default
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: ReceiverServer | None = None
         self.port = 0

@@ -48,6 +48,7 @@ BAD = [
     ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"}, {}, None,
      "tls_cert: /nonexistent/cert.pem is not a readable file"),
     ({}, {"FALLBACK_LOG_LEVEL": "LOUD"}, None, "log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"),
+    ({}, {"FALLBACK_EVENT_LOOP": "trio"}, None, "event_loop: 'trio' is not one of uvloop, asyncio"),
     ({}, {"FALLBACK_PASSWORD_SCHEME": "MD5"}, None,
      "password_scheme: 'MD5' is not one of ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT"),
     ({}, {"FALLBACK_REDIS_URL": "http://user:pw@x"}, None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = {"addresses", "config", "embedded", "errors", "ids", "keys", "maillog", "redisconn"}
-RUNNER = {"service", "webserver"}  # the process runner: starts the components
+RUNNER = {"service", "webserver", "eventloop"}  # the process runner: starts the components
 # component -> the components it may import (besides the shared modules).  docs/architecture.md.
 ALLOWED = {
     "shared": set(),

@@ -178,6 +178,22 @@ def test_received_header_carries_the_id_and_bytes_are_exact(receiver: Any, r: re
     assert strip_trace(got) == raw  # smtplib dot-stuffs, the receiver un-stuffs: exact
 
 
+def test_the_received_date_is_the_second_it_was_written() -> None:
+    """The date text is kept per second (received._date): each line still shows its own second."""
+    import email.utils
+    import time
+
+    from fallback.mailbox import received
+
+    for _ in range(3):
+        before = int(time.time())
+        line = received.received_header("01J", "mx.test", "helo", "192.0.2.1", None, "ESMTP", None)
+        after = int(time.time())
+        date = line.decode().rstrip("\r\n").rpartition("; ")[2]
+        assert date in {email.utils.formatdate(t, localtime=False) for t in range(before, after + 1)}
+        time.sleep(0.6)
+
+
 def test_one_mail_log_line_per_message_and_outcome(receiver: Any, caplog: pytest.LogCaptureFixture,
                                                    receiver_factory: Any) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
@@ -321,3 +337,4 @@ def test_bare_line_ends_are_normalised(receiver: Any, r: redis.Redis) -> None:
 ])
 def test_normalize_line_ends(data: bytes, want: bytes, changed: bool) -> None:
     assert normalize_line_ends(data) == (want, changed)
+

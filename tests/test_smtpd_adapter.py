@@ -1,4 +1,5 @@
-"""Contract: what fallback/intake/smtpd_adapter.py relies on still exists in the installed aiosmtpd.
+"""Contract: what fallback/intake/smtpd_adapter.py (and its command loop, smtpd_loop.py) relies
+on still exists in the installed aiosmtpd.
 
 Each name in RELIES_ON is checked on aiosmtpd itself (not on our subclass),
 instance attributes on a real connection, and aiosmtpd's reply to an
@@ -19,10 +20,11 @@ from typing import Any
 import aiosmtpd.smtp
 import pytest
 
-from fallback.intake import smtpd_adapter
+from fallback.intake import smtpd_adapter, smtpd_loop
 from fallback.intake.smtpd_adapter import RELIES_ON, SIZE_REPLY
 
 ADAPTER = "fallback/intake/smtpd_adapter.py"
+LOOP = "fallback/intake/smtpd_loop.py"
 AIOSMTPD = f"aiosmtpd {version('aiosmtpd')}"
 LIMIT = 100
 
@@ -43,7 +45,7 @@ async def _dialogue() -> tuple[set[str], bytes]:
 
     def factory() -> aiosmtpd.smtp.SMTP:
         made.append(aiosmtpd.smtp.SMTP(Handler(), hostname="contract.test", data_size_limit=LIMIT,
-                                       loop=asyncio.get_running_loop()))
+                                       command_call_limit=LIMIT, loop=asyncio.get_running_loop()))
         return made[-1]
 
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
@@ -110,11 +112,12 @@ def test_only_the_adapter_imports_aiosmtpd() -> None:
     package = Path(smtpd_adapter.__file__).parents[1]
     users = sorted(str(p.relative_to(package.parent)) for p in package.rglob("*.py")
                    if re.search(r"^\s*(from|import) aiosmtpd", p.read_text(), re.M))
-    assert users == [ADAPTER], f"aiosmtpd is imported outside {ADAPTER}: {users}"
+    assert users == [ADAPTER, LOOP], f"aiosmtpd is imported outside {ADAPTER} and {LOOP}: {users}"
 
 
-def test_every_private_name_the_adapter_uses_is_declared() -> None:
-    source = Path(smtpd_adapter.__file__).read_text()
+@pytest.mark.parametrize("module", [smtpd_adapter, smtpd_loop])
+def test_every_private_name_the_adapter_uses_is_declared(module: Any) -> None:
+    source = Path(module.__file__).read_text()
     used = set(re.findall(r"(?:self|super\(\))\.(_[a-z]\w*)", source))
     own = set(re.findall(r"self\.(_[a-z]\w*)\s*(?::[^=\n]+)?=[^=]", source))
     own |= set(re.findall(r"def (_[a-z]\w*)", source)) - {n.rpartition(".")[2] for n in RELIES_ON}

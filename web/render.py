@@ -100,6 +100,41 @@ def header(msg: Message, name: str) -> str:
         return " ".join(str(raw[0]).split()) if raw else ""
 
 
+# Header values the stdlib's header objects would give back unchanged (after the whitespace
+# folding `header` does): printable ASCII without encoded words, and for the address headers
+# only plain `Name Words <local@domain>` or `local@domain` items, joined by ", ".  Parsing an
+# address header costs as much as the rest of a message page's headers (issue 17); anything
+# else takes the parser's path.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_ITEM = rf"(?:{_ATEXT}(?: {_ATEXT})* <{_DOT_ATOM}@{_DOT_ATOM}>|{_DOT_ATOM}@{_DOT_ATOM})"
+_PLAIN_ADDRESSES = re.compile(rf"{_ITEM}(?:, {_ITEM})*")
+_PRINTABLE = re.compile(r"[ -~]*")
+_PLAIN_KINDS = {"subject": None, "from": _PLAIN_ADDRESSES, "to": _PLAIN_ADDRESSES, "cc": _PLAIN_ADDRESSES}
+
+
+def shown_headers(msg: Message, names: tuple[str, ...]) -> dict[str, str]:
+    """header(msg, name) for each name, without the parser for the plain values above."""
+    first: dict[str, str] = {}
+    for key, value in msg.raw_items():
+        first.setdefault(key.lower(), value)
+    out = {}
+    for name in names:
+        lower = name.lower()
+        raw = first.get(lower)
+        if raw is None:
+            out[name] = ""
+            continue
+        if isinstance(raw, str) and lower in _PLAIN_KINDS and "=?" not in raw:
+            value = " ".join(raw.split())
+            shape = _PLAIN_KINDS[lower]
+            if _PRINTABLE.fullmatch(value) and (shape is None or shape.fullmatch(value)):
+                out[name] = value
+                continue
+        out[name] = header(msg, name)
+    return out
+
+
 def part_text(part: Message) -> str:
     """A text part's content, whatever its declared charset or encoding."""
     try:
@@ -277,7 +312,7 @@ def render(raw: bytes, remote: bool = False, own_hosts: frozenset[str] = frozens
     if msg is None:
         return _as_text(raw)
     try:
-        headers = {name: header(msg, name) for name in ("From", "To", "Cc", "Date", "Subject")}
+        headers = shown_headers(msg, ("From", "To", "Cc", "Date", "Subject"))
         out = Rendered(headers=headers)
         html_part = text_part = None
         for part in leaves(msg):

@@ -107,8 +107,8 @@ def server_options() -> argparse.ArgumentParser:
         ("status-show-scope", "BOOL"),
         # Issue 16: the message trace.
         ("trace-retention", "SECONDS"),
-        # Issue 17: stored messages compressed.
-        ("store-compression", "zstd|off"),
+        # Issue 17: stored messages compressed; the event loop.
+        ("store-compression", "zstd|off"), ("event-loop", "uvloop|asyncio"),
     ):
         g.add_argument(f"--{name}", metavar=metavar)
     g.add_argument("--demo", action="store_true", default=None,

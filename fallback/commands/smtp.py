@@ -8,7 +8,6 @@ Redis (or the embedded one a `fallback up` runs in the same --data-dir).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -18,6 +17,7 @@ from typing import Any
 
 from fallback.commands import forward
 from fallback.commands.context import Context
+from fallback.eventloop import run as run_loop
 from fallback.redisconn import resolve_url
 from fallback.service import PARENT_ENV, Service, check_demo_settings
 
@@ -49,5 +49,6 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     # resolve_url refuses (one line) when there is no Redis to join, instead of starting one.
     check_demo_settings(ctx.settings)  # before looking for a Redis: the reason is the setting
     settings = replace(ctx.settings, redis_url=resolve_url(ctx.settings))
-    asyncio.run(Service(settings, roles=("smtp", "forward") if settings.forward_to else ("smtp",)).run())
+    run_loop(Service(settings, roles=("smtp", "forward") if settings.forward_to else ("smtp",)).run(),
+             settings)
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from fallback.commands import forward, worker
 from fallback.commands.context import Context
+from fallback.eventloop import run as run_loop
 from fallback.service import Service
 
 
@@ -19,5 +19,5 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    asyncio.run(Service(ctx.settings).run())
+    run_loop(Service(ctx.settings).run(), ctx.settings)
     return 0

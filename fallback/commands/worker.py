@@ -14,6 +14,7 @@ from fallback.commands import forward
 from fallback.commands.context import Context
 from fallback.config import SMARTHOST_TLS
 from fallback.errors import ConfigError
+from fallback.eventloop import run as run_loop
 from fallback.ops import metrics
 from fallback.ops.trace import TraceBuffer
 from fallback.redisconn import async_client, resolve_url
@@ -57,13 +58,13 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         from fallback.service import Service
 
         settings = replace(settings, redis_url=resolve_url(settings), demo=False)
-        asyncio.run(Service(settings, roles=("worker", "forward")).run())
+        run_loop(Service(settings, roles=("worker", "forward")).run(), settings)
         return 0
     if not settings.smarthost:
         raise ConfigError("smarthost: not set; give --smarthost HOST:PORT (or FALLBACK_SMARTHOST)")
     if settings.hostname is None:
         settings = replace(settings, hostname=socket.gethostname())
-    asyncio.run(_serve(settings))
+    run_loop(_serve(settings), settings)
     return 0
 
 

@@ -50,6 +50,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("web_page_cache: must be 0 (off) or more bytes (e.g. 32MiB)")
     if s.smtp_workers < 0:
         raise ConfigError("smtp_workers: must be 0 (one per CPU) or more")
+    if s.event_loop not in ("uvloop", "asyncio"):  # issue 17: service.run
+        raise ConfigError(f"event_loop: {s.event_loop!r} is not one of uvloop, asyncio")
     if s.store_compression not in ("zstd", "off"):  # issue 17: compression.CHOICES
         raise ConfigError(f"store_compression: {s.store_compression!r} is not one of zstd, off")
     _together(s, "tls_cert", "tls_key")

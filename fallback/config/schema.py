@@ -293,6 +293,10 @@ class Settings:
     reconcile_mailbox_connections: int = setting(
         4, "fallback reconcile: IMAP connections one mailbox with more than 100 messages to append "
         "is worked over, each taking the next 100 (up to concurrency x this connections in all)")
+    # Issue 17 (intake): the event loop the receiver and the workers run on (service.run).
+    event_loop: str = setting(
+        "uvloop", "Event loop of fallback up, smtp and worker: uvloop (libuv; about a tenth less "
+        "CPU per SMTP connection) or asyncio (the standard library's)")
     # Issue 17 (RAM per stored message, fallback/mailbox/compression.py): stored bytes in zstd.
     store_compression: str = setting(
         "zstd", "How the receiver stores each message's bytes: zstd (compressed when that saves "

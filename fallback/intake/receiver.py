@@ -46,9 +46,9 @@ from fallback.errors import (
 from fallback.ids import new_id
 from fallback.intake import addressing, routing
 from fallback.intake.clientlimits import ClientLimits
+from fallback.intake.connections import ConnectionTracker
 from fallback.intake.memoryguard import MemoryGuard
 from fallback.intake.smtpd_adapter import (
-    ConnectionTracker,
     FallbackEnvelope,
     FallbackSMTP,
     ProtocolFactory,

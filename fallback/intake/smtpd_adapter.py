@@ -1,4 +1,5 @@
-"""The one place that touches aiosmtpd's internals: our SMTP protocol subclass.
+"""The one place that touches aiosmtpd's internals: our SMTP protocol subclass (with its base
+class in smtpd_loop, the command loop).
 
 aiosmtpd gives the receiver its SMTP state machine; the handler
 (receiver.Receiver) sees only aiosmtpd's documented hooks (handle_MAIL,
@@ -26,7 +27,9 @@ rather than in production:
   recipient's mailstore from RCPT to DATA;
 * aiosmtpd's own reply for a declared SIZE over the limit, rewritten into our
   enhanced code (push, SIZE_REPLY);
-* the EHLO reply written at once (smtp_EHLO), not one write and drain per line;
+* the command loop (_handle_client) and the plain form of EHLO, HELO, MAIL, RCPT, RSET and
+  NOOP, answered with less work per line by our base class smtpd_loop.LeanSMTP (its names
+  are listed here too);
 * one instance per connection made without aiosmtpd's constructor each time
   (ProtocolFactory: a copy of a template's state, with the stream protocol's state,
   the command table _smtp_methods and the AUTH table _auth_methods made anew).
@@ -38,20 +41,20 @@ import asyncio
 import logging
 import math
 import ssl
-import time
-from collections import Counter
 from collections.abc import Callable
 from types import MethodType
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, syntax
+from aiosmtpd.smtp import Envelope, Session, _AuthMechAttr, syntax
 
 from fallback.errors import MessageTooBig, TooManyConnections, TooManyMessages
 from fallback.intake.addressing import Resolution
-from fallback.intake.clientlimits import STRESS_SHARE, Client, ClientLimits
+from fallback.intake.clientlimits import Client
+from fallback.intake.connections import ConnectionTracker
+from fallback.intake.smtpd_loop import LeanSMTP
 from fallback.intake.smtpsyntax import read_data, simple_path
 
-__all__ = ["RELIES_ON", "SIZE_REPLY", "ConnectionTracker", "FallbackEnvelope", "FallbackSMTP",
+__all__ = ["RELIES_ON", "SIZE_REPLY", "FallbackEnvelope", "FallbackSMTP",
            "ProtocolFactory", "Session"]
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,15 @@ RELIES_ON: tuple[str, ...] = (
     "SMTP.line_length_limit", "SMTP.local_part_limit",
     "SMTP._getaddr", "SMTP._getparams", "SMTP._create_envelope", "SMTP._call_handler_hook",
     "SMTP._set_post_data_state", "SMTP.smtp_EHLO", "SMTP.command_size_limits",
+    # smtpd_loop.LeanSMTP: the loop it replaces, and what that loop and the fast paths read.
+    "aiosmtpd.smtp.ALLOWED_BEFORE_STARTTLS", "aiosmtpd.smtp.BOGUS_LIMIT",
+    "aiosmtpd.smtp.TLSSetupException", "SMTP._handle_client", "SMTP.command_size_limit",
+    "SMTP._set_rset_state", "SMTP.handle_exception", "SMTP()._enforce_call_limit",
+    "SMTP()._call_limit_base", "SMTP()._call_limit_default", "SMTP()._tls_handshake_okay",
+    "SMTP()._tls_protocol", "SMTP().require_starttls", "SMTP()._auth_required",
+    "SMTP()._auth_require_tls", "SMTP()._ehlo_hook_ver", "SMTP()._decode_data",
+    "SMTP().__ident__", "SMTP().hostname", "SMTP().enable_SMTPUTF8", "SMTP().tls_context",
+    "Envelope().smtp_utf8", "Session().authenticated",
     "aiosmtpd.smtp._AuthMechAttr", "SMTP()._smtp_methods", "SMTP()._auth_methods",
     "SMTP()._handle_hooks", "SMTP._cb_client_connected",
     "SMTP.check_helo_needed", "SMTP.check_auth_needed", "SMTP.push", "SMTP.smtp_DATA",
@@ -94,65 +106,6 @@ IDLE_REPLY = "421 4.4.2 Idle time limit exceeded, closing"
 SLOW_DATA_REPLY = "421 4.4.2 Data too slow, closing"
 
 
-class ConnectionTracker:
-    """Counts live connections, in total and per client prefix (clientlimits: the /32 and its
-    /24, or the /64), for the 421 caps, the stress-dependent idle timeout, and shutdown."""
-
-    def __init__(self, total: int, limits: ClientLimits) -> None:
-        self.total = total
-        self.limits = limits
-        self.by_prefix: Counter[str] = Counter()
-        self.connections: set[FallbackSMTP] = set()
-        self.shutting_down = False
-        self.stress_at = max(1, math.ceil(total * STRESS_SHARE))
-        self._rearmed_at = -math.inf
-
-    @property
-    def stressed(self) -> bool:
-        return len(self.connections) >= self.stress_at
-
-    @property
-    def idle_timeout(self) -> float:
-        """Postfix's stress-dependent behaviour: near the total cap, idle clients get a short
-        time, so that slow or silent ones cannot keep the slots from senders with mail."""
-        return self.limits.stress_idle_timeout if self.stressed else self.limits.idle_timeout
-
-    def admit(self, conn: FallbackSMTP, client: Client) -> bool:
-        if self.shutting_down or len(self.connections) >= self.total:
-            return False
-        if not client.trusted:
-            allowed = client.allowances(self.limits.connections_per_client)
-            if any(self.by_prefix[p] >= n for p, n in zip(client.prefixes, allowed, strict=True)):
-                return False
-            self.by_prefix.update(client.prefixes)
-        calm = not self.stressed
-        self.connections.add(conn)
-        if calm and self.stressed:
-            self._stress_begins(conn)
-        return True
-
-    def _stress_begins(self, conn: FallbackSMTP) -> None:
-        """The shorter idle time holds for the connections already in, too.  At most once per
-        stress_idle_timeout: a count that hovers at the threshold must not cost a pass over
-        every connection per new one (those let in meanwhile wait one stress timeout more)."""
-        now = time.monotonic()
-        if now - self._rearmed_at < self.limits.stress_idle_timeout:
-            return
-        self._rearmed_at = now
-        for other in self.connections:
-            if other is not conn:  # conn's own timer starts once aiosmtpd has set it up
-                other.rearm()
-
-    def release(self, conn: FallbackSMTP, client: Client) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            if not client.trusted:
-                self.by_prefix.subtract(client.prefixes)
-                for p in client.prefixes:
-                    if self.by_prefix[p] <= 0:
-                        del self.by_prefix[p]
-
-
 class FallbackEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
@@ -171,7 +124,7 @@ class LimitLog(Protocol):
     def __call__(self, conn: FallbackSMTP, reply: str, /, reason: str | None = None) -> None: ...
 
 
-class FallbackSMTP(SMTP):
+class FallbackSMTP(LeanSMTP):
     # aiosmtpd's stream buffer limit: the longest command line, and the largest piece
     # DATA is read in.  DATA lines themselves may be longer than RFC 5322's 998 octets
     # (HTML from bad generators): refusing them would bounce real mail.
@@ -200,7 +153,6 @@ class FallbackSMTP(SMTP):
         self._bytes_in = 0
         self._in_data = False
         self._in_hook = False
-        self._gathering: list[bytes] | None = None  # the EHLO reply's lines, while it is made
 
     def _create_envelope(self) -> FallbackEnvelope:
         return FallbackEnvelope()
@@ -383,18 +335,6 @@ class FallbackSMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        # aiosmtpd writes (and drains) each line of the reply on its own: five system calls
-        # where one does, a tenth of the time of a connection that brings one message.
-        self._gathering = []
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            lines, self._gathering = self._gathering, None
-        if lines:
-            await super().push(b"\r\n".join(lines))
-
     async def push(self, status: Any) -> None:
         raw = status.encode("ascii", "replace") if isinstance(status, str) else bytes(status)
         rewritten = _REPLY_REWRITES.get(raw)
@@ -402,9 +342,6 @@ class FallbackSMTP(SMTP):
             raw = rewritten
             # aiosmtpd enforces these limits itself, before our handler sees the message.
             self.on_limit(self, raw.decode())
-        if self._gathering is not None:
-            self._gathering.append(raw)
-            return
         await super().push(raw)
 
 
