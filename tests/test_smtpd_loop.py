@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import pprint
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import aiosmtpd.smtp
 import pytest
+import uvloop
 
-from fallback.intake.smtpd_loop import LeanSMTP
+from fallback.intake.smtpd_loop import DRAIN_AT, LeanSMTP
 
 READ_TIMEOUT = 5
 REFUSED = "refused@y.test"
@@ -352,3 +354,76 @@ CASES = [(config, handler) for config in CONFIGS for handler in HANDLERS
 def test_lean_smtp_answers_as_aiosmtpd(config: str, handler: str) -> None:
     differences = asyncio.run(asyncio.wait_for(_compare(CONFIGS[config], HANDLERS[handler]), 60))
     assert differences == [], pprint.pformat(differences, width=110)
+
+
+
+# --- the drain limit: a client that does not read its replies ----------------------------
+
+class Watched(LeanSMTP):
+    """LeanSMTP noting the write buffer after each reply it wrote without waiting, and at each
+    drain it waited in."""
+
+    def __init__(self, *args: Any, seen: dict[str, list[int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A small kernel send buffer, so that what the client leaves unread piles up here.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        super().connection_made(transport)
+        drain = self._writer.drain
+
+        async def noted_drain() -> None:
+            self.seen["drained at"].append(self._writer.transport.get_write_buffer_size())
+            await drain()
+
+        self._writer.drain = noted_drain  # type: ignore[method-assign]
+
+    async def push(self, status: Any) -> None:
+        drains = len(self.seen["drained at"])
+        await super().push(status)
+        if len(self.seen["drained at"]) == drains:
+            self.seen["kept"].append(self._writer.transport.get_write_buffer_size())
+
+
+async def _unread_noops(count: int) -> tuple[dict[str, list[int]], int]:
+    """`count` pipelined NOOPs from a client that reads nothing for a while: what the server
+    kept in its buffer, and how many replies the client got in the end."""
+    loop = asyncio.get_running_loop()
+    seen: dict[str, list[int]] = {"kept": [], "drained at": []}
+    server = await loop.create_server(lambda: Watched(Recorder(), hostname="same.test", seen=seen),
+                                      "127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, server.sockets[0].getsockname())
+        sending = asyncio.ensure_future(loop.sock_sendall(sock, b"NOOP\r\n" * count + b"QUIT\r\n"))
+        await asyncio.sleep(1.0)  # not reading: the server's buffer fills, then it must wait
+        got = b""
+        while not got.endswith(b"221 Bye\r\n"):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+            if not chunk:
+                break
+            got += chunk
+        await asyncio.wait_for(sending, READ_TIMEOUT)
+    finally:
+        sock.close()
+        server.close()
+        await server.wait_closed()
+    return seen, got.count(b"250 OK\r\n")
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])  # the receiver runs on uvloop
+def test_replies_a_client_does_not_read_are_held_up_to_the_drain_limit(loop_kind: str) -> None:
+    """Up to DRAIN_AT bytes waiting, a reply is written without waiting (the limit); past it,
+    the loop waits for the client to read before it takes the next command: never more than one
+    reply over the limit is held, and every reply still arrives."""
+    count = 3 * DRAIN_AT // len(b"250 OK\r\n")  # three times what the limit holds
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    seen, replies = run(asyncio.wait_for(_unread_noops(count), 60))
+    assert replies == count
+    assert seen["drained at"], "the client never read, yet the server never waited"
+    assert all(size > DRAIN_AT for size in seen["drained at"])  # past the limit: it waits
+    assert max(seen["kept"]) <= DRAIN_AT  # at the limit: it writes on
+    assert max(seen["kept"]) > DRAIN_AT // 2  # (the buffer did fill towards the limit)
