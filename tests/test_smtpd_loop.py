@@ -427,3 +427,37 @@ def test_replies_a_client_does_not_read_are_held_up_to_the_drain_limit(loop_kind
     assert all(size > DRAIN_AT for size in seen["drained at"])  # past the limit: it waits
     assert max(seen["kept"]) <= DRAIN_AT  # at the limit: it writes on
     assert max(seen["kept"]) > DRAIN_AT // 2  # (the buffer did fill towards the limit)
+
+
+class Proxied(Hooked):
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: Any) -> bool:
+        self.calls.append(("PROXY", str(proxy_data.src_addr)))
+        return True
+
+
+def test_with_the_proxy_protocol_aiosmtpd_s_own_loop_answers() -> None:
+    """LeanSMTP leaves a PROXY handshake, and the session after it, to aiosmtpd's loop."""
+
+    async def both() -> dict[str, tuple[list[bytes], list[tuple[Any, ...]]]]:
+        loop = asyncio.get_running_loop()
+        out = {}
+        for name, cls in (("stock", aiosmtpd.smtp.SMTP), ("lean", LeanSMTP)):
+            handler = Proxied()
+            server = await loop.create_server(
+                lambda cls=cls, handler=handler: cls(handler, hostname="same.test", loop=loop,
+                                                     proxy_protocol_timeout=5), "127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            writer.write(b"PROXY TCP4 192.0.2.7 192.0.2.8 1111 25\r\nEHLO c.test\r\n"
+                         b"MAIL FROM:<a@b.test>\r\nQUIT\r\n")
+            received = b""
+            while chunk := await asyncio.wait_for(reader.read(65536), READ_TIMEOUT):
+                received += chunk
+            writer.close()
+            server.close()
+            await server.wait_closed()
+            out[name] = (received.split(b"\r\n"), handler.calls)
+        return out
+
+    got = asyncio.run(asyncio.wait_for(both(), 30))
+    assert got["lean"] == got["stock"]
+    assert ("PROXY", "192.0.2.7") in got["lean"][1] and got["lean"][0][-2] == b"221 Bye"

@@ -77,7 +77,7 @@ RELIES_ON: tuple[str, ...] = (
     "SMTP()._tls_protocol", "SMTP().require_starttls", "SMTP()._auth_required",
     "SMTP()._auth_require_tls", "SMTP()._ehlo_hook_ver", "SMTP()._decode_data",
     "SMTP().__ident__", "SMTP().hostname", "SMTP().enable_SMTPUTF8", "SMTP().tls_context",
-    "Envelope().smtp_utf8", "Session().authenticated",
+    "SMTP()._proxy_timeout", "Envelope().smtp_utf8", "Session().authenticated",
     "aiosmtpd.smtp._AuthMechAttr", "SMTP()._smtp_methods", "SMTP()._auth_methods",
     "SMTP()._handle_hooks", "SMTP._cb_client_connected",
     "SMTP.check_helo_needed", "SMTP.check_auth_needed", "SMTP.push", "SMTP.smtp_DATA",

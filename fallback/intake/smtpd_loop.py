@@ -63,7 +63,10 @@ class LeanSMTP(SMTP):
             await self._writer.drain()
 
     async def _handle_client(self) -> None:
-        """aiosmtpd 1.4's loop, step for step, without its per-line logging (PROXY is not used)."""
+        """aiosmtpd 1.4's loop, step for step, without its per-line logging."""
+        if self._proxy_timeout is not None:  # the PROXY handshake first: aiosmtpd's own loop
+            await super()._handle_client()
+            return
         await self.push(f"220 {self.hostname} {self.__ident__}")
         budgets: dict[str, int] | None = dict(self._call_limit_base) if self._enforce_call_limit else None
         bogus = BOGUS_LIMIT
