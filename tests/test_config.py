@@ -72,6 +72,14 @@ BAD = [
     ({}, {}, "smtp_port = true\n", "{path}: smtp_port: expected a number, got True"),
     ({}, {}, "smpt_port = 25\n", "config file {path}: unknown setting 'smpt_port'"),
     ({}, {}, "smtp_port = \n", "config file {path}: Invalid value (at line 1, column 13)"),
+    # Issue 17: the page cache; issue 16: the message trace.
+    ({"web_page_cache": "-1"}, {}, None,
+     "--web-page-cache: not a size: '-1' (use e.g. 52428800, 50MiB, 512KiB)"),
+    ({}, {}, "web_page_cache = -1\n", "web_page_cache: must be 0 (off) or more bytes (e.g. 32MiB)"),
+    ({"trace_retention": "-5"}, {}, None,
+     "--trace-retention: not a duration: '-5' (use e.g. 60, 90s, 10m, 5d)"),
+    ({}, {}, "trace_retention = -5\n",
+     "trace_retention: must be 0 (no trace) or more seconds (e.g. 14d)"),
 ]
 
 

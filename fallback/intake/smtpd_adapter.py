@@ -27,8 +27,8 @@ rather than in production:
   recipient's mailstore from RCPT to DATA;
 * aiosmtpd's own reply for a declared SIZE over the limit, rewritten into our
   enhanced code (push, SIZE_REPLY);
-* the command loop (_handle_client) and the plain form of EHLO, HELO, MAIL, RCPT, RSET and
-  NOOP, answered with less work per line by our base class smtpd_loop.LeanSMTP (its names
+* the command loop (_handle_client) and the plain form of EHLO, HELO, MAIL, RCPT, RSET,
+  NOOP and QUIT, answered with less work per line by our base class smtpd_loop.LeanSMTP (its names
   are listed here too);
 * one instance per connection made without aiosmtpd's constructor each time
   (ProtocolFactory: a copy of a template's state, with the stream protocol's state,

@@ -6,11 +6,12 @@ message (docs/performance.md, issue 17): every line is sanitised and formatted f
 calls, every reply is written and drained on its own, and each command goes through two
 awaited checks before it does anything.  `LeanSMTP` keeps aiosmtpd's loop step for step
 (the same replies, limits, budgets and exceptions) with that work left out, and answers the
-common form of EHLO, HELO, MAIL, RCPT, RSET and NOOP itself.  Anything else, and any
+common form of EHLO, HELO, MAIL, RCPT, RSET, NOOP and QUIT itself.  Anything else, and any
 command that is not in its plain form (a parser's case, an error, a handler hook for it),
 goes to aiosmtpd's own method, which gives the answer.  tests/test_smtpd_loop.py runs the
 same dialogues, errors included, through this and through stock aiosmtpd and compares every
-reply.  Like the rest of the adapter, what this uses of aiosmtpd is in smtpd_adapter.RELIES_ON.
+reply.  A session with the PROXY protocol is aiosmtpd's own loop throughout.  Like the rest
+of the adapter, what this uses of aiosmtpd is in smtpd_adapter.RELIES_ON.
 """
 
 from __future__ import annotations
