@@ -45,8 +45,9 @@ def setup_logging(settings: Settings) -> None:
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(maillog.LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[stderr])
     mail = logging.getLogger(maillog.LOGGER_NAME)
     try:
         handler = maillog.handler(settings.mail_log)  # a file, syslog, or None: stderr

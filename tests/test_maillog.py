@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Iterator
 
-from fallback.maillog import FIELDS, LOGGER_NAME, MailLog
+from fallback.maillog import FIELDS, LOGGER_NAME, LineFormatter, MailLog
 
 
 class Lines(logging.Handler):
@@ -100,3 +100,18 @@ def test_a_hostile_value_cannot_forge_a_line_a_field_or_drive_a_terminal():
         quoted = re.search(r' user=("(?:[^"\\]|\\.)*"|\S*)', line).group(1)
         inner = quoted[1:-1] if quoted.startswith('"') else quoted
         assert inner.encode().decode("unicode_escape") == value
+
+
+def test_line_formatter_writes_what_loggings_formatter_writes() -> None:
+    # LineFormatter keeps the date text of a second; each line must still read exactly as the
+    # standard Formatter writes it, within a second, across seconds and back in time.
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    ours, standard = LineFormatter(fmt), logging.Formatter(fmt)
+    for created in (1796155889.001, 1796155889.999, 1796155890.0, 1796155890.5, 1796155889.25,
+                    1796159999.75, 0.0):
+        record = logging.makeLogRecord({"msg": "event=received id=X", "levelname": "INFO",
+                                        "name": LOGGER_NAME, "created": created,
+                                        "msecs": (created - int(created)) * 1000})
+        assert ours.format(record) == standard.format(record)
+    record.created, record.msecs = 1796155889.5, 500.0
+    assert ours.formatTime(record, "%H:%M") == standard.formatTime(record, "%H:%M")

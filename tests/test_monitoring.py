@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import smtplib
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from redis.retry import Retry
 from fallback import keys
 from fallback.config import Settings
 from fallback.mailbox import directory
-from fallback.maillog import MailLog, format_event
+from fallback.maillog import MailLog, _quote, format_event
 from fallback.ops import failover, metrics
 from fallback.queues import outbound
 from fallback.redisconn import async_client
@@ -234,6 +235,19 @@ def test_readyz_read_only_replica(settings: Settings, replica: redis.Redis) -> N
 ])
 def test_mail_log_quoting(value: Any, written: str) -> None:
     assert format_event("received", id="X", to=value, skipped=None) == f"event=received id=X to={written}"
+
+
+def test_mail_log_lines_written_in_one_scan_match_the_value_by_value_quoting() -> None:
+    # format_event writes a line with nothing to quote as it is, after one scan of all its
+    # values: every line must be exactly what quoting each value on its own gives.
+    rng = random.Random(17)
+    alphabet = ['a', 'Z', '0', '@', '.', '-', ' ', '=', '"', '\\', '\r', '\n', '\t', '\x00',
+                '\x1b', '\x7f', '\x85', '\u00a0', '\u2028', '\u3000', 'é', '']
+    for _ in range(3000):
+        values = {f"k{i}": "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 4)))
+                  for i in range(rng.randrange(1, 6))}
+        expected = " ".join(["event=e", *(f"{k}={_quote(v)}" for k, v in values.items())])
+        assert format_event("e", **values) == expected, values
 
 
 def test_mail_log_quotes_every_kind_of_whitespace() -> None:

@@ -390,3 +390,4 @@ class ReceiverServer:
         if self.server is not None:
             await self.server.wait_closed()
         await self.tracker.limits.aclose()  # the message counts of the last moment go to Redis
+        await self.handler.batcher.aclose()

@@ -44,6 +44,7 @@ class DeliveryBatcher:
         self.waiting: collections.deque[tuple[list[str], list[Any], asyncio.Future[int]]] = (
             collections.deque())
         self.drainer: asyncio.Task[None] | None = None
+        self.conn: Any = None  # a redis-py connection of r's pool, kept (see _connection)
         # Cluster only: status counters of stored messages, added to Redis after the next
         # batch (see count) so that no 250 waits for a second write.
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -114,26 +115,46 @@ class DeliveryBatcher:
         return results
 
     async def _send_direct(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> list[Any]:
-        """One server (or Sentinel's primary): the batch's commands written at once on one pooled
-        connection and their replies read in order.  redis-py's Pipeline does the same with
-        about twice the CPU per command, and this is the receiver's hottest path.  A large
-        message goes out in pieces, itself, never copied whole (deliverscript.pack_call)."""
+        """One server (or Sentinel's primary): the batch's commands written at once on the
+        batcher's own connection and their replies read in order.  redis-py's Pipeline does the
+        same with about twice the CPU per command, and this is the receiver's hottest path.  A
+        large message goes out in pieces, itself, never copied whole (deliverscript.pack_call)."""
         commands: list[tuple[Any, ...]] = [
             ("EVALSHA", DELIVER_SHA, len(keys_), *keys_, *args) for keys_, args, _ in batch]
         if self.replicas is not None:
             commands.append(self.replicas.command())  # same connection: it covers these writes
-        pool = self.r.connection_pool
-        conn = await pool.get_connection()
+        conn = await self._connection()
         try:
             await _write(conn, [piece for c in commands for piece in pack_call(c)])
             results = await read_replies(conn, len(commands))
         except BaseException:
             # A reply may be left unread: this connection must not be reused as it is.
+            self.conn = None
             await conn.disconnect()
+            await self.r.connection_pool.release(conn)
             raise
-        finally:
-            await pool.release(conn)
         return results
+
+    async def _connection(self) -> Any:
+        """The connection the batches go out on, kept between batches: the pool's checkout and
+        release cost more than writing a batch of one (issue 17).  Before each batch it is
+        checked for what Redis closed meanwhile (a restart, CLIENT KILL, its idle `timeout`),
+        which the pool's checkout no longer does with redis-py 8's maintenance notifications
+        on: such a connection is made anew rather than failing the batch."""
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = await self.r.connection_pool.get_connection()
+        elif conn.is_connected and await conn.can_read():  # EOF or stray bytes: not reusable
+            await conn.disconnect()  # the write connects again
+        return conn
+
+    async def aclose(self) -> None:
+        """After the batch in flight, the kept connection goes back to the pool."""
+        if self.drainer is not None and not self.drainer.done():
+            await asyncio.wait([self.drainer])
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await self.r.connection_pool.release(conn)
 
     async def _execute_one(self, item: tuple[list[str], list[Any], asyncio.Future[int]]) -> int:
         keys_, args, _ = item

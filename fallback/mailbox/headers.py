@@ -44,8 +44,7 @@ def _lines(raw: bytes) -> list[bytes]:
     """
     if raw[:1] in (b"\r", b"\n"):
         return []
-    m = _EMPTY_LINE.search(raw)
-    lines = (raw if m is None else raw[: m.start()]).splitlines()
+    lines = raw[: _header_end(raw)].splitlines()
     for n, line in enumerate(lines):
         if line[:1] not in (b" ", b"\t") and not _NAME.match(line) and not line.startswith(b"From "):
             del lines[n:]  # not a field: the body starts here, as the stdlib parser says
@@ -53,6 +52,19 @@ def _lines(raw: bytes) -> list[bytes]:
     if len(lines) > 1 and lines[-1].startswith(b"From "):
         lines.pop()  # a `From ` line last in the header is taken for the body's first line
     return lines
+
+
+def _header_end(raw: bytes) -> int:
+    """Where the empty line after the header starts (the length of `raw` when there is none)."""
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[:end]
+    # Every line end before it a CRLF (as SMTP delivers mail): no empty line comes earlier, and
+    # a search in C finds it; only other line ends need the pattern.
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") == crlf and head.count(b"\n") == crlf:
+        return len(raw) if end < 0 else end
+    m = _EMPTY_LINE.search(raw)
+    return len(raw) if m is None else m.start()
 
 
 def block(raw: bytes) -> bytes:
