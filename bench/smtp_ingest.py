@@ -43,6 +43,11 @@ connection per message and with kept connections (bench/versus_postfix.py); prin
 messages/s and CPU per message of each, and the receiver/postfix and receiver/no-op ratios.
 
     .venv/bin/python bench/smtp_ingest.py --postfix-rounds 5 --messages 2000   # 10 and 50 connections
+
+`--instructions N` counts the durable receiver's and the no-op's instructions per message
+under callgrind, which other load does not change (bench/smtp_instructions.py).
+
+    .venv/bin/python bench/smtp_ingest.py --instructions 300 [--concurrency 10] [--keep]
 """
 
 from __future__ import annotations
@@ -173,11 +178,22 @@ def main() -> int:
                          "connections (--concurrency), new and kept connections")
     ap.add_argument("--receiver-workers", type=int, default=1, metavar="N",
                     help="issue 17, with --postfix-rounds: also `fallback smtp --smtp-workers N`")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="issue 17: instead of the table, the durable receiver's and the no-op's "
+                         "instructions per message over N messages, under callgrind "
+                         "(bench/smtp_instructions.py; one --concurrency, default 10)")
+    ap.add_argument("--keep", action="store_true",
+                    help="with --instructions: kept connections instead of one per message")
     ap.add_argument("--trace-flush", type=int, default=0, metavar="N",
                     help="issue 16: N rounds of the trace's own CPU per event, in this process")
     args = ap.parse_args()
     if args.trace_flush:
         return trace_flush(args.trace_flush)
+    if args.instructions:
+        from bench.smtp_instructions import instructions
+
+        sessions = 10 if args.concurrency == "1,10,50" else int(args.concurrency.split(",")[0])
+        return instructions(args.instructions, sessions, args.keep)
     if args.postfix_rounds:
         from bench.versus_postfix import versus_postfix
 

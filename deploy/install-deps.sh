@@ -35,6 +35,7 @@ if [ -n "$bench" ]; then
   # bench/reconcile.py's peer: imapsync where Debian packages it (Debian 12 does not), else
   # mbsync from isync, the packaged IMAP-to-IMAP copier it falls back to.
   want isync
+  want valgrind  # callgrind: bench/smtp_instructions.py counts instructions, not seconds
   if apt-cache show imapsync >/dev/null 2>&1; then want imapsync; fi
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
