@@ -3,7 +3,9 @@
 Blueprints by concern: `auth` (log in/out), `mailbox` (folders, messages,
 flags), `compose` (new mail, reply, forward), `pages` (/status, /healthz),
 `monitoring` (/readyz, /metrics), `admin` (the token-protected admin API);
-`security` wires sessions, CSRF and response headers around all of them.
+`security` wires sessions, CSRF and response headers around all of them;
+`templating` is the environment their templates are drawn with (each
+language's constant texts compiled in, issue 17).
 Everything a request needs lives in one `WebState` (context.py) on the app,
 made here from the settings: no module globals.
 """
@@ -18,7 +20,7 @@ from fallback.mailbox.ttlcache import TtlCache
 from fallback.ops import failover, metrics
 from fallback.ops.trace import TraceBuffer
 from fallback.redisconn import resolve_url, sync_client
-from web import admin, auth, compose, filters, mailbox, monitoring, pages, prefs, security
+from web import admin, auth, compose, filters, mailbox, monitoring, pages, prefs, security, templating
 from web import console as admin_console  # issue 16: the admin console
 from web import contacts as suggestions  # issue 15: address suggestions
 from web import conversations as conversation_views  # issue 15: conversations
@@ -26,8 +28,9 @@ from web import drafts as draft_saving  # issue 15: drafts
 from web import i18n as languages  # issue 15: languages
 from web import undo as undo_send  # issue 15: undo send
 from web.context import WebState, state
-from web.pagecache import PageCache
+from web.pagecache import Kept, PageCache
 from web.passwordcheck import PasswordChecks
+from web.render import rendered_size
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
 
@@ -43,6 +46,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
     if r is None:
         r = sync_client(resolve_url(settings))
     app = Flask(__name__)
+    app.jinja_environment = templating.PageEnvironment  # before anything makes app.jinja_env
     app.config.update(
         SECRET_KEY=secret,
         MAX_CONTENT_LENGTH=2 * settings.max_upload_size + FORM_OVERHEAD,
@@ -61,6 +65,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
                                   trace=TraceBuffer.for_settings(settings, "webmail")),
         admin_token=admin_token(settings),
         pages=PageCache(settings.web_page_cache),
+        renders=Kept(settings.web_page_cache // 4, rendered_size),
         mailstores=TtlCache(settings.failover_cache_ttl, 10_000),
     )
     languages.install(app)  # issue 15: languages (before the pages: their context needs the locale)
@@ -75,4 +80,5 @@ def create_app(settings: Settings, r: redis.Redis | None = None) -> Flask:
     app.register_blueprint(suggestions.bp)
     app.register_blueprint(conversation_views.bp)
     app.register_blueprint(admin_console.bp)  # issue 16: the admin console at /admin/
+    templating.install(app)  # after the blueprints: it checks their url_defaults
     return app

@@ -15,8 +15,9 @@ from fallback.config import Settings
 from fallback.mailbox import directory, passwords
 from fallback.mailbox.ttlcache import TtlCache
 from fallback.ops import failover, incident, metrics
-from web.pagecache import PageCache
+from web.pagecache import Kept, PageCache
 from web.passwordcheck import PasswordChecks
+from web.render import Rendered, rendered_size
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
 
@@ -41,6 +42,9 @@ class WebState:
     mailstores: TtlCache[str] = field(default_factory=lambda: TtlCache(2.0, 10_000))
     # Drawn folder and message pages, for an identical next request (web.pagecache).
     pages: PageCache = field(default_factory=lambda: PageCache(0))
+    # Parsed and sanitised message bodies, by user, id, digest of the bytes and the inputs of
+    # render.render (web.mailbox.rendered): a quarter of the page cache's size again.
+    renders: Kept[Rendered] = field(default_factory=lambda: Kept(0, rendered_size))
     # The admin API's bearer token; None: the API is off.
     admin_token: str | None = None
     _buckets: int | None = None

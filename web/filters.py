@@ -95,9 +95,11 @@ def _short(d: datetime, today: datetime, zone: Zone) -> str:
     return format_datetime(d, this_year if d.year == today.year else older, locale=i18n.locale())
 
 
-def _time_element(d: datetime, text: str) -> Markup:
+def _time_element(d: datetime, text: str, long: str | None = None) -> Markup:
+    """`long`: _long(d) when the caller has it (Babel's format is most of this element's cost)."""
     iso = d.isoformat(timespec="seconds")
-    return Markup('<time datetime="{}" title="{}">{}</time>').format(iso, _long(d), text)
+    title = _long(d) if long is None else long
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(iso, title, text)
 
 
 def short_date(ts_ms: str | int, now: float | None = None, zone: Zone | None = None) -> str:
@@ -213,7 +215,10 @@ def epoch(value: object, zone: Zone | None = None) -> Markup:
         d = _local(float(str(value)), zone.tz)
     except (TypeError, ValueError):
         return Markup("")
-    return Markup("") if d is None else _time_element(d, _long(d))
+    if d is None:
+        return Markup("")
+    long = _long(d)
+    return _time_element(d, long, long)
 
 
 def header_date(value: str | None, zone: Zone | None = None) -> Markup:

@@ -162,9 +162,24 @@ def message(msg_id: str) -> Any:
         conversation=conversations.for_message(msg_id),
     )
     # The message's bytes (by digest) and where links may point are what the body is drawn from.
-    data = (hashlib.blake2b(raw, digest_size=16).digest(), hosts)
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
+    data = (digest, hosts)
     return _cached_page("message.html", data, context,
-                        lambda: {"m": render.render(raw, remote=remote, own_hosts=hosts)})
+                        lambda: {"m": rendered(msg_id, raw, digest, remote, hosts)})
+
+
+def rendered(msg_id: str, raw: bytes, digest: bytes, remote: bool, hosts: frozenset[str]) -> render.Rendered:
+    """render.render(raw, remote, hosts), parsed once for the message page and its frame:
+    kept under everything it is drawn from (the bytes by their `digest`), and the user's
+    message id, so no entry is ever shared between mailboxes."""
+    kept = state().renders
+    key = (g.user, msg_id, digest, remote, hosts)
+    shown = kept.get(key) if kept.limit > 0 else None
+    if shown is None:
+        shown = render.render(raw, remote=remote, own_hosts=hosts)
+        if kept.limit > 0:
+            kept.put(key, shown)
+    return shown
 
 
 def _cached_page(template: str, data: Hashable, context: dict[str, Any],
@@ -192,7 +207,7 @@ def _request_inputs() -> tuple[Any, ...]:
     user, the path and query (the language switcher's `next`), the language, the time zone and
     today's date there (today's mail shows the time, older the date), the banners."""
     zone = prefs.current_zone()
-    return (g.user, request.method, request.full_path, i18n.select_locale(), zone.name, zone.known,
+    return (g.user, request.method, request.full_path, i18n.current(), zone.name, zone.known,
             datetime.now(zone.tz).date(), live_incident(), mailbox_restored())
 
 
@@ -217,7 +232,7 @@ def body(msg_id: str) -> Any:
         abort(404)
     meta, raw = found
     remote = meta.get(fields.REMOTE) == "1"
-    shown = render.render(raw, remote=remote, own_hosts=own_hosts())
+    shown = rendered(msg_id, raw, hashlib.blake2b(raw, digest_size=16).digest(), remote, own_hosts())
     if shown.html is None:
         abort(404)
     response = Response(render_template("frame.html", html=shown.html), mimetype="text/html")

@@ -17,6 +17,13 @@ never sent, so no mail can contain one) and each response gets the request's own
 Bounded by the characters of the kept pages (`--web-page-cache` per worker process; 0: off;
 the keys, a folder page's row values, add up to about half as much again); a page over an
 eighth of it is never kept.  One lock: gunicorn runs several threads per worker.
+
+`Kept` is the bounded store under it, also holding each message's parsed and sanitised body
+(web/render.py's `Rendered`, a function of the message's bytes, its remote-content choice and
+the webmail's host names, all in its key): the message page and its frame's /body request
+parse a message once, and a message page drawn again for another reason (a flag, another
+language) does not parse it again.  Those are bounded by a quarter of `--web-page-cache` more
+(about the characters of their text and HTML), off with it at 0.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+V = TypeVar("V")
 
 
 def freeze(value: Any) -> Hashable:
@@ -40,46 +49,56 @@ def freeze(value: Any) -> Hashable:
     raise TypeError(f"cannot key a page on {type(value).__name__}")
 
 
-class PageCache:
-    """Least recently used pages, bounded by the characters of their text."""
+class Kept(Generic[V]):
+    """Least recently used values, bounded by the sum of their `size`s; a value over an eighth
+    of the limit is never kept.  One lock: gunicorn runs several threads per worker."""
 
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
-        self.largest = limit_bytes // 8
+    def __init__(self, limit: int, size: Callable[[V], int]) -> None:
+        self.limit = limit
+        self.largest = limit // 8
+        self.size = size
         self.used = 0
         self.hits = 0
         self.misses = 0
-        self._pages: OrderedDict[Hashable, str] = OrderedDict()
+        self._values: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: Hashable) -> V | None:
+        with self._lock:
+            found = self._values.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._values.move_to_end(key)
+            self.hits += 1
+            return found[0]
+
+    def put(self, key: Hashable, value: V) -> None:
+        size = self.size(value)
+        if size > self.largest:
+            return
+        with self._lock:
+            old = self._values.pop(key, None)
+            if old is not None:
+                self.used -= old[1]
+            self._values[key] = (value, size)
+            self.used += size
+            while self.used > self.limit:
+                _, (_, dropped) = self._values.popitem(last=False)
+                self.used -= dropped
+
+
+class PageCache(Kept[str]):
+    """Drawn pages, bounded by the characters of their text."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(limit_bytes, len)
         token = secrets.token_hex(12)
         self.nonce_mark = f"nonce{token}"
         self.csrf_mark = f"csrf{token}"
-
-    def __len__(self) -> int:
-        return len(self._pages)
-
-    def get(self, key: Hashable) -> str | None:
-        with self._lock:
-            page = self._pages.get(key)
-            if page is None:
-                self.misses += 1
-                return None
-            self._pages.move_to_end(key)
-            self.hits += 1
-            return page
-
-    def put(self, key: Hashable, page: str) -> None:
-        if len(page) > self.largest:
-            return
-        with self._lock:
-            old = self._pages.pop(key, None)
-            if old is not None:
-                self.used -= len(old)
-            self._pages[key] = page
-            self.used += len(page)
-            while self.used > self.limit:
-                _, dropped = self._pages.popitem(last=False)
-                self.used -= len(dropped)
 
     def fill(self, page: str, nonce: str, csrf: str) -> str:
         """A kept page with this response's nonce and CSRF token."""

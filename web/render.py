@@ -73,7 +73,8 @@ class Attachment:
 
 @dataclass
 class Rendered:
-    """What the message page shows."""
+    """What the message page shows.  Kept between requests (web.mailbox.rendered): read it,
+    never change it."""
 
     headers: dict[str, str]
     text: str | None = None
@@ -81,6 +82,13 @@ class Rendered:
     attachments: list[Attachment] = field(default_factory=list)
     malformed: bool = False
     has_remote: bool = False
+
+
+def rendered_size(shown: Rendered) -> int:
+    """About the characters a Rendered holds (what bounds the kept ones)."""
+    headers = sum(len(k) + len(v) for k, v in shown.headers.items())
+    parts = sum(len(a.filename) + len(a.content_type) + 16 for a in shown.attachments)
+    return len(shown.text or "") + len(shown.html or "") + headers + parts + 64
 
 
 def parse(raw: bytes) -> EmailMessage | None:

@@ -1,6 +1,7 @@
 """Request and response rules that hold for every page: session, CSRF, headers, errors.
 
-- Each request loads its session from the cookie (renewing the idle timer).
+- Each request loads its session from the cookie (renewing the idle timer); Flask's own
+  signed-cookie session is never opened (nothing uses it).
 - Every POST must carry a CSRF token in its body: the session's token, or on
   the login form the signed pre-login token.  Query strings are never read
   for POST parameters.
@@ -20,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from flask import Flask, Response, g, jsonify, render_template, request
+from flask import Flask, Request, Response, g, jsonify, render_template, request
+from flask.sessions import SessionInterface, SessionMixin
 from flask_babel import LazyString, gettext, lazy_gettext
 from werkzeug.exceptions import HTTPException
 
@@ -145,7 +147,20 @@ def _json_error(code: int, text: str) -> Response:
     return response
 
 
+class _NoFlaskSession(SessionInterface):
+    """The webmail's sessions are its own (web/sessions.py) and nothing reads Flask's signed
+    cookie session, so none is opened: Flask's default builds its signing serializer on
+    every request (issue 17).  The null session refuses any write, so a use shows at once."""
+
+    def open_session(self, app: Flask, request: Request) -> None:
+        return None  # Flask then makes its null session
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
+
+
 def install(app: Flask) -> None:
+    app.session_interface = _NoFlaskSession()
     app.before_request(_load_session)
     app.before_request(_check_csrf)
     app.after_request(_headers)

@@ -91,7 +91,8 @@ class Settings:
     # Issue 17 (webmail pages, web/pagecache.py): drawn pages kept for an identical next request.
     web_page_cache: int = setting(
         32 * MIB, "Memory for rendered folder and message pages kept per webmail worker, keyed "
-        "on everything they show (an identical next request is served from it); 0: off",
+        "on everything they show (an identical next request is served from it), and a quarter of it "
+        "again for parsed message bodies (a message page and its frame parse once); 0: off",
         unit="bytes")
     # Directory and passwords.
     directory_buckets: int = setting(

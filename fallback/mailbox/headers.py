@@ -153,7 +153,8 @@ def summarize(raw: bytes) -> dict[str, str]:
     # NUL never reaches display metadata (it also separates the scripted write's fields).
     out = {key: display(found.get(name)).replace("\0", "") for key, name in _SUMMARY.items()}
     ctype = display(found.get(b"content-type")).lower()
-    has_attach = ctype.startswith("multipart/mixed") or b"attachment;" in raw[:1_000_000].lower()
+    head = raw if len(raw) <= 1_000_000 else raw[:1_000_000]  # no copy of a message that fits
+    has_attach = ctype.startswith("multipart/mixed") or b"attachment;" in head.lower()
     out[F.ATTACH] = "1" if has_attach else "0"
     out[F.INREPLYTO] = thread_ids(found.get(b"in-reply-to"), keep=1)
     out[F.REFERENCES] = thread_ids(found.get(b"references"))
