@@ -28,18 +28,30 @@ def _nonce(response) -> str:
 
 
 def test_a_page_is_kept_at_its_limit_and_dropped_past_it() -> None:
-    cache = PageCache(800)  # pages up to 100 characters are kept
-    cache.put("a", "x" * 100)
-    assert cache.get("a") == "x" * 100
-    cache.put("big", "x" * 101)  # past an eighth of the cache: never kept
+    cache = PageCache(800)  # pages up to 100 bytes are kept
+    cache.put("a", cache.cut("x" * 100))
+    assert cache.fill(cache.get("a") or (), "n", "c") == b"x" * 100
+    cache.put("big", cache.cut("x" * 101))  # past an eighth of the cache: never kept
     assert cache.get("big") is None
+    cache.put("wide", cache.cut("é" * 51))  # 51 characters, 102 bytes: bytes are what count
+    assert cache.get("wide") is None
     for n in range(7):
-        cache.put(n, "y" * 100)
+        cache.put(n, cache.cut("y" * 100))
     assert cache.used == 800 and len(cache) == 8  # at the limit: everything kept
     cache.get("a")  # used last: kept when the next page needs room
-    cache.put("next", "z" * 100)
+    cache.put("next", cache.cut("z" * 100))
     assert cache.used == 800 and len(cache) == 8
     assert cache.get(0) is None and cache.get("a") is not None and cache.get("next") is not None
+
+
+@pytest.mark.parametrize("page", ["", "plain", "NONCE", "CSRF", "é NONCE ü CSRF€NONCENONCE CSRFCSRF ✓",
+                                  "NONCECSRF", "csrfNONCEnonce", "nonce CSRF"])
+def test_a_kept_page_is_filled_as_replacing_its_marks_would(page: str) -> None:
+    cache = PageCache(1 << 20)
+    drawn = page.replace("NONCE", cache.nonce_mark).replace("CSRF", cache.csrf_mark)
+    nonce, csrf = "AbC-_123nonce", "csrf-XYZ_789"
+    assert cache.fill(cache.cut(drawn), nonce, csrf) == page.replace("NONCE", nonce).replace(
+        "CSRF", csrf).encode()
 
 
 def test_freeze_keys_on_every_value_and_refuses_what_it_cannot_hold() -> None:

@@ -21,6 +21,10 @@ from web.render import Rendered, rendered_size
 from web.sessions import SessionStore
 from web.throttle import LoginThrottle
 
+# Host headers whose own_hosts() are kept (Kept never keeps a value over an eighth of its limit:
+# each counts 1).
+HOSTS_KEPT = 256
+
 
 @dataclass
 class WebState:
@@ -45,6 +49,9 @@ class WebState:
     # Parsed and sanitised message bodies, by user, id, digest of the bytes and the inputs of
     # render.render (web.mailbox.rendered): a quarter of the page cache's size again.
     renders: Kept[Rendered] = field(default_factory=lambda: Kept(0, rendered_size))
+    # own_hosts() of each Host header a request came with (web.mailbox), the most recent few:
+    # the header is the client's to choose, so the bound matters.
+    hosts: Kept[frozenset[str]] = field(default_factory=lambda: Kept(HOSTS_KEPT, lambda _: 1))
     # The admin API's bearer token; None: the API is off.
     admin_token: str | None = None
     _buckets: int | None = None

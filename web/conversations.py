@@ -53,11 +53,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
 
 
-def for_message(msg_id: str) -> dict[str, Any]:
+def for_message(msg_id: str, current: tuple[list[str], int] | None = None) -> dict[str, Any]:
     """The message page's conversation: {rows, total, hidden}; rows oldest first, the shown
-    message marked `current`.  A conversation of one message has no rows."""
+    message marked `current`.  A conversation of one message has no rows.  `current`: the
+    conversation's (ids, total) when the caller read them already (store.message_page)."""
     r = state().r
-    ids, total = threads.current_conversation(r, g.user, msg_id)
+    ids, total = threads.current_conversation(r, g.user, msg_id) if current is None else current
     if total <= 1:
         return {"rows": [], "total": total, "hidden": 0}
     script = r.register_script(_ROWS_LUA)

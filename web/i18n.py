@@ -41,11 +41,20 @@ TRANSLATIONS = Path(__file__).parent / "translations"
 
 
 def select_locale() -> str:
-    """The `lang` cookie when it names one of ours, else Accept-Language's best match, else English."""
+    """The `lang` cookie when it names one of ours, else Accept-Language's best match, else
+    English: chosen once per request.  What get_locale() parses, so also the language code of
+    the page cache's key (web/mailbox.py) without Flask-Babel's lookups (issue 17)."""
+    if "language" in g:
+        found: str = g.language
+        return found
     chosen = request.cookies.get(COOKIE, "")
-    if chosen in LANGUAGES:
-        return chosen
-    return request.accept_languages.best_match(LANGUAGES, default=DEFAULT) or DEFAULT
+    if chosen not in LANGUAGES:
+        # No header: werkzeug's best_match would give the default too, after parsing nothing.
+        chosen = DEFAULT
+        if request.environ.get("HTTP_ACCEPT_LANGUAGE"):
+            chosen = request.accept_languages.best_match(LANGUAGES, default=DEFAULT) or DEFAULT
+    g.language = chosen
+    return chosen
 
 
 def current() -> str:

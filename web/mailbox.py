@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,9 +74,9 @@ def _meta_or_404(msg_id: str) -> dict[str, str]:
     return meta
 
 
-def _page() -> int:
+def _page(args: Mapping[str, str]) -> int:
     try:
-        return max(1, min(int(request.args.get("page", "1")), 100000))
+        return max(1, min(int(args.get("page", "1")), 100000))
     except ValueError:
         return 1
 
@@ -95,11 +95,13 @@ def folder(name: str) -> Any:
 
 def _folder_view(folder: str) -> Any:
     r = state().r
-    page = _page()
-    query = request.args.get("q", "").strip()[:200]
+    # A plain dict: werkzeug's MultiDict.get makes an exception for each name not given (issue 17).
+    args = request.args.to_dict()
+    page = _page(args)
+    query = args.get("q", "").strip()[:200]
     start = (page - 1) * PAGE_SIZE
     can_group = folder in conversations.GROUPED.values()
-    asked = request.args.get("group")  # ?group=0|1 for this page, else the user's choice
+    asked = args.get("group")  # ?group=0|1 for this page, else the user's choice
     listed = None
     if not query and asked not in ("0", "1"):
         # The page, the unread counts and the user's grouping choice: one round trip.
@@ -126,7 +128,7 @@ def _folder_view(folder: str) -> Any:
         folder=folder, total=total, page=page, pages=pages,
         query=query, more=more, grouped=grouped, sizes=sizes, can_group=can_group,
         unread=counts.get(fields.INBOX, 0), unread_counts=counts, folders=fields.FOLDERS,
-        notice=bulk.notice(request.args), actions=bulk.offered(folder),
+        notice=bulk.notice(args), actions=bulk.offered(folder),
     )
 
     # The rows' values as the store returned them are the page's data (web/pagecache.py);
@@ -144,10 +146,11 @@ def _drawn_rows(rows: list[dict[str, str]], context: dict[str, Any]) -> dict[str
 @bp.get("/message/<msg_id>")
 @login_required
 def message(msg_id: str) -> Any:
-    found = store.MailboxReader(state().r, g.user).message(msg_id) if is_id(msg_id) else None
+    # The message and its conversation in one round trip.
+    found = store.MailboxReader(state().r, g.user).message_page(msg_id) if is_id(msg_id) else None
     if found is None:
         abort(404)
-    meta, raw = found
+    meta, raw, current = found
     r = state().r
     flags = meta.get("flags", "").split()
     if fields.SEEN not in flags:
@@ -159,7 +162,7 @@ def message(msg_id: str) -> Any:
         msg_id=msg_id, meta=meta, flags=flags, remote=remote,
         delivery=_delivery_status(msg_id, meta) if meta.get("kind") == "sent" else [],
         folder=meta.get("folder", fields.INBOX), sent=request.args.get("sent"),
-        conversation=conversations.for_message(msg_id),
+        conversation=conversations.for_message(msg_id, current),
     )
     # The message's bytes (by digest) and where links may point are what the body is drawn from.
     digest = hashlib.blake2b(raw, digest_size=16).digest()
@@ -183,10 +186,10 @@ def rendered(msg_id: str, raw: bytes, digest: bytes, remote: bool, hosts: frozen
 
 
 def _cached_page(template: str, data: Hashable, context: dict[str, Any],
-                 late: Callable[[], dict[str, Any]]) -> str:
+                 late: Callable[[], dict[str, Any]]) -> str | bytes:
     """render_template(template, **context, **late()), or the same page drawn before for the
-    same `data`, `context` and request inputs (web/pagecache.py says why that is always right).
-    `late` is what only a miss needs to compute, from `data`'s source."""
+    same `data`, `context` and request inputs (web/pagecache.py says why that is always right),
+    as its UTF-8 bytes.  `late` is what only a miss needs to compute, from `data`'s source."""
     cache = state().pages
     try:
         key = (template, data, freeze(context), _request_inputs())
@@ -194,12 +197,12 @@ def _cached_page(template: str, data: Hashable, context: dict[str, Any],
         key = None
     if cache.limit <= 0 or key is None:
         return render_template(template, **context, **late())
-    page = cache.get(key)
-    if page is None:
-        page = render_template(template, **context, **late(),
-                               csp_nonce=cache.nonce_mark, csrf_token=cache.csrf_mark)
-        cache.put(key, page)
-    return cache.fill(page, g.nonce, g.session.csrf)
+    pieces = cache.get(key)
+    if pieces is None:
+        pieces = cache.cut(render_template(template, **context, **late(),
+                                           csp_nonce=cache.nonce_mark, csrf_token=cache.csrf_mark))
+        cache.put(key, pieces)
+    return cache.fill(pieces, g.nonce, g.session.csrf)
 
 
 def _request_inputs() -> tuple[Any, ...]:
@@ -207,7 +210,7 @@ def _request_inputs() -> tuple[Any, ...]:
     user, the path and query (the language switcher's `next`), the language, the time zone and
     today's date there (today's mail shows the time, older the date), the banners."""
     zone = prefs.current_zone()
-    return (g.user, request.method, request.full_path, i18n.current(), zone.name, zone.known,
+    return (g.user, request.method, request.full_path, i18n.select_locale(), zone.name, zone.known,
             datetime.now(zone.tz).date(), live_incident(), mailbox_restored())
 
 
@@ -242,9 +245,15 @@ def body(msg_id: str) -> Any:
 
 def own_hosts() -> frozenset[str]:
     """The webmail's host names, as this request reached it and as users are told to type it:
-    a URL in a mail that names one of them would act inside the webmail."""
-    names = {request.host, urlsplit(state().settings.webmail_url or "").netloc}
-    return frozenset(h for h in (render.url_host(n) for n in names if n) if h)
+    a URL in a mail that names one of them would act inside the webmail.  Worked out once per
+    Host header (the settings' URL is the app's for good): every message page asks (issue 17)."""
+    known = state().hosts
+    found = known.get(request.host)
+    if found is None:
+        names = {request.host, urlsplit(state().settings.webmail_url or "").netloc}
+        found = frozenset(h for h in (render.url_host(n) for n in names if n) if h)
+        known.put(request.host, found)
+    return found
 
 
 @bp.post("/message/<msg_id>/remote")

@@ -12,9 +12,11 @@ needs invalidating, and a stale entry is only memory, dropped least recently use
 Two values differ on every response and are never part of an entry: the CSP nonce and the
 session's CSRF token.  A page is drawn with marks in their place (random per process and
 never sent, so no mail can contain one) and each response gets the request's own values written in
-(web/mailbox.py's `_cached_page`, which also adds the request's inputs to the key).
+(web/mailbox.py's `_cached_page`, which also adds the request's inputs to the key).  A page
+is kept as its UTF-8 bytes cut at the marks, so serving it again is one join: no encoding and
+no search through the page (issue 17).
 
-Bounded by the characters of the kept pages (`--web-page-cache` per worker process; 0: off;
+Bounded by the bytes of the kept pages (`--web-page-cache` per worker process; 0: off;
 the keys, a folder page's row values, add up to about half as much again); a page over an
 eighth of it is never kept.  One lock: gunicorn runs several threads per worker.
 
@@ -37,13 +39,19 @@ from typing import Any, Generic, TypeVar
 V = TypeVar("V")
 
 
+# The values a key holds as they are, by exact type: most of a page's context (issue 17).
+_PLAIN = frozenset((str, int, float, bool, type(None), bytes))
+
+
 def freeze(value: Any) -> Hashable:
     """The view's data as a key: dicts, lists and tuples become tuples, recursively; str
     (Markup included), numbers, bools and None stay as they are."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, dict):
-        return tuple((k, freeze(v)) for k, v in value.items())
+        return tuple([(k, freeze(v)) for k, v in value.items()])
     if isinstance(value, (list, tuple)):
-        return tuple(freeze(v) for v in value)
+        return tuple([freeze(v) for v in value])
     if isinstance(value, (str, int, float, bool, type(None), bytes, frozenset)):
         return value
     raise TypeError(f"cannot key a page on {type(value).__name__}")
@@ -91,15 +99,31 @@ class Kept(Generic[V]):
                 self.used -= dropped
 
 
-class PageCache(Kept[str]):
-    """Drawn pages, bounded by the characters of their text."""
+# A kept page: its UTF-8 bytes cut at the nonce marks, each piece cut at the CSRF marks.
+Pieces = tuple[tuple[bytes, ...], ...]
+
+
+def _size(pieces: Pieces) -> int:
+    return sum(len(b) for piece in pieces for b in piece)
+
+
+class PageCache(Kept[Pieces]):
+    """Drawn pages, bounded by the bytes of their text."""
 
     def __init__(self, limit_bytes: int) -> None:
-        super().__init__(limit_bytes, len)
+        super().__init__(limit_bytes, _size)
         token = secrets.token_hex(12)
         self.nonce_mark = f"nonce{token}"
         self.csrf_mark = f"csrf{token}"
 
-    def fill(self, page: str, nonce: str, csrf: str) -> str:
-        """A kept page with this response's nonce and CSRF token."""
-        return page.replace(self.nonce_mark, nonce).replace(self.csrf_mark, csrf)
+    def cut(self, page: str) -> Pieces:
+        """A page drawn with the marks, as it is kept.  The marks are ASCII, and no UTF-8
+        sequence holds an ASCII byte that is not that character: the same places as in the
+        text.  Neither mark can overlap the other (hex token, letters outside it)."""
+        csrf = self.csrf_mark.encode()
+        return tuple(tuple(piece.split(csrf)) for piece in page.encode().split(self.nonce_mark.encode()))
+
+    def fill(self, pieces: Pieces, nonce: str, csrf: str) -> bytes:
+        """A kept page with this response's nonce and CSRF token, as the response's bytes."""
+        token = csrf.encode()
+        return nonce.encode().join([token.join(piece) for piece in pieces])

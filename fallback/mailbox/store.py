@@ -16,7 +16,7 @@ import redis
 
 from fallback import keys
 from fallback.mailbox import fields as F
-from fallback.mailbox import record
+from fallback.mailbox import record, threads
 from fallback.mailbox import search as search_index
 from fallback.mailbox.fields import FOLDERS, SEEN
 
@@ -59,6 +59,18 @@ class MailboxReader:
         fields, own = pipe.execute()
         meta, raw = record.decode_read(fields, own)
         return (meta, raw) if meta else None
+
+    def message_page(self, msg_id: str) -> tuple[dict[str, str], bytes, tuple[list[str], int]] | None:
+        """message() and the message's conversation (threads.current_conversation) in one round
+        trip: what the message page reads (issue 17)."""
+        pipe = self.r.pipeline(transaction=False)
+        record.queue_read(pipe, keys.message(self.address, msg_id))
+        threads.queue_current(pipe, self.address, msg_id)
+        fields, own, found = pipe.execute()
+        meta, raw = record.decode_read(fields, own)
+        if not meta:
+            return None
+        return meta, raw, threads.current_from(self.r, self.address, msg_id, found)
 
     def iter_messages(self, folders: tuple[str, ...] = FOLDERS,
                       batch: int = 100) -> Iterator[tuple[str, dict[str, str], bytes]]:

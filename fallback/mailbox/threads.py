@@ -292,6 +292,19 @@ def current_conversation(r: redis.Redis, address: str, msg_id: str) -> tuple[lis
     script = r.register_script(_CONVERSATION_LUA)
     found: Any = script(keys=[keys.thread_mark(address), keys.thread_of(address), *folders],
                         args=[SKEW_MS, BATCH, msg_id, keys.thread(address, ""), CONVERSATION_LIMIT])
+    return current_from(r, address, msg_id, found)
+
+
+def queue_current(pipe: Any, address: str, msg_id: str) -> None:
+    """Queue current_conversation's read on a pipeline, for a caller that reads more in the same
+    round trip (the message page: issue 17); its reply goes to `current_from`."""
+    pipe.execute_command("EVAL", _CONVERSATION_LUA, 2 + len(FOLDERS), keys.thread_mark(address),
+                         keys.thread_of(address), *(keys.folder(address, name) for name in FOLDERS),
+                         SKEW_MS, BATCH, msg_id, keys.thread(address, ""), CONVERSATION_LIMIT)
+
+
+def current_from(r: redis.Redis, address: str, msg_id: str, found: Any) -> tuple[list[str], int]:
+    """current_conversation's result from its script's reply (`queue_current`'s)."""
     if found[0]:
         catch_up(r, address)
         return conversation(r, address, msg_id)
