@@ -63,9 +63,8 @@ def _quote(value: Any) -> str:
 def format_event(event: str, **fields: Any) -> str:
     texts = {k: str(v) for k, v in fields.items() if v is not None}
     # The receiver writes a line per message: most lines have no value to quote or escape.
-    if all(texts.values()) and not _SPECIAL.search("".join(texts.values())):
-        return " ".join([f"event={event}", *(f"{k}={v}" for k, v in texts.items())])
-    return " ".join([f"event={event}", *(f"{k}={_quote(v)}" for k, v in texts.items())])
+    plain = all(texts.values()) and not _SPECIAL.search("".join(texts.values()))
+    return " ".join([f"event={event}", *(f"{k}={v if plain else _quote(v)}" for k, v in texts.items())])
 
 
 class EventSink(Protocol):

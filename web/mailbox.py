@@ -177,11 +177,10 @@ def rendered(msg_id: str, raw: bytes, digest: bytes, remote: bool, hosts: frozen
     message id, so no entry is ever shared between mailboxes."""
     kept = state().renders
     key = (g.user, msg_id, digest, remote, hosts)
-    shown = kept.get(key) if kept.limit > 0 else None
+    shown = kept.get(key)
     if shown is None:
         shown = render.render(raw, remote=remote, own_hosts=hosts)
-        if kept.limit > 0:
-            kept.put(key, shown)
+        kept.put(key, shown)  # at 0 (off) nothing is kept: every value is over its limit
     return shown
 
 
