@@ -373,6 +373,12 @@ def contact_names(address: str) -> str:
     return f"{mbx(address)}:contacts:names"
 
 
+def changes(address: str) -> str:
+    """string: a random token set anew in the same atomic step as every change to what a
+    folder page shows (mailbox/changes.py); the webmail keeps folder pages under it."""
+    return f"{mbx(address)}:chg"
+
+
 def list_prefs(address: str) -> str:
     """hash: the user's folder-list choices (group: "1" = one row per conversation)."""
     return f"{mbx(address)}:listprefs"

@@ -167,7 +167,7 @@ def set_grouping(name: str) -> Any:
     if folder is None:
         abort(404)
     on = request.form.get("group") == "1"
-    state().r.hset(keys.list_prefs(g.user), "group", "1" if on else "0")
+    store.set_grouping(state().r, g.user, on)
     target = url_for("mailbox.inbox") if folder == fields.INBOX else url_for("mailbox.folder",
                                                                              name=name.lower())
     return redirect(target)

@@ -27,7 +27,7 @@ from werkzeug.exceptions import BadRequest
 
 from fallback import keys
 from fallback.ids import is_id
-from fallback.mailbox import fields, store
+from fallback.mailbox import changes, fields, store
 from fallback.maillog import MailLog
 from fallback.ops.metrics import MailCounters
 from fallback.queues import outbound
@@ -103,8 +103,17 @@ def _folder_view(folder: str) -> Any:
     can_group = folder in conversations.GROUPED.values()
     asked = args.get("group")  # ?group=0|1 for this page, else the user's choice
     listed = None
-    if not query and asked not in ("0", "1"):
-        # The page, the unread counts and the user's grouping choice: one round trip.
+    plain = not query and asked not in ("0", "1")  # the page the folder's link opens
+    if plain:
+        # Served again: a list page is kept under the mailbox's change token, which every
+        # change to what it shows replaces (fallback/mailbox/changes.py), so for the same
+        # request under the same token it is this page: one GET instead of the page's reads.
+        token = changes.read(r, g.user)
+        if token:
+            kept = _kept(("folder.html", token, _request_inputs()))
+            if kept is not None:
+                return kept
+        # The page, the unread counts, the user's grouping choice and the token: one round trip.
         listed = store.folder_page(r, g.user, folder, start, PAGE_SIZE)
     grouped = not query and can_group and (asked == "1" if listed is None else listed.grouped)
     sizes: list[int] = []
@@ -131,9 +140,13 @@ def _folder_view(folder: str) -> Any:
         notice=bulk.notice(args), actions=bulk.offered(folder),
     )
 
-    # The rows' values as the store returned them are the page's data (web/pagecache.py);
-    # only a page not drawn before decodes them and works out what each row shows.
-    return _cached_page("folder.html", data, context, lambda: _drawn_rows(rows_of(), context))
+    # The rows' values as the store returned them are the page's data (web/pagecache.py), or
+    # for a plain list page the change token read with them; only a page not drawn before
+    # decodes them and works out what each row shows.
+    key = None
+    if plain and not grouped and listed is not None and listed.token:
+        key = ("folder.html", listed.token, _request_inputs())
+    return _cached_page("folder.html", data, context, lambda: _drawn_rows(rows_of(), context), key)
 
 
 def _drawn_rows(rows: list[dict[str, str]], context: dict[str, Any]) -> dict[str, Any]:
@@ -184,16 +197,26 @@ def rendered(msg_id: str, raw: bytes, digest: bytes, remote: bool, hosts: frozen
     return shown
 
 
+def _kept(key: Hashable) -> bytes | None:
+    """The page kept under `key`, with this response's nonce and token; None if there is none."""
+    cache = state().pages
+    pieces = cache.get(key) if cache.limit > 0 else None
+    return None if pieces is None else cache.fill(pieces, g.nonce, g.session.csrf)
+
+
 def _cached_page(template: str, data: Hashable, context: dict[str, Any],
-                 late: Callable[[], dict[str, Any]]) -> str | bytes:
+                 late: Callable[[], dict[str, Any]], key: Hashable | None = None) -> str | bytes:
     """render_template(template, **context, **late()), or the same page drawn before for the
     same `data`, `context` and request inputs (web/pagecache.py says why that is always right),
-    as its UTF-8 bytes.  `late` is what only a miss needs to compute, from `data`'s source."""
+    as its UTF-8 bytes.  `late` is what only a miss needs to compute, from `data`'s source.
+    `key`: the key to keep it under instead, when something smaller says all of that (a list
+    page's change token with the request's inputs)."""
     cache = state().pages
-    try:
-        key = (template, data, freeze(context), _request_inputs())
-    except TypeError:  # a value the key cannot hold: draw it, as without the cache
-        key = None
+    if key is None:
+        try:
+            key = (template, data, freeze(context), _request_inputs())
+        except TypeError:  # a value the key cannot hold: draw it, as without the cache
+            key = None
     if cache.limit <= 0 or key is None:
         return render_template(template, **context, **late())
     pieces = cache.get(key)

@@ -7,7 +7,10 @@ inputs that base.html reads (the user, the path with its query, the language, th
 and today's date in it, the incident texts, the restored banner).  The cache key is all of
 those, compared in full (the message's bytes by a 128-bit BLAKE2 digest), so an entry can never be shown for a
 page whose data changed: new mail, a flag, a move changes the rows and so the key.  Nothing
-needs invalidating, and a stale entry is only memory, dropped least recently used.
+needs invalidating, and a stale entry is only memory, dropped least recently used.  A plain
+folder page's data is said by something smaller: the mailbox's change token read with its
+rows (fallback/mailbox/changes.py), which every change to them replaces; it is kept under
+that, so serving it again reads only the token.
 
 Two values differ on every response and are never part of an entry: the CSP nonce and the
 session's CSRF token.  A page is drawn with marks in their place (random per process and

@@ -16,8 +16,8 @@ import redis
 
 from fallback import keys
 from fallback.errors import MailboxFull
+from fallback.mailbox import changes, record
 from fallback.mailbox import fields as F
-from fallback.mailbox import record
 from fallback.mailbox.record import Stored
 
 if TYPE_CHECKING:
@@ -29,14 +29,14 @@ if TYPE_CHECKING:
 # refuses writes (maxmemory) it fails at its first write, so nothing is half
 # done.  ARGV: the id, time, size, number of deliveries, the small common fields
 # (NUL-joined; the value of 'm', the packed display values, is last and taken whole), the
-# dedupe guard's TTL ('' for none) and whether the stats shard is among the keys ('1');
-# then 6 per delivery (folder, flags, kind, mailstore, seen, quota); the bytes to store
-# last (so that pack_call can send them as they are), compressed by the caller
-# (record.store), never here; `size` is the raw size.
+# dedupe guard's TTL ('' for none), whether the stats shard is among the keys ('1') and the
+# new change token (changes.py); then 6 per delivery (folder, flags, kind, mailstore, seen,
+# quota); the bytes to store last (so that pack_call can send them as they are), compressed
+# by the caller (record.store), never here; `size` is the raw size.
 # KEYS: the guard first when there is one (see keys.dedupe: if it exists the
 # message is already here and nothing is written), then per delivery message,
-# folder, unseen, pending, info, the message's bytes (keys.message_raw: record layout 3)
-# and, with stats, the stats shard.
+# folder, unseen, pending, info, the message's bytes (keys.message_raw: record layout 3),
+# the change token and, with stats, the stats shard.
 # The quota (bytes, 0 = none) is checked for every delivery before anything is
 # written: the info hash's `bytes` (what the mailbox holds) plus this message
 # must not pass it.  Returns how many mailboxes it was stored in, 0 when the
@@ -44,12 +44,12 @@ if TYPE_CHECKING:
 # its quota (then nothing was written).
 DELIVER_LUA = record.LUA + """
 local id, now, size, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local k0, stride, base = 0, 6, 7
+local k0, stride, base = 0, 7, 8
 if ARGV[6] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
   k0 = 1
 end
-if ARGV[7] == '1' then stride = 7 end
+if ARGV[7] == '1' then stride = 8 end
 for d = 0, n - 1 do
   local quota = tonumber(ARGV[base + d * 6 + 6])
   if quota > 0 then
@@ -83,9 +83,10 @@ for d = 0, n - 1 do
   redis.call('HINCRBY', KEYS[k + 5], 'messages', 1)
   redis.call('HINCRBY', KEYS[k + 5], 'bytes', size)
   redis.call('HSET', KEYS[k + 5], 'mailstore', mailstore)
-  if stride == 7 then
-    redis.call('HINCRBY', KEYS[k + 7], mailstore .. '\\tmessages', 1)
-    redis.call('HINCRBY', KEYS[k + 7], mailstore .. '\\tbytes', size)
+  redis.call('SET', KEYS[k + 7], ARGV[8])
+  if stride == 8 then
+    redis.call('HINCRBY', KEYS[k + 8], mailstore .. '\\tmessages', 1)
+    redis.call('HINCRBY', KEYS[k + 8], mailstore .. '\\tbytes', size)
   end
 end
 return n
@@ -109,11 +110,12 @@ def deliver_call(deliveries: list[Delivery], msg_id: str, stored: Stored,
     if digest is not None:
         keys_.append(keys.dedupe(deliveries[0].address, digest))
         guard = str(keys.DEDUPE_TTL_MS)
-    args: list[Any] = [msg_id, now_ms, size, len(deliveries), packed, guard, "1" if stats else "0"]
+    args: list[Any] = [msg_id, now_ms, size, len(deliveries), packed, guard, "1" if stats else "0",
+                       changes.token()]
     for d in deliveries:
         keys_ += [keys.message(d.address, msg_id), keys.folder(d.address, d.folder),
                   keys.unseen(d.address), keys.pending(d.address), keys.info(d.address),
-                  keys.message_raw(d.address, msg_id)]
+                  keys.message_raw(d.address, msg_id), keys.changes(d.address)]
         if stats:
             keys_.append(keys.stats_shard(d.address))
         args += [d.folder, " ".join(d.flags), d.kind, d.mailstore, "1" if F.SEEN in d.flags else "0",
@@ -139,7 +141,7 @@ def address_of_info(key: str) -> str:
 
 def _layout(keys_: list[str], args: list[Any]) -> tuple[int, int]:
     """(index of the first delivery's first key, keys per delivery) of one call."""
-    return (1 if args[5] != "" else 0), (7 if args[6] == "1" else 6)
+    return (1 if args[5] != "" else 0), (8 if args[6] == "1" else 7)
 
 
 def refused_address(keys_: list[str], args: list[Any], result: Any) -> str:
@@ -155,7 +157,7 @@ def quota_checks(keys_: list[str], args: list[Any]) -> list[tuple[str, int, int]
     k0, stride = _layout(keys_, args)
     out = []
     for d in range(n):
-        quota = int(args[7 + d * 6 + 5])
+        quota = int(args[8 + d * 6 + 5])
         if quota > 0:
             out.append((keys_[k0 + d * stride + 4], quota, size))
     return out

@@ -32,8 +32,8 @@ from redis.crc import key_slot
 
 from fallback import keys
 from fallback.errors import MailboxFull, StorageError
+from fallback.mailbox import changes, record
 from fallback.mailbox import fields as F
-from fallback.mailbox import record
 from fallback.mailbox.compression import Codec
 from fallback.mailbox.deliverscript import (
     DELIVER_LUA,
@@ -95,6 +95,7 @@ def _queue_indexes(pipe: Any, d: Delivery, msg_id: str, size: int, now_ms: int,
     pipe.hset(keys.info(d.address), "mailstore", d.mailstore)
     if stats:
         _queue_stats(pipe, [d], size)
+    changes.queue_touch(pipe, d.address)
 
 
 def _queue_stats(pipe: Any, deliveries: list[Delivery], size: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import delivery, headers, record
+from fallback.mailbox import changes, delivery, headers, record
 from fallback.mailbox import fields as F
 from fallback.redisconn import is_cluster
 
@@ -67,6 +67,7 @@ def save(r: redis.Redis, address: str, mailstore: str, draft_id: str, raw: bytes
                     pipe.hincrby(keys.info(address), "bytes", grown)
                     if not clustered:
                         pipe.hincrby(keys.stats_shard(address), f"{mailstore}\tbytes", grown)
+                    changes.queue_touch(pipe, address)
                 pipe.execute()
                 break
             except redis.WatchError:
@@ -123,6 +124,7 @@ def delete(r: redis.Redis, address: str, draft_id: str) -> bool:
                     pipe.hincrby(keys.stats_shard(address), f"{store_name}\tbytes", -int(size or 0))
                     if moved:
                         pipe.hincrby(keys.reconcile_counts_shard(address), f"{store_name}\t{moved}", -1)
+                changes.queue_touch(pipe, address)
                 pipe.execute()
                 break
             except redis.WatchError:

@@ -18,13 +18,14 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import record, search
+from fallback.mailbox import changes, record, search
 from fallback.mailbox.fields import TRASH
 
 BATCH = 500            # messages per pipeline when emptying a whole Trash
 DELETED, MISSING, NOT_IN_TRASH, SENDING = 1, 0, -1, -2
 
-# KEYS: message, pending, outbox, Trash zset, unseen, info, tombstones.  ARGV: id, now (ms).
+# KEYS: message, pending, outbox, Trash zset, unseen, info, tombstones, change token.  ARGV: id,
+# now (ms), a new change token (changes.py).
 # Returns {outcome, size, rstate}: DELETED, MISSING, NOT_IN_TRASH or SENDING (see above).
 _EXPUNGE_LUA = record.LUA + """
 local v = redis.call('HMGET', KEYS[1], 'folder', 'size', 'rstate', 'ts')
@@ -39,6 +40,7 @@ redis.call('HINCRBY', KEYS[6], 'messages', -1)
 redis.call('HINCRBY', KEYS[6], 'bytes', -size)
 redis.call('HSET', KEYS[7], ARGV[1], ARGV[2] .. ' ' .. (v[3] or 'pending'))
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[8], ARGV[3])
 return {1, size, v[3] or 'pending'}
 """
 
@@ -71,12 +73,12 @@ def expunge(r: redis.Redis, address: str, ids: list[str], now_ms: int | None = N
         return out
     now = str(now_ms if now_ms is not None else int(time.time() * 1000))
     mbx_keys = [keys.pending(address), keys.outbox(address), keys.folder(address, TRASH),
-                keys.unseen(address), keys.info(address), keys.expunged(address)]
+                keys.unseen(address), keys.info(address), keys.expunged(address), keys.changes(address)]
     pipe = r.pipeline(transaction=False)
     for msg_id in ids:
         # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
         pipe.execute_command("EVAL", _EXPUNGE_LUA, 1 + len(mbx_keys), keys.message(address, msg_id),
-                             *mbx_keys, msg_id, now)
+                             *mbx_keys, msg_id, now, changes.token())
     states: dict[str, int] = {}
     for code, size, rstate in pipe.execute():
         code = int(code)

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from fallback import keys
-from fallback.mailbox import record, search
+from fallback.mailbox import changes, record, search
 from fallback.mailbox.fields import FOLDERS
 
 
@@ -16,8 +16,9 @@ def _text(value: bytes | str) -> str:
 
 
 
-# KEYS: message, pending, outbox, the folder zsets (fields.FOLDERS), unseen, info.  ARGV: id,
-# cutoff (ms).  Unseen and info are counted from the end: FOLDERS may grow.
+# KEYS: message, pending, outbox, the folder zsets (fields.FOLDERS), unseen, info, change token.
+# ARGV: id, cutoff (ms), a new change token (changes.py).  Unseen, info and the token are
+# counted from the end: FOLDERS may grow.
 # Deletes only a message that reconcile finished (done, nothing pending, no outbound delivery
 # left) at or before the cutoff; returns its size, or -1 when it must stay.
 _PURGE_LUA = record.LUA + """
@@ -28,10 +29,11 @@ local when = tonumber(redis.call('HGET', KEYS[1], 'rts') or redis.call('HGET', K
 if when > tonumber(ARGV[2]) then return -1 end
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 del_message(KEYS[1])  -- the record and its bytes (record.py)
-for i = 4, #KEYS - 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
-redis.call('SREM', KEYS[#KEYS - 1], ARGV[1])
-redis.call('HINCRBY', KEYS[#KEYS], 'messages', -1)
-redis.call('HINCRBY', KEYS[#KEYS], 'bytes', -size)
+for i = 4, #KEYS - 3 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('SREM', KEYS[#KEYS - 2], ARGV[1])
+redis.call('HINCRBY', KEYS[#KEYS - 1], 'messages', -1)
+redis.call('HINCRBY', KEYS[#KEYS - 1], 'bytes', -size)
+redis.call('SET', KEYS[#KEYS], ARGV[3])
 return size
 """
 
@@ -45,12 +47,13 @@ def delete_reconciled(r: redis.Redis, address: str, msg_ids: list[str], cutoff_m
     counters (another slot) follow in a second step.
     """
     mbx_keys = [keys.pending(address), keys.outbox(address),
-                *(keys.folder(address, f) for f in FOLDERS), keys.unseen(address), keys.info(address)]
+                *(keys.folder(address, f) for f in FOLDERS), keys.unseen(address), keys.info(address),
+                keys.changes(address)]
     pipe = r.pipeline(transaction=False)
     for msg_id in msg_ids:
         # EVAL by hand: redis-py refuses script objects in a cluster pipeline.
         pipe.execute_command("EVAL", _PURGE_LUA, 1 + len(mbx_keys), keys.message(address, msg_id),
-                             *mbx_keys, msg_id, cutoff_ms)
+                             *mbx_keys, msg_id, cutoff_ms, changes.token())
     results = [int(x) for x in pipe.execute()]
     sizes = [x for x in results if x >= 0]
     if deleted is not None:

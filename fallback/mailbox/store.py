@@ -15,8 +15,8 @@ from typing import Any
 import redis
 
 from fallback import keys
+from fallback.mailbox import changes, record, threads
 from fallback.mailbox import fields as F
-from fallback.mailbox import record, threads
 from fallback.mailbox import search as search_index
 from fallback.mailbox.fields import FOLDERS, SEEN
 
@@ -143,6 +143,7 @@ def set_flags(r: redis.Redis, address: str, msg_id: str, add: tuple[str, ...] = 
             pipe.sadd(keys.unseen(address), msg_id)
         # Reconcile carries flag changes made after a message was appended.
         pipe.sadd(keys.pending(address), msg_id)
+        changes.queue_touch(pipe, address)
 
     # The time first: it is on every record, the flags field only once there are flags.
     return _change_watched(r, keys.message(address, msg_id), (F.TS, F.FLAGS), change)
@@ -159,6 +160,7 @@ def move(r: redis.Redis, address: str, msg_id: str, folder: str) -> bool:
         pipe.zrem(keys.folder(address, old), msg_id)
         pipe.zadd(keys.folder(address, folder), {msg_id: int(ts or 0)})
         pipe.sadd(keys.pending(address), msg_id)
+        changes.queue_touch(pipe, address)
 
     return _change_watched(r, keys.message(address, msg_id), (F.FOLDER, F.TS), change)
 
@@ -177,13 +179,16 @@ def _summary(msg_id: str, values: list[Any]) -> dict[str, str]:
 
 # One round trip for a whole folder page.  Every key it reads is this mailbox's
 # (one hash tag, one cluster slot); the message keys are built from the prefix.
-# KEYS: the folder, the unseen set, the list preferences, the folders to count.
+# KEYS: the folder, the unseen set, the list preferences, the change token (changes.py; ''
+# before the mailbox's first change), the folders to count.  ARGV: the message key prefix,
+# first and last rank, the unread limit, how many fields the short read takes, the fields.
+# It writes nothing: a page must show when Redis is full, or on a replica.
 _LIST_PAGE_LUA = """
 local total = redis.call('ZCARD', KEYS[1])
 local unread = {}
-for i = 4, #KEYS do unread[#unread + 1] = redis.call('ZINTERCARD', 2, KEYS[i], KEYS[2], 'LIMIT', ARGV[4]) end
+for i = 5, #KEYS do unread[#unread + 1] = redis.call('ZINTERCARD', 2, KEYS[i], KEYS[2], 'LIMIT', ARGV[4]) end
 local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
-local out = {total, unread, ids, redis.call('HGET', KEYS[3], 'group') or ''}
+local out = {total, unread, ids, redis.call('HGET', KEYS[3], 'group') or '', redis.call('GET', KEYS[4]) or ''}
 local short, fields, all = tonumber(ARGV[5]), {}, {}
 for i = 6, #ARGV do
   all[#all + 1] = ARGV[i]
@@ -205,12 +210,14 @@ PAGE_ALL_FIELDS = (*PAGE_FIELDS, *(f for f in LIST_FIELDS if f not in PAGE_FIELD
 @dataclass(frozen=True)
 class FolderPage:
     """One page of a folder as Redis returned it.  `data` is every value the page shows,
-    hashable (the webmail keys its drawn pages on it: web/pagecache.py); `rows()` decodes."""
+    hashable; `rows()` decodes.  `token` is the mailbox's change token read with it
+    (changes.py): the webmail keeps the page drawn from it under that (web/mailbox.py)."""
 
     total: int
     counts: dict[str, int]   # unread messages per folder, up to the limit
     grouped: bool            # the user's list choice: one row per conversation
     data: tuple[tuple[Any, ...], ...]  # (id, *LIST_FIELDS values) per message still there
+    token: bytes             # b"" before the mailbox's first change: nothing is kept under it
 
     def rows(self) -> list[dict[str, str]]:
         return [_page_summary(v) for v in self.data]
@@ -250,14 +257,15 @@ def folder_page(r: redis.Redis, address: str, folder: str, start: int, count: in
     """
     script = r.register_script(_LIST_PAGE_LUA)
     reply: Any = script(keys=[keys.folder(address, folder), keys.unseen(address), keys.list_prefs(address),
-                              *(keys.folder(address, f) for f in count_folders)],
+                              keys.changes(address), *(keys.folder(address, f) for f in count_folders)],
                         args=[keys.message(address, ""), start, start + count - 1, unread_limit,
                               len(PAGE_FIELDS), *PAGE_ALL_FIELDS])
-    total, unread, raw_ids, group, values = reply[0], reply[1], reply[2], reply[3], reply[4:]
+    total, unread, raw_ids, group, token, values = (reply[0], reply[1], reply[2], reply[3], reply[4],
+                                                    reply[5:])
     # A message moved or deleted between the index read and now has no fields: leave it out.
     data = tuple((i, *v) for i, v in zip(raw_ids, values, strict=True) if v[1] is not None)
     return FolderPage(int(total), {f: int(n) for f, n in zip(count_folders, unread, strict=True)},
-                      group == b"1", data)
+                      group == b"1", data, token)
 
 
 def list_page(r: redis.Redis, address: str, folder: str, start: int, count: int,
@@ -304,6 +312,14 @@ def unseen_count(r: redis.Redis, address: str, folder: str, limit: int = 1000) -
     return int(r.execute_command("ZINTERCARD", 2, keys.folder(address, folder), keys.unseen(address),
                                  "LIMIT", limit))
 
+
+
+def set_grouping(r: redis.Redis, address: str, on: bool) -> None:
+    """The user's list choice: one row per conversation or not (the folder page reads it)."""
+    with r.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.list_prefs(address), "group", "1" if on else "0")
+        changes.queue_touch(pipe, address)
+        pipe.execute()
 
 
 def note_local_recipients(r: redis.Redis, address: str, msg_id: str, recipients: list[str]) -> None:

@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fallback import keys
-from fallback.mailbox import delivery, record
+from fallback.mailbox import changes, delivery, record
 from fallback.mailbox import fields as F
 from fallback.mailbox.compression import unpack  # the Sent copy's bytes, maybe zstd (issue 17)
 from fallback.maillog import MailLog
@@ -46,7 +46,8 @@ SAVED = "saved"      # record field: the draft id it came from
 COUNTED = "counted"  # record field: recipients counted against the send limits
 
 # KEYS: record, lease, Sent copy, Sent folder, unseen, pending, info, outbox, Trash folder (the
-# copy may have been deleted meanwhile); ARGV: now, id.
+# copy may have been deleted meanwhile), change token; ARGV: now, id, a new change token
+# (mailbox/changes.py).
 _UNDO = record.LUA + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
 local due = redis.call('HGET', KEYS[1], 'undo')
@@ -61,6 +62,7 @@ redis.call('ZREM', KEYS[9], ARGV[2])
 redis.call('SREM', KEYS[5], ARGV[2])
 redis.call('SREM', KEYS[6], ARGV[2])
 redis.call('SREM', KEYS[8], ARGV[2])
+redis.call('SET', KEYS[10], ARGV[3])
 if size > 0 then
   redis.call('HINCRBY', KEYS[7], 'messages', -1)
   redis.call('HINCRBY', KEYS[7], 'bytes', -size)
@@ -104,10 +106,10 @@ def remaining(r: redis.Redis, sender: str, msg_id: str, now: float | None = None
 def undo(r: redis.Redis, sender: str, msg_id: str, now: float | None = None) -> Undone | None:
     """Take a waiting message back; None when it is too late (taken by a worker, or due)."""
     now = time.time() if now is None else now
-    got: Any = r.eval(_UNDO, 9, keys.outbound_record(sender, msg_id), keys.outbound_lease(sender, msg_id),
+    got: Any = r.eval(_UNDO, 10, keys.outbound_record(sender, msg_id), keys.outbound_lease(sender, msg_id),
                       keys.message(sender, msg_id), keys.folder(sender, F.SENT), keys.unseen(sender),
                       keys.pending(sender), keys.info(sender), keys.outbox(sender),
-                      keys.folder(sender, F.TRASH), now, msg_id)
+                      keys.folder(sender, F.TRASH), keys.changes(sender), now, msg_id, changes.token())
     if int(got[0]) != 1:
         return None
     raw, form, saved, counted, cut, mailstore, size = (got[1], got[2], got[3], got[4], got[5], got[6],
