@@ -108,7 +108,7 @@ def _folder_view(folder: str) -> Any:
         # Served again: a list page is kept under the mailbox's change token, which every
         # change to what it shows replaces (fallback/mailbox/changes.py), so for the same
         # request under the same token it is this page: one GET instead of the page's reads.
-        token = changes.read(r, g.user)
+        token = changes.read(r, g.user) if state().pages.limit > 0 else None
         if token:
             kept = _kept(("folder.html", token, _request_inputs()))
             if kept is not None:

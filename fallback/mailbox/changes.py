@@ -43,12 +43,6 @@ def queue_touch(pipe: Any, address: str) -> None:
     pipe.set(keys.changes(address), token())
 
 
-def touch(r: redis.Redis, address: str) -> None:
-    """A new token on its own: after a write that is atomic without it (a page kept in
-    between is kept under the old token, which nothing reads again)."""
-    r.set(keys.changes(address), token())
-
-
 def read(r: redis.Redis, address: str) -> bytes | None:
     """The mailbox's token now; None before its first change (no page is kept under that)."""
     value: Any = r.get(keys.changes(address))
