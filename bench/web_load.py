@@ -28,8 +28,9 @@ ratios with its spread: on a machine shared with other work, a ratio taken withi
 is what stays comparable.
 
 The webmail keeps drawn pages for an identical next request (web/pagecache.py, keyed on all
-they show): "inbox" and "message" are what a user reloading a page gets (the same rows, the
-same message: from the cache after the first request), "inbox, drawn" and "message, drawn"
+they show; a list page on the mailbox's change token, fallback/mailbox/changes.py): "inbox"
+and "message" are what a user reloading a page gets (the same rows, the same message: from
+the cache after the first request), "inbox, drawn" and "message, drawn"
 the same pages with a URL no request had before, so that every one is drawn in full.
 """
 
