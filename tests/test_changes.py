@@ -29,6 +29,7 @@ from fallback.mailbox import bulk, changes, delivery, drafts, expunge, fields, p
 from tests.conftest import add_mailbox
 from tests.test_undo_send import UNDO, form_of, send
 from tests.webutil import log_in_as, make_app, put_message, simple
+from web.sessions import COOKIE
 
 ALICE = "alice@example.com"
 SENTINEL = "changes-test-end-of-watch"
@@ -320,7 +321,7 @@ def test_a_list_page_is_never_stale_after_any_change(r, settings, mailboxes) -> 
         after = _inbox(client)
         assert after != before, f"the inbox did not change after: {name}"
         drawn = make_app(settings, r).test_client()   # another worker, nothing kept
-        drawn.set_cookie("fallback_session", client.get_cookie("fallback_session").value)
+        drawn.set_cookie(COOKIE, client.get_cookie(COOKIE).value)
         assert _inbox(drawn) == after, name
         before = after
 

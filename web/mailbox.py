@@ -104,13 +104,15 @@ def _folder_view(folder: str) -> Any:
     asked = args.get("group")  # ?group=0|1 for this page, else the user's choice
     listed = None
     plain = not query and asked not in ("0", "1")  # the page the folder's link opens
+    # The request's inputs, worked out once: the key served from and the key kept under.
+    inputs = _request_inputs() if plain and state().pages.limit > 0 else None
     if plain:
         # Served again: a list page is kept under the mailbox's change token, which every
         # change to what it shows replaces (fallback/mailbox/changes.py), so for the same
         # request under the same token it is this page: one GET instead of the page's reads.
-        token = changes.read(r, g.user) if state().pages.limit > 0 else None
+        token = changes.read(r, g.user) if inputs is not None else None
         if token:
-            kept = _kept(("folder.html", token, _request_inputs()))
+            kept = _kept(("folder.html", token, inputs))
             if kept is not None:
                 return kept
         # The page, the unread counts, the user's grouping choice and the token: one round trip.
@@ -144,8 +146,8 @@ def _folder_view(folder: str) -> Any:
     # for a plain list page the change token read with them; only a page not drawn before
     # decodes them and works out what each row shows.
     key = None
-    if plain and not grouped and listed is not None and listed.token:
-        key = ("folder.html", listed.token, _request_inputs())
+    if inputs is not None and not grouped and listed is not None and listed.token:
+        key = ("folder.html", listed.token, inputs)
     return _cached_page("folder.html", data, context, lambda: _drawn_rows(rows_of(), context), key)
 
 
